@@ -1,0 +1,439 @@
+//! The tokio side of the MQTT server: accepts connections and drives one task per connection.
+//!
+//! Every decision (who may connect, what a publish means, which subscriptions are allowed) is the
+//! [`Broker`]'s; this module only speaks the protocol, enforces keepalive and packet size, and keeps
+//! QoS 1 acknowledgements in order behind the broker's commit.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use crate::MqttError;
+use crate::codec::{self, Connect, Packet, Protocol, Publish, QoS, ServerLimits, SubscribeFilter, reason};
+
+/// Limits the driver enforces on every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest packet accepted, header included.
+    pub max_packet_size: usize,
+    /// Unacknowledged QoS 1 publishes a client may have outstanding before the driver stops reading.
+    pub max_inflight: u16,
+    /// How long a new connection may take to send CONNECT.
+    pub connect_timeout: Duration,
+    /// Capacity of each connection's outbound queue.
+    pub outbox_capacity: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_packet_size: 1024 * 1024 + 4096,
+            max_inflight: 64,
+            connect_timeout: Duration::from_secs(10),
+            outbox_capacity: 64,
+        }
+    }
+}
+
+/// Something the platform wants written to a connected client.
+#[derive(Debug)]
+pub enum Outbound {
+    Publish {
+        topic: String,
+        payload: Bytes,
+        qos: QoS,
+        /// Fired when the client acknowledges a QoS 1 publish.
+        acked: Option<oneshot::Sender<()>>,
+    },
+    /// Close the connection, telling an MQTT 5 client why.
+    Disconnect { reason: u8 },
+}
+
+/// The sending half of a connection's outbound queue, handed to the broker at connect.
+pub type Outbox = mpsc::Sender<Outbound>;
+
+/// Why a CONNECT was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    UnsupportedVersion,
+    ClientIdRejected,
+    ServerUnavailable,
+    BadCredentials,
+    NotAuthorized,
+}
+
+impl Refusal {
+    /// The CONNACK code for the client's protocol level.
+    pub fn code(self, protocol: Protocol) -> u8 {
+        let (v3, v5) = match self {
+            Refusal::UnsupportedVersion => (1, reason::UNSUPPORTED_VERSION),
+            Refusal::ClientIdRejected => (2, reason::CLIENT_ID_INVALID),
+            Refusal::ServerUnavailable => (3, reason::SERVER_UNAVAILABLE),
+            Refusal::BadCredentials => (4, reason::BAD_CREDENTIALS),
+            Refusal::NotAuthorized => (5, reason::NOT_AUTHORIZED),
+        };
+        if protocol == Protocol::V5 { v5 } else { v3 }
+    }
+}
+
+/// What the broker decided about an incoming PUBLISH.
+#[derive(Debug)]
+pub enum PublishVerdict {
+    /// Accepted; a QoS 1 publish is acknowledged at once.
+    Accept,
+    /// Accepted; the PUBACK waits for this reason code (0 = committed), keeping order with others.
+    AcceptAfter(oneshot::Receiver<u8>),
+    /// Refused with an MQTT 5 reason. MQTT 5 QoS 1 gets a PUBACK with the reason; MQTT 5 QoS 0
+    /// gets a DISCONNECT with it; MQTT 3.1.1 cannot express a refusal, so its connection is closed.
+    Refuse(u8),
+}
+
+/// Why a connection ended, as reported to the broker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseCause {
+    ClientDisconnect,
+    KeepaliveTimeout,
+    ConnectionLost,
+    /// A protocol error or an oversized packet.
+    Protocol(MqttError),
+    /// The server closed it (takeover, kick, shutdown) with this MQTT 5 reason.
+    Server(u8),
+    /// A publish was refused and the client could not be told otherwise.
+    PublishRefused(u8),
+}
+
+/// The platform's side of MQTT: authentication and session creation.
+pub trait Broker: Send + Sync + 'static {
+    type Session: Session;
+
+    /// Decides on a CONNECT. On success the session must keep `outbox` to reach the client.
+    fn connect(
+        &self,
+        connect: &Connect,
+        peer: SocketAddr,
+        outbox: Outbox,
+    ) -> impl Future<Output = Result<Self::Session, Refusal>> + Send;
+}
+
+/// One authenticated connection, as the platform sees it.
+pub trait Session: Send + 'static {
+    fn publish(&mut self, publish: Publish) -> impl Future<Output = PublishVerdict> + Send;
+
+    /// Returns the granted QoS (0 or 1) or an MQTT 5 failure reason (>= 0x80).
+    fn subscribe(&mut self, filter: &SubscribeFilter) -> u8;
+
+    fn unsubscribe(&mut self, filter: &str);
+
+    /// Called once when the connection is over.
+    fn closed(self, cause: CloseCause) -> impl Future<Output = ()> + Send;
+}
+
+/// Accepts connections until `shutdown` turns true, then waits for every connection to close.
+pub async fn serve<B: Broker>(listener: TcpListener, broker: Arc<B>, limits: Limits, mut shutdown: watch::Receiver<bool>) {
+    let mut tasks = JoinSet::new();
+    let for_connections = shutdown.clone();
+    loop {
+        tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tasks.spawn(run_connection(stream, peer, broker.clone(), limits, for_connections.clone()));
+                }
+                Err(error) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(%error, "mqtt accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
+    }
+    drop(listener);
+    while tasks.join_next().await.is_some() {}
+}
+
+/// Runs one connection from CONNECT to close over any byte stream (TCP, TLS, WebSocket).
+pub async fn run_connection<S, B>(mut stream: S, peer: SocketAddr, broker: Arc<B>, limits: Limits, shutdown: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    B: Broker,
+{
+    let mut buf = BytesMut::with_capacity(256);
+    let connect = match timeout(limits.connect_timeout, read_connect(&mut stream, &mut buf, limits)).await {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(error)) => {
+            tracing::debug!(%peer, %error, "mqtt connect failed");
+            return;
+        }
+        Err(_) => return,
+    };
+    let (outbox, inbox) = mpsc::channel(limits.outbox_capacity);
+    let protocol = connect.protocol;
+    let mut out = BytesMut::new();
+    let session = match broker.connect(&connect, peer, outbox).await {
+        Ok(session) => session,
+        Err(refusal) => {
+            codec::encode_connack(&mut out, protocol, refusal.code(protocol), None);
+            let _ = stream.write_all(&out).await;
+            return;
+        }
+    };
+    let server_limits = ServerLimits { receive_maximum: limits.max_inflight, maximum_packet_size: limits.max_packet_size as u32 };
+    codec::encode_connack(&mut out, protocol, reason::SUCCESS, Some(server_limits));
+    let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let mut conn = Connection { stream, buf, out, protocol, limits, keep_alive, session, inbox, shutdown, pending: VecDeque::new(), awaiting_ack: HashMap::new(), next_pkid: 0 };
+    let cause = conn.run().await;
+    let Connection { session, mut stream, mut out, .. } = conn;
+    if let CloseCause::Server(code) | CloseCause::PublishRefused(code) = &cause
+        && protocol == Protocol::V5
+    {
+        codec::encode_disconnect(&mut out, *code);
+    }
+    if let CloseCause::Protocol(error) = &cause
+        && protocol == Protocol::V5
+    {
+        codec::encode_disconnect(&mut out, disconnect_reason(error));
+    }
+    if !out.is_empty() {
+        let _ = timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+    }
+    let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
+    session.closed(cause).await;
+}
+
+fn disconnect_reason(error: &MqttError) -> u8 {
+    match error {
+        MqttError::PacketTooLarge { .. } => reason::PACKET_TOO_LARGE,
+        MqttError::Malformed(_) => reason::MALFORMED,
+        MqttError::Violation("QoS 2 is not supported") => reason::QOS_NOT_SUPPORTED,
+        MqttError::Violation(_) | MqttError::UnsupportedProtocol(_) => reason::PROTOCOL_ERROR,
+    }
+}
+
+async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut, limits: Limits) -> Result<Connect, MqttError> {
+    loop {
+        match codec::decode(buf, None, limits.max_packet_size) {
+            Ok(Some(Packet::Connect(connect))) => return Ok(*connect),
+            Ok(Some(_)) => return Err(MqttError::Violation("first packet must be CONNECT")),
+            Ok(None) => {}
+            Err(MqttError::UnsupportedProtocol(level)) => {
+                let mut out = BytesMut::new();
+                codec::encode_connack(&mut out, Protocol::V3, 1, None);
+                let _ = stream.write_all(&out).await;
+                return Err(MqttError::UnsupportedProtocol(level));
+            }
+            Err(error) => return Err(error),
+        }
+        match stream.read_buf(buf).await {
+            Ok(0) | Err(_) => return Err(MqttError::Malformed("connection closed before CONNECT")),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// The state of one established connection.
+struct Connection<S, T> {
+    stream: S,
+    buf: BytesMut,
+    out: BytesMut,
+    protocol: Protocol,
+    limits: Limits,
+    keep_alive: Duration,
+    session: T,
+    inbox: mpsc::Receiver<Outbound>,
+    shutdown: watch::Receiver<bool>,
+    /// QoS 1 publishes whose PUBACK waits for the broker, oldest first.
+    pending: VecDeque<(u16, oneshot::Receiver<u8>)>,
+    /// Our QoS 1 publishes waiting for the client's PUBACK.
+    awaiting_ack: HashMap<u16, Option<oneshot::Sender<()>>>,
+    next_pkid: u16,
+}
+
+/// What woke the connection task.
+enum Event {
+    Shutdown,
+    Outbound(Outbound),
+    Committed(u8),
+    /// Bytes arrived (`true`) or the peer closed the stream (`false`).
+    Read(bool),
+    KeepaliveExpired,
+}
+
+/// What to do after handling one packet.
+enum Flow {
+    Continue,
+    Close(CloseCause),
+}
+
+impl<S, T> Connection<S, T>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+    T: Session,
+{
+    async fn run(&mut self) -> CloseCause {
+        let mut deadline = Instant::now() + self.keep_alive;
+        loop {
+            if let Err(error) = self.flush().await {
+                tracing::debug!(%error, "mqtt write failed");
+                return CloseCause::ConnectionLost;
+            }
+            let can_read = self.pending.len() < usize::from(self.limits.max_inflight);
+            let event = tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|stop| *stop) => Event::Shutdown,
+                Some(outbound) = self.inbox.recv() => Event::Outbound(outbound),
+                code = wait_front(&mut self.pending), if !self.pending.is_empty() => Event::Committed(code),
+                read = self.stream.read_buf(&mut self.buf), if can_read => Event::Read(read.map(|n| n > 0).unwrap_or(false)),
+                _ = sleep_until(deadline), if !self.keep_alive.is_zero() => Event::KeepaliveExpired,
+            };
+            let flow = match event {
+                Event::Shutdown => Flow::Close(CloseCause::Server(reason::SERVER_SHUTTING_DOWN)),
+                Event::Outbound(outbound) => self.write_outbound(outbound),
+                Event::Committed(code) => self.ack_front(code),
+                Event::Read(false) => Flow::Close(CloseCause::ConnectionLost),
+                Event::Read(true) => {
+                    deadline = Instant::now() + self.keep_alive;
+                    self.handle_input().await
+                }
+                Event::KeepaliveExpired => Flow::Close(CloseCause::KeepaliveTimeout),
+            };
+            if let Flow::Close(cause) = flow {
+                return cause;
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        // Give back memory a burst of large packets took, so idle connections stay small.
+        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+            self.buf = BytesMut::with_capacity(256);
+        }
+        Ok(())
+    }
+
+    fn write_outbound(&mut self, outbound: Outbound) -> Flow {
+        match outbound {
+            Outbound::Publish { topic, payload, qos, acked } => {
+                let pkid = if qos == QoS::AtLeastOnce { self.allocate_pkid() } else { 0 };
+                if qos == QoS::AtLeastOnce {
+                    self.awaiting_ack.insert(pkid, acked);
+                }
+                codec::encode_publish(&mut self.out, self.protocol, &topic, qos, pkid, &payload);
+                Flow::Continue
+            }
+            Outbound::Disconnect { reason } => Flow::Close(CloseCause::Server(reason)),
+        }
+    }
+
+    fn allocate_pkid(&mut self) -> u16 {
+        loop {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            if !self.awaiting_ack.contains_key(&self.next_pkid) {
+                return self.next_pkid;
+            }
+        }
+    }
+
+    fn ack_front(&mut self, code: u8) -> Flow {
+        let Some((pkid, _)) = self.pending.pop_front() else {
+            return Flow::Continue;
+        };
+        self.acknowledge(pkid, code)
+    }
+
+    fn acknowledge(&mut self, pkid: u16, code: u8) -> Flow {
+        if code != reason::SUCCESS && self.protocol == Protocol::V3 {
+            return Flow::Close(CloseCause::PublishRefused(code));
+        }
+        codec::encode_puback(&mut self.out, self.protocol, pkid, code);
+        Flow::Continue
+    }
+
+    async fn handle_input(&mut self) -> Flow {
+        loop {
+            let packet = match codec::decode(&mut self.buf, Some(self.protocol), self.limits.max_packet_size) {
+                Ok(Some(packet)) => packet,
+                Ok(None) => return Flow::Continue,
+                Err(error) => return Flow::Close(CloseCause::Protocol(error)),
+            };
+            if let Flow::Close(cause) = self.handle_packet(packet).await {
+                return Flow::Close(cause);
+            }
+        }
+    }
+
+    async fn handle_packet(&mut self, packet: Packet) -> Flow {
+        match packet {
+            Packet::Publish(publish) => self.handle_publish(publish).await,
+            Packet::PubAck { pkid, .. } => {
+                if let Some(Some(acked)) = self.awaiting_ack.remove(&pkid) {
+                    let _ = acked.send(());
+                }
+                Flow::Continue
+            }
+            Packet::Subscribe { pkid, filters } => {
+                let codes: Vec<u8> = filters.iter().map(|f| self.granted(f)).collect();
+                codec::encode_suback(&mut self.out, self.protocol, pkid, &codes);
+                Flow::Continue
+            }
+            Packet::Unsubscribe { pkid, filters } => {
+                for filter in &filters {
+                    self.session.unsubscribe(filter);
+                }
+                codec::encode_unsuback(&mut self.out, self.protocol, pkid, filters.len());
+                Flow::Continue
+            }
+            Packet::PingReq => {
+                codec::encode_pingresp(&mut self.out);
+                Flow::Continue
+            }
+            Packet::Disconnect { .. } => Flow::Close(CloseCause::ClientDisconnect),
+            Packet::Connect(_) => Flow::Close(CloseCause::Protocol(MqttError::Violation("second CONNECT"))),
+        }
+    }
+
+    fn granted(&mut self, filter: &SubscribeFilter) -> u8 {
+        let code = self.session.subscribe(filter);
+        match (code, self.protocol) {
+            (c, Protocol::V3) if c >= 0x80 => 0x80,
+            (c, _) => c,
+        }
+    }
+
+    async fn handle_publish(&mut self, publish: Publish) -> Flow {
+        let (qos, pkid) = (publish.qos, publish.pkid);
+        match self.session.publish(publish).await {
+            PublishVerdict::Accept if qos == QoS::AtLeastOnce => self.acknowledge(pkid, reason::SUCCESS),
+            PublishVerdict::Accept => Flow::Continue,
+            PublishVerdict::AcceptAfter(commit) if qos == QoS::AtLeastOnce => {
+                self.pending.push_back((pkid, commit));
+                Flow::Continue
+            }
+            PublishVerdict::AcceptAfter(_) => Flow::Continue,
+            PublishVerdict::Refuse(code) if qos == QoS::AtLeastOnce => self.acknowledge(pkid, code),
+            PublishVerdict::Refuse(code) => Flow::Close(CloseCause::PublishRefused(code)),
+        }
+    }
+}
+
+/// Waits for the oldest pending acknowledgement; a dropped sender means the commit failed.
+async fn wait_front(pending: &mut VecDeque<(u16, oneshot::Receiver<u8>)>) -> u8 {
+    match pending.front_mut() {
+        Some((_, commit)) => commit.await.unwrap_or(reason::UNSPECIFIED),
+        None => std::future::pending().await,
+    }
+}

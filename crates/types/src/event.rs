@@ -1,0 +1,62 @@
+//! Platform events: every uplink and every status or resource change, typed, for rules and push.
+
+use serde_json::{Map, Value};
+
+use crate::device::{DeviceStatus, StatusCause};
+
+/// Identifies the device an event is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceRef {
+    pub project_id: String,
+    pub app_id: String,
+    pub device_id: String,
+    pub node_id: String,
+    pub product_id: String,
+    pub gateway_id: String,
+}
+
+/// One service's applied properties in a report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportedService {
+    pub service_id: String,
+    pub properties: Map<String, Value>,
+    /// Unix milliseconds: the device's `event_time`, or the receive time when absent or invalid.
+    pub event_time: i64,
+}
+
+/// Something that happened on the platform.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PlatformEvent {
+    DeviceStatusChanged {
+        device: DeviceRef,
+        status: DeviceStatus,
+        cause: StatusCause,
+        at: i64,
+    },
+    PropertiesReported {
+        device: DeviceRef,
+        request_id: String,
+        services: Vec<ReportedService>,
+        at: i64,
+    },
+    MessageReported {
+        device: DeviceRef,
+        request_id: String,
+        topic: String,
+        payload: bytes_like::Payload,
+        at: i64,
+    },
+    DeviceCreated { device: DeviceRef, at: i64 },
+    DeviceUpdated { device: DeviceRef, at: i64 },
+    DeviceDeleted { device: DeviceRef, at: i64 },
+    ProductCreated { project_id: String, product_id: String, at: i64 },
+    ProductUpdated { project_id: String, product_id: String, at: i64 },
+    ProductDeleted { project_id: String, product_id: String, at: i64 },
+}
+
+/// Shared, cheaply cloned payload bytes (events are broadcast to many consumers).
+pub mod bytes_like {
+    use std::sync::Arc;
+
+    pub type Payload = Arc<[u8]>;
+}
