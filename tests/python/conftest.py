@@ -5,6 +5,9 @@ Server contract (what this file relies on):
   writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT"}
   writes DIR/admin-credentials.json {"project_id": ..., "access_key": ..., "secret_key": ...}
   exits with status 0 within 15 s of SIGTERM.
+
+Run:  pip install -r tests/python/requirements.txt
+      IODA_BIN=target/debug/ioda python -m pytest tests/python
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from typing import Callable
 
 import pytest
 
-from ioda_testlib import SIGNER_IDS, SIGNERS, Device, make_client
+from ioda_mqtt import Device
+from ioda_testlib import SIGNER_IDS, SIGNERS, make_client
 
 STARTUP_TIMEOUT = 30.0
 SHUTDOWN_TIMEOUT = 15.0

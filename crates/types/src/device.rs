@@ -55,3 +55,65 @@ pub enum StatusCause {
     Frozen,
     Unfrozen,
 }
+
+/// How a device authenticates and what the platform keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceAuth {
+    /// `SECRET` or `CERTIFICATES`.
+    pub auth_type: String,
+    pub secret: Option<String>,
+    pub secondary_secret: Option<String>,
+    pub fingerprint: Option<String>,
+    pub secondary_fingerprint: Option<String>,
+    pub secure_access: bool,
+    /// Seconds a device has to connect for the first time before its registration lapses; 0 = never.
+    pub timeout: i64,
+}
+
+/// A registered device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Device {
+    /// Record sequence number; its 24-hex form is the pagination marker.
+    pub seq: i64,
+    pub project_id: String,
+    pub app_id: String,
+    pub device_id: String,
+    pub node_id: String,
+    pub product_id: String,
+    pub gateway_id: String,
+    pub device_name: Option<String>,
+    pub description: Option<String>,
+    pub auth: DeviceAuth,
+    pub extension_info: Option<serde_json::Value>,
+    /// Connection status; `frozen` overrides it in what the API shows.
+    pub status: DeviceStatus,
+    pub frozen: bool,
+    pub fw_version: Option<String>,
+    pub sw_version: Option<String>,
+    pub sdk_version: Option<String>,
+    /// Unix milliseconds.
+    pub created_at: i64,
+    pub first_online_at: Option<i64>,
+    pub last_online_at: Option<i64>,
+    pub last_offline_at: Option<i64>,
+    pub status_updated_at: Option<i64>,
+}
+
+impl Device {
+    /// The status the API shows: FROZEN wins over the connection status.
+    pub fn shown_status(&self) -> DeviceStatus {
+        if self.frozen { DeviceStatus::Frozen } else { self.status }
+    }
+
+    /// The identity carried on platform events.
+    pub fn reference(&self) -> crate::event::DeviceRef {
+        crate::event::DeviceRef {
+            project_id: self.project_id.clone(),
+            app_id: self.app_id.clone(),
+            device_id: self.device_id.clone(),
+            node_id: self.node_id.clone(),
+            product_id: self.product_id.clone(),
+            gateway_id: self.gateway_id.clone(),
+        }
+    }
+}

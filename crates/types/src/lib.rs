@@ -10,7 +10,7 @@ pub mod model;
 pub mod time;
 pub mod validate;
 
-pub use device::{DeviceStatus, StatusCause};
+pub use device::{Device, DeviceAuth, DeviceStatus, StatusCause};
 pub use event::PlatformEvent;
 pub use model::{Product, ServiceCapability, ServiceProperty};
 

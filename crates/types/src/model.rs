@@ -183,6 +183,9 @@ impl ServiceCapability {
 /// A product: what kind of device it describes and its model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Product {
+    /// Record sequence number; its 24-hex form is the pagination marker.
+    #[serde(default)]
+    pub seq: i64,
     pub project_id: String,
     pub product_id: String,
     pub app_id: String,

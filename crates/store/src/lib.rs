@@ -1,0 +1,55 @@
+//! ioda's durable state.
+//!
+//! One writer thread owns the SQLite write connection and commits whatever has queued up in a single
+//! transaction (group commit): every caller's future resolves only after the transaction holding its
+//! change is durable, so the MQTT layer can send PUBACK on that signal. Each job runs inside its own
+//! savepoint, so one failing job (a unique-key conflict, say) never takes its batch-mates down.
+//! Reads use a separate connection; WAL mode lets them run beside the writer.
+
+mod devices;
+mod products;
+mod projects;
+mod schema;
+mod shadow;
+mod trace;
+mod writer;
+
+pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, StatusChange};
+pub use products::ProductPage;
+pub use projects::{AccessKey, Project};
+pub use shadow::{HistoryRow, ReportRecord, ShadowRow};
+pub use trace::TraceEntry;
+pub use writer::{Durability, Store};
+
+/// Errors of the storage layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("stored JSON is invalid: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A unique key is already taken; the message names it.
+    #[error("already exists: {0}")]
+    Conflict(String),
+    /// The row to change does not exist.
+    #[error("not found")]
+    NotFound,
+    /// The transaction holding this change did not commit.
+    #[error("commit failed: {0}")]
+    CommitFailed(String),
+    /// The writer thread has stopped (shutdown or a fatal error).
+    #[error("the store is closed")]
+    Closed,
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Maps a unique-constraint failure to [`StoreError::Conflict`], leaving other errors alone.
+fn conflict(error: rusqlite::Error, what: &str) -> StoreError {
+    match &error {
+        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+            StoreError::Conflict(what.to_owned())
+        }
+        _ => StoreError::Sqlite(error),
+    }
+}

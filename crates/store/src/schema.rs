@@ -1,0 +1,117 @@
+//! Schema migrations, applied in order and tracked with `PRAGMA user_version`.
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE projects (
+    project_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE access_keys (
+    access_key TEXT PRIMARY KEY,
+    secret_key TEXT NOT NULL,
+    project_id TEXT NOT NULL REFERENCES projects(project_id),
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE apps (
+    app_id TEXT PRIMARY KEY,
+    project_id TEXT NOT NULL REFERENCES projects(project_id),
+    app_name TEXT NOT NULL,
+    is_default INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE products (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id TEXT NOT NULL,
+    product_id TEXT NOT NULL UNIQUE,
+    app_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX products_by_project ON products(project_id, seq);
+CREATE TABLE devices (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    project_id TEXT NOT NULL,
+    app_id TEXT NOT NULL,
+    device_id TEXT NOT NULL UNIQUE,
+    node_id TEXT NOT NULL,
+    product_id TEXT NOT NULL,
+    gateway_id TEXT NOT NULL,
+    device_name TEXT,
+    description TEXT,
+    auth_type TEXT NOT NULL,
+    secret TEXT,
+    secondary_secret TEXT,
+    fingerprint TEXT,
+    secondary_fingerprint TEXT,
+    secure_access INTEGER NOT NULL,
+    auth_timeout INTEGER NOT NULL,
+    extension_info TEXT,
+    status TEXT NOT NULL,
+    frozen INTEGER NOT NULL DEFAULT 0,
+    fw_version TEXT,
+    sw_version TEXT,
+    sdk_version TEXT,
+    created_at INTEGER NOT NULL,
+    first_online_at INTEGER,
+    last_online_at INTEGER,
+    last_offline_at INTEGER,
+    status_updated_at INTEGER,
+    UNIQUE (project_id, product_id, node_id)
+);
+CREATE INDEX devices_by_project ON devices(project_id, seq);
+CREATE INDEX devices_by_product ON devices(product_id, seq);
+CREATE TABLE shadows (
+    device_id TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    desired TEXT,
+    desired_at INTEGER,
+    reported TEXT,
+    reported_at INTEGER,
+    version INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (device_id, service_id)
+) WITHOUT ROWID;
+CREATE TABLE property_history (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    service_id TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    event_time INTEGER NOT NULL,
+    received_at INTEGER NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX property_history_by_device ON property_history(device_id, id);
+CREATE TABLE message_history (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    received_at INTEGER NOT NULL,
+    request_id TEXT NOT NULL
+);
+CREATE INDEX message_history_by_device ON message_history(device_id, id);
+CREATE TABLE device_trace (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    at INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX device_trace_by_device ON device_trace(device_id, id);
+"#];
+
+/// Brings the database up to the newest schema.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))? as usize;
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (index + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,150 @@
+//! Device shadows and uplink history: the hot write path of property reports.
+
+use rusqlite::{Connection, params};
+use serde_json::{Map, Value};
+use tokio::sync::oneshot;
+
+use crate::trace::{TraceEntry, insert_trace};
+use crate::{Store, StoreError};
+
+/// A property report that passed validation: what to merge into the shadow and keep as history.
+#[derive(Debug, Clone)]
+pub struct ReportRecord {
+    pub device_id: String,
+    pub request_id: String,
+    pub received_at: i64,
+    /// `(service_id, applied properties, event_time)`.
+    pub services: Vec<(String, Map<String, Value>, i64)>,
+}
+
+/// One service of a device shadow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShadowRow {
+    pub service_id: String,
+    pub desired: Option<Map<String, Value>>,
+    pub desired_at: Option<i64>,
+    pub reported: Option<Map<String, Value>>,
+    pub reported_at: Option<i64>,
+    pub version: i64,
+}
+
+/// One stored property report of one service.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryRow {
+    pub id: i64,
+    pub service_id: String,
+    pub properties: Map<String, Value>,
+    pub event_time: i64,
+    pub received_at: i64,
+    pub request_id: String,
+}
+
+fn write_report(c: &Connection, report: &ReportRecord) -> Result<(), StoreError> {
+    let mut merge = c.prepare_cached(
+        "INSERT INTO shadows (device_id, service_id, reported, reported_at, version) VALUES (?1, ?2, ?3, ?4, 1) \
+         ON CONFLICT (device_id, service_id) DO UPDATE SET \
+         reported = json_patch(COALESCE(reported, '{}'), excluded.reported), \
+         reported_at = excluded.reported_at, version = version + 1",
+    )?;
+    let mut history = c.prepare_cached(
+        "INSERT INTO property_history (device_id, service_id, properties, event_time, received_at, request_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+    )?;
+    for (service_id, properties, event_time) in &report.services {
+        let json = serde_json::to_string(properties)?;
+        merge.execute(params![report.device_id, service_id, json, event_time])?;
+        history.execute(params![report.device_id, service_id, json, event_time, report.received_at, report.request_id])?;
+    }
+    Ok(())
+}
+
+fn parse_map(text: Option<String>) -> Result<Option<Map<String, Value>>, StoreError> {
+    text.map(|t| serde_json::from_str(&t)).transpose().map_err(StoreError::from)
+}
+
+impl Store {
+    /// Queues a report (and any trace entries about it); the receiver resolves when it is durable.
+    pub async fn submit_report(
+        &self,
+        report: ReportRecord,
+        trace: Vec<TraceEntry>,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        self.submit(move |c| {
+            write_report(c, &report)?;
+            insert_trace(c, &trace)
+        })
+        .await
+    }
+
+    /// Queues a raw message report; the receiver resolves when it is durable.
+    pub async fn submit_message(
+        &self,
+        device_id: String,
+        topic: String,
+        payload: Vec<u8>,
+        request_id: String,
+        received_at: i64,
+    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        self.submit(move |c| {
+            c.prepare_cached(
+                "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![device_id, topic, payload, received_at, request_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The shadow of a device, one row per service, ordered by service id.
+    pub async fn shadow(&self, device_id: String) -> Result<Vec<ShadowRow>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT service_id, desired, desired_at, reported, reported_at, version FROM shadows \
+                 WHERE device_id = ?1 ORDER BY service_id",
+            )?;
+            let rows = stmt.query_map([device_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (service_id, desired, desired_at, reported, reported_at, version) = row?;
+                out.push(ShadowRow {
+                    service_id,
+                    desired: parse_map(desired)?,
+                    desired_at,
+                    reported: parse_map(reported)?,
+                    reported_at,
+                    version,
+                });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// The newest `limit` property reports of a device, newest first.
+    pub async fn property_history(&self, device_id: String, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT id, service_id, properties, event_time, received_at, request_id FROM property_history \
+                 WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![device_id, limit], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (id, service_id, properties, event_time, received_at, request_id) = row?;
+                out.push(HistoryRow { id, service_id, properties: serde_json::from_str(&properties)?, event_time, received_at, request_id });
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// How many raw messages a device has reported (for tests and diagnostics).
+    pub async fn message_count(&self, device_id: String) -> Result<i64, StoreError> {
+        self.read(move |c| Ok(c.query_row("SELECT COUNT(*) FROM message_history WHERE device_id = ?1", [device_id], |r| r.get(0))?))
+            .await
+    }
+}
