@@ -7,6 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,16 +87,22 @@ impl Refusal {
 }
 
 /// What the broker decided about an incoming PUBLISH.
-#[derive(Debug)]
 pub enum PublishVerdict {
     /// Accepted; a QoS 1 publish is acknowledged at once.
     Accept,
     /// Accepted; the PUBACK waits for this reason code (0 = committed), keeping order with others.
-    AcceptAfter(oneshot::Receiver<u8>),
+    AcceptAfter(Commit),
+    /// Not processed (bad payload, say), and already recorded by the broker. MQTT 5 QoS 1 gets a
+    /// PUBACK with the reason; MQTT 3.1.1 gets a plain PUBACK, because closing the connection would
+    /// only make the client resend the same bad message forever.
+    Discard(u8),
     /// Refused with an MQTT 5 reason. MQTT 5 QoS 1 gets a PUBACK with the reason; MQTT 5 QoS 0
     /// gets a DISCONNECT with it; MQTT 3.1.1 cannot express a refusal, so its connection is closed.
     Refuse(u8),
 }
+
+/// Resolves to the PUBACK reason once the broker has committed a publish.
+pub type Commit = Pin<Box<dyn Future<Output = u8> + Send>>;
 
 /// Why a connection ended, as reported to the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -253,7 +260,7 @@ struct Connection<S, T> {
     inbox: mpsc::Receiver<Outbound>,
     shutdown: watch::Receiver<bool>,
     /// QoS 1 publishes whose PUBACK waits for the broker, oldest first.
-    pending: VecDeque<(u16, oneshot::Receiver<u8>)>,
+    pending: VecDeque<(u16, Commit)>,
     /// Our QoS 1 publishes waiting for the client's PUBACK.
     awaiting_ack: HashMap<u16, Option<oneshot::Sender<()>>>,
     next_pkid: u16,
@@ -424,16 +431,21 @@ where
                 Flow::Continue
             }
             PublishVerdict::AcceptAfter(_) => Flow::Continue,
+            PublishVerdict::Discard(code) if qos == QoS::AtLeastOnce => {
+                let code = if self.protocol == Protocol::V5 { code } else { reason::SUCCESS };
+                self.acknowledge(pkid, code)
+            }
+            PublishVerdict::Discard(_) => Flow::Continue,
             PublishVerdict::Refuse(code) if qos == QoS::AtLeastOnce => self.acknowledge(pkid, code),
             PublishVerdict::Refuse(code) => Flow::Close(CloseCause::PublishRefused(code)),
         }
     }
 }
 
-/// Waits for the oldest pending acknowledgement; a dropped sender means the commit failed.
-async fn wait_front(pending: &mut VecDeque<(u16, oneshot::Receiver<u8>)>) -> u8 {
+/// Waits for the oldest pending acknowledgement.
+async fn wait_front(pending: &mut VecDeque<(u16, Commit)>) -> u8 {
     match pending.front_mut() {
-        Some((_, commit)) => commit.await.unwrap_or(reason::UNSPECIFIED),
+        Some((_, commit)) => commit.await,
         None => std::future::pending().await,
     }
 }

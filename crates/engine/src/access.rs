@@ -1,0 +1,225 @@
+//! MQTT device access the IoTDA way: client id and HMAC password, one connection per device,
+//! topic ACL, status on connect and disconnect. Implements the MQTT layer's broker traits.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use ioda_mqtt::codec::{Connect, Publish, SubscribeFilter, reason};
+use ioda_mqtt::server::{Broker, CloseCause, Outbox, PublishVerdict, Refusal, Session};
+use ioda_store::TraceEntry;
+use ioda_types::event::DeviceRef;
+use ioda_types::{Device, DeviceStatus, PlatformEvent, StatusCause, time};
+use serde_json::{Value, json};
+
+use crate::auth::{parse_client_id, password_matches};
+use crate::ratelimit::TokenBucket;
+use crate::registry::close_connection;
+use crate::topic::subscribe_allowed;
+use crate::Platform;
+
+/// The MQTT broker of the platform.
+#[derive(Debug, Clone)]
+pub struct DeviceBroker {
+    platform: Arc<Platform>,
+}
+
+impl DeviceBroker {
+    pub fn new(platform: Arc<Platform>) -> Self {
+        DeviceBroker { platform }
+    }
+}
+
+/// One connected device.
+pub struct DeviceSession {
+    pub(crate) platform: Arc<Platform>,
+    pub(crate) device: DeviceRef,
+    conn_id: u64,
+    pub(crate) bucket: TokenBucket,
+    trace_budget: TokenBucket,
+    suppressed_traces: u64,
+    subscriptions: Vec<(String, u8)>,
+}
+
+fn trace_entry(device_id: &str, at: i64, kind: &str, detail: Value) -> TraceEntry {
+    TraceEntry { id: 0, device_id: device_id.to_owned(), at, kind: kind.to_owned(), detail }
+}
+
+impl Platform {
+    /// Checks a CONNECT against the device registry; on success the device is ONLINE.
+    async fn authenticate(&self, connect: &Connect) -> Result<Device, Refusal> {
+        let client = parse_client_id(&connect.client_id).ok_or(Refusal::ClientIdRejected)?;
+        let device = self
+            .store
+            .device(client.device_id.to_owned())
+            .await
+            .map_err(|_| Refusal::ServerUnavailable)?
+            .ok_or(Refusal::BadCredentials)?;
+        let refuse = |refusal: Refusal, why: &str| {
+            let entry = trace_entry(&device.device_id, self.now(), "connect_refused", json!({ "reason": why, "client_id": connect.client_id }));
+            (refusal, entry)
+        };
+        let verdict = self.check_connect(connect, &device, client.sign_type, client.timestamp);
+        if let Err((refusal, why)) = verdict {
+            let (refusal, entry) = refuse(refusal, why);
+            let _ = self.store.record_trace(vec![entry]).await;
+            return Err(refusal);
+        }
+        Ok(device)
+    }
+
+    fn check_connect(&self, connect: &Connect, device: &Device, sign_type: u8, timestamp: &str) -> Result<(), (Refusal, &'static str)> {
+        let keep_alive = connect.keep_alive;
+        if keep_alive < self.config.keepalive_min || keep_alive > self.config.keepalive_max {
+            return Err((Refusal::ClientIdRejected, "keepalive outside the accepted range"));
+        }
+        if connect.username.as_deref() != Some(device.device_id.as_str()) {
+            return Err((Refusal::BadCredentials, "username is not the device id"));
+        }
+        if device.auth.auth_type != "SECRET" {
+            return Err((Refusal::BadCredentials, "device authenticates with certificates, which need MQTTS"));
+        }
+        if sign_type == 2 {
+            return Err((Refusal::BadCredentials, "sign type 2 (HMAC-SM3) is not supported"));
+        }
+        if sign_type == 1 {
+            let stamp = time::parse_hour_stamp(timestamp).ok_or((Refusal::BadCredentials, "timestamp is not a valid hour"))?;
+            // The stamp names the start of an hour, so "now" may lie anywhere within that hour.
+            let delta = self.now() - stamp;
+            let tolerance = self.config.timestamp_tolerance_ms;
+            if delta < -tolerance || delta > 3_600_000 + tolerance {
+                return Err((Refusal::BadCredentials, "timestamp too far from the platform clock"));
+            }
+        }
+        let password = connect.password.as_deref().unwrap_or_default();
+        let secrets = [device.auth.secret.as_deref(), device.auth.secondary_secret.as_deref()];
+        if !password_matches(password, timestamp, &secrets) {
+            return Err((Refusal::BadCredentials, "wrong password"));
+        }
+        if device.frozen {
+            return Err((Refusal::NotAuthorized, "device is frozen"));
+        }
+        Ok(())
+    }
+
+    async fn go_online(&self, device: &Device, outbox: Outbox) -> Result<u64, Refusal> {
+        let (conn_id, previous) = self.registry.register(&device.device_id, outbox);
+        if let Some(previous) = previous {
+            close_connection(previous, reason::SESSION_TAKEN_OVER);
+        }
+        let now = self.now();
+        if self.store.set_status(device.device_id.clone(), DeviceStatus::Online, now).await.is_err() {
+            self.registry.unregister(&device.device_id, conn_id);
+            return Err(Refusal::ServerUnavailable);
+        }
+        self.bus.publish(PlatformEvent::DeviceStatusChanged {
+            device: device.reference(),
+            status: DeviceStatus::Online,
+            cause: StatusCause::Connected,
+            at: now,
+        });
+        Ok(conn_id)
+    }
+}
+
+impl Broker for DeviceBroker {
+    type Session = DeviceSession;
+
+    async fn connect(&self, connect: &Connect, peer: SocketAddr, outbox: Outbox) -> Result<DeviceSession, Refusal> {
+        let platform = &self.platform;
+        let device = platform.authenticate(connect).await?;
+        let conn_id = platform.go_online(&device, outbox).await?;
+        tracing::debug!(device_id = %device.device_id, %peer, "device connected");
+        let now = platform.now();
+        Ok(DeviceSession {
+            platform: platform.clone(),
+            device: device.reference(),
+            conn_id,
+            bucket: TokenBucket::new(platform.config.rate_limit, now),
+            trace_budget: TokenBucket::new(10, now),
+            suppressed_traces: 0,
+            subscriptions: Vec::new(),
+        })
+    }
+}
+
+fn status_cause(cause: &CloseCause) -> StatusCause {
+    match cause {
+        CloseCause::ClientDisconnect => StatusCause::ClientDisconnected,
+        CloseCause::KeepaliveTimeout => StatusCause::KeepaliveExpired,
+        CloseCause::ConnectionLost => StatusCause::ConnectionLost,
+        CloseCause::Protocol(_) | CloseCause::PublishRefused(_) => StatusCause::ProtocolError,
+        CloseCause::Server(reason::SERVER_SHUTTING_DOWN) => StatusCause::ServerShutdown,
+        CloseCause::Server(reason::SESSION_TAKEN_OVER) => StatusCause::TakenOver,
+        CloseCause::Server(_) => StatusCause::Kicked,
+    }
+}
+
+impl DeviceSession {
+    /// Builds a trace entry unless this session has been tracing too much this second; the next
+    /// entry that passes says how many were suppressed, so nothing disappears without a count.
+    pub(crate) fn trace(&mut self, kind: &str, mut detail: Value) -> Option<TraceEntry> {
+        let now = self.platform.now();
+        if !self.trace_budget.try_take(now) {
+            self.suppressed_traces += 1;
+            return None;
+        }
+        if self.suppressed_traces > 0 {
+            detail["suppressed_before"] = json!(self.suppressed_traces);
+            self.suppressed_traces = 0;
+        }
+        Some(trace_entry(&self.device.device_id, now, kind, detail))
+    }
+
+    pub(crate) async fn record(&mut self, kind: &str, detail: Value) {
+        if let Some(entry) = self.trace(kind, detail) {
+            let _ = self.platform.store.record_trace(vec![entry]).await;
+        }
+    }
+}
+
+impl Session for DeviceSession {
+    async fn publish(&mut self, publish: Publish) -> PublishVerdict {
+        self.handle_uplink(publish).await
+    }
+
+    fn subscribe(&mut self, filter: &SubscribeFilter) -> u8 {
+        if subscribe_allowed(&self.device.device_id, &filter.filter) {
+            let granted = filter.qos.min(1);
+            self.subscriptions.retain(|(f, _)| f != &filter.filter);
+            self.subscriptions.push((filter.filter.clone(), granted));
+            granted
+        } else {
+            if let Some(entry) = self.trace("subscribe_denied", json!({ "filter": filter.filter })) {
+                let store = self.platform.clone();
+                tokio::spawn(async move {
+                    let _ = store.store.record_trace(vec![entry]).await;
+                });
+            }
+            reason::NOT_AUTHORIZED
+        }
+    }
+
+    fn unsubscribe(&mut self, filter: &str) {
+        self.subscriptions.retain(|(f, _)| f != filter);
+    }
+
+    async fn closed(mut self, cause: CloseCause) {
+        if let CloseCause::Protocol(error) = &cause {
+            self.record("protocol_error", json!({ "error": error.to_string() })).await;
+        }
+        let platform = self.platform.clone();
+        if !platform.registry.unregister(&self.device.device_id, self.conn_id) {
+            return; // Taken over: the new connection owns the status.
+        }
+        let now = platform.now();
+        if let Err(error) = platform.store.set_status(self.device.device_id.clone(), DeviceStatus::Offline, now).await {
+            tracing::warn!(%error, device_id = %self.device.device_id, "could not record OFFLINE");
+        }
+        platform.bus.publish(PlatformEvent::DeviceStatusChanged {
+            device: self.device.clone(),
+            status: DeviceStatus::Offline,
+            cause: status_cause(&cause),
+            at: now,
+        });
+    }
+}

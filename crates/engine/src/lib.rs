@@ -1,0 +1,225 @@
+//! The ioda platform: everything between the protocol layers and the store.
+//!
+//! `Platform` owns the caches (products, access keys, projects), the registry of connected devices
+//! and the event bus. The API calls its product and device operations; the MQTT layer reaches it
+//! through the broker in `access`. It knows neither HTTP nor JSON DTOs.
+
+pub mod access;
+pub mod auth;
+mod bus;
+mod clock;
+mod devices;
+mod products;
+mod ratelimit;
+mod registry;
+pub mod topic;
+mod uplink;
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use ioda_store::{AccessKey, Project, Store, StoreError, TraceEntry};
+use ioda_types::{Product, TypesError};
+
+pub use bus::Bus;
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use devices::{NewDevice, NewDeviceAuth, SecretReset};
+pub use products::{NewProduct, ProductPatch};
+pub use registry::Registry;
+
+/// Errors the platform reports to its callers.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{0} does not exist")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<TypesError> for EngineError {
+    fn from(e: TypesError) -> Self {
+        EngineError::Invalid(e.to_string())
+    }
+}
+
+/// Tunables of the platform.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Largest accepted uplink payload, in bytes.
+    pub max_payload: usize,
+    /// Uplink messages per second per device connection.
+    pub rate_limit: u32,
+    /// Accepted MQTT keepalive range, in seconds.
+    pub keepalive_min: u16,
+    pub keepalive_max: u16,
+    /// How far a sign-type-1 timestamp may be from the platform clock, in milliseconds.
+    pub timestamp_tolerance_ms: i64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            max_payload: 1024 * 1024,
+            rate_limit: 50,
+            keepalive_min: 30,
+            keepalive_max: 1200,
+            timestamp_tolerance_ms: 3_600_000,
+        }
+    }
+}
+
+/// The administrator credentials created on first start.
+#[derive(Debug, Clone)]
+pub struct AdminCredentials {
+    pub project_id: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+/// The platform.
+pub struct Platform {
+    store: Arc<Store>,
+    clock: Arc<dyn Clock>,
+    config: EngineConfig,
+    bus: Bus,
+    registry: Registry,
+    products: RwLock<HashMap<String, Arc<Product>>>,
+    keys: RwLock<HashMap<String, AccessKey>>,
+    projects: RwLock<HashMap<String, Project>>,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Random bytes from the OS.
+pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // The OS generator does not fail on supported platforms; a zeroed fallback would be unsafe for
+    // secrets, so fail loudly instead.
+    if getrandom::fill(&mut bytes).is_err() {
+        panic!("the operating system's random generator is unavailable");
+    }
+    bytes
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Platform {
+    /// Loads the caches from the store and repairs the state an unclean stop left behind.
+    pub async fn open(store: Arc<Store>, clock: Arc<dyn Clock>, config: EngineConfig) -> Result<Arc<Platform>, EngineError> {
+        let platform = Platform {
+            store,
+            clock,
+            config,
+            bus: Bus::new(4096),
+            registry: Registry::default(),
+            products: RwLock::new(HashMap::new()),
+            keys: RwLock::new(HashMap::new()),
+            projects: RwLock::new(HashMap::new()),
+        };
+        platform.reload().await?;
+        let now = platform.now();
+        let stale = platform.store.reset_online(now).await?;
+        if !stale.is_empty() {
+            tracing::info!(count = stale.len(), "devices left ONLINE by an unclean stop are now OFFLINE");
+        }
+        Ok(Arc::new(platform))
+    }
+
+    async fn reload(&self) -> Result<(), EngineError> {
+        let projects = self.store.projects().await?;
+        let keys = self.store.access_keys().await?;
+        let mut products = HashMap::new();
+        for project in &projects {
+            let page = self.store.list_products(project.project_id.clone(), None, None, i64::MAX, 0, i64::MAX).await?;
+            products.extend(page.items.into_iter().map(|p| (p.product_id.clone(), Arc::new(p))));
+        }
+        *write_lock(&self.projects) = projects.into_iter().map(|p| (p.project_id.clone(), p)).collect();
+        *write_lock(&self.keys) = keys.into_iter().map(|k| (k.access_key.clone(), k)).collect();
+        *write_lock(&self.products) = products;
+        Ok(())
+    }
+
+    /// Creates the default project and an administrator key when there is no project yet.
+    /// Returns the new credentials (to show once), or `None` when a project already existed.
+    pub async fn ensure_admin(&self) -> Result<Option<AdminCredentials>, EngineError> {
+        if !read_lock(&self.projects).is_empty() {
+            return Ok(None);
+        }
+        let now = self.now();
+        let project_id = hex::encode(random_bytes::<16>());
+        let project = Project {
+            project_id: project_id.clone(),
+            name: "default".into(),
+            default_app_id: hex::encode(random_bytes::<16>()),
+            default_app_name: "DefaultApp".into(),
+            created_at: now,
+        };
+        let key = AccessKey {
+            access_key: hex::encode(random_bytes::<10>()).to_uppercase(),
+            secret_key: hex::encode(random_bytes::<20>()),
+            project_id: project_id.clone(),
+        };
+        self.store.create_project(project, key.clone()).await?;
+        self.reload().await?;
+        Ok(Some(AdminCredentials { project_id, access_key: key.access_key, secret_key: key.secret_key }))
+    }
+
+    /// The secret key and project of an access key.
+    pub fn access_key(&self, access_key: &str) -> Option<AccessKey> {
+        read_lock(&self.keys).get(access_key).cloned()
+    }
+
+    /// A project, if it exists.
+    pub fn project(&self, project_id: &str) -> Option<Project> {
+        read_lock(&self.projects).get(project_id).cloned()
+    }
+
+    /// The platform clock, Unix milliseconds.
+    pub fn now(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
+    /// The event bus.
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The store (read access for the API's views).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The cached product, if it exists in any project.
+    pub(crate) fn cached_product(&self, product_id: &str) -> Option<Arc<Product>> {
+        read_lock(&self.products).get(product_id).cloned()
+    }
+
+    /// The newest trace entries of a device.
+    pub async fn device_trace(&self, project_id: &str, device_id: &str, limit: i64) -> Result<Vec<TraceEntry>, EngineError> {
+        self.device(project_id, device_id).await?;
+        Ok(self.store.trace(device_id.to_owned(), limit).await?)
+    }
+
+    /// Tells every connected device the server is going away and waits for the store to flush.
+    pub async fn close(&self) {
+        self.store.close().await;
+    }
+}

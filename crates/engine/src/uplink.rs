@@ -1,0 +1,170 @@
+//! What a device publishes: property reports (validated against the model, merged into the shadow,
+//! kept as history) and messages (kept as they are). The PUBACK waits for the commit.
+
+use bytes::Bytes;
+use ioda_mqtt::codec::{Publish, reason};
+use ioda_mqtt::server::PublishVerdict;
+use ioda_store::ReportRecord;
+use ioda_types::event::ReportedService;
+use ioda_types::validate::filter_properties;
+use ioda_types::{PlatformEvent, ids, time};
+use serde_json::{Map, Value, json};
+
+use crate::access::DeviceSession;
+use crate::random_bytes;
+use crate::topic::{Uplink, classify_uplink, split_query};
+
+/// MQTT 5 "payload format invalid".
+const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+
+/// A report's `services` entry, before validation against the model.
+struct RawService {
+    service_id: String,
+    properties: Map<String, Value>,
+    event_time: Option<String>,
+}
+
+fn parse_report(payload: &[u8]) -> Result<Vec<RawService>, String> {
+    let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let services = value.get("services").and_then(Value::as_array).ok_or("`services` must be an array")?;
+    services
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let service_id = s.get("service_id").and_then(Value::as_str).ok_or(format!("services[{i}].service_id must be a string"))?;
+            let properties = s.get("properties").and_then(Value::as_object).ok_or(format!("services[{i}].properties must be an object"))?;
+            Ok(RawService {
+                service_id: service_id.to_owned(),
+                properties: properties.clone(),
+                event_time: s.get("event_time").and_then(Value::as_str).map(str::to_owned),
+            })
+        })
+        .collect()
+}
+
+fn new_request_id(now: i64) -> String {
+    ids::object_id(now, random_bytes())
+}
+
+impl DeviceSession {
+    pub(crate) async fn handle_uplink(&mut self, publish: Publish) -> PublishVerdict {
+        let now = self.platform.now();
+        let limit = self.platform.config.max_payload;
+        if publish.payload.len() > limit {
+            let detail = json!({ "topic": publish.topic, "size": publish.payload.len(), "limit": limit });
+            self.record("payload_too_large", detail).await;
+            return PublishVerdict::Refuse(reason::PACKET_TOO_LARGE);
+        }
+        if !self.bucket.try_take(now) {
+            let detail = json!({ "topic": publish.topic, "limit_per_second": self.platform.config.rate_limit });
+            self.record("rate_limited", detail).await;
+            return PublishVerdict::Refuse(reason::QUOTA_EXCEEDED);
+        }
+        let query = split_query(&publish.topic);
+        let request_id = query.request_id.map_or_else(|| new_request_id(now), str::to_owned);
+        if query.gzip {
+            self.record("payload_rejected", json!({ "topic": publish.topic, "error": "gzip encoding is not supported yet" })).await;
+            return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
+        }
+        match classify_uplink(&self.device.device_id, query.path) {
+            None => {
+                self.record("publish_denied", json!({ "topic": publish.topic })).await;
+                PublishVerdict::Refuse(reason::NOT_AUTHORIZED)
+            }
+            Some(Uplink::PropertiesReport) => self.report_properties(&publish.payload, request_id, now).await,
+            Some(Uplink::MessagesUp | Uplink::UserTopic(_)) => {
+                self.report_message(query.path.to_owned(), publish.payload, request_id, now).await
+            }
+            Some(_) => {
+                self.record("uplink_not_supported", json!({ "topic": publish.topic })).await;
+                PublishVerdict::Discard(reason::UNSPECIFIED)
+            }
+        }
+    }
+
+    async fn report_properties(&mut self, payload: &[u8], request_id: String, now: i64) -> PublishVerdict {
+        let raw = match parse_report(payload) {
+            Ok(raw) => raw,
+            Err(error) => {
+                self.record("report_malformed", json!({ "request_id": request_id, "error": error })).await;
+                return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
+            }
+        };
+        let Some(product) = self.platform.cached_product(&self.device.product_id) else {
+            self.record("report_malformed", json!({ "request_id": request_id, "error": "the device's product no longer exists" })).await;
+            return PublishVerdict::Discard(reason::UNSPECIFIED);
+        };
+        let mut rejected = Vec::new();
+        let mut services = Vec::with_capacity(raw.len());
+        for service in raw {
+            let model = product.service(&service.service_id);
+            let accepted = filter_properties(model, &service.service_id, service.properties, &mut rejected);
+            if !accepted.is_empty() {
+                let event_time = service.event_time.as_deref().and_then(time::parse_event_time).unwrap_or(now);
+                services.push((service.service_id, accepted, event_time));
+            }
+        }
+        let traces = rejected
+            .iter()
+            .filter_map(|r| {
+                let detail = json!({ "request_id": request_id, "service_id": r.service_id, "property": r.property, "reason": r.reason.to_string() });
+                self.trace("property_rejected", detail)
+            })
+            .collect();
+        let record = ReportRecord { device_id: self.device.device_id.clone(), request_id: request_id.clone(), received_at: now, services };
+        let event = PlatformEvent::PropertiesReported {
+            device: self.device.clone(),
+            request_id,
+            services: record
+                .services
+                .iter()
+                .map(|(service_id, properties, event_time)| ReportedService {
+                    service_id: service_id.clone(),
+                    properties: properties.clone(),
+                    event_time: *event_time,
+                })
+                .collect(),
+            at: now,
+        };
+        let applied = !record.services.is_empty();
+        let Ok(commit) = self.platform.store.submit_report(record, traces).await else {
+            return PublishVerdict::Refuse(reason::SERVER_UNAVAILABLE);
+        };
+        let bus = self.platform.bus.clone();
+        PublishVerdict::AcceptAfter(Box::pin(async move {
+            match commit.await {
+                Ok(Ok(())) => {
+                    if applied {
+                        bus.publish(event);
+                    }
+                    reason::SUCCESS
+                }
+                _ => reason::UNSPECIFIED,
+            }
+        }))
+    }
+
+    async fn report_message(&mut self, topic: String, payload: Bytes, request_id: String, now: i64) -> PublishVerdict {
+        let event = PlatformEvent::MessageReported {
+            device: self.device.clone(),
+            request_id: request_id.clone(),
+            topic: topic.clone(),
+            payload: payload.to_vec().into(),
+            at: now,
+        };
+        let submitted = self.platform.store.submit_message(self.device.device_id.clone(), topic, payload.to_vec(), request_id, now).await;
+        let Ok(commit) = submitted else {
+            return PublishVerdict::Refuse(reason::SERVER_UNAVAILABLE);
+        };
+        let bus = self.platform.bus.clone();
+        PublishVerdict::AcceptAfter(Box::pin(async move {
+            match commit.await {
+                Ok(Ok(())) => {
+                    bus.publish(event);
+                    reason::SUCCESS
+                }
+                _ => reason::UNSPECIFIED,
+            }
+        }))
+    }
+}
