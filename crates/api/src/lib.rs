@@ -1,0 +1,83 @@
+//! ioda's REST API v5: the paths, field names, status codes and errors of Huawei IoTDA, so the
+//! official application SDK works unchanged. Handlers translate between DTOs and the engine; the
+//! platform logic lives in `ioda-engine`.
+
+mod auth;
+mod devices;
+mod error;
+mod extract;
+mod products;
+pub mod sign;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::{Next, from_fn, from_fn_with_state};
+use axum::response::Response;
+use axum::routing::{get, post};
+use ioda_engine::Platform;
+
+pub use error::ApiError;
+
+/// Shared state of every handler.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub platform: Arc<Platform>,
+    /// How far `X-Sdk-Date` may be from the server clock, in milliseconds.
+    pub signature_window_ms: i64,
+}
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// The whole API.
+pub fn router(platform: Arc<Platform>, signature_window_ms: i64) -> Router {
+    let state = AppState { platform, signature_window_ms };
+    let v5 = Router::new()
+        .route("/products", post(products::create).get(products::list))
+        .route("/products/{product_id}", get(products::show).put(products::update).delete(products::delete))
+        .route("/devices", post(devices::create).get(devices::list))
+        .route("/devices/{device_id}", get(devices::show).put(devices::update).delete(devices::delete))
+        .route("/devices/{device_id}/action", post(devices::action))
+        .route("/devices/{device_id}/freeze", post(devices::freeze))
+        .route("/devices/{device_id}/unfreeze", post(devices::unfreeze))
+        .route("/devices/{device_id}/shadow", get(devices::shadow))
+        .route("/devices/{device_id}/trace", get(devices::trace))
+        .route("/devices/{device_id}/property-history", get(devices::history))
+        .fallback(no_such_api)
+        .layer(from_fn_with_state(state.clone(), auth::authenticate));
+    Router::new()
+        .nest("/v5/iot/{project_id}", v5)
+        .route("/health", get(|| async { "ok" }))
+        .fallback(no_such_api)
+        .layer(from_fn(request_id))
+        .with_state(state)
+}
+
+async fn no_such_api() -> ApiError {
+    ApiError::NoSuchApi
+}
+
+/// Gives every response an `X-Request-Id`, which the SDK surfaces on its exceptions.
+async fn request_id(request: Request, next: Next) -> Response {
+    let id = hex::encode(rand_id());
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    if response.status().is_client_error() || response.status().is_server_error() {
+        tracing::debug!(request_id = %id, %method, %path, status = %response.status(), "request failed");
+    }
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+fn rand_id() -> [u8; 16] {
+    let mut bytes = [0u8; 16];
+    // A request id only needs to be unique enough to find a log line; zeros are an acceptable fallback.
+    let _ = getrandom::fill(&mut bytes);
+    bytes
+}
