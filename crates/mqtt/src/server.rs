@@ -150,7 +150,7 @@ pub async fn serve<B: Broker>(listener: TcpListener, broker: Arc<B>, limits: Lim
     let for_connections = shutdown.clone();
     loop {
         tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = stopped(&mut shutdown) => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -297,7 +297,7 @@ where
             let can_read = self.pending.len() < usize::from(self.limits.max_inflight);
             let event = tokio::select! {
                 biased;
-                _ = self.shutdown.wait_for(|stop| *stop) => Event::Shutdown,
+                _ = stopped(&mut self.shutdown) => Event::Shutdown,
                 Some(outbound) = self.inbox.recv() => Event::Outbound(outbound),
                 code = wait_front(&mut self.pending), if !self.pending.is_empty() => Event::Committed(code),
                 read = self.stream.read_buf(&mut self.buf), if can_read => Event::Read(read.map(|n| n > 0).unwrap_or(false)),
@@ -440,6 +440,12 @@ where
             PublishVerdict::Refuse(code) => Flow::Close(CloseCause::PublishRefused(code)),
         }
     }
+}
+
+/// Resolves once the shutdown flag is set (the guard `wait_for` returns is not `Send`, so it is
+/// dropped here rather than held by `select!`).
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Waits for the oldest pending acknowledgement.

@@ -1,0 +1,143 @@
+//! Configuration of `ioda serve`: command-line flags, each also settable by an `IODA_*` environment
+//! variable and by an optional `ioda.toml`; flags and environment win over the file, the file over
+//! the defaults.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Args;
+use ioda_engine::EngineConfig;
+use ioda_store::Durability;
+use serde::Deserialize;
+
+/// Flags of `ioda serve`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML); `./ioda.toml` is read when present and this is not given.
+    #[arg(long, env = "IODA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the embedded database and the state files live.
+    #[arg(long, env = "IODA_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// REST API listen address (port 0 picks a free port).
+    #[arg(long, env = "IODA_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+    /// MQTT listen address (port 0 picks a free port).
+    #[arg(long, env = "IODA_MQTT_ADDR")]
+    pub mqtt_addr: Option<SocketAddr>,
+    /// Largest uplink payload in bytes.
+    #[arg(long, env = "IODA_MAX_PAYLOAD")]
+    pub max_payload: Option<usize>,
+    /// Uplink messages per second per device (0 = unlimited).
+    #[arg(long, env = "IODA_RATE_LIMIT")]
+    pub rate_limit: Option<u32>,
+    /// Smallest accepted MQTT keepalive, seconds.
+    #[arg(long, env = "IODA_KEEPALIVE_MIN")]
+    pub keepalive_min: Option<u16>,
+    /// Largest accepted MQTT keepalive, seconds.
+    #[arg(long, env = "IODA_KEEPALIVE_MAX")]
+    pub keepalive_max: Option<u16>,
+    /// `full` (fsync every commit, survives power loss) or `normal` (survives a process crash).
+    #[arg(long, env = "IODA_DURABILITY")]
+    pub durability: Option<String>,
+    /// Seconds a graceful shutdown may take.
+    #[arg(long, env = "IODA_SHUTDOWN_TIMEOUT")]
+    pub shutdown_timeout: Option<u64>,
+    /// Seconds an API request's X-Sdk-Date may differ from the server clock.
+    #[arg(long, env = "IODA_SIGNATURE_WINDOW")]
+    pub signature_window: Option<u64>,
+}
+
+/// The same settings as read from `ioda.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    http_addr: Option<SocketAddr>,
+    mqtt_addr: Option<SocketAddr>,
+    max_payload: Option<usize>,
+    rate_limit: Option<u32>,
+    keepalive_min: Option<u16>,
+    keepalive_max: Option<u16>,
+    durability: Option<String>,
+    shutdown_timeout: Option<u64>,
+    signature_window: Option<u64>,
+}
+
+/// Fully resolved settings of a server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub data_dir: PathBuf,
+    pub http_addr: SocketAddr,
+    pub mqtt_addr: SocketAddr,
+    pub engine: EngineConfig,
+    pub durability: Durability,
+    pub shutdown_timeout: Duration,
+    pub signature_window_ms: i64,
+}
+
+impl ServeConfig {
+    /// Defaults for a server with everything on ephemeral loopback ports (tests, benchmarks).
+    pub fn ephemeral(data_dir: &Path) -> ServeConfig {
+        ServeConfig {
+            data_dir: data_dir.to_owned(),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            engine: EngineConfig::default(),
+            durability: Durability::Full,
+            shutdown_timeout: Duration::from_secs(10),
+            signature_window_ms: 15 * 60 * 1000,
+        }
+    }
+}
+
+fn read_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
+    let path = match &args.config {
+        Some(path) => path.clone(),
+        None if Path::new("ioda.toml").exists() => PathBuf::from("ioda.toml"),
+        None => return Ok(FileConfig::default()),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn parse_durability(text: &str) -> anyhow::Result<Durability> {
+    match text {
+        "full" => Ok(Durability::Full),
+        "normal" => Ok(Durability::Normal),
+        other => bail!("durability must be full or normal, not {other:?}"),
+    }
+}
+
+impl ServeArgs {
+    /// Merges flags, environment, file and defaults, and checks the result.
+    pub fn resolve(self) -> anyhow::Result<ServeConfig> {
+        let file = read_file(&self)?;
+        let defaults = EngineConfig::default();
+        let engine = EngineConfig {
+            max_payload: self.max_payload.or(file.max_payload).unwrap_or(defaults.max_payload),
+            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(defaults.rate_limit),
+            keepalive_min: self.keepalive_min.or(file.keepalive_min).unwrap_or(defaults.keepalive_min),
+            keepalive_max: self.keepalive_max.or(file.keepalive_max).unwrap_or(defaults.keepalive_max),
+            ..defaults
+        };
+        if engine.keepalive_min > engine.keepalive_max {
+            bail!("keepalive_min ({}) is above keepalive_max ({})", engine.keepalive_min, engine.keepalive_max);
+        }
+        if engine.max_payload == 0 || engine.max_payload > 256 * 1024 * 1024 {
+            bail!("max_payload must be between 1 byte and 256 MiB");
+        }
+        let durability = self.durability.or(file.durability).map_or(Ok(Durability::Full), |d| parse_durability(&d))?;
+        Ok(ServeConfig {
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("ioda-data")),
+            http_addr: self.http_addr.or(file.http_addr).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            mqtt_addr: self.mqtt_addr.or(file.mqtt_addr).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883))),
+            engine,
+            durability,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(10)),
+            signature_window_ms: self.signature_window.or(file.signature_window).unwrap_or(900) as i64 * 1000,
+        })
+    }
+}

@@ -1,0 +1,116 @@
+//! The `ioda` command line.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use ioda::client::ApiClient;
+use ioda::config::ServeArgs;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+
+#[derive(Debug, Parser)]
+#[command(name = "ioda", version, about = "IoT device access platform, wire-compatible with Huawei Cloud IoTDA")]
+struct Cli {
+    /// Log filter, e.g. `info` or `info,ioda_engine=debug`.
+    #[arg(long, global = true, env = "IODA_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the platform.
+    Serve(ServeArgs),
+    /// Call the REST API, signed with the administrator key of a data directory.
+    Api {
+        /// Data directory of the server (its admin-credentials.json and listeners.json are used).
+        #[arg(long, env = "IODA_DATA_DIR", default_value = "ioda-data")]
+        data_dir: PathBuf,
+        /// HTTP method.
+        method: String,
+        /// Path, absolute (`/v5/iot/...`) or relative to the project (`/devices`).
+        path: String,
+        /// JSON request body.
+        #[arg(long)]
+        data: Option<String>,
+    },
+    /// Print the MQTT client id, username and password of a device (for mosquitto_pub and friends).
+    DeviceCredentials {
+        #[arg(long)]
+        device_id: String,
+        #[arg(long)]
+        secret: String,
+        /// `YYYYMMDDHH`; the current UTC hour when absent.
+        #[arg(long)]
+        timestamp: Option<String>,
+    },
+}
+
+fn init_logging(filter: &str) -> anyhow::Result<()> {
+    let targets = Targets::from_str(filter).context("parsing the log filter")?;
+    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_target(true)).with(targets).init();
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.resolve()?;
+    let running = ioda::serve::start(config.clone()).await?;
+    if let Some(admin) = &running.admin {
+        println!("First start: created project and administrator key (shown once, also in {}):", config.data_dir.join(ioda::serve::CREDENTIALS_FILE).display());
+        println!("  project_id: {}\n  access_key: {}\n  secret_key: {}", admin.project_id, admin.access_key, admin.secret_key);
+    }
+    println!("ioda ready: http={} mqtt={}", running.http_addr, running.mqtt_addr);
+    wait_for_signal().await?;
+    tracing::info!("shutting down");
+    running.stop().await
+}
+
+async fn api(data_dir: PathBuf, method: String, path: String, data: Option<String>) -> anyhow::Result<()> {
+    let client = ApiClient::from_data_dir(&data_dir)?;
+    let body = data.map(|d| serde_json::from_str(&d)).transpose().context("--data is not JSON")?;
+    let response = client.call(&method.to_uppercase(), &path, body.as_ref()).await?;
+    println!("{}", serde_json::to_string_pretty(&response.body)?);
+    if response.status >= 400 {
+        anyhow::bail!("HTTP {}", response.status);
+    }
+    Ok(())
+}
+
+fn device_credentials(device_id: &str, secret: &str, timestamp: Option<String>) {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let timestamp = timestamp.unwrap_or_else(|| ioda_types::time::format_hour_stamp(now));
+    println!("client_id={device_id}_0_0_{timestamp}");
+    println!("username={device_id}");
+    println!("password={}", ioda_engine::auth::device_password(secret, &timestamp));
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log)?;
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Api { data_dir, method, path, data } => api(data_dir, method, path, data).await,
+        Command::DeviceCredentials { device_id, secret, timestamp } => {
+            device_credentials(&device_id, &secret, timestamp);
+            Ok(())
+        }
+    }
+}
