@@ -1,7 +1,7 @@
 //! Request authentication: the AK/SK signature, then the project in the path.
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{OriginalUri, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
@@ -15,6 +15,8 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
     let bytes = axum::body::to_bytes(body, MAX_BODY)
         .await
         .map_err(|_| ApiError::Invalid(format!("the request body exceeds {MAX_BODY} bytes")))?;
+    // Nesting strips the `/v5/iot/{project_id}` prefix from the URI; the signature covers the original.
+    let uri = parts.extensions.get::<OriginalUri>().map_or_else(|| parts.uri.clone(), |o| o.0.clone());
     let platform = &state.platform;
     // Scoped so the borrowed header view is gone before the handler is awaited.
     let access_key = {
@@ -24,18 +26,18 @@ pub async fn authenticate(State(state): State<AppState>, request: Request, next:
         };
         let request_parts = RequestParts {
             method: parts.method.as_str(),
-            raw_path: parts.uri.path(),
-            raw_query: parts.uri.query(),
+            raw_path: uri.path(),
+            raw_query: uri.query(),
             header: &header,
             body: &bytes,
         };
         verify(&request_parts, platform.now(), state.signature_window_ms, |ak| platform.access_key(ak).map(|k| k.secret_key))
     }
     .map_err(|reason| {
-        tracing::info!(%reason, path = parts.uri.path(), "API signature refused");
+        tracing::info!(%reason, path = uri.path(), "API signature refused");
         ApiError::Unauthorized
     })?;
-    let project_id = parts.uri.path().split('/').nth(3).unwrap_or_default();
+    let project_id = uri.path().split('/').nth(3).unwrap_or_default();
     if platform.project(project_id).is_none() {
         return Err(ApiError::ProjectNotFound);
     }

@@ -53,7 +53,7 @@ impl DeviceSession {
         if publish.payload.len() > limit {
             let detail = json!({ "topic": publish.topic, "size": publish.payload.len(), "limit": limit });
             self.record("payload_too_large", detail).await;
-            return PublishVerdict::Refuse(reason::PACKET_TOO_LARGE);
+            return PublishVerdict::Disconnect(reason::PACKET_TOO_LARGE);
         }
         if !self.bucket.try_take(now) {
             let detail = json!({ "topic": publish.topic, "limit_per_second": self.platform.config.rate_limit });
@@ -128,7 +128,7 @@ impl DeviceSession {
         };
         let applied = !record.services.is_empty();
         let Ok(commit) = self.platform.store.submit_report(record, traces).await else {
-            return PublishVerdict::Refuse(reason::SERVER_UNAVAILABLE);
+            return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };
         let bus = self.platform.bus.clone();
         PublishVerdict::AcceptAfter(Box::pin(async move {
@@ -154,7 +154,7 @@ impl DeviceSession {
         };
         let submitted = self.platform.store.submit_message(self.device.device_id.clone(), topic, payload.to_vec(), request_id, now).await;
         let Ok(commit) = submitted else {
-            return PublishVerdict::Refuse(reason::SERVER_UNAVAILABLE);
+            return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };
         let bus = self.platform.bus.clone();
         PublishVerdict::AcceptAfter(Box::pin(async move {

@@ -138,6 +138,15 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>> {
 ///
 /// `protocol` is `None` until CONNECT has been read; `max_size` bounds the whole packet.
 pub fn decode(buf: &mut BytesMut, protocol: Option<Protocol>, max_size: usize) -> Result<Option<Packet>> {
+    // Judge the packet type from its first byte, so a client speaking another protocol (or
+    // skipping CONNECT) is refused at once instead of after its claimed length has arrived.
+    match (buf.first().map(|b| b >> 4), protocol) {
+        (None, _) => return Ok(None),
+        (Some(1), None) => {}
+        (Some(_), None) => return Err(MqttError::Violation("first packet must be CONNECT")),
+        (Some(0), Some(_)) => return Err(malformed("reserved packet type 0")),
+        _ => {}
+    }
     let Some((len, header_len)) = remaining_length(buf)? else {
         return Ok(None);
     };

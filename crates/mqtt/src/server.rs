@@ -96,6 +96,8 @@ pub enum PublishVerdict {
     /// PUBACK with the reason; MQTT 3.1.1 gets a plain PUBACK, because closing the connection would
     /// only make the client resend the same bad message forever.
     Discard(u8),
+    /// Refused badly enough to end the connection (an oversized payload, say), with this reason.
+    Disconnect(u8),
     /// Refused with an MQTT 5 reason. MQTT 5 QoS 1 gets a PUBACK with the reason; MQTT 5 QoS 0
     /// gets a DISCONNECT with it; MQTT 3.1.1 cannot express a refusal, so its connection is closed.
     Refuse(u8),
@@ -423,21 +425,33 @@ where
 
     async fn handle_publish(&mut self, publish: Publish) -> Flow {
         let (qos, pkid) = (publish.qos, publish.pkid);
-        match self.session.publish(publish).await {
-            PublishVerdict::Accept if qos == QoS::AtLeastOnce => self.acknowledge(pkid, reason::SUCCESS),
-            PublishVerdict::Accept => Flow::Continue,
-            PublishVerdict::AcceptAfter(commit) if qos == QoS::AtLeastOnce => {
+        let verdict = self.session.publish(publish).await;
+        let code = match verdict {
+            PublishVerdict::Disconnect(code) => return Flow::Close(CloseCause::PublishRefused(code)),
+            _ if qos == QoS::AtMostOnce => return self.settle_qos0(verdict),
+            PublishVerdict::AcceptAfter(commit) => {
                 self.pending.push_back((pkid, commit));
-                Flow::Continue
+                return Flow::Continue;
             }
-            PublishVerdict::AcceptAfter(_) => Flow::Continue,
-            PublishVerdict::Discard(code) if qos == QoS::AtLeastOnce => {
-                let code = if self.protocol == Protocol::V5 { code } else { reason::SUCCESS };
-                self.acknowledge(pkid, code)
-            }
-            PublishVerdict::Discard(_) => Flow::Continue,
-            PublishVerdict::Refuse(code) if qos == QoS::AtLeastOnce => self.acknowledge(pkid, code),
-            PublishVerdict::Refuse(code) => Flow::Close(CloseCause::PublishRefused(code)),
+            PublishVerdict::Accept => reason::SUCCESS,
+            PublishVerdict::Discard(code) if self.protocol == Protocol::V5 => code,
+            PublishVerdict::Discard(_) => reason::SUCCESS,
+            PublishVerdict::Refuse(code) if self.protocol == Protocol::V3 => return Flow::Close(CloseCause::PublishRefused(code)),
+            PublishVerdict::Refuse(code) => code,
+        };
+        if self.pending.is_empty() {
+            self.acknowledge(pkid, code)
+        } else {
+            // Keep PUBACKs in the order the publishes arrived.
+            self.pending.push_back((pkid, Box::pin(std::future::ready(code))));
+            Flow::Continue
+        }
+    }
+
+    fn settle_qos0(&mut self, verdict: PublishVerdict) -> Flow {
+        match verdict {
+            PublishVerdict::Refuse(code) | PublishVerdict::Disconnect(code) => Flow::Close(CloseCause::PublishRefused(code)),
+            PublishVerdict::Accept | PublishVerdict::AcceptAfter(_) | PublishVerdict::Discard(_) => Flow::Continue,
         }
     }
 }

@@ -1,0 +1,198 @@
+//! Shared test fixtures: an in-process server on ephemeral ports, a signed API client, IoTDA device
+//! credentials and MQTT clients.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ioda::client::ApiClient;
+use ioda::config::ServeConfig;
+use ioda::serve::{Running, start};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+pub struct TestServer {
+    pub running: Option<Running>,
+    pub api: ApiClient,
+    pub mqtt_port: u16,
+    pub dir: TempDir,
+}
+
+pub async fn server() -> TestServer {
+    server_with(|_| {}).await
+}
+
+pub async fn server_with(adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ServeConfig::ephemeral(dir.path());
+    config.durability = ioda_store::Durability::Normal;
+    adjust(&mut config);
+    let running = start(config).await.unwrap();
+    let api = ApiClient::from_data_dir(dir.path()).unwrap();
+    let mqtt_port = running.mqtt_addr.port();
+    TestServer { running: Some(running), api, mqtt_port, dir }
+}
+
+/// The model every test product uses.
+pub fn model() -> Value {
+    json!([{
+        "service_id": "Temperature",
+        "service_type": "Temperature",
+        "properties": [
+            {"property_name": "temp", "data_type": "decimal", "min": "-40", "max": "120", "method": "RW"},
+            {"property_name": "count", "data_type": "int", "min": "0", "max": "1000000", "method": "R"},
+            {"property_name": "mode", "data_type": "enum", "enum_list": ["auto", "manual"], "method": "RW"}
+        ],
+        "commands": [{"command_name": "SET_MODE", "paras": [{"para_name": "mode", "data_type": "string"}]}]
+    }])
+}
+
+impl TestServer {
+    pub async fn product(&self) -> String {
+        let body = json!({"name": "thermo", "device_type": "Thermometer", "protocol_type": "MQTT", "service_capabilities": model()});
+        let r = self.api.call("POST", "/products", Some(&body)).await.unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body["product_id"].as_str().unwrap().to_owned()
+    }
+
+    /// Registers a device and returns `(device_id, secret)`.
+    pub async fn device(&self, product_id: &str, node_id: &str) -> (String, String) {
+        let body = json!({"node_id": node_id, "product_id": product_id, "auth_info": {"secret": "s3cret-pass"}});
+        let r = self.api.call("POST", "/devices", Some(&body)).await.unwrap();
+        assert_eq!(r.status, 201, "{}", r.body);
+        (r.body["device_id"].as_str().unwrap().to_owned(), "s3cret-pass".to_owned())
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        let r = self.api.call("GET", path, None).await.unwrap();
+        assert_eq!(r.status, 200, "GET {path}: {}", r.body);
+        r.body
+    }
+
+    pub async fn status(&self, device_id: &str) -> String {
+        self.get(&format!("/devices/{device_id}")).await["status"].as_str().unwrap().to_owned()
+    }
+
+    /// Trace entry kinds of a device, newest first.
+    pub async fn trace_kinds(&self, device_id: &str) -> Vec<String> {
+        let body = self.get(&format!("/devices/{device_id}/trace")).await;
+        body["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.stop().await.unwrap();
+        }
+    }
+}
+
+pub fn hour_stamp() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    ioda_types::time::format_hour_stamp(now)
+}
+
+/// MQTT options of an IoTDA device: client id, username and HMAC password.
+pub fn device_options(port: u16, device_id: &str, secret: &str, keep_alive_secs: u64) -> MqttOptions {
+    let ts = hour_stamp();
+    let mut options = MqttOptions::new(format!("{device_id}_0_0_{ts}"), "127.0.0.1", port);
+    options.set_credentials(device_id, ioda_engine::auth::device_password(secret, &ts));
+    options.set_keep_alive(Duration::from_secs(keep_alive_secs));
+    options.set_clean_session(true);
+    options
+}
+
+/// Polls until the CONNACK: `Ok` with a live client, or the connection error.
+pub async fn connect(options: MqttOptions) -> Result<(AsyncClient, EventLoop), ConnectionError> {
+    let (client, mut events) = AsyncClient::new(options, 64);
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await.expect("CONNACK in time")? {
+            Event::Incoming(Packet::ConnAck(_)) => return Ok((client, events)),
+            _ => continue,
+        }
+    }
+}
+
+/// Drives the event loop until `until` matches an event or the time runs out.
+pub async fn drive(events: &mut EventLoop, secs: u64, mut until: impl FnMut(&Event) -> bool) -> Result<Event, String> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        match tokio::time::timeout_at(deadline, events.poll()).await {
+            Err(_) => return Err("timed out".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Ok(Ok(event)) if until(&event) => return Ok(event),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Polls `check` every 50 ms for up to five seconds.
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..100 {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within 5 s");
+}
+
+/// A hand-made MQTT 3.1.1 CONNECT, for tests that need a client which misbehaves.
+pub fn raw_connect(client_id: &str, user: &str, password: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    let put = |b: &mut Vec<u8>, s: &[u8]| {
+        b.extend_from_slice(&(s.len() as u16).to_be_bytes());
+        b.extend_from_slice(s);
+    };
+    put(&mut body, b"MQTT");
+    body.push(4);
+    body.push(0xC2);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    put(&mut body, client_id.as_bytes());
+    put(&mut body, user.as_bytes());
+    put(&mut body, password.as_bytes());
+    let mut packet = vec![0x10];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
+}
+
+/// A hand-made MQTT 3.1.1 PUBLISH.
+pub fn raw_publish(topic: &str, payload: &[u8], qos1_pkid: Option<u16>) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    if let Some(pkid) = qos1_pkid {
+        body.extend_from_slice(&pkid.to_be_bytes());
+    }
+    body.extend_from_slice(payload);
+    let mut packet = vec![if qos1_pkid.is_some() { 0x32 } else { 0x30 }];
+    let mut len = body.len();
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        packet.push(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    packet.extend(body);
+    packet
+}
