@@ -107,7 +107,11 @@ pub struct DevicePath {
 }
 
 fn app_name(state: &AppState, device: &Device) -> Option<String> {
-    state.platform.project(&device.project_id).filter(|p| p.default_app_id == device.app_id).map(|p| p.default_app_name)
+    state
+        .platform
+        .project(&device.project_id)
+        .filter(|p| p.default_app_id == device.app_id)
+        .map(|p| p.default_app_name)
 }
 
 /// The fields shared by `QueryDeviceSimplify` (lists) and `ShowDeviceResponse`.
@@ -156,7 +160,11 @@ fn detail(state: &AppState, d: &Device) -> Value {
     v
 }
 
-pub async fn create(State(state): State<AppState>, Path(project_id): Path<String>, Body(body): Body<AddDevice>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    Body(body): Body<AddDevice>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let auth = body.auth_info.map(|a| NewDeviceAuth {
         auth_type: a.auth_type,
         secret: a.secret,
@@ -173,7 +181,12 @@ pub async fn create(State(state): State<AppState>, Path(project_id): Path<String
         gateway_id: body.gateway_id,
         app_id: body.app_id,
         extension_info: body.extension_info,
-        shadow: body.shadow.unwrap_or_default().into_iter().map(|s| (s.service_id, s.desired)).collect(),
+        shadow: body
+            .shadow
+            .unwrap_or_default()
+            .into_iter()
+            .map(|s| (s.service_id, s.desired))
+            .collect(),
         auth: auth.unwrap_or_default(),
     };
     let device = state.platform.add_device(&project_id, new).await?;
@@ -182,14 +195,23 @@ pub async fn create(State(state): State<AppState>, Path(project_id): Path<String
 
 fn time_param(name: &str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     value
-        .map(|v| time::parse_event_time(v).ok_or_else(|| ApiError::Invalid(format!("{name} must look like 20190528T112233Z"))))
+        .map(|v| {
+            time::parse_event_time(v)
+                .ok_or_else(|| ApiError::Invalid(format!("{name} must look like 20190528T112233Z")))
+        })
         .transpose()
 }
 
-pub async fn list(State(state): State<AppState>, Path(project_id): Path<String>, Query(p): Query<ListParams>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    Query(p): Query<ListParams>,
+) -> Result<Json<Value>, ApiError> {
     let page = Page::from_params(p.limit, p.marker.as_deref(), p.offset)?;
     if p.is_cascade_query.is_some() && p.gateway_id.is_none() {
-        return Err(ApiError::Invalid("is_cascade_query needs gateway_id".into()));
+        return Err(ApiError::Invalid(
+            "is_cascade_query needs gateway_id".into(),
+        ));
     }
     let filter = DeviceFilter {
         project_id,
@@ -204,20 +226,37 @@ pub async fn list(State(state): State<AppState>, Path(project_id): Path<String>,
     if let (Some(from), Some(to)) = (filter.created_from, filter.created_to)
         && from > to
     {
-        return Err(ApiError::Invalid("start_time must be earlier than end_time".into()));
+        return Err(ApiError::Invalid(
+            "start_time must be earlier than end_time".into(),
+        ));
     }
-    let result = state.platform.list_devices(filter, page.before, page.offset, page.limit).await?;
+    let result = state
+        .platform
+        .list_devices(filter, page.before, page.offset, page.limit)
+        .await?;
     let marker = result.items.last().map(|d| ids::marker_of(d.seq));
     let devices: Vec<Value> = result.items.iter().map(|d| summary(&state, d)).collect();
-    Ok(Json(json!({ "devices": devices, "page": { "count": result.count, "marker": marker } })))
+    Ok(Json(
+        json!({ "devices": devices, "page": { "count": result.count, "marker": marker } }),
+    ))
 }
 
-pub async fn show(State(state): State<AppState>, Path(path): Path<DevicePath>) -> Result<Json<Value>, ApiError> {
-    let device = state.platform.device(&path.project_id, &path.device_id).await?;
+pub async fn show(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+) -> Result<Json<Value>, ApiError> {
+    let device = state
+        .platform
+        .device(&path.project_id, &path.device_id)
+        .await?;
     Ok(Json(detail(&state, &device)))
 }
 
-pub async fn update(State(state): State<AppState>, Path(path): Path<DevicePath>, Body(body): Body<UpdateDevice>) -> Result<Json<Value>, ApiError> {
+pub async fn update(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+    Body(body): Body<UpdateDevice>,
+) -> Result<Json<Value>, ApiError> {
     let update = DeviceUpdate {
         device_name: body.device_name,
         description: body.description,
@@ -225,12 +264,21 @@ pub async fn update(State(state): State<AppState>, Path(path): Path<DevicePath>,
         secure_access: body.auth_info.as_ref().and_then(|a| a.secure_access),
         timeout: body.auth_info.as_ref().and_then(|a| a.timeout),
     };
-    let device = state.platform.update_device(&path.project_id, &path.device_id, update).await?;
+    let device = state
+        .platform
+        .update_device(&path.project_id, &path.device_id, update)
+        .await?;
     Ok(Json(detail(&state, &device)))
 }
 
-pub async fn delete(State(state): State<AppState>, Path(path): Path<DevicePath>) -> Result<StatusCode, ApiError> {
-    state.platform.delete_device(&path.project_id, &path.device_id).await?;
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .platform
+        .delete_device(&path.project_id, &path.device_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -243,18 +291,39 @@ pub async fn action(
     if params.action_id != "resetSecret" {
         return Err(ApiError::Invalid("action_id must be resetSecret".into()));
     }
-    let reset = SecretReset { secret: body.secret, force_disconnect: body.force_disconnect.unwrap_or(false), secret_type: body.secret_type };
-    let (secret, secret_type) = state.platform.reset_secret(&path.project_id, &path.device_id, reset).await?;
-    Ok(Json(json!({ "device_id": path.device_id, "secret": secret, "secret_type": secret_type })))
+    let reset = SecretReset {
+        secret: body.secret,
+        force_disconnect: body.force_disconnect.unwrap_or(false),
+        secret_type: body.secret_type,
+    };
+    let (secret, secret_type) = state
+        .platform
+        .reset_secret(&path.project_id, &path.device_id, reset)
+        .await?;
+    Ok(Json(
+        json!({ "device_id": path.device_id, "secret": secret, "secret_type": secret_type }),
+    ))
 }
 
-pub async fn freeze(State(state): State<AppState>, Path(path): Path<DevicePath>) -> Result<StatusCode, ApiError> {
-    state.platform.freeze_device(&path.project_id, &path.device_id).await?;
+pub async fn freeze(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .platform
+        .freeze_device(&path.project_id, &path.device_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-pub async fn unfreeze(State(state): State<AppState>, Path(path): Path<DevicePath>) -> Result<StatusCode, ApiError> {
-    state.platform.unfreeze_device(&path.project_id, &path.device_id).await?;
+pub async fn unfreeze(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .platform
+        .unfreeze_device(&path.project_id, &path.device_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -262,9 +331,20 @@ fn shadow_side(properties: Option<serde_json::Map<String, Value>>, at: Option<i6
     json!({ "properties": properties.unwrap_or_default(), "event_time": at.map(time::format_compact) })
 }
 
-pub async fn shadow(State(state): State<AppState>, Path(path): Path<DevicePath>) -> Result<Json<Value>, ApiError> {
-    state.platform.device(&path.project_id, &path.device_id).await?;
-    let rows = state.platform.store().shadow(path.device_id.clone()).await.map_err(|e| ApiError::Internal(e.to_string()))?;
+pub async fn shadow(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+) -> Result<Json<Value>, ApiError> {
+    state
+        .platform
+        .device(&path.project_id, &path.device_id)
+        .await?;
+    let rows = state
+        .platform
+        .store()
+        .shadow(path.device_id.clone())
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let shadow: Vec<Value> = rows
         .into_iter()
         .map(|r| {
@@ -276,27 +356,49 @@ pub async fn shadow(State(state): State<AppState>, Path(path): Path<DevicePath>)
             })
         })
         .collect();
-    Ok(Json(json!({ "device_id": path.device_id, "shadow": shadow })))
+    Ok(Json(
+        json!({ "device_id": path.device_id, "shadow": shadow }),
+    ))
 }
 
 fn limit_of(param: Option<i64>) -> Result<i64, ApiError> {
     let limit = param.unwrap_or(100);
-    if (1..=1000).contains(&limit) { Ok(limit) } else { Err(ApiError::LimitOutOfRange) }
+    if (1..=1000).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::LimitOutOfRange)
+    }
 }
 
 /// ioda extension: what happened to the device's traffic (refused properties, denied topics, ...).
-pub async fn trace(State(state): State<AppState>, Path(path): Path<DevicePath>, Query(p): Query<LimitParam>) -> Result<Json<Value>, ApiError> {
-    let entries = state.platform.device_trace(&path.project_id, &path.device_id, limit_of(p.limit)?).await?;
+pub async fn trace(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+    Query(p): Query<LimitParam>,
+) -> Result<Json<Value>, ApiError> {
+    let entries = state
+        .platform
+        .device_trace(&path.project_id, &path.device_id, limit_of(p.limit)?)
+        .await?;
     let entries: Vec<Value> = entries
         .into_iter()
         .map(|e| json!({ "id": e.id, "time": time::format_iso_millis(e.at), "kind": e.kind, "detail": e.detail }))
         .collect();
-    Ok(Json(json!({ "device_id": path.device_id, "entries": entries })))
+    Ok(Json(
+        json!({ "device_id": path.device_id, "entries": entries }),
+    ))
 }
 
 /// ioda extension: the device's stored property reports, newest first.
-pub async fn history(State(state): State<AppState>, Path(path): Path<DevicePath>, Query(p): Query<LimitParam>) -> Result<Json<Value>, ApiError> {
-    state.platform.device(&path.project_id, &path.device_id).await?;
+pub async fn history(
+    State(state): State<AppState>,
+    Path(path): Path<DevicePath>,
+    Query(p): Query<LimitParam>,
+) -> Result<Json<Value>, ApiError> {
+    state
+        .platform
+        .device(&path.project_id, &path.device_id)
+        .await?;
     let rows = state
         .platform
         .store()
@@ -315,5 +417,7 @@ pub async fn history(State(state): State<AppState>, Path(path): Path<DevicePath>
             })
         })
         .collect();
-    Ok(Json(json!({ "device_id": path.device_id, "reports": reports })))
+    Ok(Json(
+        json!({ "device_id": path.device_id, "reports": reports }),
+    ))
 }

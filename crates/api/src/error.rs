@@ -69,6 +69,10 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(detail) = &self {
             tracing::error!(%detail, "internal error answered with 500");
         }
-        (status, Json(json!({ "error_code": code, "error_msg": self.to_string() }))).into_response()
+        (
+            status,
+            Json(json!({ "error_code": code, "error_msg": self.to_string() })),
+        )
+            .into_response()
     }
 }

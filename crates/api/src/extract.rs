@@ -18,8 +18,14 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for Body<T> {
         let bytes = bytes::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::BadRequestBody(format!("unreadable body: {e}")))?;
-        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) { &b"{}"[..] } else { &bytes[..] };
-        serde_json::from_slice(bytes).map(Body).map_err(|e| ApiError::BadRequestBody(format!("malformed JSON body: {e}")))
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            &b"{}"[..]
+        } else {
+            &bytes[..]
+        };
+        serde_json::from_slice(bytes)
+            .map(Body)
+            .map_err(|e| ApiError::BadRequestBody(format!("malformed JSON body: {e}")))
     }
 }
 
@@ -48,7 +54,11 @@ pub struct Page {
 }
 
 impl Page {
-    pub fn from_params(limit: Option<i64>, marker: Option<&str>, offset: Option<i64>) -> Result<Page, ApiError> {
+    pub fn from_params(
+        limit: Option<i64>,
+        marker: Option<&str>,
+        offset: Option<i64>,
+    ) -> Result<Page, ApiError> {
         let limit = limit.unwrap_or(10);
         if !(1..=50).contains(&limit) {
             return Err(ApiError::LimitOutOfRange);
@@ -59,8 +69,13 @@ impl Page {
         }
         let before = match marker {
             None | Some("") => i64::MAX,
-            Some(m) => ioda_types::ids::parse_marker(m).ok_or_else(|| ApiError::Invalid("marker must be 24 hex digits".into()))?,
+            Some(m) => ioda_types::ids::parse_marker(m)
+                .ok_or_else(|| ApiError::Invalid("marker must be 24 hex digits".into()))?,
         };
-        Ok(Page { before, offset, limit })
+        Ok(Page {
+            before,
+            offset,
+            limit,
+        })
     }
 }

@@ -34,18 +34,34 @@ pub const MAX_BODY: usize = 2 * 1024 * 1024;
 
 /// The whole API.
 pub fn router(platform: Arc<Platform>, signature_window_ms: i64) -> Router {
-    let state = AppState { platform, signature_window_ms };
+    let state = AppState {
+        platform,
+        signature_window_ms,
+    };
     let v5 = Router::new()
         .route("/products", post(products::create).get(products::list))
-        .route("/products/{product_id}", get(products::show).put(products::update).delete(products::delete))
+        .route(
+            "/products/{product_id}",
+            get(products::show)
+                .put(products::update)
+                .delete(products::delete),
+        )
         .route("/devices", post(devices::create).get(devices::list))
-        .route("/devices/{device_id}", get(devices::show).put(devices::update).delete(devices::delete))
+        .route(
+            "/devices/{device_id}",
+            get(devices::show)
+                .put(devices::update)
+                .delete(devices::delete),
+        )
         .route("/devices/{device_id}/action", post(devices::action))
         .route("/devices/{device_id}/freeze", post(devices::freeze))
         .route("/devices/{device_id}/unfreeze", post(devices::unfreeze))
         .route("/devices/{device_id}/shadow", get(devices::shadow))
         .route("/devices/{device_id}/trace", get(devices::trace))
-        .route("/devices/{device_id}/property-history", get(devices::history))
+        .route(
+            "/devices/{device_id}/property-history",
+            get(devices::history),
+        )
         .fallback(no_such_api)
         .layer(from_fn_with_state(state.clone(), auth::authenticate));
     Router::new()

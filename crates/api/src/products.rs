@@ -69,7 +69,11 @@ pub struct ProductPath {
 }
 
 fn app_name(state: &AppState, product: &Product) -> Option<String> {
-    state.platform.project(&product.project_id).filter(|p| p.default_app_id == product.app_id).map(|p| p.default_app_name)
+    state
+        .platform
+        .project(&product.project_id)
+        .filter(|p| p.default_app_id == product.app_id)
+        .map(|p| p.default_app_name)
 }
 
 /// The product as the SDK's `ProductSummary` (and, with the model, `ShowProductResponse`).
@@ -93,7 +97,11 @@ fn view(state: &AppState, product: &Product, with_model: bool) -> Value {
     v
 }
 
-pub async fn create(State(state): State<AppState>, Path(project_id): Path<String>, Body(body): Body<AddProduct>) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn create(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    Body(body): Body<AddProduct>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let new = NewProduct {
         product_id: body.product_id,
         name: body.name,
@@ -110,23 +118,51 @@ pub async fn create(State(state): State<AppState>, Path(project_id): Path<String
     Ok((StatusCode::CREATED, Json(view(&state, &product, true))))
 }
 
-pub async fn list(State(state): State<AppState>, Path(project_id): Path<String>, Query(params): Query<ListParams>) -> Result<Json<Value>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    Path(project_id): Path<String>,
+    Query(params): Query<ListParams>,
+) -> Result<Json<Value>, ApiError> {
     let page = Page::from_params(params.limit, params.marker.as_deref(), params.offset)?;
     let result = state
         .platform
-        .list_products(&project_id, params.app_id, params.product_name, page.before, page.offset, page.limit)
+        .list_products(
+            &project_id,
+            params.app_id,
+            params.product_name,
+            page.before,
+            page.offset,
+            page.limit,
+        )
         .await?;
     let marker = result.items.last().map(|p| ids::marker_of(p.seq));
-    let products: Vec<Value> = result.items.iter().map(|p| view(&state, p, false)).collect();
-    Ok(Json(json!({ "products": products, "page": { "count": result.count, "marker": marker } })))
+    let products: Vec<Value> = result
+        .items
+        .iter()
+        .map(|p| view(&state, p, false))
+        .collect();
+    Ok(Json(
+        json!({ "products": products, "page": { "count": result.count, "marker": marker } }),
+    ))
 }
 
-pub async fn show(State(state): State<AppState>, Path(path): Path<ProductPath>, Query(_): Query<AppParam>) -> Result<Json<Value>, ApiError> {
-    let product = state.platform.product(&path.project_id, &path.product_id).await?;
+pub async fn show(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+    Query(_): Query<AppParam>,
+) -> Result<Json<Value>, ApiError> {
+    let product = state
+        .platform
+        .product(&path.project_id, &path.product_id)
+        .await?;
     Ok(Json(view(&state, &product, true)))
 }
 
-pub async fn update(State(state): State<AppState>, Path(path): Path<ProductPath>, Body(body): Body<UpdateProduct>) -> Result<Json<Value>, ApiError> {
+pub async fn update(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+    Body(body): Body<UpdateProduct>,
+) -> Result<Json<Value>, ApiError> {
     let patch = ProductPatch {
         name: body.name,
         device_type: body.device_type,
@@ -138,11 +174,21 @@ pub async fn update(State(state): State<AppState>, Path(path): Path<ProductPath>
         app_id: body.app_id,
         service_capabilities: body.service_capabilities,
     };
-    let product = state.platform.update_product(&path.project_id, &path.product_id, patch).await?;
+    let product = state
+        .platform
+        .update_product(&path.project_id, &path.product_id, patch)
+        .await?;
     Ok(Json(view(&state, &product, true)))
 }
 
-pub async fn delete(State(state): State<AppState>, Path(path): Path<ProductPath>, Query(_): Query<AppParam>) -> Result<StatusCode, ApiError> {
-    state.platform.delete_product(&path.project_id, &path.product_id).await?;
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+    Query(_): Query<AppParam>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .platform
+        .delete_product(&path.project_id, &path.product_id)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -19,7 +19,11 @@ pub struct Authorization {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Algorithm {
     Classic,
-    Derived { date: String, region: String, service: String },
+    Derived {
+        date: String,
+        region: String,
+        service: String,
+    },
 }
 
 /// Why a signature was not accepted (logged, never shown to the caller in detail).
@@ -62,17 +66,30 @@ pub fn parse_authorization(header: &str) -> Result<Authorization, SignError> {
             let [ak, date, region, service] = parts[..] else {
                 return Err(SignError::BadHeader);
             };
-            let scope = Algorithm::Derived { date: date.to_owned(), region: region.to_owned(), service: service.to_owned() };
+            let scope = Algorithm::Derived {
+                date: date.to_owned(),
+                region: region.to_owned(),
+                service: service.to_owned(),
+            };
             (ak.to_owned(), scope)
         }
         _ => return Err(SignError::BadHeader),
     };
-    let signed_headers: Vec<String> = signed.ok_or(SignError::BadHeader)?.split(';').map(str::to_ascii_lowercase).collect();
+    let signed_headers: Vec<String> = signed
+        .ok_or(SignError::BadHeader)?
+        .split(';')
+        .map(str::to_ascii_lowercase)
+        .collect();
     let signature = signature.ok_or(SignError::BadHeader)?.to_ascii_lowercase();
     if access_key.is_empty() || signed_headers.iter().any(String::is_empty) {
         return Err(SignError::BadHeader);
     }
-    Ok(Authorization { algorithm, access_key, signed_headers, signature })
+    Ok(Authorization {
+        algorithm,
+        access_key,
+        signed_headers,
+        signature,
+    })
 }
 
 fn percent_decode(s: &str) -> Vec<u8> {
@@ -80,7 +97,10 @@ fn percent_decode(s: &str) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok()).and_then(|h| u8::from_str_radix(h, 16).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
         match (bytes[i], hex) {
             (b'%', Some(byte)) => {
                 out.push(byte);
@@ -131,7 +151,11 @@ pub fn canonical_query(raw_query: Option<&str>) -> String {
         })
         .collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    pairs
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&")
 }
 
 /// What the verifier needs of a request.
@@ -160,9 +184,15 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
 pub fn canonical_request(parts: &RequestParts<'_>, signed_headers: &[String]) -> String {
     let headers: String = signed_headers
         .iter()
-        .map(|name| format!("{name}:{}\n", (parts.header)(name).unwrap_or_default().trim()))
+        .map(|name| {
+            format!(
+                "{name}:{}\n",
+                (parts.header)(name).unwrap_or_default().trim()
+            )
+        })
         .collect();
-    let payload_hash = (parts.header)("x-sdk-content-sha256").unwrap_or_else(|| sha256_hex(parts.body));
+    let payload_hash =
+        (parts.header)("x-sdk-content-sha256").unwrap_or_else(|| sha256_hex(parts.body));
     format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
         parts.method.to_ascii_uppercase(),
@@ -183,14 +213,23 @@ pub fn derived_key(access_key: &str, secret_key: &str, info: &str) -> String {
 }
 
 /// Computes the signature of a request for the given algorithm.
-pub fn signature(auth: &Authorization, secret_key: &str, sdk_date: &str, canonical: &str) -> String {
+pub fn signature(
+    auth: &Authorization,
+    secret_key: &str,
+    sdk_date: &str,
+    canonical: &str,
+) -> String {
     let hashed = sha256_hex(canonical.as_bytes());
     match &auth.algorithm {
         Algorithm::Classic => {
             let to_sign = format!("SDK-HMAC-SHA256\n{sdk_date}\n{hashed}");
             hex::encode(hmac(secret_key.as_bytes(), to_sign.as_bytes()))
         }
-        Algorithm::Derived { date, region, service } => {
+        Algorithm::Derived {
+            date,
+            region,
+            service,
+        } => {
             let info = format!("{date}/{region}/{service}");
             let key = derived_key(&auth.access_key, secret_key, &info);
             let to_sign = format!("V11-HMAC-SHA256\n{sdk_date}\n{info}\n{hashed}");
@@ -206,11 +245,20 @@ pub fn parse_sdk_date(s: &str) -> Option<i64> {
 
 /// Constant-time string comparison.
 pub fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// Verifies a request; `secret_of` maps an access key to its secret key.
-pub fn verify(parts: &RequestParts<'_>, now_ms: i64, window_ms: i64, secret_of: impl Fn(&str) -> Option<String>) -> Result<String, SignError> {
+pub fn verify(
+    parts: &RequestParts<'_>,
+    now_ms: i64,
+    window_ms: i64,
+    secret_of: impl Fn(&str) -> Option<String>,
+) -> Result<String, SignError> {
     let header = (parts.header)("authorization").ok_or(SignError::BadHeader)?;
     let auth = parse_authorization(&header)?;
     let sdk_date = (parts.header)("x-sdk-date").ok_or(SignError::BadDate)?;
@@ -225,36 +273,78 @@ pub fn verify(parts: &RequestParts<'_>, now_ms: i64, window_ms: i64, secret_of: 
     }
     let secret = secret_of(&auth.access_key).ok_or(SignError::UnknownKey)?;
     let canonical = canonical_request(parts, &auth.signed_headers);
-    if same(&signature(&auth, &secret, &sdk_date, &canonical), &auth.signature) {
+    if same(
+        &signature(&auth, &secret, &sdk_date, &canonical),
+        &auth.signature,
+    ) {
         Ok(auth.access_key)
     } else {
         Err(SignError::Mismatch)
     }
 }
 
-/// Signs a request the way the SDK does; `headers` are the (lower-case) headers to sign, which must
-/// include `host` and `x-sdk-date`. Returns the `Authorization` header value.
+/// A request to sign on the client side; `headers` are the (lower-case) headers to sign, which must
+/// include `host` and `x-sdk-date`.
+#[derive(Debug, Clone, Copy)]
+pub struct OutgoingRequest<'a> {
+    pub method: &'a str,
+    pub raw_path: &'a str,
+    pub raw_query: Option<&'a str>,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+}
+
+/// Signs a request the way the SDK does and returns the `Authorization` header value.
 pub fn authorization_header(
     algorithm: &Algorithm,
     access_key: &str,
     secret_key: &str,
-    method: &str,
-    raw_path: &str,
-    raw_query: Option<&str>,
-    headers: &[(&str, &str)],
-    body: &[u8],
+    request: &OutgoingRequest<'_>,
 ) -> String {
-    let mut names: Vec<String> = headers.iter().map(|(n, _)| n.to_ascii_lowercase()).collect();
+    let OutgoingRequest {
+        method,
+        raw_path,
+        raw_query,
+        headers,
+        body,
+    } = *request;
+    let mut names: Vec<String> = headers
+        .iter()
+        .map(|(n, _)| n.to_ascii_lowercase())
+        .collect();
     names.sort();
-    let lookup = |name: &str| headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| (*v).to_owned());
+    let lookup = |name: &str| {
+        headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| (*v).to_owned())
+    };
     let sdk_date = lookup("x-sdk-date").unwrap_or_default();
-    let parts = RequestParts { method, raw_path, raw_query, header: &lookup, body };
+    let parts = RequestParts {
+        method,
+        raw_path,
+        raw_query,
+        header: &lookup,
+        body,
+    };
     let canonical = canonical_request(&parts, &names);
-    let auth = Authorization { algorithm: algorithm.clone(), access_key: access_key.to_owned(), signed_headers: names.clone(), signature: String::new() };
+    let auth = Authorization {
+        algorithm: algorithm.clone(),
+        access_key: access_key.to_owned(),
+        signed_headers: names.clone(),
+        signature: String::new(),
+    };
     let signature = signature(&auth, secret_key, &sdk_date, &canonical);
     match algorithm {
-        Algorithm::Classic => format!("SDK-HMAC-SHA256 Access={access_key}, SignedHeaders={}, Signature={signature}", names.join(";")),
-        Algorithm::Derived { date, region, service } => format!(
+        Algorithm::Classic => format!(
+            "SDK-HMAC-SHA256 Access={access_key}, SignedHeaders={}, Signature={signature}",
+            names.join(";")
+        ),
+        Algorithm::Derived {
+            date,
+            region,
+            service,
+        } => format!(
             "V11-HMAC-SHA256 Credential={access_key}/{date}/{region}/{service}, SignedHeaders={}, Signature={signature}",
             names.join(";")
         ),
@@ -267,11 +357,19 @@ mod tests {
 
     #[test]
     fn canonical_forms_match_the_sdk() {
-        assert_eq!(canonical_uri("/v5/iot/proj123/devices/dev1/commands"), "/v5/iot/proj123/devices/dev1/commands/");
-        assert_eq!(canonical_uri("/v5/iot/p/devices/d%201"), "/v5/iot/p/devices/d%201/");
+        assert_eq!(
+            canonical_uri("/v5/iot/proj123/devices/dev1/commands"),
+            "/v5/iot/proj123/devices/dev1/commands/"
+        );
+        assert_eq!(
+            canonical_uri("/v5/iot/p/devices/d%201"),
+            "/v5/iot/p/devices/d%201/"
+        );
         assert_eq!(canonical_query(None), "");
         assert_eq!(
-            canonical_query(Some("product_id=p%201~x%2A&limit=10&device_name=%E5%90%8D&marker=ff")),
+            canonical_query(Some(
+                "product_id=p%201~x%2A&limit=10&device_name=%E5%90%8D&marker=ff"
+            )),
             "device_name=%E5%90%8D&limit=10&marker=ff&product_id=p%201~x%2A"
         );
         assert_eq!(canonical_query(Some("b=2&a=1&a=0")), "a=0&a=1&b=2");
@@ -279,7 +377,9 @@ mod tests {
 
     #[test]
     fn authorization_headers() {
-        let classic = parse_authorization("SDK-HMAC-SHA256 Access=AK1, SignedHeaders=content-type;host;x-sdk-date, Signature=AbC");
+        let classic = parse_authorization(
+            "SDK-HMAC-SHA256 Access=AK1, SignedHeaders=content-type;host;x-sdk-date, Signature=AbC",
+        );
         assert_eq!(
             classic,
             Ok(Authorization {
@@ -290,8 +390,21 @@ mod tests {
             })
         );
         let derived = parse_authorization("V11-HMAC-SHA256 Credential=MYAK/20261126/cn-north-4/iotdm, SignedHeaders=host, Signature=01").map(|a| a.algorithm);
-        assert_eq!(derived, Ok(Algorithm::Derived { date: "20261126".into(), region: "cn-north-4".into(), service: "iotdm".into() }));
-        for bad in ["", "SDK-HMAC-SHA256", "SDK-HMAC-SHA256 Access=AK", "HMAC Access=a, SignedHeaders=h, Signature=s", "V11-HMAC-SHA256 Credential=AK/d, SignedHeaders=h, Signature=s"] {
+        assert_eq!(
+            derived,
+            Ok(Algorithm::Derived {
+                date: "20261126".into(),
+                region: "cn-north-4".into(),
+                service: "iotdm".into()
+            })
+        );
+        for bad in [
+            "",
+            "SDK-HMAC-SHA256",
+            "SDK-HMAC-SHA256 Access=AK",
+            "HMAC Access=a, SignedHeaders=h, Signature=s",
+            "V11-HMAC-SHA256 Credential=AK/d, SignedHeaders=h, Signature=s",
+        ] {
             assert_eq!(parse_authorization(bad), Err(SignError::BadHeader), "{bad}");
         }
     }
@@ -308,25 +421,91 @@ mod tests {
     #[test]
     fn verifies_both_algorithms_and_refuses_tampering() {
         let now = parse_sdk_date("20261126T090921Z").unwrap_or_default();
-        let signed: Vec<String> = ["content-type", "host", "x-sdk-date"].map(String::from).to_vec();
-        let parts = RequestParts { method: "GET", raw_path: "/v5/iot/p/devices", raw_query: Some("limit=1"), header: &headers, body: b"" };
-        for algorithm in [Algorithm::Classic, Algorithm::Derived { date: "20261126".into(), region: "r".into(), service: "iotdm".into() }] {
-            let mut auth = Authorization { algorithm: algorithm.clone(), access_key: "AK".into(), signed_headers: signed.clone(), signature: String::new() };
-            auth.signature = signature(&auth, "SK", "20261126T090921Z", &canonical_request(&parts, &signed));
-            let header_value = match &algorithm {
-                Algorithm::Classic => format!("SDK-HMAC-SHA256 Access=AK, SignedHeaders={}, Signature={}", signed.join(";"), auth.signature),
-                Algorithm::Derived { .. } => format!("V11-HMAC-SHA256 Credential=AK/20261126/r/iotdm, SignedHeaders={}, Signature={}", signed.join(";"), auth.signature),
+        let signed: Vec<String> = ["content-type", "host", "x-sdk-date"]
+            .map(String::from)
+            .to_vec();
+        let parts = RequestParts {
+            method: "GET",
+            raw_path: "/v5/iot/p/devices",
+            raw_query: Some("limit=1"),
+            header: &headers,
+            body: b"",
+        };
+        for algorithm in [
+            Algorithm::Classic,
+            Algorithm::Derived {
+                date: "20261126".into(),
+                region: "r".into(),
+                service: "iotdm".into(),
+            },
+        ] {
+            let mut auth = Authorization {
+                algorithm: algorithm.clone(),
+                access_key: "AK".into(),
+                signed_headers: signed.clone(),
+                signature: String::new(),
             };
-            let lookup = |name: &str| if name == "authorization" { Some(header_value.clone()) } else { headers(name) };
-            let request = RequestParts { header: &lookup, ..parts.clone() };
-            assert_eq!(verify(&request, now, 900_000, |_| Some("SK".into())), Ok("AK".into()));
-            assert_eq!(verify(&request, now, 900_000, |_| Some("other".into())), Err(SignError::Mismatch));
-            assert_eq!(verify(&request, now, 900_000, |_| None), Err(SignError::UnknownKey));
-            assert_eq!(verify(&request, now + 1_000_000, 900_000, |_| Some("SK".into())), Err(SignError::Expired));
-            let tampered = RequestParts { raw_query: Some("limit=2"), ..request.clone() };
-            assert_eq!(verify(&tampered, now, 900_000, |_| Some("SK".into())), Err(SignError::Mismatch));
-            let tampered_body = RequestParts { body: b"{}", ..request.clone() };
-            assert_eq!(verify(&tampered_body, now, 900_000, |_| Some("SK".into())), Err(SignError::Mismatch));
+            auth.signature = signature(
+                &auth,
+                "SK",
+                "20261126T090921Z",
+                &canonical_request(&parts, &signed),
+            );
+            let header_value = match &algorithm {
+                Algorithm::Classic => format!(
+                    "SDK-HMAC-SHA256 Access=AK, SignedHeaders={}, Signature={}",
+                    signed.join(";"),
+                    auth.signature
+                ),
+                Algorithm::Derived { .. } => format!(
+                    "V11-HMAC-SHA256 Credential=AK/20261126/r/iotdm, SignedHeaders={}, Signature={}",
+                    signed.join(";"),
+                    auth.signature
+                ),
+            };
+            let lookup = |name: &str| {
+                if name == "authorization" {
+                    Some(header_value.clone())
+                } else {
+                    headers(name)
+                }
+            };
+            let request = RequestParts {
+                header: &lookup,
+                ..parts.clone()
+            };
+            assert_eq!(
+                verify(&request, now, 900_000, |_| Some("SK".into())),
+                Ok("AK".into())
+            );
+            assert_eq!(
+                verify(&request, now, 900_000, |_| Some("other".into())),
+                Err(SignError::Mismatch)
+            );
+            assert_eq!(
+                verify(&request, now, 900_000, |_| None),
+                Err(SignError::UnknownKey)
+            );
+            assert_eq!(
+                verify(&request, now + 1_000_000, 900_000, |_| Some("SK".into())),
+                Err(SignError::Expired)
+            );
+            let tampered = RequestParts {
+                raw_query: Some("limit=2"),
+                ..request.clone()
+            };
+            assert_eq!(
+                verify(&tampered, now, 900_000, |_| Some("SK".into())),
+                Err(SignError::Mismatch)
+            );
+            let tampered_body = RequestParts {
+                body: b"{}",
+                ..request.clone()
+            };
+            assert_eq!(
+                verify(&tampered_body, now, 900_000, |_| Some("SK".into())),
+                Err(SignError::Mismatch)
+            );
         }
     }
 }

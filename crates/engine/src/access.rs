@@ -11,11 +11,11 @@ use ioda_types::event::DeviceRef;
 use ioda_types::{Device, DeviceStatus, PlatformEvent, StatusCause, time};
 use serde_json::{Value, json};
 
+use crate::Platform;
 use crate::auth::{parse_client_id, password_matches};
 use crate::ratelimit::TokenBucket;
 use crate::registry::close_connection;
 use crate::topic::subscribe_allowed;
-use crate::Platform;
 
 /// The MQTT broker of the platform.
 #[derive(Debug, Clone)]
@@ -41,7 +41,13 @@ pub struct DeviceSession {
 }
 
 fn trace_entry(device_id: &str, at: i64, kind: &str, detail: Value) -> TraceEntry {
-    TraceEntry { id: 0, device_id: device_id.to_owned(), at, kind: kind.to_owned(), detail }
+    TraceEntry {
+        id: 0,
+        device_id: device_id.to_owned(),
+        at,
+        kind: kind.to_owned(),
+        detail,
+    }
 }
 
 impl Platform {
@@ -55,7 +61,12 @@ impl Platform {
             .map_err(|_| Refusal::ServerUnavailable)?
             .ok_or(Refusal::BadCredentials)?;
         let refuse = |refusal: Refusal, why: &str| {
-            let entry = trace_entry(&device.device_id, self.now(), "connect_refused", json!({ "reason": why, "client_id": connect.client_id }));
+            let entry = trace_entry(
+                &device.device_id,
+                self.now(),
+                "connect_refused",
+                json!({ "reason": why, "client_id": connect.client_id }),
+            );
             (refusal, entry)
         };
         let verdict = self.check_connect(connect, &device, client.sign_type, client.timestamp);
@@ -67,31 +78,53 @@ impl Platform {
         Ok(device)
     }
 
-    fn check_connect(&self, connect: &Connect, device: &Device, sign_type: u8, timestamp: &str) -> Result<(), (Refusal, &'static str)> {
+    fn check_connect(
+        &self,
+        connect: &Connect,
+        device: &Device,
+        sign_type: u8,
+        timestamp: &str,
+    ) -> Result<(), (Refusal, &'static str)> {
         let keep_alive = connect.keep_alive;
         if keep_alive < self.config.keepalive_min || keep_alive > self.config.keepalive_max {
-            return Err((Refusal::ClientIdRejected, "keepalive outside the accepted range"));
+            return Err((
+                Refusal::ClientIdRejected,
+                "keepalive outside the accepted range",
+            ));
         }
         if connect.username.as_deref() != Some(device.device_id.as_str()) {
             return Err((Refusal::BadCredentials, "username is not the device id"));
         }
         if device.auth.auth_type != "SECRET" {
-            return Err((Refusal::BadCredentials, "device authenticates with certificates, which need MQTTS"));
+            return Err((
+                Refusal::BadCredentials,
+                "device authenticates with certificates, which need MQTTS",
+            ));
         }
         if sign_type == 2 {
-            return Err((Refusal::BadCredentials, "sign type 2 (HMAC-SM3) is not supported"));
+            return Err((
+                Refusal::BadCredentials,
+                "sign type 2 (HMAC-SM3) is not supported",
+            ));
         }
         if sign_type == 1 {
-            let stamp = time::parse_hour_stamp(timestamp).ok_or((Refusal::BadCredentials, "timestamp is not a valid hour"))?;
+            let stamp = time::parse_hour_stamp(timestamp)
+                .ok_or((Refusal::BadCredentials, "timestamp is not a valid hour"))?;
             // The stamp names the start of an hour, so "now" may lie anywhere within that hour.
             let delta = self.now() - stamp;
             let tolerance = self.config.timestamp_tolerance_ms;
             if delta < -tolerance || delta > 3_600_000 + tolerance {
-                return Err((Refusal::BadCredentials, "timestamp too far from the platform clock"));
+                return Err((
+                    Refusal::BadCredentials,
+                    "timestamp too far from the platform clock",
+                ));
             }
         }
         let password = connect.password.as_deref().unwrap_or_default();
-        let secrets = [device.auth.secret.as_deref(), device.auth.secondary_secret.as_deref()];
+        let secrets = [
+            device.auth.secret.as_deref(),
+            device.auth.secondary_secret.as_deref(),
+        ];
         if !password_matches(password, timestamp, &secrets) {
             return Err((Refusal::BadCredentials, "wrong password"));
         }
@@ -107,7 +140,12 @@ impl Platform {
             close_connection(previous, reason::SESSION_TAKEN_OVER);
         }
         let now = self.now();
-        if self.store.set_status(device.device_id.clone(), DeviceStatus::Online, now).await.is_err() {
+        if self
+            .store
+            .set_status(device.device_id.clone(), DeviceStatus::Online, now)
+            .await
+            .is_err()
+        {
             self.registry.unregister(&device.device_id, conn_id);
             return Err(Refusal::ServerUnavailable);
         }
@@ -124,7 +162,12 @@ impl Platform {
 impl Broker for DeviceBroker {
     type Session = DeviceSession;
 
-    async fn connect(&self, connect: &Connect, peer: SocketAddr, outbox: Outbox) -> Result<DeviceSession, Refusal> {
+    async fn connect(
+        &self,
+        connect: &Connect,
+        peer: SocketAddr,
+        outbox: Outbox,
+    ) -> Result<DeviceSession, Refusal> {
         let platform = &self.platform;
         let device = platform.authenticate(connect).await?;
         let conn_id = platform.go_online(&device, outbox).await?;
@@ -189,7 +232,8 @@ impl Session for DeviceSession {
             self.subscriptions.push((filter.filter.clone(), granted));
             granted
         } else {
-            if let Some(entry) = self.trace("subscribe_denied", json!({ "filter": filter.filter })) {
+            if let Some(entry) = self.trace("subscribe_denied", json!({ "filter": filter.filter }))
+            {
                 let store = self.platform.clone();
                 tokio::spawn(async move {
                     let _ = store.store.record_trace(vec![entry]).await;
@@ -205,14 +249,22 @@ impl Session for DeviceSession {
 
     async fn closed(mut self, cause: CloseCause) {
         if let CloseCause::Protocol(error) = &cause {
-            self.record("protocol_error", json!({ "error": error.to_string() })).await;
+            self.record("protocol_error", json!({ "error": error.to_string() }))
+                .await;
         }
         let platform = self.platform.clone();
-        if !platform.registry.unregister(&self.device.device_id, self.conn_id) {
+        if !platform
+            .registry
+            .unregister(&self.device.device_id, self.conn_id)
+        {
             return; // Taken over: the new connection owns the status.
         }
         let now = platform.now();
-        if let Err(error) = platform.store.set_status(self.device.device_id.clone(), DeviceStatus::Offline, now).await {
+        if let Err(error) = platform
+            .store
+            .set_status(self.device.device_id.clone(), DeviceStatus::Offline, now)
+            .await
+        {
             tracing::warn!(%error, device_id = %self.device.device_id, "could not record OFFLINE");
         }
         platform.bus.publish(PlatformEvent::DeviceStatusChanged {

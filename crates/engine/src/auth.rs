@@ -28,7 +28,11 @@ pub fn parse_client_id(client_id: &str) -> Option<ClientId<'_>> {
         && !device_id.is_empty()
         && timestamp.len() == 10
         && timestamp.bytes().all(|b| b.is_ascii_digit());
-    well_formed.then_some(ClientId { device_id, sign_type, timestamp })
+    well_formed.then_some(ClientId {
+        device_id,
+        sign_type,
+        timestamp,
+    })
 }
 
 /// `hex(HMAC-SHA256(key = timestamp, message = secret))`: note the timestamp is the key.
@@ -70,8 +74,12 @@ mod tests {
 
     #[test]
     fn client_id_table() {
-        let cases: &[(&str, Option<(&str, u8, &str)>)] = &[
-            ("60a87ffebaccd902c2f1abbb_0001_0_0_2025041401", Some(("60a87ffebaccd902c2f1abbb_0001", 0, "2025041401"))),
+        type Parsed<'a> = Option<(&'a str, u8, &'a str)>;
+        let cases: &[(&str, Parsed<'_>)] = &[
+            (
+                "60a87ffebaccd902c2f1abbb_0001_0_0_2025041401",
+                Some(("60a87ffebaccd902c2f1abbb_0001", 0, "2025041401")),
+            ),
             ("dev_0_1_2025041401", Some(("dev", 1, "2025041401"))),
             ("dev_0_3_2025041401", None),
             ("dev_2_0_2025041401", None),
@@ -90,8 +98,16 @@ mod tests {
     #[test]
     fn either_secret_matches() {
         let pw = device_password("secondary1", "2025041401");
-        assert!(password_matches(pw.as_bytes(), "2025041401", &[Some("primary11"), Some("secondary1")]));
-        assert!(!password_matches(pw.as_bytes(), "2025041402", &[Some("primary11"), Some("secondary1")]));
+        assert!(password_matches(
+            pw.as_bytes(),
+            "2025041401",
+            &[Some("primary11"), Some("secondary1")]
+        ));
+        assert!(!password_matches(
+            pw.as_bytes(),
+            "2025041402",
+            &[Some("primary11"), Some("secondary1")]
+        ));
         assert!(!password_matches(b"", "2025041401", &[None, None]));
     }
 }

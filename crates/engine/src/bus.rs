@@ -20,7 +20,10 @@ pub struct Bus {
 impl Bus {
     pub fn new(capacity: usize) -> Self {
         let (sender, _) = broadcast::channel(capacity);
-        Bus { sender, published: Arc::new(AtomicU64::new(0)) }
+        Bus {
+            sender,
+            published: Arc::new(AtomicU64::new(0)),
+        }
     }
 
     /// Publishes an event to every current subscriber.

@@ -1,10 +1,10 @@
 //! Device operations: register, show, list, update, delete, secrets, freezing.
 
 use ioda_mqtt::codec::reason;
-use ioda_store::{DeviceFilter, DevicePage, DeviceUpdate, StoreError};
+use ioda_store::{DeviceFilter, DevicePage, DeviceUpdate, InitialDesired, StoreError};
 use ioda_types::validate::{Rejection, check_value};
 use ioda_types::{Device, DeviceAuth, DeviceStatus, PlatformEvent, Product, StatusCause, ids};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::products::check_opt_len;
 use crate::{EngineError, Platform, random_bytes};
@@ -92,21 +92,36 @@ fn build_auth(auth: NewDeviceAuth) -> Result<DeviceAuth, EngineError> {
 }
 
 /// Validates an initial desired shadow against the model: known, writable properties with valid values.
-pub(crate) fn check_desired(product: &Product, shadow: Vec<(String, Value)>) -> Result<Vec<(String, Map<String, Value>)>, EngineError> {
+pub(crate) fn check_desired(
+    product: &Product,
+    shadow: Vec<(String, Value)>,
+) -> Result<InitialDesired, EngineError> {
     let mut out = Vec::with_capacity(shadow.len());
     for (service_id, desired) in shadow {
-        let service = product
-            .service(&service_id)
-            .ok_or_else(|| invalid(format!("shadow: service '{service_id}' is not in the product model")))?;
+        let service = product.service(&service_id).ok_or_else(|| {
+            invalid(format!(
+                "shadow: service '{service_id}' is not in the product model"
+            ))
+        })?;
         let Value::Object(desired) = desired else {
-            return Err(invalid(format!("shadow: desired of '{service_id}' must be an object")));
+            return Err(invalid(format!(
+                "shadow: desired of '{service_id}' must be an object"
+            )));
         };
         for (name, value) in &desired {
-            let property = service.property(name).ok_or_else(|| invalid(format!("shadow: {service_id}.{name}: {}", Rejection::UnknownProperty)))?;
+            let property = service.property(name).ok_or_else(|| {
+                invalid(format!(
+                    "shadow: {service_id}.{name}: {}",
+                    Rejection::UnknownProperty
+                ))
+            })?;
             if !property.method.contains('W') {
-                return Err(invalid(format!("shadow: {service_id}.{name} is not writable")));
+                return Err(invalid(format!(
+                    "shadow: {service_id}.{name} is not writable"
+                )));
             }
-            check_value(&property.constraints(), value).map_err(|r| invalid(format!("shadow: {service_id}.{name}: {r}")))?;
+            check_value(&property.constraints(), value)
+                .map_err(|r| invalid(format!("shadow: {service_id}.{name}: {r}")))?;
         }
         out.push((service_id, desired));
     }
@@ -115,21 +130,31 @@ pub(crate) fn check_desired(product: &Product, shadow: Vec<(String, Value)>) -> 
 
 impl Platform {
     /// Registers a device; the returned device carries its secret (shown to the caller once).
-    pub async fn add_device(&self, project_id: &str, new: NewDevice) -> Result<Device, EngineError> {
+    pub async fn add_device(
+        &self,
+        project_id: &str,
+        new: NewDevice,
+    ) -> Result<Device, EngineError> {
         let product = self.product(project_id, &new.product_id).await?;
         ids::check_node_id(&new.node_id)?;
-        let device_id = new.device_id.unwrap_or_else(|| ids::default_device_id(&product.product_id, &new.node_id));
+        let device_id = new
+            .device_id
+            .unwrap_or_else(|| ids::default_device_id(&product.product_id, &new.node_id));
         ids::check_device_id(&device_id)?;
         check_opt_len("device_name", new.device_name.as_deref(), 256)?;
         check_opt_len("description", new.description.as_deref(), 2048)?;
         if let Some(ext) = &new.extension_info
             && (!ext.is_object() || ext.to_string().len() > 1024)
         {
-            return Err(invalid("extension_info must be a JSON object of at most 1 KB"));
+            return Err(invalid(
+                "extension_info must be a JSON object of at most 1 KB",
+            ));
         }
         let gateway_id = match new.gateway_id {
             Some(gw) if gw != device_id => {
-                self.device(project_id, &gw).await.map_err(|_| invalid(format!("gateway '{gw}' does not exist")))?;
+                self.device(project_id, &gw)
+                    .await
+                    .map_err(|_| invalid(format!("gateway '{gw}' does not exist")))?;
                 gw
             }
             _ => device_id.clone(),
@@ -158,11 +183,20 @@ impl Platform {
             last_offline_at: None,
             status_updated_at: None,
         };
-        let device = self.store.insert_device(device, desired).await.map_err(|e| match e {
-            StoreError::Conflict(_) => EngineError::Conflict("a device with this device_id or node_id already exists".into()),
-            other => other.into(),
-        })?;
-        self.bus.publish(PlatformEvent::DeviceCreated { device: device.reference(), at: device.created_at });
+        let device = self
+            .store
+            .insert_device(device, desired)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict(_) => EngineError::Conflict(
+                    "a device with this device_id or node_id already exists".into(),
+                ),
+                other => other.into(),
+            })?;
+        self.bus.publish(PlatformEvent::DeviceCreated {
+            device: device.reference(),
+            at: device.created_at,
+        });
         Ok(device)
     }
 
@@ -181,43 +215,92 @@ impl Platform {
     }
 
     /// Devices matching the filter, newest first.
-    pub async fn list_devices(&self, filter: DeviceFilter, before: i64, offset: i64, limit: i64) -> Result<DevicePage, EngineError> {
-        Ok(self.store.list_devices(filter, before, offset, limit).await?)
+    pub async fn list_devices(
+        &self,
+        filter: DeviceFilter,
+        before: i64,
+        offset: i64,
+        limit: i64,
+    ) -> Result<DevicePage, EngineError> {
+        Ok(self
+            .store
+            .list_devices(filter, before, offset, limit)
+            .await?)
     }
 
     /// Updates a device's descriptive fields.
-    pub async fn update_device(&self, project_id: &str, device_id: &str, update: DeviceUpdate) -> Result<Device, EngineError> {
+    pub async fn update_device(
+        &self,
+        project_id: &str,
+        device_id: &str,
+        update: DeviceUpdate,
+    ) -> Result<Device, EngineError> {
         self.device(project_id, device_id).await?;
         check_opt_len("device_name", update.device_name.as_deref(), 256)?;
         check_opt_len("description", update.description.as_deref(), 2048)?;
         if let Some(ext) = &update.extension_info
             && (!ext.is_object() || ext.to_string().len() > 1024)
         {
-            return Err(invalid("extension_info must be a JSON object of at most 1 KB"));
+            return Err(invalid(
+                "extension_info must be a JSON object of at most 1 KB",
+            ));
         }
-        if update.timeout.is_some_and(|t| !(0..=2_147_483_647).contains(&t)) {
+        if update
+            .timeout
+            .is_some_and(|t| !(0..=2_147_483_647).contains(&t))
+        {
             return Err(invalid("timeout must be between 0 and 2147483647"));
         }
-        let device = self.store.update_device(device_id.to_owned(), update).await?;
-        self.bus.publish(PlatformEvent::DeviceUpdated { device: device.reference(), at: self.now() });
+        let device = self
+            .store
+            .update_device(device_id.to_owned(), update)
+            .await?;
+        self.bus.publish(PlatformEvent::DeviceUpdated {
+            device: device.reference(),
+            at: self.now(),
+        });
         Ok(device)
     }
 
     /// Deletes a device (its children first), disconnecting it.
-    pub async fn delete_device(&self, project_id: &str, device_id: &str) -> Result<(), EngineError> {
+    pub async fn delete_device(
+        &self,
+        project_id: &str,
+        device_id: &str,
+    ) -> Result<(), EngineError> {
         self.device(project_id, device_id).await?;
-        let children = DeviceFilter { project_id: project_id.to_owned(), gateway_id: Some(device_id.to_owned()), ..Default::default() };
-        if self.store.list_devices(children, i64::MAX, 0, 1).await?.count > 1 {
-            return Err(EngineError::Conflict("delete the gateway's child devices first".into()));
+        let children = DeviceFilter {
+            project_id: project_id.to_owned(),
+            gateway_id: Some(device_id.to_owned()),
+            ..Default::default()
+        };
+        if self
+            .store
+            .list_devices(children, i64::MAX, 0, 1)
+            .await?
+            .count
+            > 1
+        {
+            return Err(EngineError::Conflict(
+                "delete the gateway's child devices first".into(),
+            ));
         }
         self.registry.kick(device_id, reason::ADMINISTRATIVE_ACTION);
         let device = self.store.delete_device(device_id.to_owned()).await?;
-        self.bus.publish(PlatformEvent::DeviceDeleted { device: device.reference(), at: self.now() });
+        self.bus.publish(PlatformEvent::DeviceDeleted {
+            device: device.reference(),
+            at: self.now(),
+        });
         Ok(())
     }
 
     /// Replaces a device secret; returns the new secret and its type.
-    pub async fn reset_secret(&self, project_id: &str, device_id: &str, reset: SecretReset) -> Result<(String, String), EngineError> {
+    pub async fn reset_secret(
+        &self,
+        project_id: &str,
+        device_id: &str,
+        reset: SecretReset,
+    ) -> Result<(String, String), EngineError> {
         let device = self.device(project_id, device_id).await?;
         if device.auth.auth_type != "SECRET" {
             return Err(invalid("the device does not authenticate with a secret"));
@@ -230,7 +313,9 @@ impl Platform {
         };
         let secret = reset.secret.unwrap_or_else(generate_secret);
         ids::check_secret(&secret)?;
-        self.store.set_secret(device_id.to_owned(), secret.clone(), secondary).await?;
+        self.store
+            .set_secret(device_id.to_owned(), secret.clone(), secondary)
+            .await?;
         if reset.force_disconnect {
             self.registry.kick(device_id, reason::ADMINISTRATIVE_ACTION);
         }
@@ -238,28 +323,53 @@ impl Platform {
     }
 
     /// Freezes a device: it is disconnected and cannot connect until unfrozen.
-    pub async fn freeze_device(&self, project_id: &str, device_id: &str) -> Result<(), EngineError> {
+    pub async fn freeze_device(
+        &self,
+        project_id: &str,
+        device_id: &str,
+    ) -> Result<(), EngineError> {
         self.set_frozen(project_id, device_id, true).await
     }
 
     /// Lifts a freeze.
-    pub async fn unfreeze_device(&self, project_id: &str, device_id: &str) -> Result<(), EngineError> {
+    pub async fn unfreeze_device(
+        &self,
+        project_id: &str,
+        device_id: &str,
+    ) -> Result<(), EngineError> {
         self.set_frozen(project_id, device_id, false).await
     }
 
-    async fn set_frozen(&self, project_id: &str, device_id: &str, frozen: bool) -> Result<(), EngineError> {
+    async fn set_frozen(
+        &self,
+        project_id: &str,
+        device_id: &str,
+        frozen: bool,
+    ) -> Result<(), EngineError> {
         let before = self.device(project_id, device_id).await?;
         if before.gateway_id != before.device_id {
             return Err(invalid("only directly connected devices can be frozen"));
         }
         let now = self.now();
-        let device = self.store.set_frozen(device_id.to_owned(), frozen, now).await?;
+        let device = self
+            .store
+            .set_frozen(device_id.to_owned(), frozen, now)
+            .await?;
         if frozen {
             self.registry.kick(device_id, reason::NOT_AUTHORIZED);
         }
         if before.frozen != frozen {
-            let cause = if frozen { StatusCause::Frozen } else { StatusCause::Unfrozen };
-            self.bus.publish(PlatformEvent::DeviceStatusChanged { device: device.reference(), status: device.shown_status(), cause, at: now });
+            let cause = if frozen {
+                StatusCause::Frozen
+            } else {
+                StatusCause::Unfrozen
+            };
+            self.bus.publish(PlatformEvent::DeviceStatusChanged {
+                device: device.reference(),
+                status: device.shown_status(),
+                cause,
+                at: now,
+            });
         }
         Ok(())
     }

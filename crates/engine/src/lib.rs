@@ -94,7 +94,9 @@ pub struct Platform {
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Platform").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Platform")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -119,7 +121,11 @@ fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 
 impl Platform {
     /// Loads the caches from the store and repairs the state an unclean stop left behind.
-    pub async fn open(store: Arc<Store>, clock: Arc<dyn Clock>, config: EngineConfig) -> Result<Arc<Platform>, EngineError> {
+    pub async fn open(
+        store: Arc<Store>,
+        clock: Arc<dyn Clock>,
+        config: EngineConfig,
+    ) -> Result<Arc<Platform>, EngineError> {
         let platform = Platform {
             store,
             clock,
@@ -134,7 +140,10 @@ impl Platform {
         let now = platform.now();
         let stale = platform.store.reset_online(now).await?;
         if !stale.is_empty() {
-            tracing::info!(count = stale.len(), "devices left ONLINE by an unclean stop are now OFFLINE");
+            tracing::info!(
+                count = stale.len(),
+                "devices left ONLINE by an unclean stop are now OFFLINE"
+            );
         }
         Ok(Arc::new(platform))
     }
@@ -144,11 +153,31 @@ impl Platform {
         let keys = self.store.access_keys().await?;
         let mut products = HashMap::new();
         for project in &projects {
-            let page = self.store.list_products(project.project_id.clone(), None, None, i64::MAX, 0, i64::MAX).await?;
-            products.extend(page.items.into_iter().map(|p| (p.product_id.clone(), Arc::new(p))));
+            let page = self
+                .store
+                .list_products(
+                    project.project_id.clone(),
+                    None,
+                    None,
+                    i64::MAX,
+                    0,
+                    i64::MAX,
+                )
+                .await?;
+            products.extend(
+                page.items
+                    .into_iter()
+                    .map(|p| (p.product_id.clone(), Arc::new(p))),
+            );
         }
-        *write_lock(&self.projects) = projects.into_iter().map(|p| (p.project_id.clone(), p)).collect();
-        *write_lock(&self.keys) = keys.into_iter().map(|k| (k.access_key.clone(), k)).collect();
+        *write_lock(&self.projects) = projects
+            .into_iter()
+            .map(|p| (p.project_id.clone(), p))
+            .collect();
+        *write_lock(&self.keys) = keys
+            .into_iter()
+            .map(|k| (k.access_key.clone(), k))
+            .collect();
         *write_lock(&self.products) = products;
         Ok(())
     }
@@ -175,7 +204,11 @@ impl Platform {
         };
         self.store.create_project(project, key.clone()).await?;
         self.reload().await?;
-        Ok(Some(AdminCredentials { project_id, access_key: key.access_key, secret_key: key.secret_key }))
+        Ok(Some(AdminCredentials {
+            project_id,
+            access_key: key.access_key,
+            secret_key: key.secret_key,
+        }))
     }
 
     /// The secret key and project of an access key.
@@ -213,7 +246,12 @@ impl Platform {
     }
 
     /// The newest trace entries of a device.
-    pub async fn device_trace(&self, project_id: &str, device_id: &str, limit: i64) -> Result<Vec<TraceEntry>, EngineError> {
+    pub async fn device_trace(
+        &self,
+        project_id: &str,
+        device_id: &str,
+        limit: i64,
+    ) -> Result<Vec<TraceEntry>, EngineError> {
         self.device(project_id, device_id).await?;
         Ok(self.store.trace(device_id.to_owned(), limit).await?)
     }

@@ -8,7 +8,9 @@ use ioda_types::{PlatformEvent, Product, ids, validate};
 
 use crate::{EngineError, Platform, random_bytes, write_lock};
 
-const PROTOCOLS: &[&str] = &["MQTT", "CoAP", "HTTP", "HTTPS", "Modbus", "ONVIF", "OPC-UA", "OPC-DA", "Other", "TCP", "UDP"];
+const PROTOCOLS: &[&str] = &[
+    "MQTT", "CoAP", "HTTP", "HTTPS", "Modbus", "ONVIF", "OPC-UA", "OPC-DA", "Other", "TCP", "UDP",
+];
 
 /// What a caller supplies to create a product.
 #[derive(Debug, Clone, Default)]
@@ -39,15 +41,26 @@ pub struct ProductPatch {
     pub service_capabilities: Option<Vec<ServiceCapability>>,
 }
 
-pub(crate) fn check_len(field: &str, value: &str, min: usize, max: usize) -> Result<(), EngineError> {
+pub(crate) fn check_len(
+    field: &str,
+    value: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), EngineError> {
     let len = value.chars().count();
     if len < min || len > max {
-        return Err(EngineError::Invalid(format!("{field} must be {min} to {max} characters")));
+        return Err(EngineError::Invalid(format!(
+            "{field} must be {min} to {max} characters"
+        )));
     }
     Ok(())
 }
 
-pub(crate) fn check_opt_len(field: &str, value: Option<&str>, max: usize) -> Result<(), EngineError> {
+pub(crate) fn check_opt_len(
+    field: &str,
+    value: Option<&str>,
+    max: usize,
+) -> Result<(), EngineError> {
     value.map_or(Ok(()), |v| check_len(field, v, 0, max))
 }
 
@@ -55,10 +68,15 @@ fn check_product(p: &Product) -> Result<(), EngineError> {
     check_len("name", &p.name, 1, 64)?;
     check_len("device_type", &p.device_type, 1, 32)?;
     if !PROTOCOLS.contains(&p.protocol_type.as_str()) {
-        return Err(EngineError::Invalid(format!("protocol_type must be one of {}", PROTOCOLS.join(", "))));
+        return Err(EngineError::Invalid(format!(
+            "protocol_type must be one of {}",
+            PROTOCOLS.join(", ")
+        )));
     }
     if !matches!(p.data_format.as_str(), "json" | "binary") {
-        return Err(EngineError::Invalid("data_format must be json or binary".into()));
+        return Err(EngineError::Invalid(
+            "data_format must be json or binary".into(),
+        ));
     }
     check_opt_len("manufacturer_name", p.manufacturer_name.as_deref(), 32)?;
     check_opt_len("industry", p.industry.as_deref(), 64)?;
@@ -72,8 +90,14 @@ fn check_product(p: &Product) -> Result<(), EngineError> {
 
 impl Platform {
     /// The resource space to use: the given one (which must be the project's) or the default.
-    pub(crate) fn resolve_app(&self, project_id: &str, app_id: Option<&str>) -> Result<String, EngineError> {
-        let project = self.project(project_id).ok_or(EngineError::NotFound("project"))?;
+    pub(crate) fn resolve_app(
+        &self,
+        project_id: &str,
+        app_id: Option<&str>,
+    ) -> Result<String, EngineError> {
+        let project = self
+            .project(project_id)
+            .ok_or(EngineError::NotFound("project"))?;
         match app_id {
             None => Ok(project.default_app_id),
             Some(id) if id == project.default_app_id => Ok(project.default_app_id),
@@ -82,7 +106,11 @@ impl Platform {
     }
 
     /// Creates a product after validating it and its model.
-    pub async fn create_product(&self, project_id: &str, new: NewProduct) -> Result<Arc<Product>, EngineError> {
+    pub async fn create_product(
+        &self,
+        project_id: &str,
+        new: NewProduct,
+    ) -> Result<Arc<Product>, EngineError> {
         let now = self.now();
         let product_id = match new.product_id {
             Some(id) => {
@@ -107,10 +135,17 @@ impl Platform {
             created_at: now,
         };
         check_product(&product)?;
-        let product = Arc::new(self.store.insert_product(product).await.map_err(|e| match e {
-            ioda_store::StoreError::Conflict(_) => EngineError::Conflict("product_id already exists".into()),
-            other => other.into(),
-        })?);
+        let product = Arc::new(
+            self.store
+                .insert_product(product)
+                .await
+                .map_err(|e| match e {
+                    ioda_store::StoreError::Conflict(_) => {
+                        EngineError::Conflict("product_id already exists".into())
+                    }
+                    other => other.into(),
+                })?,
+        );
         write_lock(&self.products).insert(product.product_id.clone(), product.clone());
         self.bus.publish(PlatformEvent::ProductCreated {
             project_id: project_id.to_owned(),
@@ -121,7 +156,11 @@ impl Platform {
     }
 
     /// A product of the project.
-    pub async fn product(&self, project_id: &str, product_id: &str) -> Result<Arc<Product>, EngineError> {
+    pub async fn product(
+        &self,
+        project_id: &str,
+        product_id: &str,
+    ) -> Result<Arc<Product>, EngineError> {
         self.cached_product(product_id)
             .filter(|p| p.project_id == project_id)
             .ok_or(EngineError::NotFound("product"))
@@ -137,11 +176,19 @@ impl Platform {
         offset: i64,
         limit: i64,
     ) -> Result<ProductPage, EngineError> {
-        Ok(self.store.list_products(project_id.to_owned(), app_id, name, before, offset, limit).await?)
+        Ok(self
+            .store
+            .list_products(project_id.to_owned(), app_id, name, before, offset, limit)
+            .await?)
     }
 
     /// Applies an update; the whole result is validated before anything is written.
-    pub async fn update_product(&self, project_id: &str, product_id: &str, patch: ProductPatch) -> Result<Arc<Product>, EngineError> {
+    pub async fn update_product(
+        &self,
+        project_id: &str,
+        product_id: &str,
+        patch: ProductPatch,
+    ) -> Result<Arc<Product>, EngineError> {
         let current = self.product(project_id, product_id).await?;
         let mut product = (*current).clone();
         if let Some(app_id) = patch.app_id.as_deref() {
@@ -154,7 +201,9 @@ impl Platform {
         product.manufacturer_name = patch.manufacturer_name.or(product.manufacturer_name);
         product.industry = patch.industry.or(product.industry);
         product.description = patch.description.or(product.description);
-        product.service_capabilities = patch.service_capabilities.unwrap_or(product.service_capabilities);
+        product.service_capabilities = patch
+            .service_capabilities
+            .unwrap_or(product.service_capabilities);
         check_product(&product)?;
         self.store.update_product(product.clone()).await?;
         let product = Arc::new(product);
@@ -168,12 +217,19 @@ impl Platform {
     }
 
     /// Deletes a product no device uses.
-    pub async fn delete_product(&self, project_id: &str, product_id: &str) -> Result<(), EngineError> {
+    pub async fn delete_product(
+        &self,
+        project_id: &str,
+        product_id: &str,
+    ) -> Result<(), EngineError> {
         self.product(project_id, product_id).await?;
-        self.store.delete_product(project_id.to_owned(), product_id.to_owned()).await.map_err(|e| match e {
-            ioda_store::StoreError::Conflict(msg) => EngineError::Conflict(msg),
-            other => other.into(),
-        })?;
+        self.store
+            .delete_product(project_id.to_owned(), product_id.to_owned())
+            .await
+            .map_err(|e| match e {
+                ioda_store::StoreError::Conflict(msg) => EngineError::Conflict(msg),
+                other => other.into(),
+            })?;
         write_lock(&self.products).remove(product_id);
         self.bus.publish(PlatformEvent::ProductDeleted {
             project_id: project_id.to_owned(),

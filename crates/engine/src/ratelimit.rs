@@ -11,7 +11,11 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     pub fn new(rate: u32, now_ms: i64) -> Self {
-        TokenBucket { rate, milli_tokens: i64::from(rate) * 1000, last_ms: now_ms }
+        TokenBucket {
+            rate,
+            milli_tokens: i64::from(rate) * 1000,
+            last_ms: now_ms,
+        }
     }
 
     /// Takes one token; `false` when the rate is exceeded.

@@ -32,7 +32,9 @@ impl Registry {
     /// Registers a connection and returns its id and the outbox of the connection it replaced.
     pub fn register(&self, device_id: &str, outbox: Outbox) -> (u64, Option<Outbox>) {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let old = self.lock().insert(device_id.to_owned(), Entry { conn_id, outbox });
+        let old = self
+            .lock()
+            .insert(device_id.to_owned(), Entry { conn_id, outbox });
         (conn_id, old.map(|e| e.outbox))
     }
 
@@ -76,7 +78,9 @@ impl Registry {
 
 /// Sends a disconnect without waiting: a full outbox must not stall the caller.
 pub(crate) fn close_connection(outbox: Outbox, reason: u8) {
-    if let Err(tokio::sync::mpsc::error::TrySendError::Full(message)) = outbox.try_send(Outbound::Disconnect { reason }) {
+    if let Err(tokio::sync::mpsc::error::TrySendError::Full(message)) =
+        outbox.try_send(Outbound::Disconnect { reason })
+    {
         tokio::spawn(async move {
             let _ = outbox.send(message).await;
         });

@@ -10,10 +10,18 @@ pub enum Uplink<'a> {
     EventsUp,
     /// `$oc/devices/{id}/user/...`: a custom topic; the suffix after `user/`.
     UserTopic(&'a str),
-    PropertiesSetResponse { request_id: &'a str },
-    PropertiesGetResponse { request_id: &'a str },
-    ShadowGet { request_id: &'a str },
-    CommandResponse { request_id: &'a str },
+    PropertiesSetResponse {
+        request_id: &'a str,
+    },
+    PropertiesGetResponse {
+        request_id: &'a str,
+    },
+    ShadowGet {
+        request_id: &'a str,
+    },
+    CommandResponse {
+        request_id: &'a str,
+    },
 }
 
 /// A topic split from its optional `?request_id=...&encoding=...` suffix.
@@ -27,7 +35,11 @@ pub struct TopicQuery<'a> {
 /// Splits the query suffix SDKs append to report topics.
 pub fn split_query(topic: &str) -> TopicQuery<'_> {
     let Some((path, query)) = topic.split_once('?') else {
-        return TopicQuery { path: topic, request_id: None, gzip: false };
+        return TopicQuery {
+            path: topic,
+            request_id: None,
+            gzip: false,
+        };
     };
     let mut request_id = None;
     let mut gzip = false;
@@ -38,11 +50,18 @@ pub fn split_query(topic: &str) -> TopicQuery<'_> {
             _ => {}
         }
     }
-    TopicQuery { path, request_id, gzip }
+    TopicQuery {
+        path,
+        request_id,
+        gzip,
+    }
 }
 
 fn own_suffix<'a>(device_id: &str, topic: &'a str) -> Option<&'a str> {
-    topic.strip_prefix("$oc/devices/")?.strip_prefix(device_id)?.strip_prefix('/')
+    topic
+        .strip_prefix("$oc/devices/")?
+        .strip_prefix(device_id)?
+        .strip_prefix('/')
 }
 
 fn request_id<'a>(rest: &'a str, prefix: &str) -> Option<&'a str> {
@@ -65,10 +84,21 @@ pub fn classify_uplink<'a>(device_id: &str, path: &'a str) -> Option<Uplink<'a>>
         _ => None,
     };
     fixed
-        .or_else(|| request_id(sys, "properties/set/response/").map(|request_id| Uplink::PropertiesSetResponse { request_id }))
-        .or_else(|| request_id(sys, "properties/get/response/").map(|request_id| Uplink::PropertiesGetResponse { request_id }))
-        .or_else(|| request_id(sys, "shadow/get/").map(|request_id| Uplink::ShadowGet { request_id }))
-        .or_else(|| request_id(sys, "commands/response/").map(|request_id| Uplink::CommandResponse { request_id }))
+        .or_else(|| {
+            request_id(sys, "properties/set/response/")
+                .map(|request_id| Uplink::PropertiesSetResponse { request_id })
+        })
+        .or_else(|| {
+            request_id(sys, "properties/get/response/")
+                .map(|request_id| Uplink::PropertiesGetResponse { request_id })
+        })
+        .or_else(|| {
+            request_id(sys, "shadow/get/").map(|request_id| Uplink::ShadowGet { request_id })
+        })
+        .or_else(|| {
+            request_id(sys, "commands/response/")
+                .map(|request_id| Uplink::CommandResponse { request_id })
+        })
 }
 
 /// The downlink topic prefixes under `$oc/devices/{id}/sys/` a device may subscribe to.
@@ -109,16 +139,46 @@ mod tests {
     #[test]
     fn uplink_table() {
         let cases: &[(&str, Option<Uplink<'_>>)] = &[
-            ("$oc/devices/prod_node-1/sys/properties/report", Some(Uplink::PropertiesReport)),
-            ("$oc/devices/prod_node-1/sys/messages/up", Some(Uplink::MessagesUp)),
-            ("$oc/devices/prod_node-1/sys/events/up", Some(Uplink::EventsUp)),
-            ("$oc/devices/prod_node-1/sys/gateway/sub_devices/properties/report", Some(Uplink::GatewayPropertiesReport)),
-            ("$oc/devices/prod_node-1/user/telemetry/a", Some(Uplink::UserTopic("telemetry/a"))),
-            ("$oc/devices/prod_node-1/sys/commands/response/request_id=42", Some(Uplink::CommandResponse { request_id: "42" })),
-            ("$oc/devices/prod_node-1/sys/properties/set/response/request_id=a-b", Some(Uplink::PropertiesSetResponse { request_id: "a-b" })),
-            ("$oc/devices/prod_node-1/sys/properties/get/response/request_id=x", Some(Uplink::PropertiesGetResponse { request_id: "x" })),
-            ("$oc/devices/prod_node-1/sys/shadow/get/request_id=s1", Some(Uplink::ShadowGet { request_id: "s1" })),
-            ("$oc/devices/prod_node-1/sys/commands/response/request_id=", None),
+            (
+                "$oc/devices/prod_node-1/sys/properties/report",
+                Some(Uplink::PropertiesReport),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/messages/up",
+                Some(Uplink::MessagesUp),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/events/up",
+                Some(Uplink::EventsUp),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/gateway/sub_devices/properties/report",
+                Some(Uplink::GatewayPropertiesReport),
+            ),
+            (
+                "$oc/devices/prod_node-1/user/telemetry/a",
+                Some(Uplink::UserTopic("telemetry/a")),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/commands/response/request_id=42",
+                Some(Uplink::CommandResponse { request_id: "42" }),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/properties/set/response/request_id=a-b",
+                Some(Uplink::PropertiesSetResponse { request_id: "a-b" }),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/properties/get/response/request_id=x",
+                Some(Uplink::PropertiesGetResponse { request_id: "x" }),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/shadow/get/request_id=s1",
+                Some(Uplink::ShadowGet { request_id: "s1" }),
+            ),
+            (
+                "$oc/devices/prod_node-1/sys/commands/response/request_id=",
+                None,
+            ),
             ("$oc/devices/prod_node-1/sys/commands/request_id=42", None),
             ("$oc/devices/prod_node-1/sys/messages/down", None),
             ("$oc/devices/prod_node-1/user/", None),
@@ -161,8 +221,22 @@ mod tests {
     #[test]
     fn query_suffix() {
         let q = split_query("$oc/devices/d/sys/properties/report?request_id=r1&encoding=gzip");
-        assert_eq!(q, TopicQuery { path: "$oc/devices/d/sys/properties/report", request_id: Some("r1"), gzip: true });
+        assert_eq!(
+            q,
+            TopicQuery {
+                path: "$oc/devices/d/sys/properties/report",
+                request_id: Some("r1"),
+                gzip: true
+            }
+        );
         let q = split_query("a/b");
-        assert_eq!(q, TopicQuery { path: "a/b", request_id: None, gzip: false });
+        assert_eq!(
+            q,
+            TopicQuery {
+                path: "a/b",
+                request_id: None,
+                gzip: false
+            }
+        );
     }
 }

@@ -26,17 +26,29 @@ struct RawService {
 
 fn parse_report(payload: &[u8]) -> Result<Vec<RawService>, String> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
-    let services = value.get("services").and_then(Value::as_array).ok_or("`services` must be an array")?;
+    let services = value
+        .get("services")
+        .and_then(Value::as_array)
+        .ok_or("`services` must be an array")?;
     services
         .iter()
         .enumerate()
         .map(|(i, s)| {
-            let service_id = s.get("service_id").and_then(Value::as_str).ok_or(format!("services[{i}].service_id must be a string"))?;
-            let properties = s.get("properties").and_then(Value::as_object).ok_or(format!("services[{i}].properties must be an object"))?;
+            let service_id = s
+                .get("service_id")
+                .and_then(Value::as_str)
+                .ok_or(format!("services[{i}].service_id must be a string"))?;
+            let properties = s
+                .get("properties")
+                .and_then(Value::as_object)
+                .ok_or(format!("services[{i}].properties must be an object"))?;
             Ok(RawService {
                 service_id: service_id.to_owned(),
                 properties: properties.clone(),
-                event_time: s.get("event_time").and_then(Value::as_str).map(str::to_owned),
+                event_time: s
+                    .get("event_time")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
             })
         })
         .collect()
@@ -51,7 +63,8 @@ impl DeviceSession {
         let now = self.platform.now();
         let limit = self.platform.config.max_payload;
         if publish.payload.len() > limit {
-            let detail = json!({ "topic": publish.topic, "size": publish.payload.len(), "limit": limit });
+            let detail =
+                json!({ "topic": publish.topic, "size": publish.payload.len(), "limit": limit });
             self.record("payload_too_large", detail).await;
             return PublishVerdict::Disconnect(reason::PACKET_TOO_LARGE);
         }
@@ -61,32 +74,53 @@ impl DeviceSession {
             return PublishVerdict::Refuse(reason::QUOTA_EXCEEDED);
         }
         let query = split_query(&publish.topic);
-        let request_id = query.request_id.map_or_else(|| new_request_id(now), str::to_owned);
+        let request_id = query
+            .request_id
+            .map_or_else(|| new_request_id(now), str::to_owned);
         if query.gzip {
-            self.record("payload_rejected", json!({ "topic": publish.topic, "error": "gzip encoding is not supported yet" })).await;
+            self.record(
+                "payload_rejected",
+                json!({ "topic": publish.topic, "error": "gzip encoding is not supported yet" }),
+            )
+            .await;
             return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
         }
         match classify_uplink(&self.device.device_id, query.path) {
             None => {
-                self.record("publish_denied", json!({ "topic": publish.topic })).await;
+                self.record("publish_denied", json!({ "topic": publish.topic }))
+                    .await;
                 PublishVerdict::Refuse(reason::NOT_AUTHORIZED)
             }
-            Some(Uplink::PropertiesReport) => self.report_properties(&publish.payload, request_id, now).await,
+            Some(Uplink::PropertiesReport) => {
+                self.report_properties(&publish.payload, request_id, now)
+                    .await
+            }
             Some(Uplink::MessagesUp | Uplink::UserTopic(_)) => {
-                self.report_message(query.path.to_owned(), publish.payload, request_id, now).await
+                self.report_message(query.path.to_owned(), publish.payload, request_id, now)
+                    .await
             }
             Some(_) => {
-                self.record("uplink_not_supported", json!({ "topic": publish.topic })).await;
+                self.record("uplink_not_supported", json!({ "topic": publish.topic }))
+                    .await;
                 PublishVerdict::Discard(reason::UNSPECIFIED)
             }
         }
     }
 
-    async fn report_properties(&mut self, payload: &[u8], request_id: String, now: i64) -> PublishVerdict {
+    async fn report_properties(
+        &mut self,
+        payload: &[u8],
+        request_id: String,
+        now: i64,
+    ) -> PublishVerdict {
         let raw = match parse_report(payload) {
             Ok(raw) => raw,
             Err(error) => {
-                self.record("report_malformed", json!({ "request_id": request_id, "error": error })).await;
+                self.record(
+                    "report_malformed",
+                    json!({ "request_id": request_id, "error": error }),
+                )
+                .await;
                 return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
             }
         };
@@ -98,9 +132,18 @@ impl DeviceSession {
         let mut services = Vec::with_capacity(raw.len());
         for service in raw {
             let model = product.service(&service.service_id);
-            let accepted = filter_properties(model, &service.service_id, service.properties, &mut rejected);
+            let accepted = filter_properties(
+                model,
+                &service.service_id,
+                service.properties,
+                &mut rejected,
+            );
             if !accepted.is_empty() {
-                let event_time = service.event_time.as_deref().and_then(time::parse_event_time).unwrap_or(now);
+                let event_time = service
+                    .event_time
+                    .as_deref()
+                    .and_then(time::parse_event_time)
+                    .unwrap_or(now);
                 services.push((service.service_id, accepted, event_time));
             }
         }
@@ -111,7 +154,12 @@ impl DeviceSession {
                 self.trace("property_rejected", detail)
             })
             .collect();
-        let record = ReportRecord { device_id: self.device.device_id.clone(), request_id: request_id.clone(), received_at: now, services };
+        let record = ReportRecord {
+            device_id: self.device.device_id.clone(),
+            request_id: request_id.clone(),
+            received_at: now,
+            services,
+        };
         let event = PlatformEvent::PropertiesReported {
             device: self.device.clone(),
             request_id,
@@ -144,7 +192,13 @@ impl DeviceSession {
         }))
     }
 
-    async fn report_message(&mut self, topic: String, payload: Bytes, request_id: String, now: i64) -> PublishVerdict {
+    async fn report_message(
+        &mut self,
+        topic: String,
+        payload: Bytes,
+        request_id: String,
+        now: i64,
+    ) -> PublishVerdict {
         let event = PlatformEvent::MessageReported {
             device: self.device.clone(),
             request_id: request_id.clone(),
@@ -152,7 +206,17 @@ impl DeviceSession {
             payload: payload.to_vec().into(),
             at: now,
         };
-        let submitted = self.platform.store.submit_message(self.device.device_id.clone(), topic, payload.to_vec(), request_id, now).await;
+        let submitted = self
+            .platform
+            .store
+            .submit_message(
+                self.device.device_id.clone(),
+                topic,
+                payload.to_vec(),
+                request_id,
+                now,
+            )
+            .await;
         let Ok(commit) = submitted else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use ioda_api::sign::{Algorithm, authorization_header};
+use ioda_api::sign::{Algorithm, OutgoingRequest, authorization_header};
 use serde_json::Value;
 use tokio::net::TcpStream;
 
@@ -55,7 +55,10 @@ pub struct RawRequest {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl ApiClient {
@@ -63,12 +66,17 @@ impl ApiClient {
     pub fn from_data_dir(data_dir: &Path) -> anyhow::Result<ApiClient> {
         let read = |name: &str| -> anyhow::Result<Value> {
             let path = data_dir.join(name);
-            let text = std::fs::read_to_string(&path).with_context(|| format!("reading {} (is the server running?)", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {} (is the server running?)", path.display()))?;
             Ok(serde_json::from_str(&text)?)
         };
         let listeners = read(LISTENERS_FILE)?;
         let creds = read(CREDENTIALS_FILE)?;
-        let field = |v: &Value, k: &str| v[k].as_str().map(str::to_owned).with_context(|| format!("{k} missing"));
+        let field = |v: &Value, k: &str| {
+            v[k].as_str()
+                .map(str::to_owned)
+                .with_context(|| format!("{k} missing"))
+        };
         Ok(ApiClient {
             addr: field(&listeners, "http")?,
             access_key: field(&creds, "access_key")?,
@@ -80,18 +88,39 @@ impl ApiClient {
 
     /// The absolute path for a project-relative one.
     pub fn full_path(&self, path: &str) -> String {
-        if path.starts_with("/v5/") || path.starts_with("/health") { path.to_owned() } else { format!("/v5/iot/{}{path}", self.project_id) }
+        if path.starts_with("/v5/") || path.starts_with("/health") {
+            path.to_owned()
+        } else {
+            format!("/v5/iot/{}{path}", self.project_id)
+        }
     }
 
     /// A signed JSON call.
-    pub async fn call(&self, method: &str, path: &str, body: Option<&Value>) -> anyhow::Result<ApiResponse> {
-        let body = body.map(serde_json::to_vec).transpose()?.unwrap_or_default();
-        self.send(RawRequest { method: method.to_owned(), path: self.full_path(path), body, ..Default::default() }).await
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<ApiResponse> {
+        let body = body
+            .map(serde_json::to_vec)
+            .transpose()?
+            .unwrap_or_default();
+        self.send(RawRequest {
+            method: method.to_owned(),
+            path: self.full_path(path),
+            body,
+            ..Default::default()
+        })
+        .await
     }
 
     /// Sends a request exactly as described.
     pub async fn send(&self, request: RawRequest) -> anyhow::Result<ApiResponse> {
-        let sdk_date = request.sdk_date.clone().unwrap_or_else(|| ioda_types::time::format_compact(now_ms()));
+        let sdk_date = request
+            .sdk_date
+            .clone()
+            .unwrap_or_else(|| ioda_types::time::format_compact(now_ms()));
         let (raw_path, raw_query) = match request.path.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (request.path.as_str(), None),
@@ -104,11 +133,24 @@ impl ApiClient {
         ];
         let algorithm = match &self.signing {
             Signing::Classic => Algorithm::Classic,
-            Signing::Derived(region) => Algorithm::Derived { date: sdk_date.chars().take(8).collect(), region: region.clone(), service: "iotdm".into() },
+            Signing::Derived(region) => Algorithm::Derived {
+                date: sdk_date.chars().take(8).collect(),
+                region: region.clone(),
+                service: "iotdm".into(),
+            },
+        };
+        let outgoing = OutgoingRequest {
+            method: &request.method,
+            raw_path,
+            raw_query,
+            headers: &headers,
+            body: &request.body,
         };
         let authorization =
-            authorization_header(&algorithm, &self.access_key, &self.secret_key, &request.method, raw_path, raw_query, &headers, &request.body);
-        let mut builder = Request::builder().method(request.method.as_str()).uri(&request.path);
+            authorization_header(&algorithm, &self.access_key, &self.secret_key, &outgoing);
+        let mut builder = Request::builder()
+            .method(request.method.as_str())
+            .uri(&request.path);
         for (name, value) in headers {
             builder = builder.header(name, value);
         }
@@ -117,21 +159,35 @@ impl ApiClient {
         }
         let body = request.tampered_body.unwrap_or(request.body);
         let http_request = builder.body(Full::new(Bytes::from(body)))?;
-        let stream = TcpStream::connect(&self.addr).await.with_context(|| format!("connecting to {}", self.addr))?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let stream = TcpStream::connect(&self.addr)
+            .await
+            .with_context(|| format!("connecting to {}", self.addr))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         let response = sender.send_request(http_request).await?;
         let status = response.status().as_u16();
-        let request_id = response.headers().get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let request_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let bytes = response.into_body().collect().await?.to_bytes();
         let body = if bytes.is_empty() {
             Value::Null
         } else {
             match serde_json::from_slice(&bytes) {
                 Ok(v) => v,
-                Err(_) => bail!("HTTP {status}: body is not JSON: {}", String::from_utf8_lossy(&bytes)),
+                Err(_) => bail!(
+                    "HTTP {status}: body is not JSON: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
             }
         };
-        Ok(ApiResponse { status, body, request_id })
+        Ok(ApiResponse {
+            status,
+            body,
+            request_id,
+        })
     }
 }

@@ -99,7 +99,8 @@ fn read_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
         None if Path::new("ioda.toml").exists() => PathBuf::from("ioda.toml"),
         None => return Ok(FileConfig::default()),
     };
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -117,27 +118,63 @@ impl ServeArgs {
         let file = read_file(&self)?;
         let defaults = EngineConfig::default();
         let engine = EngineConfig {
-            max_payload: self.max_payload.or(file.max_payload).unwrap_or(defaults.max_payload),
-            rate_limit: self.rate_limit.or(file.rate_limit).unwrap_or(defaults.rate_limit),
-            keepalive_min: self.keepalive_min.or(file.keepalive_min).unwrap_or(defaults.keepalive_min),
-            keepalive_max: self.keepalive_max.or(file.keepalive_max).unwrap_or(defaults.keepalive_max),
+            max_payload: self
+                .max_payload
+                .or(file.max_payload)
+                .unwrap_or(defaults.max_payload),
+            rate_limit: self
+                .rate_limit
+                .or(file.rate_limit)
+                .unwrap_or(defaults.rate_limit),
+            keepalive_min: self
+                .keepalive_min
+                .or(file.keepalive_min)
+                .unwrap_or(defaults.keepalive_min),
+            keepalive_max: self
+                .keepalive_max
+                .or(file.keepalive_max)
+                .unwrap_or(defaults.keepalive_max),
             ..defaults
         };
         if engine.keepalive_min > engine.keepalive_max {
-            bail!("keepalive_min ({}) is above keepalive_max ({})", engine.keepalive_min, engine.keepalive_max);
+            bail!(
+                "keepalive_min ({}) is above keepalive_max ({})",
+                engine.keepalive_min,
+                engine.keepalive_max
+            );
         }
         if engine.max_payload == 0 || engine.max_payload > 256 * 1024 * 1024 {
             bail!("max_payload must be between 1 byte and 256 MiB");
         }
-        let durability = self.durability.or(file.durability).map_or(Ok(Durability::Full), |d| parse_durability(&d))?;
+        let durability = self
+            .durability
+            .or(file.durability)
+            .map_or(Ok(Durability::Full), |d| parse_durability(&d))?;
         Ok(ServeConfig {
-            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("ioda-data")),
-            http_addr: self.http_addr.or(file.http_addr).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
-            mqtt_addr: self.mqtt_addr.or(file.mqtt_addr).unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883))),
+            data_dir: self
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("ioda-data")),
+            http_addr: self
+                .http_addr
+                .or(file.http_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            mqtt_addr: self
+                .mqtt_addr
+                .or(file.mqtt_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883))),
             engine,
             durability,
-            shutdown_timeout: Duration::from_secs(self.shutdown_timeout.or(file.shutdown_timeout).unwrap_or(10)),
-            signature_window_ms: self.signature_window.or(file.signature_window).unwrap_or(900) as i64 * 1000,
+            shutdown_timeout: Duration::from_secs(
+                self.shutdown_timeout
+                    .or(file.shutdown_timeout)
+                    .unwrap_or(10),
+            ),
+            signature_window_ms: self
+                .signature_window
+                .or(file.signature_window)
+                .unwrap_or(900) as i64
+                * 1000,
         })
     }
 }

@@ -11,7 +11,11 @@ use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 #[derive(Debug, Parser)]
-#[command(name = "ioda", version, about = "IoT device access platform, wire-compatible with Huawei Cloud IoTDA")]
+#[command(
+    name = "ioda",
+    version,
+    about = "IoT device access platform, wire-compatible with Huawei Cloud IoTDA"
+)]
 struct Cli {
     /// Log filter, e.g. `info` or `info,ioda_engine=debug`.
     #[arg(long, global = true, env = "IODA_LOG", default_value = "info")]
@@ -51,7 +55,10 @@ enum Command {
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
     let targets = Targets::from_str(filter).context("parsing the log filter")?;
-    tracing_subscriber::registry().with(tracing_subscriber::fmt::layer().with_target(true)).with(targets).init();
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_target(true))
+        .with(targets)
+        .init();
     Ok(())
 }
 
@@ -73,19 +80,41 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     let running = ioda::serve::start(config.clone()).await?;
     if let Some(admin) = &running.admin {
-        println!("First start: created project and administrator key (shown once, also in {}):", config.data_dir.join(ioda::serve::CREDENTIALS_FILE).display());
-        println!("  project_id: {}\n  access_key: {}\n  secret_key: {}", admin.project_id, admin.access_key, admin.secret_key);
+        println!(
+            "First start: created project and administrator key (shown once, also in {}):",
+            config
+                .data_dir
+                .join(ioda::serve::CREDENTIALS_FILE)
+                .display()
+        );
+        println!(
+            "  project_id: {}\n  access_key: {}\n  secret_key: {}",
+            admin.project_id, admin.access_key, admin.secret_key
+        );
     }
-    println!("ioda ready: http={} mqtt={}", running.http_addr, running.mqtt_addr);
+    println!(
+        "ioda ready: http={} mqtt={}",
+        running.http_addr, running.mqtt_addr
+    );
     wait_for_signal().await?;
     tracing::info!("shutting down");
     running.stop().await
 }
 
-async fn api(data_dir: PathBuf, method: String, path: String, data: Option<String>) -> anyhow::Result<()> {
+async fn api(
+    data_dir: PathBuf,
+    method: String,
+    path: String,
+    data: Option<String>,
+) -> anyhow::Result<()> {
     let client = ApiClient::from_data_dir(&data_dir)?;
-    let body = data.map(|d| serde_json::from_str(&d)).transpose().context("--data is not JSON")?;
-    let response = client.call(&method.to_uppercase(), &path, body.as_ref()).await?;
+    let body = data
+        .map(|d| serde_json::from_str(&d))
+        .transpose()
+        .context("--data is not JSON")?;
+    let response = client
+        .call(&method.to_uppercase(), &path, body.as_ref())
+        .await?;
     println!("{}", serde_json::to_string_pretty(&response.body)?);
     if response.status >= 400 {
         anyhow::bail!("HTTP {}", response.status);
@@ -94,11 +123,17 @@ async fn api(data_dir: PathBuf, method: String, path: String, data: Option<Strin
 }
 
 fn device_credentials(device_id: &str, secret: &str, timestamp: Option<String>) {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
     let timestamp = timestamp.unwrap_or_else(|| ioda_types::time::format_hour_stamp(now));
     println!("client_id={device_id}_0_0_{timestamp}");
     println!("username={device_id}");
-    println!("password={}", ioda_engine::auth::device_password(secret, &timestamp));
+    println!(
+        "password={}",
+        ioda_engine::auth::device_password(secret, &timestamp)
+    );
 }
 
 #[tokio::main]
@@ -107,8 +142,17 @@ async fn main() -> anyhow::Result<()> {
     init_logging(&cli.log)?;
     match cli.command {
         Command::Serve(args) => serve(args).await,
-        Command::Api { data_dir, method, path, data } => api(data_dir, method, path, data).await,
-        Command::DeviceCredentials { device_id, secret, timestamp } => {
+        Command::Api {
+            data_dir,
+            method,
+            path,
+            data,
+        } => api(data_dir, method, path, data).await,
+        Command::DeviceCredentials {
+            device_id,
+            secret,
+            timestamp,
+        } => {
             device_credentials(&device_id, &secret, timestamp);
             Ok(())
         }

@@ -36,20 +36,32 @@ pub struct Running {
 
 impl std::fmt::Debug for Running {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Running").field("http_addr", &self.http_addr).field("mqtt_addr", &self.mqtt_addr).finish()
+        f.debug_struct("Running")
+            .field("http_addr", &self.http_addr)
+            .field("mqtt_addr", &self.mqtt_addr)
+            .finish()
     }
 }
 
 /// A connectable form of a bound address: the unspecified address becomes loopback.
 fn connectable(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], addr.port())) } else { addr }
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
 }
 
 #[cfg(unix)]
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(contents.as_bytes())
 }
 
@@ -61,30 +73,57 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 /// Writes a file atomically (temporary file, then rename), so readers never see half of it.
 fn write_atomically(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
-    if private { write_private(&tmp, contents)? } else { std::fs::write(&tmp, contents)? }
+    if private {
+        write_private(&tmp, contents)?
+    } else {
+        std::fs::write(&tmp, contents)?
+    }
     std::fs::rename(tmp, path)
 }
 
 /// Starts a server; it is ready (listeners bound, state files written) when this returns.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let _ = std::fs::remove_file(config.data_dir.join(LISTENERS_FILE));
-    let store = Store::open(&config.data_dir.join(DATABASE_FILE), config.durability).context("opening the store")?;
-    let platform = Platform::open(Arc::new(store), Arc::new(SystemClock), config.engine.clone()).await?;
+    let store = Store::open(&config.data_dir.join(DATABASE_FILE), config.durability)
+        .context("opening the store")?;
+    let platform = Platform::open(
+        Arc::new(store),
+        Arc::new(SystemClock),
+        config.engine.clone(),
+    )
+    .await?;
     let admin = platform.ensure_admin().await?;
     if let Some(admin) = &admin {
         let body = json!({ "project_id": admin.project_id, "access_key": admin.access_key, "secret_key": admin.secret_key });
-        write_atomically(&config.data_dir.join(CREDENTIALS_FILE), &serde_json::to_string_pretty(&body)?, true)?;
+        write_atomically(
+            &config.data_dir.join(CREDENTIALS_FILE),
+            &serde_json::to_string_pretty(&body)?,
+            true,
+        )?;
     }
-    let http_listener = TcpListener::bind(config.http_addr).await.with_context(|| format!("binding HTTP on {}", config.http_addr))?;
-    let mqtt_listener = TcpListener::bind(config.mqtt_addr).await.with_context(|| format!("binding MQTT on {}", config.mqtt_addr))?;
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
+    let mqtt_listener = TcpListener::bind(config.mqtt_addr)
+        .await
+        .with_context(|| format!("binding MQTT on {}", config.mqtt_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
 
-    let limits = Limits { max_packet_size: config.engine.max_payload + 64 * 1024, ..Limits::default() };
+    let limits = Limits {
+        max_packet_size: config.engine.max_payload + 64 * 1024,
+        ..Limits::default()
+    };
     let broker = Arc::new(DeviceBroker::new(platform.clone()));
-    let mqtt = tokio::spawn(ioda_mqtt::server::serve(mqtt_listener, broker, limits, stop.clone()));
+    let mqtt = tokio::spawn(ioda_mqtt::server::serve(
+        mqtt_listener,
+        broker,
+        limits,
+        stop.clone(),
+    ));
 
     let router = ioda_api::router(platform.clone(), config.signature_window_ms);
     let mut http_stop = stop.clone();
@@ -97,9 +136,22 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
     });
 
     let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string() });
-    write_atomically(&config.data_dir.join(LISTENERS_FILE), &listeners.to_string(), false)?;
+    write_atomically(
+        &config.data_dir.join(LISTENERS_FILE),
+        &listeners.to_string(),
+        false,
+    )?;
     tracing::info!(http = %http_addr, mqtt = %mqtt_addr, data_dir = %config.data_dir.display(), "ioda is ready");
-    Ok(Running { http_addr, mqtt_addr, platform, admin, shutdown, mqtt, http, config })
+    Ok(Running {
+        http_addr,
+        mqtt_addr,
+        platform,
+        admin,
+        shutdown,
+        mqtt,
+        http,
+        config,
+    })
 }
 
 impl Running {

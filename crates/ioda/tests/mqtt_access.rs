@@ -16,9 +16,21 @@ fn report_topic(device_id: &str) -> String {
     format!("$oc/devices/{device_id}/sys/properties/report")
 }
 
-async fn publish_and_ack(client: &rumqttc::AsyncClient, events: &mut rumqttc::EventLoop, topic: &str, payload: Vec<u8>) -> Result<(), String> {
-    client.publish(topic, QoS::AtLeastOnce, false, payload).await.unwrap();
-    drive(events, 5, |e| matches!(e, Event::Incoming(Packet::PubAck(_)))).await.map(|_| ())
+async fn publish_and_ack(
+    client: &rumqttc::AsyncClient,
+    events: &mut rumqttc::EventLoop,
+    topic: &str,
+    payload: Vec<u8>,
+) -> Result<(), String> {
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload)
+        .await
+        .unwrap();
+    drive(events, 5, |e| {
+        matches!(e, Event::Incoming(Packet::PubAck(_)))
+    })
+    .await
+    .map(|_| ())
 }
 
 #[tokio::test]
@@ -29,41 +41,75 @@ async fn device_reports_properties_into_shadow_history_and_events() {
     assert_eq!(server.status(&device_id).await, "INACTIVE");
     let mut bus = server.running.as_ref().unwrap().platform.bus().subscribe();
 
-    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
     assert_eq!(server.status(&device_id).await, "ONLINE");
     let report = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 21.5, "mode": "auto"}, "event_time": "20250414T010203Z"}]});
-    publish_and_ack(&client, &mut events, &report_topic(&device_id), report.to_string().into_bytes()).await.unwrap();
+    publish_and_ack(
+        &client,
+        &mut events,
+        &report_topic(&device_id),
+        report.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
 
     // The PUBACK came after the commit, so the shadow already holds the report.
     let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
     let service = &shadow["shadow"][0];
     assert_eq!(service["service_id"], "Temperature");
-    assert_eq!(service["reported"]["properties"], json!({"temp": 21.5, "mode": "auto"}));
+    assert_eq!(
+        service["reported"]["properties"],
+        json!({"temp": 21.5, "mode": "auto"})
+    );
     assert_eq!(service["reported"]["event_time"], "20250414T010203Z");
     assert_eq!(service["version"], 1);
-    let history = server.get(&format!("/devices/{device_id}/property-history")).await;
-    assert_eq!(history["reports"][0]["properties"], json!({"temp": 21.5, "mode": "auto"}));
+    let history = server
+        .get(&format!("/devices/{device_id}/property-history"))
+        .await;
+    assert_eq!(
+        history["reports"][0]["properties"],
+        json!({"temp": 21.5, "mode": "auto"})
+    );
 
     let mut saw_online = false;
     let mut saw_report = false;
     while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(200), bus.recv()).await {
         match &*event {
-            PlatformEvent::DeviceStatusChanged { status: DeviceStatus::Online, cause: StatusCause::Connected, device, .. } => {
+            PlatformEvent::DeviceStatusChanged {
+                status: DeviceStatus::Online,
+                cause: StatusCause::Connected,
+                device,
+                ..
+            } => {
                 saw_online = device.device_id == device_id;
             }
-            PlatformEvent::PropertiesReported { services, device, .. } => {
-                saw_report = device.device_id == device_id && services[0].properties["temp"] == json!(21.5);
+            PlatformEvent::PropertiesReported {
+                services, device, ..
+            } => {
+                saw_report =
+                    device.device_id == device_id && services[0].properties["temp"] == json!(21.5);
             }
             _ => {}
         }
     }
-    assert!(saw_online && saw_report, "online {saw_online}, report {saw_report}");
+    assert!(
+        saw_online && saw_report,
+        "online {saw_online}, report {saw_report}"
+    );
 
     client.disconnect().await.unwrap();
     let _ = drive(&mut events, 2, |_| false).await;
-    eventually("OFFLINE after disconnect", || async { server.status(&device_id).await == "OFFLINE" }).await;
+    eventually("OFFLINE after disconnect", || async {
+        server.status(&device_id).await == "OFFLINE"
+    })
+    .await;
     let device = server.get(&format!("/devices/{device_id}")).await;
-    assert!(device["active_time"].is_string() && device["last_offline_time"].is_string(), "{device}");
+    assert!(
+        device["active_time"].is_string() && device["last_offline_time"].is_string(),
+        "{device}"
+    );
     server.stop().await;
 }
 
@@ -78,28 +124,67 @@ async fn connect_refusals_use_iotda_connack_codes() {
         _ => None,
     };
     let wrong = device_options(port, &device_id, "not-the-secret", 60);
-    assert_eq!(refused(connect(wrong).await), Some(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(
+        refused(connect(wrong).await),
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
     let unknown = device_options(port, "no-such-device", &secret, 60);
-    assert_eq!(refused(connect(unknown).await), Some(ConnectReturnCode::BadUserNamePassword));
+    assert_eq!(
+        refused(connect(unknown).await),
+        Some(ConnectReturnCode::BadUserNamePassword)
+    );
     let keepalive = device_options(port, &device_id, &secret, 10);
-    assert_eq!(refused(connect(keepalive).await), Some(ConnectReturnCode::BadClientId));
+    assert_eq!(
+        refused(connect(keepalive).await),
+        Some(ConnectReturnCode::BadClientId)
+    );
     let mut bad_id = device_options(port, &device_id, &secret, 60);
     bad_id.set_client_id("not-an-iotda-client-id".into());
-    assert_eq!(refused(connect(bad_id).await), Some(ConnectReturnCode::BadClientId));
+    assert_eq!(
+        refused(connect(bad_id).await),
+        Some(ConnectReturnCode::BadClientId)
+    );
 
-    let r = server.api.call("POST", &format!("/devices/{device_id}/freeze"), None).await.unwrap();
+    let r = server
+        .api
+        .call("POST", &format!("/devices/{device_id}/freeze"), None)
+        .await
+        .unwrap();
     assert_eq!(r.status, 204);
     assert_eq!(server.status(&device_id).await, "FROZEN");
     let frozen = device_options(port, &device_id, &secret, 60);
-    assert_eq!(refused(connect(frozen).await), Some(ConnectReturnCode::NotAuthorized));
-    let r = server.api.call("POST", &format!("/devices/{device_id}/unfreeze"), None).await.unwrap();
+    assert_eq!(
+        refused(connect(frozen).await),
+        Some(ConnectReturnCode::NotAuthorized)
+    );
+    let r = server
+        .api
+        .call("POST", &format!("/devices/{device_id}/unfreeze"), None)
+        .await
+        .unwrap();
     assert_eq!(r.status, 204);
-    assert!(connect(device_options(port, &device_id, &secret, 60)).await.is_ok());
+    assert!(
+        connect(device_options(port, &device_id, &secret, 60))
+            .await
+            .is_ok()
+    );
 
     let trace = server.get(&format!("/devices/{device_id}/trace")).await;
-    let reasons: Vec<String> = trace["entries"].as_array().unwrap().iter().map(|e| e["detail"]["reason"].as_str().unwrap_or("").to_owned()).collect();
-    for expected in ["wrong password", "keepalive outside the accepted range", "device is frozen"] {
-        assert!(reasons.iter().any(|r| r == expected), "{expected} not in {reasons:?}");
+    let reasons: Vec<String> = trace["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["detail"]["reason"].as_str().unwrap_or("").to_owned())
+        .collect();
+    for expected in [
+        "wrong password",
+        "keepalive outside the accepted range",
+        "device is frozen",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r == expected),
+            "{expected} not in {reasons:?}"
+        );
     }
     server.stop().await;
 }
@@ -109,13 +194,29 @@ async fn a_second_connection_takes_over_and_status_stays_online() {
     let server = server().await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-3").await;
-    let (_first, mut first_events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
-    let (second, mut second_events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
+    let (_first, mut first_events) =
+        connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+            .await
+            .unwrap();
+    let (second, mut second_events) =
+        connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+            .await
+            .unwrap();
     let first_end = drive(&mut first_events, 5, |_| false).await;
-    assert!(first_end.is_err() && first_end != Err("timed out".into()), "first connection must be closed: {first_end:?}");
+    assert!(
+        first_end.is_err() && first_end != Err("timed out".into()),
+        "first connection must be closed: {first_end:?}"
+    );
     assert_eq!(server.status(&device_id).await, "ONLINE");
     let report = json!({"services": [{"service_id": "Temperature", "properties": {"count": 1}}]});
-    publish_and_ack(&second, &mut second_events, &report_topic(&device_id), report.to_string().into_bytes()).await.unwrap();
+    publish_and_ack(
+        &second,
+        &mut second_events,
+        &report_topic(&device_id),
+        report.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
     server.stop().await;
 }
 
@@ -127,21 +228,46 @@ async fn keepalive_expiry_closes_the_connection_and_marks_offline() {
     let mut bus = server.running.as_ref().unwrap().platform.bus().subscribe();
     let ts = hour_stamp();
     let password = ioda_engine::auth::device_password(&secret, &ts);
-    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port)).await.unwrap();
-    socket.write_all(&raw_connect(&format!("{device_id}_0_0_{ts}"), &device_id, &password, 1)).await.unwrap();
+    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port))
+        .await
+        .unwrap();
+    socket
+        .write_all(&raw_connect(
+            &format!("{device_id}_0_0_{ts}"),
+            &device_id,
+            &password,
+            1,
+        ))
+        .await
+        .unwrap();
     let mut connack = [0u8; 4];
     socket.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0]);
     // Silent client: the server must give up after 1.5 x keepalive.
     let started = std::time::Instant::now();
     let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0);
-    assert!(started.elapsed() >= Duration::from_millis(1400), "closed after {:?}", started.elapsed());
-    eventually("OFFLINE after keepalive expiry", || async { server.status(&device_id).await == "OFFLINE" }).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    eventually("OFFLINE after keepalive expiry", || async {
+        server.status(&device_id).await == "OFFLINE"
+    })
+    .await;
     let mut cause = None;
     while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(200), bus.recv()).await {
-        if let PlatformEvent::DeviceStatusChanged { status: DeviceStatus::Offline, cause: c, .. } = &*event {
+        if let PlatformEvent::DeviceStatusChanged {
+            status: DeviceStatus::Offline,
+            cause: c,
+            ..
+        } = &*event
+        {
             cause = Some(*c);
         }
     }
@@ -154,14 +280,26 @@ async fn model_mismatches_are_traced_and_valid_properties_applied() {
     let server = server().await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-5").await;
-    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
     let report = json!({"services": [
         {"service_id": "Temperature", "properties": {"temp": 500, "count": 7, "mode": "eco", "ghost": 1, "count_typo": "x"}},
         {"service_id": "NoSuchService", "properties": {"a": 1}}
     ]});
-    publish_and_ack(&client, &mut events, &report_topic(&device_id), report.to_string().into_bytes()).await.unwrap();
+    publish_and_ack(
+        &client,
+        &mut events,
+        &report_topic(&device_id),
+        report.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
     let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
-    assert_eq!(shadow["shadow"][0]["reported"]["properties"], json!({"count": 7}));
+    assert_eq!(
+        shadow["shadow"][0]["reported"]["properties"],
+        json!({"count": 7})
+    );
     assert_eq!(shadow["shadow"].as_array().unwrap().len(), 1);
     let trace = server.get(&format!("/devices/{device_id}/trace")).await;
     let mut rejected: Vec<(String, String)> = trace["entries"]
@@ -169,15 +307,26 @@ async fn model_mismatches_are_traced_and_valid_properties_applied() {
         .unwrap()
         .iter()
         .filter(|e| e["kind"] == "property_rejected")
-        .map(|e| (e["detail"]["property"].as_str().unwrap_or("*").to_owned(), e["detail"]["reason"].as_str().unwrap().to_owned()))
+        .map(|e| {
+            (
+                e["detail"]["property"].as_str().unwrap_or("*").to_owned(),
+                e["detail"]["reason"].as_str().unwrap().to_owned(),
+            )
+        })
         .collect();
     rejected.sort();
     assert_eq!(
         rejected,
         vec![
             ("*".into(), "service is not in the product model".into()),
-            ("count_typo".into(), "property is not in the product model".into()),
-            ("ghost".into(), "property is not in the product model".into()),
+            (
+                "count_typo".into(),
+                "property is not in the product model".into()
+            ),
+            (
+                "ghost".into(),
+                "property is not in the product model".into()
+            ),
             ("mode".into(), "value is not in enum_list".into()),
             ("temp".into(), "value is above the maximum 120".into()),
         ]
@@ -190,17 +339,41 @@ async fn malformed_report_is_acknowledged_traced_and_changes_nothing() {
     let server = server().await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-6").await;
-    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
-    for bad in [&b"{not json"[..], br#"{"services": 5}"#, br#"{"services": [{"service_id": 1, "properties": {}}]}"#] {
-        publish_and_ack(&client, &mut events, &report_topic(&device_id), bad.to_vec()).await.unwrap();
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    for bad in [
+        &b"{not json"[..],
+        br#"{"services": 5}"#,
+        br#"{"services": [{"service_id": 1, "properties": {}}]}"#,
+    ] {
+        publish_and_ack(
+            &client,
+            &mut events,
+            &report_topic(&device_id),
+            bad.to_vec(),
+        )
+        .await
+        .unwrap();
     }
     let kinds = server.trace_kinds(&device_id).await;
-    assert_eq!(kinds.iter().filter(|k| *k == "report_malformed").count(), 3, "{kinds:?}");
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "report_malformed").count(),
+        3,
+        "{kinds:?}"
+    );
     let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
     assert_eq!(shadow["shadow"], json!([]));
     // The connection is still usable.
     let good = json!({"services": [{"service_id": "Temperature", "properties": {"count": 2}}]});
-    publish_and_ack(&client, &mut events, &report_topic(&device_id), good.to_string().into_bytes()).await.unwrap();
+    publish_and_ack(
+        &client,
+        &mut events,
+        &report_topic(&device_id),
+        good.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
     server.stop().await;
 }
 
@@ -209,11 +382,28 @@ async fn oversize_payload_closes_the_connection_and_is_traced() {
     let server = server_with(|c| c.engine.max_payload = 1024).await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-7").await;
-    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
     let big = vec![b'x'; 2000];
-    let result = publish_and_ack(&client, &mut events, &format!("$oc/devices/{device_id}/sys/messages/up"), big).await;
-    assert!(result.is_err(), "an oversize publish must not be acknowledged");
-    eventually("payload_too_large traced", || async { server.trace_kinds(&device_id).await.contains(&"payload_too_large".to_owned()) }).await;
+    let result = publish_and_ack(
+        &client,
+        &mut events,
+        &format!("$oc/devices/{device_id}/sys/messages/up"),
+        big,
+    )
+    .await;
+    assert!(
+        result.is_err(),
+        "an oversize publish must not be acknowledged"
+    );
+    eventually("payload_too_large traced", || async {
+        server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"payload_too_large".to_owned())
+    })
+    .await;
     server.stop().await;
 }
 
@@ -223,21 +413,62 @@ async fn cross_device_topics_are_refused() {
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-8").await;
     let (other_id, _) = server.device(&product, "node-9").await;
-    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60)).await.unwrap();
-    client.subscribe(format!("$oc/devices/{other_id}/sys/commands/#"), QoS::AtLeastOnce).await.unwrap();
-    let suback = drive(&mut events, 5, |e| matches!(e, Event::Incoming(Packet::SubAck(_)))).await.unwrap();
-    let Event::Incoming(Packet::SubAck(suback)) = suback else { unreachable!() };
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    client
+        .subscribe(
+            format!("$oc/devices/{other_id}/sys/commands/#"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let suback = drive(&mut events, 5, |e| {
+        matches!(e, Event::Incoming(Packet::SubAck(_)))
+    })
+    .await
+    .unwrap();
+    let Event::Incoming(Packet::SubAck(suback)) = suback else {
+        unreachable!()
+    };
     assert_eq!(suback.return_codes, vec![SubscribeReasonCode::Failure]);
-    client.subscribe(format!("$oc/devices/{device_id}/sys/commands/#"), QoS::AtLeastOnce).await.unwrap();
-    let suback = drive(&mut events, 5, |e| matches!(e, Event::Incoming(Packet::SubAck(_)))).await.unwrap();
-    let Event::Incoming(Packet::SubAck(suback)) = suback else { unreachable!() };
-    assert_eq!(suback.return_codes, vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]);
+    client
+        .subscribe(
+            format!("$oc/devices/{device_id}/sys/commands/#"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let suback = drive(&mut events, 5, |e| {
+        matches!(e, Event::Incoming(Packet::SubAck(_)))
+    })
+    .await
+    .unwrap();
+    let Event::Incoming(Packet::SubAck(suback)) = suback else {
+        unreachable!()
+    };
+    assert_eq!(
+        suback.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtLeastOnce)]
+    );
 
     let report = json!({"services": [{"service_id": "Temperature", "properties": {"count": 3}}]});
-    let result = publish_and_ack(&client, &mut events, &report_topic(&other_id), report.to_string().into_bytes()).await;
-    assert!(result.is_err(), "MQTT 3.1.1: a denied publish closes the connection");
+    let result = publish_and_ack(
+        &client,
+        &mut events,
+        &report_topic(&other_id),
+        report.to_string().into_bytes(),
+    )
+    .await;
+    assert!(
+        result.is_err(),
+        "MQTT 3.1.1: a denied publish closes the connection"
+    );
     let kinds = server.trace_kinds(&device_id).await;
-    assert!(kinds.contains(&"publish_denied".into()) && kinds.contains(&"subscribe_denied".into()), "{kinds:?}");
+    assert!(
+        kinds.contains(&"publish_denied".into()) && kinds.contains(&"subscribe_denied".into()),
+        "{kinds:?}"
+    );
     let other_shadow = server.get(&format!("/devices/{other_id}/shadow")).await;
     assert_eq!(other_shadow["shadow"], json!([]));
     server.stop().await;
@@ -251,30 +482,69 @@ async fn mqtt5_gets_reason_codes_for_denied_and_rate_limited_publishes() {
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-10").await;
     let ts = hour_stamp();
-    let mut options = MqttOptions::new(format!("{device_id}_0_0_{ts}"), "127.0.0.1", server.mqtt_port);
-    options.set_credentials(device_id.clone(), ioda_engine::auth::device_password(&secret, &ts));
+    let mut options = MqttOptions::new(
+        format!("{device_id}_0_0_{ts}"),
+        "127.0.0.1",
+        server.mqtt_port,
+    );
+    options.set_credentials(
+        device_id.clone(),
+        ioda_engine::auth::device_password(&secret, &ts),
+    );
     options.set_keep_alive(Duration::from_secs(60));
     let (client, mut events) = AsyncClient::new(options, 64);
-    let report = json!({"services": [{"service_id": "Temperature", "properties": {"count": 4}}]}).to_string();
-    client.publish(format!("$oc/devices/other/sys/properties/report"), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, report.clone()).await.unwrap();
+    let report = json!({"services": [{"service_id": "Temperature", "properties": {"count": 4}}]})
+        .to_string();
+    client
+        .publish(
+            "$oc/devices/other/sys/properties/report",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            report.clone(),
+        )
+        .await
+        .unwrap();
     for _ in 0..12 {
-        client.publish(report_topic(&device_id), rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, report.clone()).await.unwrap();
+        client
+            .publish(
+                report_topic(&device_id),
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                false,
+                report.clone(),
+            )
+            .await
+            .unwrap();
     }
     let mut reasons = Vec::new();
     while reasons.len() < 13 {
-        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await.unwrap().unwrap() {
-            E5::Incoming(P5::PubAck(ack)) => reasons.push(ack.reason),
-            _ => {}
+        let event = tokio::time::timeout(Duration::from_secs(5), events.poll())
+            .await
+            .unwrap()
+            .unwrap();
+        if let E5::Incoming(P5::PubAck(ack)) = event {
+            reasons.push(ack.reason);
         }
     }
     assert_eq!(reasons[0], PubAckReason::NotAuthorized);
-    let ok = reasons.iter().filter(|r| **r == PubAckReason::Success).count();
-    let limited = reasons.iter().filter(|r| **r == PubAckReason::QuotaExceeded).count();
+    let ok = reasons
+        .iter()
+        .filter(|r| **r == PubAckReason::Success)
+        .count();
+    let limited = reasons
+        .iter()
+        .filter(|r| **r == PubAckReason::QuotaExceeded)
+        .count();
     // The denied publish took one of the five tokens; order is kept, so the successes come first.
     assert!((4..=5).contains(&ok) && ok + limited == 12, "{reasons:?}");
-    assert!(reasons[1..=ok].iter().all(|r| *r == PubAckReason::Success), "{reasons:?}");
+    assert!(
+        reasons[1..=ok].iter().all(|r| *r == PubAckReason::Success),
+        "{reasons:?}"
+    );
     let kinds = server.trace_kinds(&device_id).await;
-    assert!(kinds.contains(&"rate_limited".into()) && kinds.contains(&"publish_denied".into()), "{kinds:?}");
+    assert!(
+        kinds.contains(&"rate_limited".into()) && kinds.contains(&"publish_denied".into()),
+        "{kinds:?}"
+    );
     server.stop().await;
 }
 
@@ -284,16 +554,31 @@ async fn malformed_packets_close_the_connection() {
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-11").await;
     // Garbage instead of CONNECT.
-    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port)).await.unwrap();
+    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port))
+        .await
+        .unwrap();
     socket.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
     let mut buf = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut buf)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0, "no CONNACK for garbage");
     // A QoS 2 publish after a valid CONNECT.
     let ts = hour_stamp();
     let password = ioda_engine::auth::device_password(&secret, &ts);
-    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port)).await.unwrap();
-    socket.write_all(&raw_connect(&format!("{device_id}_0_0_{ts}"), &device_id, &password, 60)).await.unwrap();
+    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port))
+        .await
+        .unwrap();
+    socket
+        .write_all(&raw_connect(
+            &format!("{device_id}_0_0_{ts}"),
+            &device_id,
+            &password,
+            60,
+        ))
+        .await
+        .unwrap();
     let mut connack = [0u8; 4];
     socket.read_exact(&mut connack).await.unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0]);
@@ -301,9 +586,21 @@ async fn malformed_packets_close_the_connection() {
     qos2[0] = 0x34;
     socket.write_all(&qos2).await.unwrap();
     let mut rest = Vec::new();
-    let n = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
+    let n = tokio::time::timeout(Duration::from_secs(5), socket.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
     assert_eq!(n, 0);
-    eventually("protocol_error traced", || async { server.trace_kinds(&device_id).await.contains(&"protocol_error".to_owned()) }).await;
-    eventually("OFFLINE after protocol error", || async { server.status(&device_id).await == "OFFLINE" }).await;
+    eventually("protocol_error traced", || async {
+        server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"protocol_error".to_owned())
+    })
+    .await;
+    eventually("OFFLINE after protocol error", || async {
+        server.status(&device_id).await == "OFFLINE"
+    })
+    .await;
     server.stop().await;
 }

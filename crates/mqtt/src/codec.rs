@@ -83,11 +83,22 @@ pub struct SubscribeFilter {
 pub enum Packet {
     Connect(Box<Connect>),
     Publish(Publish),
-    PubAck { pkid: u16, reason: u8 },
-    Subscribe { pkid: u16, filters: Vec<SubscribeFilter> },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<SubscribeFilter>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
 }
 
 /// MQTT 5 reason codes the server sends (MQTT 3.1.1 uses the CONNACK subset 0–5).
@@ -137,7 +148,11 @@ fn remaining_length(buf: &[u8]) -> Result<Option<(usize, usize)>> {
 /// Decodes one packet from `buf`, consuming it; `Ok(None)` when the packet is not complete yet.
 ///
 /// `protocol` is `None` until CONNECT has been read; `max_size` bounds the whole packet.
-pub fn decode(buf: &mut BytesMut, protocol: Option<Protocol>, max_size: usize) -> Result<Option<Packet>> {
+pub fn decode(
+    buf: &mut BytesMut,
+    protocol: Option<Protocol>,
+    max_size: usize,
+) -> Result<Option<Packet>> {
     // Judge the packet type from its first byte, so a client speaking another protocol (or
     // skipping CONNECT) is refused at once instead of after its claimed length has arrived.
     match (buf.first().map(|b| b >> 4), protocol) {
@@ -152,7 +167,10 @@ pub fn decode(buf: &mut BytesMut, protocol: Option<Protocol>, max_size: usize) -
     };
     let total = header_len + len;
     if total > max_size {
-        return Err(MqttError::PacketTooLarge { size: total, limit: max_size });
+        return Err(MqttError::PacketTooLarge {
+            size: total,
+            limit: max_size,
+        });
     }
     if buf.len() < total {
         buf.reserve(total - buf.len());
@@ -172,7 +190,11 @@ pub fn decode(buf: &mut BytesMut, protocol: Option<Protocol>, max_size: usize) -
         (10, Some(_)) => decode_unsubscribe(first, &mut body, v5)?,
         (12, Some(_)) => Packet::PingReq,
         (14, Some(_)) => Packet::Disconnect {
-            reason: if v5 && body.has_remaining() { body.get_u8() } else { 0 },
+            reason: if v5 && body.has_remaining() {
+                body.get_u8()
+            } else {
+                0
+            },
         },
         (5..=7, Some(_)) => return Err(MqttError::Violation("QoS 2 is not supported")),
         (15, Some(_)) => return Err(MqttError::Violation("AUTH is not supported")),
@@ -251,7 +273,9 @@ fn properties_of(b: &mut Bytes) -> Result<Vec<Prop>> {
     while block.has_remaining() {
         let id = u8_of(&mut block)?;
         let prop = match id {
-            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => Prop::Byte(id, u8_of(&mut block)?),
+            0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => {
+                Prop::Byte(id, u8_of(&mut block)?)
+            }
             0x13 | 0x21 | 0x22 | 0x23 => Prop::Short(id, u16_of(&mut block)?),
             0x02 | 0x11 | 0x18 | 0x27 => Prop::Int(id, u32_of(&mut block)?),
             0x0B => Prop::Int(id, varint_of(&mut block)? as u32),
@@ -301,8 +325,16 @@ fn decode_connect(b: &mut Bytes) -> Result<Connect> {
         string_of(b)?;
         binary_of(b)?;
     }
-    let username = if flags & 0x80 != 0 { Some(string_of(b)?) } else { None };
-    let password = if flags & 0x40 != 0 { Some(binary_of(b)?) } else { None };
+    let username = if flags & 0x80 != 0 {
+        Some(string_of(b)?)
+    } else {
+        None
+    };
+    let password = if flags & 0x40 != 0 {
+        Some(binary_of(b)?)
+    } else {
+        None
+    };
     Ok(Connect {
         protocol,
         client_id,
@@ -323,7 +355,11 @@ fn decode_publish(first: u8, mut b: Bytes, v5: bool) -> Result<Publish> {
         _ => return Err(malformed("QoS 3")),
     };
     let topic = string_of(&mut b)?;
-    let pkid = if qos == QoS::AtMostOnce { 0 } else { u16_of(&mut b)? };
+    let pkid = if qos == QoS::AtMostOnce {
+        0
+    } else {
+        u16_of(&mut b)?
+    };
     if qos != QoS::AtMostOnce && pkid == 0 {
         return Err(malformed("packet identifier 0"));
     }
@@ -358,7 +394,11 @@ fn decode_publish(first: u8, mut b: Bytes, v5: bool) -> Result<Publish> {
 
 fn decode_puback(b: &mut Bytes, v5: bool) -> Result<Packet> {
     let pkid = u16_of(b)?;
-    let reason = if v5 && b.has_remaining() { u8_of(b)? } else { 0 };
+    let reason = if v5 && b.has_remaining() {
+        u8_of(b)?
+    } else {
+        0
+    };
     Ok(Packet::PubAck { pkid, reason })
 }
 
@@ -374,7 +414,10 @@ fn decode_subscribe(first: u8, b: &mut Bytes, v5: bool) -> Result<Packet> {
     while b.has_remaining() {
         let filter = string_of(b)?;
         let options = u8_of(b)?;
-        filters.push(SubscribeFilter { filter, qos: options & 0x03 });
+        filters.push(SubscribeFilter {
+            filter,
+            qos: options & 0x03,
+        });
     }
     if filters.is_empty() {
         return Err(malformed("SUBSCRIBE without filters"));
@@ -432,7 +475,12 @@ pub struct ServerLimits {
 }
 
 /// CONNACK. `code` is a 3.1.1 return code (0–5) or an MQTT 5 reason code, per `protocol`.
-pub fn encode_connack(out: &mut BytesMut, protocol: Protocol, code: u8, limits: Option<ServerLimits>) {
+pub fn encode_connack(
+    out: &mut BytesMut,
+    protocol: Protocol,
+    code: u8,
+    limits: Option<ServerLimits>,
+) {
     match protocol {
         Protocol::V3 => {
             put_header(out, 0x20, 2);
@@ -463,7 +511,14 @@ pub fn encode_connack(out: &mut BytesMut, protocol: Protocol, code: u8, limits: 
 }
 
 /// PUBLISH from the server (properties are not forwarded on downlinks yet).
-pub fn encode_publish(out: &mut BytesMut, protocol: Protocol, topic: &str, qos: QoS, pkid: u16, payload: &[u8]) {
+pub fn encode_publish(
+    out: &mut BytesMut,
+    protocol: Protocol,
+    topic: &str,
+    qos: QoS,
+    pkid: u16,
+    payload: &[u8],
+) {
     let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
     let props_len = usize::from(protocol == Protocol::V5);
     let len = 2 + topic.len() + id_len + props_len + payload.len();
@@ -554,7 +609,9 @@ mod tests {
     #[test]
     fn decodes_a_311_connect() {
         let bytes = connect_v311("dev_0_0_2025041401", "dev", "pw", 120);
-        let Ok(Some(Packet::Connect(c))) = decode_all(&bytes, None) else { panic!("no connect") };
+        let Ok(Some(Packet::Connect(c))) = decode_all(&bytes, None) else {
+            panic!("no connect")
+        };
         assert_eq!(c.protocol, Protocol::V3);
         assert_eq!(c.client_id, "dev_0_0_2025041401");
         assert_eq!(c.username.as_deref(), Some("dev"));
@@ -578,9 +635,24 @@ mod tests {
         let v5 = Some(Protocol::V5);
         let cases: Vec<(&str, Vec<u8>, Option<Protocol>, Result<Option<Packet>>)> = vec![
             ("pingreq", vec![0xC0, 0], v3, Ok(Some(Packet::PingReq))),
-            ("disconnect v3", vec![0xE0, 0], v3, Ok(Some(Packet::Disconnect { reason: 0 }))),
-            ("disconnect v5 reason", vec![0xE0, 1, 0x04], v5, Ok(Some(Packet::Disconnect { reason: 4 }))),
-            ("puback", vec![0x40, 2, 0, 7], v3, Ok(Some(Packet::PubAck { pkid: 7, reason: 0 }))),
+            (
+                "disconnect v3",
+                vec![0xE0, 0],
+                v3,
+                Ok(Some(Packet::Disconnect { reason: 0 })),
+            ),
+            (
+                "disconnect v5 reason",
+                vec![0xE0, 1, 0x04],
+                v5,
+                Ok(Some(Packet::Disconnect { reason: 4 })),
+            ),
+            (
+                "puback",
+                vec![0x40, 2, 0, 7],
+                v3,
+                Ok(Some(Packet::PubAck { pkid: 7, reason: 0 })),
+            ),
             (
                 "publish qos1",
                 vec![0x32, 7, 0, 3, b'a', b'/', b'b', 0, 9],
@@ -599,22 +671,98 @@ mod tests {
                 "subscribe",
                 vec![0x82, 6, 0, 1, 0, 1, b'#', 1],
                 v3,
-                Ok(Some(Packet::Subscribe { pkid: 1, filters: vec![SubscribeFilter { filter: "#".into(), qos: 1 }] })),
+                Ok(Some(Packet::Subscribe {
+                    pkid: 1,
+                    filters: vec![SubscribeFilter {
+                        filter: "#".into(),
+                        qos: 1,
+                    }],
+                })),
             ),
-            ("publish before connect", vec![0x30, 3, 0, 1, b'a'], None, Err(MqttError::Violation("first packet must be CONNECT"))),
-            ("qos 2 publish", vec![0x34, 5, 0, 1, b'a', 0, 1], v3, Err(MqttError::Violation("QoS 2 is not supported"))),
-            ("qos 3 publish", vec![0x36, 5, 0, 1, b'a', 0, 1], v3, Err(MqttError::Malformed("QoS 3"))),
-            ("pkid zero", vec![0x32, 5, 0, 1, b'a', 0, 0], v3, Err(MqttError::Malformed("packet identifier 0"))),
-            ("wildcard topic", vec![0x30, 3, 0, 1, b'#'], v3, Err(MqttError::Malformed("wildcard in a PUBLISH topic"))),
-            ("truncated string", vec![0x30, 2, 0, 9], v3, Err(MqttError::Malformed("truncated"))),
-            ("bad utf8", vec![0x30, 3, 0, 1, 0xff], v3, Err(MqttError::Malformed("string is not UTF-8"))),
-            ("bad sub flags", vec![0x80, 6, 0, 1, 0, 1, b'#', 1], v3, Err(MqttError::Malformed("SUBSCRIBE flags must be 0010"))),
-            ("empty subscribe", vec![0x82, 2, 0, 1], v3, Err(MqttError::Malformed("SUBSCRIBE without filters"))),
-            ("second connect", vec![0x10, 0], v3, Err(MqttError::Violation("second CONNECT"))),
-            ("auth", vec![0xF0, 0], v5, Err(MqttError::Violation("AUTH is not supported"))),
-            ("connack from client", vec![0x20, 2, 0, 0], v3, Err(MqttError::Malformed("packet type not sent by clients"))),
-            ("5-byte length", vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x01], v3, Err(MqttError::Malformed("remaining length longer than 4 bytes"))),
-            ("bad property", vec![0x30, 5, 0, 1, b'a', 1, 0x7f], v5, Err(MqttError::Malformed("unknown property identifier"))),
+            (
+                "publish before connect",
+                vec![0x30, 3, 0, 1, b'a'],
+                None,
+                Err(MqttError::Violation("first packet must be CONNECT")),
+            ),
+            (
+                "qos 2 publish",
+                vec![0x34, 5, 0, 1, b'a', 0, 1],
+                v3,
+                Err(MqttError::Violation("QoS 2 is not supported")),
+            ),
+            (
+                "qos 3 publish",
+                vec![0x36, 5, 0, 1, b'a', 0, 1],
+                v3,
+                Err(MqttError::Malformed("QoS 3")),
+            ),
+            (
+                "pkid zero",
+                vec![0x32, 5, 0, 1, b'a', 0, 0],
+                v3,
+                Err(MqttError::Malformed("packet identifier 0")),
+            ),
+            (
+                "wildcard topic",
+                vec![0x30, 3, 0, 1, b'#'],
+                v3,
+                Err(MqttError::Malformed("wildcard in a PUBLISH topic")),
+            ),
+            (
+                "truncated string",
+                vec![0x30, 2, 0, 9],
+                v3,
+                Err(MqttError::Malformed("truncated")),
+            ),
+            (
+                "bad utf8",
+                vec![0x30, 3, 0, 1, 0xff],
+                v3,
+                Err(MqttError::Malformed("string is not UTF-8")),
+            ),
+            (
+                "bad sub flags",
+                vec![0x80, 6, 0, 1, 0, 1, b'#', 1],
+                v3,
+                Err(MqttError::Malformed("SUBSCRIBE flags must be 0010")),
+            ),
+            (
+                "empty subscribe",
+                vec![0x82, 2, 0, 1],
+                v3,
+                Err(MqttError::Malformed("SUBSCRIBE without filters")),
+            ),
+            (
+                "second connect",
+                vec![0x10, 0],
+                v3,
+                Err(MqttError::Violation("second CONNECT")),
+            ),
+            (
+                "auth",
+                vec![0xF0, 0],
+                v5,
+                Err(MqttError::Violation("AUTH is not supported")),
+            ),
+            (
+                "connack from client",
+                vec![0x20, 2, 0, 0],
+                v3,
+                Err(MqttError::Malformed("packet type not sent by clients")),
+            ),
+            (
+                "5-byte length",
+                vec![0x30, 0xff, 0xff, 0xff, 0xff, 0x01],
+                v3,
+                Err(MqttError::Malformed("remaining length longer than 4 bytes")),
+            ),
+            (
+                "bad property",
+                vec![0x30, 5, 0, 1, b'a', 1, 0x7f],
+                v5,
+                Err(MqttError::Malformed("unknown property identifier")),
+            ),
         ];
         for (name, bytes, protocol, want) in cases {
             assert_eq!(decode_all(&bytes, protocol), want, "{name}");
@@ -626,7 +774,10 @@ mod tests {
         let mut buf = BytesMut::from(&[0x30u8, 0xff, 0xff, 0x7f][..]);
         assert_eq!(
             decode(&mut buf, Some(Protocol::V3), 1024),
-            Err(MqttError::PacketTooLarge { size: 2_097_155, limit: 1024 })
+            Err(MqttError::PacketTooLarge {
+                size: 2_097_155,
+                limit: 1024
+            })
         );
     }
 
@@ -650,25 +801,66 @@ mod tests {
         let mut out = BytesMut::new();
         put_header(&mut out, 0x32, body.len());
         out.put_slice(&body);
-        let Ok(Some(Packet::Publish(p))) = decode_all(&out, Some(Protocol::V5)) else { panic!("no publish") };
+        let Ok(Some(Packet::Publish(p))) = decode_all(&out, Some(Protocol::V5)) else {
+            panic!("no publish")
+        };
         assert_eq!(p.payload, Bytes::from_static(b"hi"));
         assert_eq!(p.properties.response_topic.as_deref(), Some("resp"));
-        assert_eq!(p.properties.correlation_data, Some(Bytes::from_static(b"42")));
-        assert_eq!(p.properties.user_properties, vec![("k".to_owned(), "v".to_owned())]);
+        assert_eq!(
+            p.properties.correlation_data,
+            Some(Bytes::from_static(b"42"))
+        );
+        assert_eq!(
+            p.properties.user_properties,
+            vec![("k".to_owned(), "v".to_owned())]
+        );
     }
 
     #[test]
     fn encodes_server_packets() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut BytesMut)>, Vec<u8>)> = vec![
-            ("connack v3", Box::new(|o| encode_connack(o, Protocol::V3, 4, None)), vec![0x20, 2, 0, 4]),
-            ("connack v5 refused", Box::new(|o| encode_connack(o, Protocol::V5, 0x86, None)), vec![0x20, 3, 0, 0x86, 0]),
-            ("puback v3", Box::new(|o| encode_puback(o, Protocol::V3, 5, 0x87)), vec![0x40, 2, 0, 5]),
-            ("puback v5 reason", Box::new(|o| encode_puback(o, Protocol::V5, 5, 0x87)), vec![0x40, 3, 0, 5, 0x87]),
-            ("suback v3", Box::new(|o| encode_suback(o, Protocol::V3, 1, &[1, 0x80])), vec![0x90, 4, 0, 1, 1, 0x80]),
-            ("suback v5", Box::new(|o| encode_suback(o, Protocol::V5, 1, &[0x87])), vec![0x90, 4, 0, 1, 0, 0x87]),
-            ("unsuback v5", Box::new(|o| encode_unsuback(o, Protocol::V5, 2, 2)), vec![0xB0, 5, 0, 2, 0, 0, 0]),
+        type Encoder = Box<dyn Fn(&mut BytesMut)>;
+        let cases: Vec<(&str, Encoder, Vec<u8>)> = vec![
+            (
+                "connack v3",
+                Box::new(|o| encode_connack(o, Protocol::V3, 4, None)),
+                vec![0x20, 2, 0, 4],
+            ),
+            (
+                "connack v5 refused",
+                Box::new(|o| encode_connack(o, Protocol::V5, 0x86, None)),
+                vec![0x20, 3, 0, 0x86, 0],
+            ),
+            (
+                "puback v3",
+                Box::new(|o| encode_puback(o, Protocol::V3, 5, 0x87)),
+                vec![0x40, 2, 0, 5],
+            ),
+            (
+                "puback v5 reason",
+                Box::new(|o| encode_puback(o, Protocol::V5, 5, 0x87)),
+                vec![0x40, 3, 0, 5, 0x87],
+            ),
+            (
+                "suback v3",
+                Box::new(|o| encode_suback(o, Protocol::V3, 1, &[1, 0x80])),
+                vec![0x90, 4, 0, 1, 1, 0x80],
+            ),
+            (
+                "suback v5",
+                Box::new(|o| encode_suback(o, Protocol::V5, 1, &[0x87])),
+                vec![0x90, 4, 0, 1, 0, 0x87],
+            ),
+            (
+                "unsuback v5",
+                Box::new(|o| encode_unsuback(o, Protocol::V5, 2, 2)),
+                vec![0xB0, 5, 0, 2, 0, 0, 0],
+            ),
             ("pingresp", Box::new(encode_pingresp), vec![0xD0, 0]),
-            ("disconnect", Box::new(|o| encode_disconnect(o, 0x8E)), vec![0xE0, 1, 0x8E]),
+            (
+                "disconnect",
+                Box::new(|o| encode_disconnect(o, 0x8E)),
+                vec![0xE0, 1, 0x8E],
+            ),
             (
                 "publish qos1 v5",
                 Box::new(|o| encode_publish(o, Protocol::V5, "a", QoS::AtLeastOnce, 3, b"x")),

@@ -19,7 +19,9 @@ use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::MqttError;
-use crate::codec::{self, Connect, Packet, Protocol, Publish, QoS, ServerLimits, SubscribeFilter, reason};
+use crate::codec::{
+    self, Connect, Packet, Protocol, Publish, QoS, ServerLimits, SubscribeFilter, reason,
+};
 
 /// Limits the driver enforces on every connection.
 #[derive(Debug, Clone, Copy)]
@@ -147,7 +149,12 @@ pub trait Session: Send + 'static {
 }
 
 /// Accepts connections until `shutdown` turns true, then waits for every connection to close.
-pub async fn serve<B: Broker>(listener: TcpListener, broker: Arc<B>, limits: Limits, mut shutdown: watch::Receiver<bool>) {
+pub async fn serve<B: Broker>(
+    listener: TcpListener,
+    broker: Arc<B>,
+    limits: Limits,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut tasks = JoinSet::new();
     let for_connections = shutdown.clone();
     loop {
@@ -172,13 +179,23 @@ pub async fn serve<B: Broker>(listener: TcpListener, broker: Arc<B>, limits: Lim
 }
 
 /// Runs one connection from CONNECT to close over any byte stream (TCP, TLS, WebSocket).
-pub async fn run_connection<S, B>(mut stream: S, peer: SocketAddr, broker: Arc<B>, limits: Limits, shutdown: watch::Receiver<bool>)
-where
+pub async fn run_connection<S, B>(
+    mut stream: S,
+    peer: SocketAddr,
+    broker: Arc<B>,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     B: Broker,
 {
     let mut buf = BytesMut::with_capacity(256);
-    let connect = match timeout(limits.connect_timeout, read_connect(&mut stream, &mut buf, limits)).await {
+    let connect = match timeout(
+        limits.connect_timeout,
+        read_connect(&mut stream, &mut buf, limits),
+    )
+    .await
+    {
         Ok(Ok(connect)) => connect,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "mqtt connect failed");
@@ -197,12 +214,33 @@ where
             return;
         }
     };
-    let server_limits = ServerLimits { receive_maximum: limits.max_inflight, maximum_packet_size: limits.max_packet_size as u32 };
+    let server_limits = ServerLimits {
+        receive_maximum: limits.max_inflight,
+        maximum_packet_size: limits.max_packet_size as u32,
+    };
     codec::encode_connack(&mut out, protocol, reason::SUCCESS, Some(server_limits));
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
-    let mut conn = Connection { stream, buf, out, protocol, limits, keep_alive, session, inbox, shutdown, pending: VecDeque::new(), awaiting_ack: HashMap::new(), next_pkid: 0 };
+    let mut conn = Connection {
+        stream,
+        buf,
+        out,
+        protocol,
+        limits,
+        keep_alive,
+        session,
+        inbox,
+        shutdown,
+        pending: VecDeque::new(),
+        awaiting_ack: HashMap::new(),
+        next_pkid: 0,
+    };
     let cause = conn.run().await;
-    let Connection { session, mut stream, mut out, .. } = conn;
+    let Connection {
+        session,
+        mut stream,
+        mut out,
+        ..
+    } = conn;
     if let CloseCause::Server(code) | CloseCause::PublishRefused(code) = &cause
         && protocol == Protocol::V5
     {
@@ -229,7 +267,11 @@ fn disconnect_reason(error: &MqttError) -> u8 {
     }
 }
 
-async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S, buf: &mut BytesMut, limits: Limits) -> Result<Connect, MqttError> {
+async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    limits: Limits,
+) -> Result<Connect, MqttError> {
     loop {
         match codec::decode(buf, None, limits.max_packet_size) {
             Ok(Some(Packet::Connect(connect))) => return Ok(*connect),
@@ -336,8 +378,17 @@ where
 
     fn write_outbound(&mut self, outbound: Outbound) -> Flow {
         match outbound {
-            Outbound::Publish { topic, payload, qos, acked } => {
-                let pkid = if qos == QoS::AtLeastOnce { self.allocate_pkid() } else { 0 };
+            Outbound::Publish {
+                topic,
+                payload,
+                qos,
+                acked,
+            } => {
+                let pkid = if qos == QoS::AtLeastOnce {
+                    self.allocate_pkid()
+                } else {
+                    0
+                };
                 if qos == QoS::AtLeastOnce {
                     self.awaiting_ack.insert(pkid, acked);
                 }
@@ -374,7 +425,11 @@ where
 
     async fn handle_input(&mut self) -> Flow {
         loop {
-            let packet = match codec::decode(&mut self.buf, Some(self.protocol), self.limits.max_packet_size) {
+            let packet = match codec::decode(
+                &mut self.buf,
+                Some(self.protocol),
+                self.limits.max_packet_size,
+            ) {
                 Ok(Some(packet)) => packet,
                 Ok(None) => return Flow::Continue,
                 Err(error) => return Flow::Close(CloseCause::Protocol(error)),
@@ -411,7 +466,9 @@ where
                 Flow::Continue
             }
             Packet::Disconnect { .. } => Flow::Close(CloseCause::ClientDisconnect),
-            Packet::Connect(_) => Flow::Close(CloseCause::Protocol(MqttError::Violation("second CONNECT"))),
+            Packet::Connect(_) => {
+                Flow::Close(CloseCause::Protocol(MqttError::Violation("second CONNECT")))
+            }
         }
     }
 
@@ -427,7 +484,9 @@ where
         let (qos, pkid) = (publish.qos, publish.pkid);
         let verdict = self.session.publish(publish).await;
         let code = match verdict {
-            PublishVerdict::Disconnect(code) => return Flow::Close(CloseCause::PublishRefused(code)),
+            PublishVerdict::Disconnect(code) => {
+                return Flow::Close(CloseCause::PublishRefused(code));
+            }
             _ if qos == QoS::AtMostOnce => return self.settle_qos0(verdict),
             PublishVerdict::AcceptAfter(commit) => {
                 self.pending.push_back((pkid, commit));
@@ -436,22 +495,29 @@ where
             PublishVerdict::Accept => reason::SUCCESS,
             PublishVerdict::Discard(code) if self.protocol == Protocol::V5 => code,
             PublishVerdict::Discard(_) => reason::SUCCESS,
-            PublishVerdict::Refuse(code) if self.protocol == Protocol::V3 => return Flow::Close(CloseCause::PublishRefused(code)),
+            PublishVerdict::Refuse(code) if self.protocol == Protocol::V3 => {
+                return Flow::Close(CloseCause::PublishRefused(code));
+            }
             PublishVerdict::Refuse(code) => code,
         };
         if self.pending.is_empty() {
             self.acknowledge(pkid, code)
         } else {
             // Keep PUBACKs in the order the publishes arrived.
-            self.pending.push_back((pkid, Box::pin(std::future::ready(code))));
+            self.pending
+                .push_back((pkid, Box::pin(std::future::ready(code))));
             Flow::Continue
         }
     }
 
     fn settle_qos0(&mut self, verdict: PublishVerdict) -> Flow {
         match verdict {
-            PublishVerdict::Refuse(code) | PublishVerdict::Disconnect(code) => Flow::Close(CloseCause::PublishRefused(code)),
-            PublishVerdict::Accept | PublishVerdict::AcceptAfter(_) | PublishVerdict::Discard(_) => Flow::Continue,
+            PublishVerdict::Refuse(code) | PublishVerdict::Disconnect(code) => {
+                Flow::Close(CloseCause::PublishRefused(code))
+            }
+            PublishVerdict::Accept
+            | PublishVerdict::AcceptAfter(_)
+            | PublishVerdict::Discard(_) => Flow::Continue,
         }
     }
 }

@@ -48,8 +48,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
 
 fn load(c: &Connection, device_id: &str) -> Result<Option<Device>, StoreError> {
     let sql = format!("SELECT {COLUMNS} FROM devices WHERE device_id = ?1");
-    Ok(c.prepare_cached(&sql)?.query_row([device_id], from_row).optional()?)
+    Ok(c.prepare_cached(&sql)?
+        .query_row([device_id], from_row)
+        .optional()?)
 }
+
+/// Desired shadow values per service, as given at registration.
+pub type InitialDesired = Vec<(String, serde_json::Map<String, serde_json::Value>)>;
 
 /// Filters of a device listing (all optional, combined with AND).
 #[derive(Debug, Clone, Default)]
@@ -107,7 +112,7 @@ impl Store {
     pub async fn insert_device(
         &self,
         device: Device,
-        desired: Vec<(String, serde_json::Map<String, serde_json::Value>)>,
+        desired: InitialDesired,
     ) -> Result<Device, StoreError> {
         self.write(move |c| {
             let extension = device.extension_info.as_ref().map(serde_json::to_string).transpose()?;
@@ -143,7 +148,13 @@ impl Store {
     }
 
     /// Devices matching `filter`, newest first, with `seq < before`.
-    pub async fn list_devices(&self, filter: DeviceFilter, before: i64, offset: i64, limit: i64) -> Result<DevicePage, StoreError> {
+    pub async fn list_devices(
+        &self,
+        filter: DeviceFilter,
+        before: i64,
+        offset: i64,
+        limit: i64,
+    ) -> Result<DevicePage, StoreError> {
         self.read(move |c| {
             let clause = "project_id = ?1 AND (?2 IS NULL OR product_id = ?2) AND (?3 IS NULL OR gateway_id = ?3) \
                 AND (?4 IS NULL OR node_id = ?4) AND (?5 IS NULL OR device_name = ?5) AND (?6 IS NULL OR app_id = ?6) \
@@ -163,7 +174,11 @@ impl Store {
     }
 
     /// Applies an update and returns the device as it now is.
-    pub async fn update_device(&self, device_id: String, update: DeviceUpdate) -> Result<Device, StoreError> {
+    pub async fn update_device(
+        &self,
+        device_id: String,
+        update: DeviceUpdate,
+    ) -> Result<Device, StoreError> {
         self.write(move |c| {
             let extension = update.extension_info.as_ref().map(serde_json::to_string).transpose()?;
             let changed = c.execute(
@@ -184,8 +199,17 @@ impl Store {
     pub async fn delete_device(&self, device_id: String) -> Result<Device, StoreError> {
         self.write(move |c| {
             let device = load(c, &device_id)?.ok_or(StoreError::NotFound)?;
-            for table in ["devices", "shadows", "property_history", "message_history", "device_trace"] {
-                c.execute(&format!("DELETE FROM {table} WHERE device_id = ?1"), [&device_id])?;
+            for table in [
+                "devices",
+                "shadows",
+                "property_history",
+                "message_history",
+                "device_trace",
+            ] {
+                c.execute(
+                    &format!("DELETE FROM {table} WHERE device_id = ?1"),
+                    [&device_id],
+                )?;
             }
             Ok(device)
         })
@@ -193,25 +217,56 @@ impl Store {
     }
 
     /// Replaces the primary or secondary secret.
-    pub async fn set_secret(&self, device_id: String, secret: String, secondary: bool) -> Result<(), StoreError> {
+    pub async fn set_secret(
+        &self,
+        device_id: String,
+        secret: String,
+        secondary: bool,
+    ) -> Result<(), StoreError> {
         self.write(move |c| {
-            let column = if secondary { "secondary_secret" } else { "secret" };
-            let changed = c.execute(&format!("UPDATE devices SET {column} = ?2 WHERE device_id = ?1"), [&device_id, &secret])?;
-            if changed == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+            let column = if secondary {
+                "secondary_secret"
+            } else {
+                "secret"
+            };
+            let changed = c.execute(
+                &format!("UPDATE devices SET {column} = ?2 WHERE device_id = ?1"),
+                [&device_id, &secret],
+            )?;
+            if changed == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
         })
         .await
     }
 
     /// Freezes or unfreezes a device; a frozen device also goes offline.
-    pub async fn set_frozen(&self, device_id: String, frozen: bool, at: i64) -> Result<Device, StoreError> {
+    pub async fn set_frozen(
+        &self,
+        device_id: String,
+        frozen: bool,
+        at: i64,
+    ) -> Result<Device, StoreError> {
         self.write(move |c| {
-            let changed = c.execute("UPDATE devices SET frozen = ?2 WHERE device_id = ?1", params![device_id, frozen])?;
+            let changed = c.execute(
+                "UPDATE devices SET frozen = ?2 WHERE device_id = ?1",
+                params![device_id, frozen],
+            )?;
             if changed == 0 {
                 return Err(StoreError::NotFound);
             }
             let device = load(c, &device_id)?.ok_or(StoreError::NotFound)?;
             if frozen && device.status == DeviceStatus::Online {
-                apply_status(c, StatusChange { device_id: &device_id, status: DeviceStatus::Offline, at })?;
+                apply_status(
+                    c,
+                    StatusChange {
+                        device_id: &device_id,
+                        status: DeviceStatus::Offline,
+                        at,
+                    },
+                )?;
             }
             load(c, &device_id)?.ok_or(StoreError::NotFound)
         })
@@ -219,17 +274,41 @@ impl Store {
     }
 
     /// Records a connection status change; resolves once durable.
-    pub async fn set_status(&self, device_id: String, status: DeviceStatus, at: i64) -> Result<(), StoreError> {
-        self.write(move |c| apply_status(c, StatusChange { device_id: &device_id, status, at })).await
+    pub async fn set_status(
+        &self,
+        device_id: String,
+        status: DeviceStatus,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            apply_status(
+                c,
+                StatusChange {
+                    device_id: &device_id,
+                    status,
+                    at,
+                },
+            )
+        })
+        .await
     }
 
     /// After an unclean stop, devices recorded ONLINE have no connection any more: mark them OFFLINE.
     pub async fn reset_online(&self, at: i64) -> Result<Vec<String>, StoreError> {
         self.write(move |c| {
             let mut stmt = c.prepare("SELECT device_id FROM devices WHERE status = 'ONLINE'")?;
-            let ids = stmt.query_map([], |r| r.get::<_, String>(0))?.collect::<Result<Vec<_>, _>>()?;
+            let ids = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
             for id in &ids {
-                apply_status(c, StatusChange { device_id: id, status: DeviceStatus::Offline, at })?;
+                apply_status(
+                    c,
+                    StatusChange {
+                        device_id: id,
+                        status: DeviceStatus::Offline,
+                        at,
+                    },
+                )?;
             }
             Ok(ids)
         })

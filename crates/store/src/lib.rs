@@ -14,7 +14,7 @@ mod shadow;
 mod trace;
 mod writer;
 
-pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, StatusChange};
+pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, InitialDesired, StatusChange};
 pub use products::ProductPage;
 pub use projects::{AccessKey, Project};
 pub use shadow::{HistoryRow, ReportRecord, ShadowRow};
@@ -47,7 +47,9 @@ pub enum StoreError {
 /// Maps a unique-constraint failure to [`StoreError::Conflict`], leaving other errors alone.
 fn conflict(error: rusqlite::Error, what: &str) -> StoreError {
     match &error {
-        rusqlite::Error::SqliteFailure(e, _) if e.code == rusqlite::ErrorCode::ConstraintViolation => {
+        rusqlite::Error::SqliteFailure(e, _)
+            if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
             StoreError::Conflict(what.to_owned())
         }
         _ => StoreError::Sqlite(error),

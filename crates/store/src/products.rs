@@ -60,22 +60,41 @@ impl Store {
     }
 
     /// Deletes a product that no device uses any more.
-    pub async fn delete_product(&self, project_id: String, product_id: String) -> Result<(), StoreError> {
+    pub async fn delete_product(
+        &self,
+        project_id: String,
+        product_id: String,
+    ) -> Result<(), StoreError> {
         self.write(move |c| {
-            let in_use: i64 =
-                c.query_row("SELECT COUNT(*) FROM devices WHERE product_id = ?1", [&product_id], |r| r.get(0))?;
+            let in_use: i64 = c.query_row(
+                "SELECT COUNT(*) FROM devices WHERE product_id = ?1",
+                [&product_id],
+                |r| r.get(0),
+            )?;
             if in_use > 0 {
-                return Err(StoreError::Conflict(format!("{in_use} devices still use the product")));
+                return Err(StoreError::Conflict(format!(
+                    "{in_use} devices still use the product"
+                )));
             }
-            let changed =
-                c.execute("DELETE FROM products WHERE project_id = ?1 AND product_id = ?2", [&project_id, &product_id])?;
-            if changed == 0 { Err(StoreError::NotFound) } else { Ok(()) }
+            let changed = c.execute(
+                "DELETE FROM products WHERE project_id = ?1 AND product_id = ?2",
+                [&project_id, &product_id],
+            )?;
+            if changed == 0 {
+                Err(StoreError::NotFound)
+            } else {
+                Ok(())
+            }
         })
         .await
     }
 
     /// One product.
-    pub async fn product(&self, project_id: String, product_id: String) -> Result<Option<Product>, StoreError> {
+    pub async fn product(
+        &self,
+        project_id: String,
+        product_id: String,
+    ) -> Result<Option<Product>, StoreError> {
         self.read(move |c| load(c, &project_id, &product_id)).await
     }
 

@@ -67,9 +67,14 @@ impl Store {
     /// Every access key.
     pub async fn access_keys(&self) -> Result<Vec<AccessKey>, StoreError> {
         self.read(|c| {
-            let mut stmt = c.prepare("SELECT access_key, secret_key, project_id FROM access_keys")?;
+            let mut stmt =
+                c.prepare("SELECT access_key, secret_key, project_id FROM access_keys")?;
             let rows = stmt.query_map([], |r| {
-                Ok(AccessKey { access_key: r.get(0)?, secret_key: r.get(1)?, project_id: r.get(2)? })
+                Ok(AccessKey {
+                    access_key: r.get(0)?,
+                    secret_key: r.get(1)?,
+                    project_id: r.get(2)?,
+                })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
@@ -79,7 +84,12 @@ impl Store {
     /// The name of a resource space, if it exists.
     pub async fn app_name(&self, app_id: String) -> Result<Option<String>, StoreError> {
         self.read(move |c| {
-            Ok(c.query_row("SELECT app_name FROM apps WHERE app_id = ?1", [app_id], |r| r.get(0)).optional()?)
+            Ok(c.query_row(
+                "SELECT app_name FROM apps WHERE app_id = ?1",
+                [app_id],
+                |r| r.get(0),
+            )
+            .optional()?)
         })
         .await
     }

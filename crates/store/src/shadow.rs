@@ -53,13 +53,22 @@ fn write_report(c: &Connection, report: &ReportRecord) -> Result<(), StoreError>
     for (service_id, properties, event_time) in &report.services {
         let json = serde_json::to_string(properties)?;
         merge.execute(params![report.device_id, service_id, json, event_time])?;
-        history.execute(params![report.device_id, service_id, json, event_time, report.received_at, report.request_id])?;
+        history.execute(params![
+            report.device_id,
+            service_id,
+            json,
+            event_time,
+            report.received_at,
+            report.request_id
+        ])?;
     }
     Ok(())
 }
 
 fn parse_map(text: Option<String>) -> Result<Option<Map<String, Value>>, StoreError> {
-    text.map(|t| serde_json::from_str(&t)).transpose().map_err(StoreError::from)
+    text.map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(StoreError::from)
 }
 
 impl Store {
@@ -123,7 +132,11 @@ impl Store {
     }
 
     /// The newest `limit` property reports of a device, newest first.
-    pub async fn property_history(&self, device_id: String, limit: i64) -> Result<Vec<HistoryRow>, StoreError> {
+    pub async fn property_history(
+        &self,
+        device_id: String,
+        limit: i64,
+    ) -> Result<Vec<HistoryRow>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, service_id, properties, event_time, received_at, request_id FROM property_history \
@@ -144,7 +157,13 @@ impl Store {
 
     /// How many raw messages a device has reported (for tests and diagnostics).
     pub async fn message_count(&self, device_id: String) -> Result<i64, StoreError> {
-        self.read(move |c| Ok(c.query_row("SELECT COUNT(*) FROM message_history WHERE device_id = ?1", [device_id], |r| r.get(0))?))
-            .await
+        self.read(move |c| {
+            Ok(c.query_row(
+                "SELECT COUNT(*) FROM message_history WHERE device_id = ?1",
+                [device_id],
+                |r| r.get(0),
+            )?)
+        })
+        .await
     }
 }

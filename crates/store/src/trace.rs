@@ -23,9 +23,16 @@ pub(crate) fn insert_trace(c: &Connection, entries: &[TraceEntry]) -> Result<(),
     if entries.is_empty() {
         return Ok(());
     }
-    let mut insert = c.prepare_cached("INSERT INTO device_trace (device_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4)")?;
+    let mut insert = c.prepare_cached(
+        "INSERT INTO device_trace (device_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+    )?;
     for entry in entries {
-        insert.execute(params![entry.device_id, entry.at, entry.kind, entry.detail.to_string()])?;
+        insert.execute(params![
+            entry.device_id,
+            entry.at,
+            entry.kind,
+            entry.detail.to_string()
+        ])?;
         let id = c.last_insert_rowid();
         // Prune now and then rather than on every insert; the bound is KEEP_PER_DEVICE plus a little.
         if id % 64 == 0 {
@@ -48,7 +55,11 @@ impl Store {
     }
 
     /// The newest `limit` trace entries of a device, newest first.
-    pub async fn trace(&self, device_id: String, limit: i64) -> Result<Vec<TraceEntry>, StoreError> {
+    pub async fn trace(
+        &self,
+        device_id: String,
+        limit: i64,
+    ) -> Result<Vec<TraceEntry>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, device_id, at, kind, detail FROM device_trace WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",

@@ -69,12 +69,19 @@ impl Store {
         let writer = std::thread::Builder::new()
             .name("ioda-store-writer".into())
             .spawn(move || write_loop(write_conn, queue))?;
-        Ok(Store { jobs, reader: Arc::new(Mutex::new(reader)), writer: Mutex::new(Some(writer)) })
+        Ok(Store {
+            jobs,
+            reader: Arc::new(Mutex::new(reader)),
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
     /// Queues `f`; the returned receiver yields its result once its transaction has committed.
     /// Waits only while the writer's queue is full.
-    pub(crate) async fn submit<T, F>(&self, f: F) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    pub(crate) async fn submit<T, F>(
+        &self,
+        f: F,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
@@ -92,7 +99,10 @@ impl Store {
             });
             (ok, finish)
         });
-        self.jobs.send(Command::Run(job)).await.map_err(|_| StoreError::Closed)?;
+        self.jobs
+            .send(Command::Run(job))
+            .await
+            .map_err(|_| StoreError::Closed)?;
         Ok(rx)
     }
 
@@ -102,7 +112,10 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(f).await?.await.map_err(|_| StoreError::Closed)?
+        self.submit(f)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Runs `f` on the read connection, off the async threads.
@@ -113,7 +126,9 @@ impl Store {
     {
         let reader = self.reader.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let conn = reader
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
             f(&conn)
         })
         .await
@@ -171,7 +186,11 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
     for job in batch.drain(..) {
         let _ = conn.execute_batch("SAVEPOINT job");
         let (ok, finish) = job(conn);
-        let undo = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+        let undo = if ok {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
         let _ = conn.execute_batch(undo);
         finishes.push(finish);
     }

@@ -102,7 +102,11 @@ pub struct Device {
 impl Device {
     /// The status the API shows: FROZEN wins over the connection status.
     pub fn shown_status(&self) -> DeviceStatus {
-        if self.frozen { DeviceStatus::Frozen } else { self.status }
+        if self.frozen {
+            DeviceStatus::Frozen
+        } else {
+            self.status
+        }
     }
 
     /// The identity carried on platform events.

@@ -46,12 +46,33 @@ pub enum PlatformEvent {
         payload: bytes_like::Payload,
         at: i64,
     },
-    DeviceCreated { device: DeviceRef, at: i64 },
-    DeviceUpdated { device: DeviceRef, at: i64 },
-    DeviceDeleted { device: DeviceRef, at: i64 },
-    ProductCreated { project_id: String, product_id: String, at: i64 },
-    ProductUpdated { project_id: String, product_id: String, at: i64 },
-    ProductDeleted { project_id: String, product_id: String, at: i64 },
+    DeviceCreated {
+        device: DeviceRef,
+        at: i64,
+    },
+    DeviceUpdated {
+        device: DeviceRef,
+        at: i64,
+    },
+    DeviceDeleted {
+        device: DeviceRef,
+        at: i64,
+    },
+    ProductCreated {
+        project_id: String,
+        product_id: String,
+        at: i64,
+    },
+    ProductUpdated {
+        project_id: String,
+        product_id: String,
+        at: i64,
+    },
+    ProductDeleted {
+        project_id: String,
+        product_id: String,
+        at: i64,
+    },
 }
 
 /// Shared, cheaply cloned payload bytes (events are broadcast to many consumers).

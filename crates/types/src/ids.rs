@@ -7,7 +7,10 @@ use crate::TypesError;
 fn check(field: &'static str, value: &str, max: usize) -> Result<(), TypesError> {
     let reason = if value.is_empty() || value.len() > max {
         format!("must be 1 to {max} characters")
-    } else if !value.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+    } else if !value
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
         "may contain only letters, digits, '_' and '-'".to_owned()
     } else {
         return Ok(());
@@ -33,7 +36,8 @@ pub fn check_product_id(v: &str) -> Result<(), TypesError> {
 /// A device secret: 8 to 32 of `[A-Za-z0-9_-]`.
 pub fn check_secret(v: &str) -> Result<(), TypesError> {
     let ok = (8..=32).contains(&v.len())
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {
@@ -101,6 +105,9 @@ mod tests {
         assert_eq!(parse_marker("ffffffffffffffffffffffff"), Some(i64::MAX));
         assert_eq!(parse_marker("zz"), None);
         assert!(marker_of(9) < marker_of(10));
-        assert_eq!(object_id(1_000, [1, 2, 3, 4, 5, 6, 7, 8]), "000000010102030405060708");
+        assert_eq!(
+            object_id(1_000, [1, 2, 3, 4, 5, 6, 7, 8]),
+            "000000010102030405060708"
+        );
     }
 }

@@ -204,6 +204,8 @@ pub struct Product {
 impl Product {
     /// The service with id `service_id`, if the model declares it.
     pub fn service(&self, service_id: &str) -> Option<&ServiceCapability> {
-        self.service_capabilities.iter().find(|s| s.service_id == service_id)
+        self.service_capabilities
+            .iter()
+            .find(|s| s.service_id == service_id)
     }
 }

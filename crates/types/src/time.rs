@@ -74,7 +74,8 @@ impl Civil {
         if civil_from_days(days) != (self.year, self.month, self.day) {
             return None;
         }
-        let secs = i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second);
+        let secs =
+            i64::from(self.hour) * 3600 + i64::from(self.minute) * 60 + i64::from(self.second);
         Some(days * 86_400_000 + secs * 1000 + i64::from(self.millis))
     }
 }

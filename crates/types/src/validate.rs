@@ -26,7 +26,9 @@ impl fmt::Display for Rejection {
         match self {
             Rejection::UnknownService => write!(f, "service is not in the product model"),
             Rejection::UnknownProperty => write!(f, "property is not in the product model"),
-            Rejection::WrongType { expected } => write!(f, "value is not of type {}", expected.as_str()),
+            Rejection::WrongType { expected } => {
+                write!(f, "value is not of type {}", expected.as_str())
+            }
             Rejection::BelowMin { min } => write!(f, "value is below the minimum {min}"),
             Rejection::AboveMax { max } => write!(f, "value is above the maximum {max}"),
             Rejection::TooLong { max_length } => write!(f, "value is longer than {max_length}"),
@@ -60,10 +62,15 @@ fn check_length(c: &Constraints<'_>, s: &str) -> Result<(), Rejection> {
 
 /// Checks one value against the constraints of a property or command parameter.
 pub fn check_value(c: &Constraints<'_>, value: &Value) -> Result<(), Rejection> {
-    let wrong = Rejection::WrongType { expected: c.data_type };
+    let wrong = Rejection::WrongType {
+        expected: c.data_type,
+    };
     match c.data_type {
         DataType::Int => {
-            let n = value.as_i64().filter(|n| i32::try_from(*n).is_ok()).ok_or(wrong)?;
+            let n = value
+                .as_i64()
+                .filter(|n| i32::try_from(*n).is_ok())
+                .ok_or(wrong)?;
             check_range(c, n as f64)
         }
         DataType::Long => {
@@ -150,10 +157,14 @@ fn invalid(msg: String) -> TypesError {
 
 fn check_name(kind: &str, name: &str, max: usize) -> Result<(), TypesError> {
     if name.is_empty() || name.chars().count() > max {
-        return Err(invalid(format!("{kind} '{name}' must be 1 to {max} characters")));
+        return Err(invalid(format!(
+            "{kind} '{name}' must be 1 to {max} characters"
+        )));
     }
     if name.contains(['.', '$', '\0']) {
-        return Err(invalid(format!("{kind} '{name}' must not contain '.', '$' or NUL")));
+        return Err(invalid(format!(
+            "{kind} '{name}' must not contain '.', '$' or NUL"
+        )));
     }
     Ok(())
 }
@@ -164,17 +175,23 @@ fn check_constraints(owner: &str, c: &Constraints<'_>) -> Result<(), TypesError>
     if c.data_type.is_numeric() {
         for (text, parsed) in [min, max].into_iter().flatten() {
             if parsed.is_none() {
-                return Err(invalid(format!("{owner}: min/max '{text}' is not a number")));
+                return Err(invalid(format!(
+                    "{owner}: min/max '{text}' is not a number"
+                )));
             }
         }
         if let (Some((_, Some(lo))), Some((_, Some(hi)))) = (min, max)
             && lo > hi
         {
-            return Err(invalid(format!("{owner}: min {lo} is greater than max {hi}")));
+            return Err(invalid(format!(
+                "{owner}: min {lo} is greater than max {hi}"
+            )));
         }
     }
     if c.data_type == DataType::Enum && c.enum_list.is_empty() {
-        return Err(invalid(format!("{owner}: an enum needs a non-empty enum_list")));
+        return Err(invalid(format!(
+            "{owner}: an enum needs a non-empty enum_list"
+        )));
     }
     if c.max_length.is_some_and(|l| l < 0) {
         return Err(invalid(format!("{owner}: max_length must not be negative")));
@@ -189,7 +206,10 @@ fn check_property(service_id: &str, p: &ServiceProperty) -> Result<(), TypesErro
         && p.method.chars().all(|c| matches!(c, 'R' | 'W' | 'E'))
         && p.method.chars().collect::<HashSet<_>>().len() == p.method.len();
     if !method_ok {
-        return Err(invalid(format!("{owner}: method '{}' must combine R, W and E", p.method)));
+        return Err(invalid(format!(
+            "{owner}: method '{}' must combine R, W and E",
+            p.method
+        )));
     }
     check_constraints(&owner, &p.constraints())
 }
@@ -199,7 +219,10 @@ fn check_paras(owner: &str, paras: Option<&[CommandPara]>) -> Result<(), TypesEr
     for para in paras.unwrap_or_default() {
         check_name("para_name", &para.para_name, 32)?;
         if !seen.insert(para.para_name.as_str()) {
-            return Err(invalid(format!("{owner}: duplicate para_name '{}'", para.para_name)));
+            return Err(invalid(format!(
+                "{owner}: duplicate para_name '{}'",
+                para.para_name
+            )));
         }
         check_constraints(&format!("{owner}.{}", para.para_name), &para.constraints())?;
     }
@@ -209,19 +232,28 @@ fn check_paras(owner: &str, paras: Option<&[CommandPara]>) -> Result<(), TypesEr
 fn check_service(s: &ServiceCapability) -> Result<(), TypesError> {
     check_name("service_id", &s.service_id, 64)?;
     if s.service_type.is_empty() {
-        return Err(invalid(format!("service '{}' needs a service_type", s.service_id)));
+        return Err(invalid(format!(
+            "service '{}' needs a service_type",
+            s.service_id
+        )));
     }
     let mut names = HashSet::new();
     for p in s.properties.as_deref().unwrap_or_default() {
         check_property(&s.service_id, p)?;
         if !names.insert(p.property_name.as_str()) {
-            return Err(invalid(format!("{}: duplicate property '{}'", s.service_id, p.property_name)));
+            return Err(invalid(format!(
+                "{}: duplicate property '{}'",
+                s.service_id, p.property_name
+            )));
         }
     }
     let mut commands = HashSet::new();
     for c in s.commands.as_deref().unwrap_or_default() {
         if c.command_name.is_empty() || !commands.insert(c.command_name.as_str()) {
-            return Err(invalid(format!("{}: empty or duplicate command '{}'", s.service_id, c.command_name)));
+            return Err(invalid(format!(
+                "{}: empty or duplicate command '{}'",
+                s.service_id, c.command_name
+            )));
         }
         let owner = format!("{}.{}", s.service_id, c.command_name);
         check_paras(&owner, c.paras.as_deref())?;
@@ -230,7 +262,10 @@ fn check_service(s: &ServiceCapability) -> Result<(), TypesError> {
         }
     }
     for e in s.events.as_deref().unwrap_or_default() {
-        check_paras(&format!("{}.{}", s.service_id, e.event_type), e.paras.as_deref())?;
+        check_paras(
+            &format!("{}.{}", s.service_id, e.event_type),
+            e.paras.as_deref(),
+        )?;
     }
     Ok(())
 }
@@ -278,28 +313,82 @@ mod tests {
             ("temp", json!(-40), Ok(())),
             ("temp", json!(500), Err(Rejection::AboveMax { max: 120.0 })),
             ("temp", json!(-41), Err(Rejection::BelowMin { min: -40.0 })),
-            ("temp", json!("21"), Err(Rejection::WrongType { expected: DataType::Decimal })),
+            (
+                "temp",
+                json!("21"),
+                Err(Rejection::WrongType {
+                    expected: DataType::Decimal,
+                }),
+            ),
             ("count", json!(7), Ok(())),
-            ("count", json!(7.5), Err(Rejection::WrongType { expected: DataType::Int })),
-            ("count", json!(3_000_000_000_i64), Err(Rejection::WrongType { expected: DataType::Int })),
+            (
+                "count",
+                json!(7.5),
+                Err(Rejection::WrongType {
+                    expected: DataType::Int,
+                }),
+            ),
+            (
+                "count",
+                json!(3_000_000_000_i64),
+                Err(Rejection::WrongType {
+                    expected: DataType::Int,
+                }),
+            ),
             ("big", json!(3_000_000_000_i64), Ok(())),
             ("label", json!("12345678"), Ok(())),
-            ("label", json!("123456789"), Err(Rejection::TooLong { max_length: 8 })),
+            (
+                "label",
+                json!("123456789"),
+                Err(Rejection::TooLong { max_length: 8 }),
+            ),
             ("mode", json!("auto"), Ok(())),
             ("mode", json!("eco"), Err(Rejection::NotInEnum)),
             ("on", json!(true), Ok(())),
-            ("on", json!(1), Err(Rejection::WrongType { expected: DataType::Boolean })),
+            (
+                "on",
+                json!(1),
+                Err(Rejection::WrongType {
+                    expected: DataType::Boolean,
+                }),
+            ),
             ("at", json!("20250414T010203Z"), Ok(())),
-            ("at", json!("tomorrow"), Err(Rejection::WrongType { expected: DataType::DateTime })),
+            (
+                "at",
+                json!("tomorrow"),
+                Err(Rejection::WrongType {
+                    expected: DataType::DateTime,
+                }),
+            ),
             ("extra", json!({"a": 1}), Ok(())),
-            ("extra", json!([1]), Err(Rejection::WrongType { expected: DataType::JsonObject })),
+            (
+                "extra",
+                json!([1]),
+                Err(Rejection::WrongType {
+                    expected: DataType::JsonObject,
+                }),
+            ),
             ("tags", json!(["a", "bcd"]), Ok(())),
-            ("tags", json!(["abcd"]), Err(Rejection::TooLong { max_length: 3 })),
-            ("tags", json!([1]), Err(Rejection::WrongType { expected: DataType::StringList })),
+            (
+                "tags",
+                json!(["abcd"]),
+                Err(Rejection::TooLong { max_length: 3 }),
+            ),
+            (
+                "tags",
+                json!([1]),
+                Err(Rejection::WrongType {
+                    expected: DataType::StringList,
+                }),
+            ),
         ];
         for (name, value, want) in cases {
             let p = s.property(name).unwrap_or_else(|| panic!("no {name}"));
-            assert_eq!(check_value(&p.constraints(), &value), want, "{name} = {value}");
+            assert_eq!(
+                check_value(&p.constraints(), &value),
+                want,
+                "{name} = {value}"
+            );
         }
     }
 
@@ -308,11 +397,16 @@ mod tests {
         let s = service();
         let mut rejected = Vec::new();
         let props = json!({"temp": 500, "count": 7, "ghost": 1});
-        let Value::Object(props) = props else { unreachable!() };
+        let Value::Object(props) = props else {
+            unreachable!()
+        };
         let kept = filter_properties(Some(&s), "Temperature", props, &mut rejected);
         assert_eq!(Value::Object(kept), json!({"count": 7}));
         let names: Vec<_> = rejected.iter().map(|r| r.property.clone()).collect();
-        assert_eq!(names, vec![Some("ghost".to_owned()), Some("temp".to_owned())]);
+        assert_eq!(
+            names,
+            vec![Some("ghost".to_owned()), Some("temp".to_owned())]
+        );
         let mut rejected = Vec::new();
         let kept = filter_properties(None, "Nope", Map::new(), &mut rejected);
         assert!(kept.is_empty());
@@ -322,27 +416,57 @@ mod tests {
     #[test]
     fn model_definition_errors() {
         let bad: Vec<(Value, &str)> = vec![
-            (json!([{"service_id": "a.b", "service_type": "t"}]), "must not contain"),
-            (json!([{"service_id": "s", "service_type": "t"}, {"service_id": "s", "service_type": "t"}]), "duplicate service_id"),
-            (json!([{"service_id": "s", "service_type": "t", "properties": [
-                {"property_name": "p", "data_type": "int", "min": "10", "max": "1", "method": "R"}]}]), "greater than max"),
-            (json!([{"service_id": "s", "service_type": "t", "properties": [
-                {"property_name": "p", "data_type": "int", "min": "ten", "method": "R"}]}]), "not a number"),
-            (json!([{"service_id": "s", "service_type": "t", "properties": [
-                {"property_name": "p", "data_type": "enum", "method": "R"}]}]), "enum_list"),
-            (json!([{"service_id": "s", "service_type": "t", "properties": [
-                {"property_name": "p", "data_type": "int", "method": "RX"}]}]), "method"),
-            (json!([{"service_id": "s", "service_type": "t", "properties": [
+            (
+                json!([{"service_id": "a.b", "service_type": "t"}]),
+                "must not contain",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t"}, {"service_id": "s", "service_type": "t"}]),
+                "duplicate service_id",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t", "properties": [
+                {"property_name": "p", "data_type": "int", "min": "10", "max": "1", "method": "R"}]}]),
+                "greater than max",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t", "properties": [
+                {"property_name": "p", "data_type": "int", "min": "ten", "method": "R"}]}]),
+                "not a number",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t", "properties": [
+                {"property_name": "p", "data_type": "enum", "method": "R"}]}]),
+                "enum_list",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t", "properties": [
+                {"property_name": "p", "data_type": "int", "method": "RX"}]}]),
+                "method",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t", "properties": [
                 {"property_name": "p", "data_type": "int", "method": "R"},
-                {"property_name": "p", "data_type": "int", "method": "R"}]}]), "duplicate property"),
-            (json!([{"service_id": "s", "service_type": "t", "commands": [
-                {"command_name": "c", "paras": [{"para_name": "x", "data_type": "int"}, {"para_name": "x", "data_type": "int"}]}]}]), "duplicate para_name"),
+                {"property_name": "p", "data_type": "int", "method": "R"}]}]),
+                "duplicate property",
+            ),
+            (
+                json!([{"service_id": "s", "service_type": "t", "commands": [
+                {"command_name": "c", "paras": [{"para_name": "x", "data_type": "int"}, {"para_name": "x", "data_type": "int"}]}]}]),
+                "duplicate para_name",
+            ),
         ];
         for (model, needle) in bad {
             let services: Vec<ServiceCapability> =
                 serde_json::from_value(model.clone()).unwrap_or_else(|e| panic!("{model}: {e}"));
-            let err = check_model(&services).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(needle), "{model}: got '{err}', want '{needle}'");
+            let err = check_model(&services)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(
+                err.contains(needle),
+                "{model}: got '{err}', want '{needle}'"
+            );
         }
         assert!(check_model(std::slice::from_ref(&service())).is_ok());
     }

@@ -30,7 +30,12 @@ pub async fn server_with(adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
     let running = start(config).await.unwrap();
     let api = ApiClient::from_data_dir(dir.path()).unwrap();
     let mqtt_port = running.mqtt_addr.port();
-    TestServer { running: Some(running), api, mqtt_port, dir }
+    TestServer {
+        running: Some(running),
+        api,
+        mqtt_port,
+        dir,
+    }
 }
 
 /// The model every test product uses.
@@ -50,7 +55,11 @@ pub fn model() -> Value {
 impl TestServer {
     pub async fn product(&self) -> String {
         let body = json!({"name": "thermo", "device_type": "Thermometer", "protocol_type": "MQTT", "service_capabilities": model()});
-        let r = self.api.call("POST", "/products", Some(&body)).await.unwrap();
+        let r = self
+            .api
+            .call("POST", "/products", Some(&body))
+            .await
+            .unwrap();
         assert_eq!(r.status, 201, "{}", r.body);
         r.body["product_id"].as_str().unwrap().to_owned()
     }
@@ -58,9 +67,16 @@ impl TestServer {
     /// Registers a device and returns `(device_id, secret)`.
     pub async fn device(&self, product_id: &str, node_id: &str) -> (String, String) {
         let body = json!({"node_id": node_id, "product_id": product_id, "auth_info": {"secret": "s3cret-pass"}});
-        let r = self.api.call("POST", "/devices", Some(&body)).await.unwrap();
+        let r = self
+            .api
+            .call("POST", "/devices", Some(&body))
+            .await
+            .unwrap();
         assert_eq!(r.status, 201, "{}", r.body);
-        (r.body["device_id"].as_str().unwrap().to_owned(), "s3cret-pass".to_owned())
+        (
+            r.body["device_id"].as_str().unwrap().to_owned(),
+            "s3cret-pass".to_owned(),
+        )
     }
 
     pub async fn get(&self, path: &str) -> Value {
@@ -70,13 +86,21 @@ impl TestServer {
     }
 
     pub async fn status(&self, device_id: &str) -> String {
-        self.get(&format!("/devices/{device_id}")).await["status"].as_str().unwrap().to_owned()
+        self.get(&format!("/devices/{device_id}")).await["status"]
+            .as_str()
+            .unwrap()
+            .to_owned()
     }
 
     /// Trace entry kinds of a device, newest first.
     pub async fn trace_kinds(&self, device_id: &str) -> Vec<String> {
         let body = self.get(&format!("/devices/{device_id}/trace")).await;
-        body["entries"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap().to_owned()).collect()
+        body["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     pub async fn stop(mut self) {
@@ -87,12 +111,20 @@ impl TestServer {
 }
 
 pub fn hour_stamp() -> String {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     ioda_types::time::format_hour_stamp(now)
 }
 
 /// MQTT options of an IoTDA device: client id, username and HMAC password.
-pub fn device_options(port: u16, device_id: &str, secret: &str, keep_alive_secs: u64) -> MqttOptions {
+pub fn device_options(
+    port: u16,
+    device_id: &str,
+    secret: &str,
+    keep_alive_secs: u64,
+) -> MqttOptions {
     let ts = hour_stamp();
     let mut options = MqttOptions::new(format!("{device_id}_0_0_{ts}"), "127.0.0.1", port);
     options.set_credentials(device_id, ioda_engine::auth::device_password(secret, &ts));
@@ -105,7 +137,10 @@ pub fn device_options(port: u16, device_id: &str, secret: &str, keep_alive_secs:
 pub async fn connect(options: MqttOptions) -> Result<(AsyncClient, EventLoop), ConnectionError> {
     let (client, mut events) = AsyncClient::new(options, 64);
     loop {
-        match tokio::time::timeout(Duration::from_secs(5), events.poll()).await.expect("CONNACK in time")? {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll())
+            .await
+            .expect("CONNACK in time")?
+        {
             Event::Incoming(Packet::ConnAck(_)) => return Ok((client, events)),
             _ => continue,
         }
@@ -113,7 +148,11 @@ pub async fn connect(options: MqttOptions) -> Result<(AsyncClient, EventLoop), C
 }
 
 /// Drives the event loop until `until` matches an event or the time runs out.
-pub async fn drive(events: &mut EventLoop, secs: u64, mut until: impl FnMut(&Event) -> bool) -> Result<Event, String> {
+pub async fn drive(
+    events: &mut EventLoop,
+    secs: u64,
+    mut until: impl FnMut(&Event) -> bool,
+) -> Result<Event, String> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         match tokio::time::timeout_at(deadline, events.poll()).await {
