@@ -604,3 +604,60 @@ async fn malformed_packets_close_the_connection() {
     .await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn shutdown_tells_mqtt5_clients_why_and_marks_them_offline() {
+    use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet as P5};
+    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions};
+    let mut server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "node-12").await;
+    let ts = hour_stamp();
+    let mut options = MqttOptions::new(
+        format!("{device_id}_0_0_{ts}"),
+        "127.0.0.1",
+        server.mqtt_port,
+    );
+    options.set_credentials(
+        device_id.clone(),
+        ioda_engine::auth::device_password(&secret, &ts),
+    );
+    options.set_keep_alive(Duration::from_secs(60));
+    let (_client, mut events) = AsyncClient::new(options, 8);
+    loop {
+        if let E5::Incoming(P5::ConnAck(_)) = events.poll().await.unwrap() {
+            break;
+        }
+    }
+    let running = server.running.take().unwrap();
+    let stopping = tokio::spawn(running.stop());
+    let reason = loop {
+        match tokio::time::timeout(Duration::from_secs(5), events.poll())
+            .await
+            .unwrap()
+        {
+            Ok(E5::Incoming(P5::Disconnect(d))) => break Some(d.reason_code),
+            Ok(_) => continue,
+            // rumqttc surfaces a server DISCONNECT as a state error carrying the reason.
+            Err(rumqttc::v5::ConnectionError::MqttState(
+                rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+            )) => {
+                break Some(reason_code);
+            }
+            Err(_) => break None,
+        }
+    };
+    assert_eq!(reason, Some(DisconnectReasonCode::ServerShuttingDown));
+    stopping.await.unwrap().unwrap();
+    // The OFFLINE written during shutdown is on disk: a restart shows it.
+    let config = ioda::config::ServeConfig::ephemeral(server.dir.path());
+    let restarted = ioda::serve::start(config).await.unwrap();
+    let device = restarted
+        .platform
+        .device(&server.api.project_id, &device_id)
+        .await
+        .unwrap();
+    assert_eq!(device.status, ioda_types::DeviceStatus::Offline);
+    assert!(device.last_offline_at.is_some());
+    restarted.stop().await.unwrap();
+}

@@ -577,9 +577,12 @@ pub fn encode_pingresp(out: &mut BytesMut) {
 }
 
 /// DISCONNECT from the server: MQTT 5 only (a 3.1.1 server just closes the connection).
+/// The empty property length is written out although the spec allows leaving it off, because some
+/// clients (rumqttc among them) require it.
 pub fn encode_disconnect(out: &mut BytesMut, reason: u8) {
-    put_header(out, 0xE0, 1);
+    put_header(out, 0xE0, 2);
     out.put_u8(reason);
+    out.put_u8(0);
 }
 
 #[cfg(test)]
@@ -859,7 +862,7 @@ mod tests {
             (
                 "disconnect",
                 Box::new(|o| encode_disconnect(o, 0x8E)),
-                vec![0xE0, 1, 0x8E],
+                vec![0xE0, 2, 0x8E, 0],
             ),
             (
                 "publish qos1 v5",

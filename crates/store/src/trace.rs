@@ -47,11 +47,10 @@ pub(crate) fn insert_trace(c: &Connection, entries: &[TraceEntry]) -> Result<(),
 }
 
 impl Store {
-    /// Queues trace entries; they are written with the next group commit.
+    /// Writes trace entries with the next group commit and waits for it, so that once a refusal
+    /// has been answered its trace entry is visible.
     pub async fn record_trace(&self, entries: Vec<TraceEntry>) -> Result<(), StoreError> {
-        // Trace writes are not awaited: nothing is acknowledged on their account.
-        let _commit = self.submit(move |c| insert_trace(c, &entries)).await?;
-        Ok(())
+        self.write(move |c| insert_trace(c, &entries)).await
     }
 
     /// The newest `limit` trace entries of a device, newest first.

@@ -1,0 +1,153 @@
+//! The store against a real SQLite file: group commit isolation, shadow merging, reopening.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use ioda_store::{AccessKey, Durability, Project, ReportRecord, Store, StoreError};
+use ioda_types::{Device, DeviceAuth, DeviceStatus};
+use serde_json::json;
+
+fn device(id: &str, node: &str) -> Device {
+    Device {
+        seq: 0,
+        project_id: "p".into(),
+        app_id: "a".into(),
+        device_id: id.into(),
+        node_id: node.into(),
+        product_id: "prod".into(),
+        gateway_id: id.into(),
+        device_name: None,
+        description: None,
+        auth: DeviceAuth {
+            auth_type: "SECRET".into(),
+            secret: Some("secret123".into()),
+            secondary_secret: None,
+            fingerprint: None,
+            secondary_fingerprint: None,
+            secure_access: false,
+            timeout: 0,
+        },
+        extension_info: None,
+        status: DeviceStatus::Inactive,
+        frozen: false,
+        fw_version: None,
+        sw_version: None,
+        sdk_version: None,
+        created_at: 1,
+        first_online_at: None,
+        last_online_at: None,
+        last_offline_at: None,
+        status_updated_at: None,
+    }
+}
+
+async fn open(dir: &std::path::Path) -> Store {
+    Store::open(&dir.join("t.db"), Durability::Normal).unwrap()
+}
+
+#[tokio::test]
+async fn a_failing_job_does_not_sink_its_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let project = Project {
+        project_id: "p".into(),
+        name: "n".into(),
+        default_app_id: "a".into(),
+        default_app_name: "A".into(),
+        created_at: 0,
+    };
+    store
+        .create_project(
+            project,
+            AccessKey {
+                access_key: "AK".into(),
+                secret_key: "SK".into(),
+                project_id: "p".into(),
+            },
+        )
+        .await
+        .unwrap();
+    // Submitted together, these land in one transaction; the duplicate must fail alone.
+    let (a, b, c) = tokio::join!(
+        store.insert_device(device("d1", "n1"), vec![]),
+        store.insert_device(device("d1", "n2"), vec![]),
+        store.insert_device(device("d2", "n3"), vec![]),
+    );
+    assert!(a.is_ok() && c.is_ok());
+    assert!(matches!(b, Err(StoreError::Conflict(_))), "{b:?}");
+    assert!(
+        store
+            .device("d1".into())
+            .await
+            .unwrap()
+            .is_some_and(|d| d.node_id == "n1")
+    );
+    assert!(store.device("d2".into()).await.unwrap().is_some());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn reports_merge_into_the_shadow_and_survive_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let report = |props: serde_json::Value, t: i64| ReportRecord {
+        device_id: "d1".into(),
+        request_id: format!("r{t}"),
+        received_at: t,
+        services: vec![("S".into(), props.as_object().unwrap().clone(), t)],
+    };
+    let first = store
+        .submit_report(report(json!({"a": 1, "b": 2}), 10), vec![])
+        .await
+        .unwrap();
+    let second = store
+        .submit_report(report(json!({"b": 3}), 20), vec![])
+        .await
+        .unwrap();
+    first.await.unwrap().unwrap();
+    second.await.unwrap().unwrap();
+    store.close().await;
+
+    let store = open(dir.path()).await;
+    let shadow = store.shadow("d1".into()).await.unwrap();
+    assert_eq!(shadow.len(), 1);
+    assert_eq!(
+        serde_json::Value::Object(shadow[0].reported.clone().unwrap()),
+        json!({"a": 1, "b": 3})
+    );
+    assert_eq!((shadow[0].version, shadow[0].reported_at), (2, Some(20)));
+    let history = store.property_history("d1".into(), 10).await.unwrap();
+    assert_eq!(
+        history
+            .iter()
+            .map(|h| h.request_id.as_str())
+            .collect::<Vec<_>>(),
+        vec!["r20", "r10"]
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn the_trace_stays_bounded_per_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let entry = |i: i64| ioda_store::TraceEntry {
+        id: 0,
+        device_id: "d1".into(),
+        at: i,
+        kind: "k".into(),
+        detail: json!({ "i": i }),
+    };
+    for chunk in 0..12 {
+        store
+            .record_trace((0..100).map(|i| entry(chunk * 100 + i)).collect())
+            .await
+            .unwrap();
+    }
+    let kept = store.trace("d1".into(), 5000).await.unwrap();
+    assert!(kept.len() <= 1000 + 64, "kept {}", kept.len());
+    assert_eq!(
+        kept[0].detail,
+        json!({ "i": 1199 }),
+        "the newest entries are kept"
+    );
+    store.close().await;
+}
