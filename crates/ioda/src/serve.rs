@@ -108,7 +108,12 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
     let mqtt_listener = TcpListener::bind(config.mqtt_addr)
         .await
-        .with_context(|| format!("binding MQTT on {}", config.mqtt_addr))?;
+        .with_context(|| {
+            format!(
+                "binding MQTT on {} (if another broker such as Mosquitto holds the port, choose one with --mqtt-addr)",
+                config.mqtt_addr
+            )
+        })?;
     let http_addr = connectable(http_listener.local_addr()?);
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
