@@ -60,6 +60,30 @@ fn check_fingerprint(fp: &str) -> Result<(), EngineError> {
     }
 }
 
+fn check_timeout(timeout: i64) -> Result<(), EngineError> {
+    if (0..=2_147_483_647).contains(&timeout) {
+        Ok(())
+    } else {
+        Err(invalid("timeout must be between 0 and 2147483647"))
+    }
+}
+
+/// The free-text fields of a device: name, description and extension info.
+fn check_descriptive(
+    name: Option<&str>,
+    description: Option<&str>,
+    extension: Option<&Value>,
+) -> Result<(), EngineError> {
+    check_opt_len("device_name", name, 256)?;
+    check_opt_len("description", description, 2048)?;
+    match extension {
+        Some(ext) if !ext.is_object() || ext.to_string().len() > 1024 => Err(invalid(
+            "extension_info must be a JSON object of at most 1 KB",
+        )),
+        _ => Ok(()),
+    }
+}
+
 fn build_auth(auth: NewDeviceAuth) -> Result<DeviceAuth, EngineError> {
     let auth_type = auth.auth_type.unwrap_or_else(|| "SECRET".into());
     let (secret, fingerprint) = match auth_type.as_str() {
@@ -77,9 +101,7 @@ fn build_auth(auth: NewDeviceAuth) -> Result<DeviceAuth, EngineError> {
         _ => return Err(invalid("auth_type must be SECRET or CERTIFICATES")),
     };
     let timeout = auth.timeout.unwrap_or(0);
-    if !(0..=2_147_483_647).contains(&timeout) {
-        return Err(invalid("timeout must be between 0 and 2147483647"));
-    }
+    check_timeout(timeout)?;
     Ok(DeviceAuth {
         auth_type,
         secret,
@@ -141,15 +163,11 @@ impl Platform {
             .device_id
             .unwrap_or_else(|| ids::default_device_id(&product.product_id, &new.node_id));
         ids::check_device_id(&device_id)?;
-        check_opt_len("device_name", new.device_name.as_deref(), 256)?;
-        check_opt_len("description", new.description.as_deref(), 2048)?;
-        if let Some(ext) = &new.extension_info
-            && (!ext.is_object() || ext.to_string().len() > 1024)
-        {
-            return Err(invalid(
-                "extension_info must be a JSON object of at most 1 KB",
-            ));
-        }
+        check_descriptive(
+            new.device_name.as_deref(),
+            new.description.as_deref(),
+            new.extension_info.as_ref(),
+        )?;
         let gateway_id = match new.gateway_id {
             Some(gw) if gw != device_id => {
                 self.device(project_id, &gw)
@@ -236,20 +254,13 @@ impl Platform {
         update: DeviceUpdate,
     ) -> Result<Device, EngineError> {
         self.device(project_id, device_id).await?;
-        check_opt_len("device_name", update.device_name.as_deref(), 256)?;
-        check_opt_len("description", update.description.as_deref(), 2048)?;
-        if let Some(ext) = &update.extension_info
-            && (!ext.is_object() || ext.to_string().len() > 1024)
-        {
-            return Err(invalid(
-                "extension_info must be a JSON object of at most 1 KB",
-            ));
-        }
-        if update
-            .timeout
-            .is_some_and(|t| !(0..=2_147_483_647).contains(&t))
-        {
-            return Err(invalid("timeout must be between 0 and 2147483647"));
+        check_descriptive(
+            update.device_name.as_deref(),
+            update.description.as_deref(),
+            update.extension_info.as_ref(),
+        )?;
+        if let Some(timeout) = update.timeout {
+            check_timeout(timeout)?;
         }
         let device = self
             .store

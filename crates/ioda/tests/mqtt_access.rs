@@ -477,21 +477,11 @@ async fn cross_device_topics_are_refused() {
 #[tokio::test]
 async fn mqtt5_gets_reason_codes_for_denied_and_rate_limited_publishes() {
     use rumqttc::v5::mqttbytes::v5::{Packet as P5, PubAckReason};
-    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions};
+    use rumqttc::v5::{AsyncClient, Event as E5};
     let server = server_with(|c| c.engine.rate_limit = 5).await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-10").await;
-    let ts = hour_stamp();
-    let mut options = MqttOptions::new(
-        format!("{device_id}_0_0_{ts}"),
-        "127.0.0.1",
-        server.mqtt_port,
-    );
-    options.set_credentials(
-        device_id.clone(),
-        ioda_engine::auth::device_password(&secret, &ts),
-    );
-    options.set_keep_alive(Duration::from_secs(60));
+    let options = device_options_v5(server.mqtt_port, &device_id, &secret);
     let (client, mut events) = AsyncClient::new(options, 64);
     let report = json!({"services": [{"service_id": "Temperature", "properties": {"count": 4}}]})
         .to_string();
@@ -608,21 +598,11 @@ async fn malformed_packets_close_the_connection() {
 #[tokio::test]
 async fn shutdown_tells_mqtt5_clients_why_and_marks_them_offline() {
     use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, Packet as P5};
-    use rumqttc::v5::{AsyncClient, Event as E5, MqttOptions};
+    use rumqttc::v5::{AsyncClient, Event as E5};
     let mut server = server().await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-12").await;
-    let ts = hour_stamp();
-    let mut options = MqttOptions::new(
-        format!("{device_id}_0_0_{ts}"),
-        "127.0.0.1",
-        server.mqtt_port,
-    );
-    options.set_credentials(
-        device_id.clone(),
-        ioda_engine::auth::device_password(&secret, &ts),
-    );
-    options.set_keep_alive(Duration::from_secs(60));
+    let options = device_options_v5(server.mqtt_port, &device_id, &secret);
     let (_client, mut events) = AsyncClient::new(options, 8);
     loop {
         if let E5::Incoming(P5::ConnAck(_)) = events.poll().await.unwrap() {
@@ -660,4 +640,95 @@ async fn shutdown_tells_mqtt5_clients_why_and_marks_them_offline() {
     assert_eq!(device.status, ioda_types::DeviceStatus::Offline);
     assert!(device.last_offline_at.is_some());
     restarted.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn sign_type_1_checks_the_timestamp_against_the_clock() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "node-13").await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let with_stamp = |sign_type: u8, ms: i64| {
+        let ts = ioda_types::time::format_hour_stamp(ms);
+        let mut options = device_options(server.mqtt_port, &device_id, &secret, 60);
+        options.set_client_id(format!("{device_id}_0_{sign_type}_{ts}"));
+        options.set_credentials(
+            device_id.clone(),
+            ioda_engine::auth::device_password(&secret, &ts),
+        );
+        options
+    };
+    let five_hours = 5 * 3_600_000;
+    assert!(connect(with_stamp(1, now)).await.is_ok());
+    let stale = connect(with_stamp(1, now - five_hours)).await.err();
+    assert!(
+        matches!(
+            stale,
+            Some(ConnectionError::ConnectionRefused(
+                ConnectReturnCode::BadUserNamePassword
+            ))
+        ),
+        "{stale:?}"
+    );
+    // Sign type 0 does not compare the timestamp with the clock.
+    assert!(connect(with_stamp(0, now - five_hours)).await.is_ok());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn messages_and_custom_topics_are_stored_and_published_as_events() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "node-14").await;
+    let mut bus = server.running.as_ref().unwrap().platform.bus().subscribe();
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    let up = format!("$oc/devices/{device_id}/sys/messages/up?request_id=req-1");
+    publish_and_ack(&client, &mut events, &up, b"\x00\x01binary".to_vec())
+        .await
+        .unwrap();
+    let custom = format!("$oc/devices/{device_id}/user/telemetry");
+    publish_and_ack(&client, &mut events, &custom, b"hello".to_vec())
+        .await
+        .unwrap();
+    let stored = server
+        .running
+        .as_ref()
+        .unwrap()
+        .platform
+        .store()
+        .message_count(device_id.clone())
+        .await
+        .unwrap();
+    assert_eq!(stored, 2);
+    let mut seen = Vec::new();
+    while let Ok(Ok(event)) = tokio::time::timeout(Duration::from_millis(200), bus.recv()).await {
+        if let PlatformEvent::MessageReported {
+            topic,
+            payload,
+            request_id,
+            ..
+        } = &*event
+        {
+            seen.push((topic.clone(), payload.to_vec(), request_id.clone()));
+        }
+    }
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_eq!(
+        seen[0],
+        (
+            format!("$oc/devices/{device_id}/sys/messages/up"),
+            b"\x00\x01binary".to_vec(),
+            "req-1".to_owned()
+        )
+    );
+    assert_eq!(
+        (seen[1].0.as_str(), seen[1].1.as_slice()),
+        (custom.as_str(), &b"hello"[..])
+    );
+    server.stop().await;
 }

@@ -179,21 +179,9 @@ where
     panic!("{what} did not happen within 5 s");
 }
 
-/// A hand-made MQTT 3.1.1 CONNECT, for tests that need a client which misbehaves.
-pub fn raw_connect(client_id: &str, user: &str, password: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = Vec::new();
-    let put = |b: &mut Vec<u8>, s: &[u8]| {
-        b.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        b.extend_from_slice(s);
-    };
-    put(&mut body, b"MQTT");
-    body.push(4);
-    body.push(0xC2);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    put(&mut body, client_id.as_bytes());
-    put(&mut body, user.as_bytes());
-    put(&mut body, password.as_bytes());
-    let mut packet = vec![0x10];
+/// Prefixes a packet body with its fixed header (type byte and variable-length size).
+fn with_header(first: u8, body: Vec<u8>) -> Vec<u8> {
+    let mut packet = vec![first];
     let mut len = body.len();
     loop {
         let mut byte = (len % 128) as u8;
@@ -210,28 +198,41 @@ pub fn raw_connect(client_id: &str, user: &str, password: &str, keep_alive: u16)
     packet
 }
 
+fn put_str(body: &mut Vec<u8>, s: &[u8]) {
+    body.extend_from_slice(&(s.len() as u16).to_be_bytes());
+    body.extend_from_slice(s);
+}
+
+/// A hand-made MQTT 3.1.1 CONNECT, for tests that need a client which misbehaves.
+pub fn raw_connect(client_id: &str, user: &str, password: &str, keep_alive: u16) -> Vec<u8> {
+    let mut body = Vec::new();
+    put_str(&mut body, b"MQTT");
+    body.push(4);
+    body.push(0xC2);
+    body.extend_from_slice(&keep_alive.to_be_bytes());
+    put_str(&mut body, client_id.as_bytes());
+    put_str(&mut body, user.as_bytes());
+    put_str(&mut body, password.as_bytes());
+    with_header(0x10, body)
+}
+
 /// A hand-made MQTT 3.1.1 PUBLISH.
 pub fn raw_publish(topic: &str, payload: &[u8], qos1_pkid: Option<u16>) -> Vec<u8> {
     let mut body = Vec::new();
-    body.extend_from_slice(&(topic.len() as u16).to_be_bytes());
-    body.extend_from_slice(topic.as_bytes());
+    put_str(&mut body, topic.as_bytes());
     if let Some(pkid) = qos1_pkid {
         body.extend_from_slice(&pkid.to_be_bytes());
     }
     body.extend_from_slice(payload);
-    let mut packet = vec![if qos1_pkid.is_some() { 0x32 } else { 0x30 }];
-    let mut len = body.len();
-    loop {
-        let mut byte = (len % 128) as u8;
-        len /= 128;
-        if len > 0 {
-            byte |= 0x80;
-        }
-        packet.push(byte);
-        if len == 0 {
-            break;
-        }
-    }
-    packet.extend(body);
-    packet
+    with_header(if qos1_pkid.is_some() { 0x32 } else { 0x30 }, body)
+}
+
+/// MQTT 5 options of an IoTDA device, for rumqttc's v5 client.
+pub fn device_options_v5(port: u16, device_id: &str, secret: &str) -> rumqttc::v5::MqttOptions {
+    let ts = hour_stamp();
+    let mut options =
+        rumqttc::v5::MqttOptions::new(format!("{device_id}_0_0_{ts}"), "127.0.0.1", port);
+    options.set_credentials(device_id, ioda_engine::auth::device_password(secret, &ts));
+    options.set_keep_alive(Duration::from_secs(60));
+    options
 }
