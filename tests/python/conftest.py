@@ -23,7 +23,7 @@ from typing import Callable
 
 import pytest
 
-from ioda_mqtt import Device
+from ioda_mqtt import Device, SimDevice
 from ioda_testlib import SIGNER_IDS, SIGNERS, make_client
 
 STARTUP_TIMEOUT = 30.0
@@ -196,6 +196,22 @@ def device_factory(ioda_server):
 
     def factory(device_id: str, secret: str, **kwargs) -> Device:
         dev = Device(ioda_server.mqtt_host, ioda_server.mqtt_port, device_id, secret, **kwargs)
+        created.append(dev)
+        return dev
+
+    yield factory
+    for dev in created:
+        dev.close()
+
+
+@pytest.fixture
+def sim_device_factory(ioda_server):
+    """``sim_device_factory(device_id, secret, **SimDevice kwargs)`` -> unconnected ``SimDevice``
+    (subscribes to its downlink topics on connect and answers requests); closed at teardown."""
+    created: list[SimDevice] = []
+
+    def factory(device_id: str, secret: str, **kwargs) -> SimDevice:
+        dev = SimDevice(ioda_server.mqtt_host, ioda_server.mqtt_port, device_id, secret, **kwargs)
         created.append(dev)
         return dev
 

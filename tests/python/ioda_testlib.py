@@ -8,6 +8,7 @@ official ``huaweicloudsdkiotda`` SDK (unchanged) on the application side and
 from __future__ import annotations
 
 import decimal
+import re
 import time
 import uuid
 from typing import Any, Callable
@@ -43,11 +44,22 @@ from ioda_mqtt import (  # noqa: F401
     CONNACK_IDENTIFIER_REJECTED,
     CONNACK_NOT_AUTHORIZED,
     CONNACK_SERVER_UNAVAILABLE,
+    COMMAND,
+    COMMAND_OK,
+    MESSAGE,
+    PROPERTIES_GET,
+    PROPERTIES_SET,
+    PROPERTIES_SET_OK,
     PUBACK_NOT_AUTHORIZED,
+    SHADOW,
     SUBACK_FAILURE,
+    USER,
     Device,
+    Downlink,
+    SimDevice,
     iotda_password,
     report_topic,
+    user_topic,
     utc_hour_timestamp,
 )
 
@@ -176,6 +188,31 @@ def add_device(client: IoTDAClient, product_id: str, node_id: str | None = None,
         auth_info=AuthInfo(secret=secret) if secret is not None else None,
     )
     return client.add_device(AddDeviceRequest(body=body))
+
+
+def new_device(client: IoTDAClient, product_id: str) -> tuple[str, str]:
+    """Register a device of ``product_id``; returns ``(device_id, secret)``."""
+    created = add_device(client, product_id)
+    assert created.device_id and created.auth_info and created.auth_info.secret
+    return created.device_id, created.auth_info.secret
+
+
+def start_sim_device(client: IoTDAClient, sim_device_factory: Callable, device_id: str, secret: str,
+                     **kwargs) -> SimDevice:
+    """Connect a ``SimDevice`` (subscribed to its downlinks) and wait until the API shows it ONLINE."""
+    dev = sim_device_factory(device_id, secret, **kwargs)
+    assert dev.connect() == CONNACK_ACCEPTED
+    wait_for_status(client, device_id, "ONLINE")
+    return dev
+
+
+#: ``yyyyMMdd'T'HHmmss'Z'``, the platform's time format (application API 3).
+PLATFORM_TIME_RE = re.compile(r"\d{8}T\d{6}Z")
+
+
+def assert_platform_time(value: Any, what: str) -> None:
+    assert isinstance(value, str) and PLATFORM_TIME_RE.fullmatch(value), (
+        f"{what}: expected yyyyMMdd'T'HHmmss'Z', got {value!r}")
 
 
 def device_status(client: IoTDAClient, device_id: str) -> str:

@@ -102,8 +102,8 @@ pub struct LimitParam {
 
 #[derive(Debug, Deserialize)]
 pub struct DevicePath {
-    project_id: String,
-    device_id: String,
+    pub project_id: String,
+    pub device_id: String,
 }
 
 fn app_name(state: &AppState, device: &Device) -> Option<String> {
@@ -327,10 +327,6 @@ pub async fn unfreeze(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn shadow_side(properties: Option<serde_json::Map<String, Value>>, at: Option<i64>) -> Value {
-    json!({ "properties": properties.unwrap_or_default(), "event_time": at.map(time::format_compact) })
-}
-
 pub async fn shadow(
     State(state): State<AppState>,
     Path(path): Path<DevicePath>,
@@ -345,19 +341,8 @@ pub async fn shadow(
         .shadow(path.device_id.clone())
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let shadow: Vec<Value> = rows
-        .into_iter()
-        .map(|r| {
-            json!({
-                "service_id": r.service_id,
-                "desired": shadow_side(r.desired, r.desired_at),
-                "reported": shadow_side(r.reported, r.reported_at),
-                "version": r.version,
-            })
-        })
-        .collect();
     Ok(Json(
-        json!({ "device_id": path.device_id, "shadow": shadow }),
+        json!({ "device_id": path.device_id, "shadow": ioda_engine::shadow_json(&rows) }),
     ))
 }
 

@@ -28,6 +28,14 @@ pub enum ApiError {
     Conflict(String),
     #[error("The requested API does not exist.")]
     NoSuchApi,
+    #[error("Operation not allowed. The device is not online.")]
+    DeviceOffline,
+    #[error(
+        "Command request timed out. Check whether the device is online and answers with the request_id it was sent."
+    )]
+    DeviceTimeout,
+    #[error("The device has not subscribed to the topic.")]
+    NotSubscribed,
     #[error("Internal error.")]
     Internal(String),
 }
@@ -43,9 +51,14 @@ impl ApiError {
             ApiError::LimitOutOfRange => (StatusCode::BAD_REQUEST, "IOTDA.000017"),
             ApiError::NotFound("device") => (StatusCode::NOT_FOUND, "IOTDA.014000"),
             ApiError::NotFound("product") => (StatusCode::NOT_FOUND, "IOTDA.013000"),
+            ApiError::NotFound("command") => (StatusCode::NOT_FOUND, "IOTDA.014140"),
+            ApiError::NotFound("message") => (StatusCode::NOT_FOUND, "IOTDA.014141"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "IOTDA.000007"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "IOTDA.014115"),
             ApiError::NoSuchApi => (StatusCode::NOT_FOUND, "IOTDA.000001"),
+            ApiError::DeviceOffline => (StatusCode::FORBIDDEN, "IOTDA.014016"),
+            ApiError::DeviceTimeout => (StatusCode::REQUEST_TIMEOUT, "IOTDA.014111"),
+            ApiError::NotSubscribed => (StatusCode::BAD_REQUEST, "IOTDA.014112"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "IOTDA.000000"),
         }
     }
@@ -58,6 +71,9 @@ impl From<EngineError> for ApiError {
             EngineError::NotFound(what) => ApiError::NotFound(what),
             EngineError::Conflict(msg) => ApiError::Conflict(msg),
             EngineError::Invalid(msg) => ApiError::Invalid(msg),
+            EngineError::DeviceOffline => ApiError::DeviceOffline,
+            EngineError::DeviceTimeout => ApiError::DeviceTimeout,
+            EngineError::NotSubscribed => ApiError::NotSubscribed,
             EngineError::Store(store) => ApiError::Internal(store.to_string()),
         }
     }

@@ -3,9 +3,11 @@
 //! platform logic lives in `ioda-engine`.
 
 mod auth;
+mod commands;
 mod devices;
 mod error;
 mod extract;
+mod messages;
 mod products;
 pub mod sign;
 
@@ -56,7 +58,34 @@ pub fn router(platform: Arc<Platform>, signature_window_ms: i64) -> Router {
         .route("/devices/{device_id}/action", post(devices::action))
         .route("/devices/{device_id}/freeze", post(devices::freeze))
         .route("/devices/{device_id}/unfreeze", post(devices::unfreeze))
-        .route("/devices/{device_id}/shadow", get(devices::shadow))
+        .route(
+            "/devices/{device_id}/shadow",
+            get(devices::shadow).put(commands::update_desired),
+        )
+        .route(
+            "/devices/{device_id}/commands",
+            post(commands::create_command),
+        )
+        .route(
+            "/devices/{device_id}/async-commands",
+            post(commands::create_async_command).get(commands::list_async_commands),
+        )
+        .route(
+            "/devices/{device_id}/async-commands/{command_id}",
+            get(commands::show_async_command),
+        )
+        .route(
+            "/devices/{device_id}/properties",
+            get(commands::list_properties).put(commands::update_properties),
+        )
+        .route(
+            "/devices/{device_id}/messages",
+            post(messages::create).get(messages::list),
+        )
+        .route(
+            "/devices/{device_id}/messages/{message_id}",
+            get(messages::show),
+        )
         .route("/devices/{device_id}/trace", get(devices::trace))
         .route(
             "/devices/{device_id}/property-history",

@@ -14,8 +14,11 @@ use serde_json::{Value, json};
 use crate::Platform;
 use crate::auth::{parse_client_id, password_matches};
 use crate::ratelimit::TokenBucket;
-use crate::registry::close_connection;
+use crate::registry::{Link, close_connection};
 use crate::topic::subscribe_allowed;
+
+/// How long after CONNECT queued downlinks wait for the device's first SUBSCRIBE.
+const QUEUE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The MQTT broker of the platform.
 #[derive(Debug, Clone)]
@@ -33,11 +36,10 @@ impl DeviceBroker {
 pub struct DeviceSession {
     pub(crate) platform: Arc<Platform>,
     pub(crate) device: DeviceRef,
-    conn_id: u64,
+    pub(crate) link: Arc<Link>,
     pub(crate) bucket: TokenBucket,
     trace_budget: TokenBucket,
     suppressed_traces: u64,
-    subscriptions: Vec<(String, u8)>,
 }
 
 fn trace_entry(device_id: &str, at: i64, kind: &str, detail: Value) -> TraceEntry {
@@ -134,10 +136,12 @@ impl Platform {
         Ok(())
     }
 
-    async fn go_online(&self, device: &Device, outbox: Outbox) -> Result<u64, Refusal> {
-        let (conn_id, previous) = self.registry.register(&device.device_id, outbox);
+    async fn go_online(&self, device: &Device, outbox: Outbox) -> Result<Arc<Link>, Refusal> {
+        let (link, previous) = self
+            .registry
+            .register(&device.device_id, outbox, self.now());
         if let Some(previous) = previous {
-            close_connection(previous, reason::SESSION_TAKEN_OVER);
+            close_connection(previous.outbox.clone(), reason::SESSION_TAKEN_OVER);
         }
         let now = self.now();
         if self
@@ -146,7 +150,7 @@ impl Platform {
             .await
             .is_err()
         {
-            self.registry.unregister(&device.device_id, conn_id);
+            self.registry.unregister(&device.device_id, link.conn_id);
             return Err(Refusal::ServerUnavailable);
         }
         self.bus.publish(PlatformEvent::DeviceStatusChanged {
@@ -155,7 +159,7 @@ impl Platform {
             cause: StatusCause::Connected,
             at: now,
         });
-        Ok(conn_id)
+        Ok(link)
     }
 }
 
@@ -170,17 +174,19 @@ impl Broker for DeviceBroker {
     ) -> Result<DeviceSession, Refusal> {
         let platform = &self.platform;
         let device = platform.authenticate(connect).await?;
-        let conn_id = platform.go_online(&device, outbox).await?;
+        let link = platform.go_online(&device, outbox).await?;
         tracing::debug!(device_id = %device.device_id, %peer, "device connected");
+        // Devices subscribe right after CONNACK and queued downlinks go out on the first SUBSCRIBE;
+        // a device that never subscribes still gets them (implicit subscription) a moment later.
+        platform.deliver_queued_later(&device.device_id, link.clone(), QUEUE_GRACE);
         let now = platform.now();
         Ok(DeviceSession {
             platform: platform.clone(),
             device: device.reference(),
-            conn_id,
+            link,
             bucket: TokenBucket::new(platform.config.rate_limit, now),
             trace_budget: TokenBucket::new(10, now),
             suppressed_traces: 0,
-            subscriptions: Vec::new(),
         })
     }
 }
@@ -228,8 +234,16 @@ impl Session for DeviceSession {
     fn subscribe(&mut self, filter: &SubscribeFilter) -> u8 {
         if subscribe_allowed(&self.device.device_id, &filter.filter) {
             let granted = filter.qos.min(1);
-            self.subscriptions.retain(|(f, _)| f != &filter.filter);
-            self.subscriptions.push((filter.filter.clone(), granted));
+            {
+                let mut state = self.link.state();
+                state.subscriptions.retain(|(f, _)| f != &filter.filter);
+                state.subscriptions.push((filter.filter.clone(), granted));
+            }
+            self.platform.deliver_queued_later(
+                &self.device.device_id,
+                self.link.clone(),
+                std::time::Duration::ZERO,
+            );
             granted
         } else {
             if let Some(entry) = self.trace("subscribe_denied", json!({ "filter": filter.filter }))
@@ -244,7 +258,7 @@ impl Session for DeviceSession {
     }
 
     fn unsubscribe(&mut self, filter: &str) {
-        self.subscriptions.retain(|(f, _)| f != filter);
+        self.link.state().subscriptions.retain(|(f, _)| f != filter);
     }
 
     async fn closed(mut self, cause: CloseCause) {
@@ -255,7 +269,7 @@ impl Session for DeviceSession {
         let platform = self.platform.clone();
         if !platform
             .registry
-            .unregister(&self.device.device_id, self.conn_id)
+            .unregister(&self.device.device_id, self.link.conn_id)
         {
             return; // Taken over: the new connection owns the status.
         }

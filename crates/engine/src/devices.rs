@@ -385,6 +385,25 @@ impl Platform {
         Ok(())
     }
 
+    /// The identity of a device for events; minimal when the device is gone (deleted meanwhile).
+    pub(crate) async fn device_ref(
+        &self,
+        project_id: &str,
+        device_id: &str,
+    ) -> ioda_types::event::DeviceRef {
+        match self.store.device(device_id.to_owned()).await {
+            Ok(Some(device)) => device.reference(),
+            _ => ioda_types::event::DeviceRef {
+                project_id: project_id.to_owned(),
+                app_id: String::new(),
+                device_id: device_id.to_owned(),
+                node_id: String::new(),
+                product_id: String::new(),
+                gateway_id: device_id.to_owned(),
+            },
+        }
+    }
+
     /// Whether the device has a live connection.
     pub fn is_online(&self, device_id: &str) -> bool {
         self.registry.is_connected(device_id)

@@ -8,10 +8,15 @@ pub mod access;
 pub mod auth;
 mod bus;
 mod clock;
+mod commands;
 mod devices;
+mod downlink;
+mod messages;
 mod products;
 mod ratelimit;
 mod registry;
+mod shadow;
+mod timers;
 pub mod topic;
 mod uplink;
 
@@ -23,9 +28,14 @@ use ioda_types::{Product, TypesError};
 
 pub use bus::Bus;
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use commands::{
+    AsyncCommandRequest, CommandRequest, MAX_EXPIRE_SECS, SYNC_TIMEOUT, SYNC_TIMEOUT_RANGE,
+};
 pub use devices::{NewDevice, NewDeviceAuth, SecretReset};
+pub use messages::{MAX_MESSAGE_BYTES, MESSAGE_CACHE, MessageRequest};
 pub use products::{NewProduct, ProductPatch};
 pub use registry::Registry;
+pub use shadow::{DesiredRequest, shadow_json};
 
 /// Errors the platform reports to its callers.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +46,15 @@ pub enum EngineError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    /// The device has no live connection.
+    #[error("the device is not online")]
+    DeviceOffline,
+    /// The device did not answer in time.
+    #[error("the device did not answer in time")]
+    DeviceTimeout,
+    /// A custom topic the device has not subscribed to.
+    #[error("the device has not subscribed to the topic")]
+    NotSubscribed,
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -87,6 +106,8 @@ pub struct Platform {
     config: EngineConfig,
     bus: Bus,
     registry: Registry,
+    waiters: downlink::Waiters,
+    tick_lock: tokio::sync::Mutex<()>,
     products: RwLock<HashMap<String, Arc<Product>>>,
     keys: RwLock<HashMap<String, AccessKey>>,
     projects: RwLock<HashMap<String, Project>>,
@@ -132,6 +153,8 @@ impl Platform {
             config,
             bus: Bus::new(4096),
             registry: Registry::default(),
+            waiters: downlink::Waiters::default(),
+            tick_lock: tokio::sync::Mutex::new(()),
             products: RwLock::new(HashMap::new()),
             keys: RwLock::new(HashMap::new()),
             projects: RwLock::new(HashMap::new()),

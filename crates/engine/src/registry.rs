@@ -1,20 +1,65 @@
 //! Which devices are connected, and how to reach each connection.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ioda_mqtt::server::{Outbound, Outbox};
+use serde_json::{Map, Value};
 
-struct Entry {
-    conn_id: u64,
-    outbox: Outbox,
+/// What the platform keeps about one live connection, shared between the connection's session and
+/// everyone who sends to the device.
+#[derive(Debug)]
+pub struct Link {
+    pub conn_id: u64,
+    /// Platform time the connection was established.
+    pub connected_at: i64,
+    pub outbox: Outbox,
+    state: Mutex<LinkState>,
+    /// Serialises deliveries of queued downlinks, so two triggers never send the same item twice.
+    pub(crate) delivery: tokio::sync::Mutex<()>,
+}
+
+/// Mutable per-connection state.
+#[derive(Debug, Default)]
+pub(crate) struct LinkState {
+    /// Granted subscriptions: filter and QoS.
+    pub subscriptions: Vec<(String, u8)>,
+    /// Whether the queued downlinks have been delivered on this connection.
+    pub queue_delivered: bool,
+    /// Desired and reported shadow per service, loaded when queued downlinks are delivered.
+    pub shadow: Option<HashMap<String, ShadowCache>>,
+    /// The last desired-state push still waiting for its response: request id and time.
+    pub desired_push: Option<(String, i64)>,
+}
+
+/// The shadow of one service as the connection last saw it.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct ShadowCache {
+    pub desired: Map<String, Value>,
+    pub reported: Map<String, Value>,
+}
+
+impl Link {
+    pub(crate) fn new(conn_id: u64, connected_at: i64, outbox: Outbox) -> Link {
+        Link {
+            conn_id,
+            connected_at,
+            outbox,
+            state: Mutex::new(LinkState::default()),
+            delivery: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub(crate) fn state(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// Connected devices: one connection per device; a new one replaces (takes over) the old.
 #[derive(Default)]
 pub struct Registry {
-    entries: Mutex<HashMap<String, Entry>>,
+    entries: Mutex<HashMap<String, Arc<Link>>>,
     next_id: AtomicU64,
 }
 
@@ -25,17 +70,21 @@ impl std::fmt::Debug for Registry {
 }
 
 impl Registry {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Arc<Link>>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a connection and returns its id and the outbox of the connection it replaced.
-    pub fn register(&self, device_id: &str, outbox: Outbox) -> (u64, Option<Outbox>) {
+    /// Registers a connection and returns its link and the link it replaced.
+    pub(crate) fn register(
+        &self,
+        device_id: &str,
+        outbox: Outbox,
+        now: i64,
+    ) -> (Arc<Link>, Option<Arc<Link>>) {
         let conn_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        let old = self
-            .lock()
-            .insert(device_id.to_owned(), Entry { conn_id, outbox });
-        (conn_id, old.map(|e| e.outbox))
+        let link = Arc::new(Link::new(conn_id, now, outbox));
+        let old = self.lock().insert(device_id.to_owned(), link.clone());
+        (link, old)
     }
 
     /// Removes the connection if it is still the current one for the device; `true` if it was.
@@ -49,12 +98,16 @@ impl Registry {
         }
     }
 
+    /// The device's current connection.
+    pub(crate) fn link(&self, device_id: &str) -> Option<Arc<Link>> {
+        self.lock().get(device_id).cloned()
+    }
+
     /// Asks the device's connection, if any, to close with an MQTT 5 reason.
     pub fn kick(&self, device_id: &str, reason: u8) -> bool {
-        let outbox = self.lock().get(device_id).map(|e| e.outbox.clone());
-        match outbox {
-            Some(outbox) => {
-                close_connection(outbox, reason);
+        match self.link(device_id) {
+            Some(link) => {
+                close_connection(link.outbox.clone(), reason);
                 true
             }
             None => false,

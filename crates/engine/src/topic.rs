@@ -130,6 +130,45 @@ pub fn subscribe_allowed(device_id: &str, filter: &str) -> bool {
     })
 }
 
+/// Whether an MQTT topic filter (with `+` and `#`) matches a topic name.
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    let mut levels = topic.split('/');
+    for part in filter.split('/') {
+        match (part, levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (exact, Some(level)) if exact == level => {}
+            _ => return false,
+        }
+    }
+    levels.next().is_none()
+}
+
+/// The downlink topics of a device.
+pub fn command_topic(device_id: &str, request_id: &str) -> String {
+    format!("$oc/devices/{device_id}/sys/commands/request_id={request_id}")
+}
+
+pub fn properties_set_topic(device_id: &str, request_id: &str) -> String {
+    format!("$oc/devices/{device_id}/sys/properties/set/request_id={request_id}")
+}
+
+pub fn properties_get_topic(device_id: &str, request_id: &str) -> String {
+    format!("$oc/devices/{device_id}/sys/properties/get/request_id={request_id}")
+}
+
+pub fn shadow_response_topic(device_id: &str, request_id: &str) -> String {
+    format!("$oc/devices/{device_id}/sys/shadow/get/response/request_id={request_id}")
+}
+
+pub fn messages_down_topic(device_id: &str) -> String {
+    format!("$oc/devices/{device_id}/sys/messages/down")
+}
+
+pub fn user_topic(device_id: &str, suffix: &str) -> String {
+    format!("$oc/devices/{device_id}/user/{suffix}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +254,27 @@ mod tests {
         ];
         for (filter, want) in cases {
             assert_eq!(subscribe_allowed(ME, filter), *want, "{filter}");
+        }
+    }
+
+    #[test]
+    fn filter_matching() {
+        let cases = [
+            ("a/b/c", "a/b/c", true),
+            ("a/+/c", "a/b/c", true),
+            ("a/#", "a/b/c", true),
+            ("a/b/#", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/b", "a/b/c", false),
+            ("a/b/c/d", "a/b/c", false),
+            (
+                "$oc/devices/d/sys/commands/#",
+                "$oc/devices/d/sys/commands/request_id=1",
+                true,
+            ),
+        ];
+        for (filter, topic, want) in cases {
+            assert_eq!(filter_matches(filter, topic), want, "{filter} vs {topic}");
         }
     }
 

@@ -11,6 +11,7 @@ use ioda_types::{PlatformEvent, ids, time};
 use serde_json::{Map, Value, json};
 
 use crate::access::DeviceSession;
+use crate::downlink::ReplyKind;
 use crate::random_bytes;
 use crate::topic::{Uplink, classify_uplink, split_query};
 
@@ -85,7 +86,19 @@ impl DeviceSession {
             .await;
             return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
         }
-        match classify_uplink(&self.device.device_id, query.path) {
+        let uplink = classify_uplink(&self.device.device_id, query.path);
+        if matches!(
+            uplink,
+            Some(Uplink::PropertiesReport | Uplink::MessagesUp | Uplink::UserTopic(_))
+        ) {
+            // Data from the device is the other moment IoTDA delivers what waited for it.
+            self.platform.deliver_queued_later(
+                &self.device.device_id,
+                self.link.clone(),
+                std::time::Duration::ZERO,
+            );
+        }
+        match uplink {
             None => {
                 self.record("publish_denied", json!({ "topic": publish.topic }))
                     .await;
@@ -99,12 +112,85 @@ impl DeviceSession {
                 self.report_message(query.path.to_owned(), publish.payload, request_id, now)
                     .await
             }
-            Some(_) => {
+            Some(Uplink::CommandResponse { request_id }) => {
+                self.on_reply(ReplyKind::Command, request_id, &publish.payload)
+                    .await
+            }
+            Some(Uplink::PropertiesSetResponse { request_id }) => {
+                self.on_reply(ReplyKind::PropertiesSet, request_id, &publish.payload)
+                    .await
+            }
+            Some(Uplink::PropertiesGetResponse { request_id }) => {
+                self.on_reply(ReplyKind::PropertiesGet, request_id, &publish.payload)
+                    .await
+            }
+            Some(Uplink::ShadowGet { request_id }) => {
+                self.on_shadow_get(request_id, &publish.payload).await
+            }
+            Some(Uplink::GatewayPropertiesReport | Uplink::EventsUp) => {
                 self.record("uplink_not_supported", json!({ "topic": publish.topic }))
                     .await;
                 PublishVerdict::Discard(reason::UNSPECIFIED)
             }
         }
+    }
+
+    /// A device's answer to a platform request: completes the waiting API call or the asynchronous
+    /// command; a late, repeated or unknown answer is recorded and otherwise ignored.
+    async fn on_reply(
+        &mut self,
+        kind: ReplyKind,
+        request_id: &str,
+        payload: &[u8],
+    ) -> PublishVerdict {
+        let value: Value = match serde_json::from_slice(payload) {
+            Ok(value) => value,
+            Err(error) => {
+                let detail =
+                    json!({ "request_id": request_id, "error": format!("not JSON: {error}") });
+                self.record("response_malformed", detail).await;
+                return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
+            }
+        };
+        let device_id = self.device.device_id.clone();
+        if self
+            .platform
+            .complete_request(&device_id, request_id, kind, value.clone())
+        {
+            return PublishVerdict::Accept;
+        }
+        let matched = match kind {
+            ReplyKind::Command => self
+                .platform
+                .complete_async_command(&device_id, request_id, value)
+                .await
+                .unwrap_or(false),
+            ReplyKind::PropertiesSet => self.platform.desired_push_answered(&self.link, request_id),
+            ReplyKind::PropertiesGet => false,
+        };
+        if !matched {
+            let detail = json!({ "request_id": request_id, "kind": format!("{kind:?}"), "why": "no request waits for it (late, repeated or unknown)" });
+            self.record("response_ignored", detail).await;
+        }
+        PublishVerdict::Accept
+    }
+
+    async fn on_shadow_get(&mut self, request_id: &str, payload: &[u8]) -> PublishVerdict {
+        let service_id = serde_json::from_slice::<Value>(payload).ok().and_then(|v| {
+            v.get("service_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        });
+        let platform = self.platform.clone();
+        let device_id = self.device.device_id.clone();
+        let request_id = request_id.to_owned();
+        // Answered from another task: the answer goes through this connection's own outbox.
+        tokio::spawn(async move {
+            let _ = platform
+                .answer_shadow_get(&device_id, &request_id, service_id.as_deref())
+                .await;
+        });
+        PublishVerdict::Accept
     }
 
     async fn report_properties(
@@ -175,21 +261,39 @@ impl DeviceSession {
             at: now,
         };
         let applied = !record.services.is_empty();
+        // Only when desired state is waiting does the report need comparing with it.
+        let follow_up = self.wants_desired_check().then(|| record.services.clone());
         let Ok(commit) = self.platform.store.submit_report(record, traces).await else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };
-        let bus = self.platform.bus.clone();
+        let platform = self.platform.clone();
+        let link = self.link.clone();
+        let device_id = self.device.device_id.clone();
         PublishVerdict::AcceptAfter(Box::pin(async move {
             match commit.await {
                 Ok(Ok(())) => {
                     if applied {
-                        bus.publish(event);
+                        platform.bus().publish(event);
+                    }
+                    if let Some(services) = follow_up {
+                        // Another task: a push may wait on this connection's own outbox.
+                        tokio::spawn(async move {
+                            platform.after_report(&device_id, &link, &services).await
+                        });
                     }
                     reason::SUCCESS
                 }
                 _ => reason::UNSPECIFIED,
             }
         }))
+    }
+
+    fn wants_desired_check(&self) -> bool {
+        let state = self.link.state();
+        state
+            .shadow
+            .as_ref()
+            .is_some_and(|cache| cache.values().any(|c| !c.desired.is_empty()))
     }
 
     async fn report_message(

@@ -55,8 +55,14 @@ enum Command {
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
     let targets = Targets::from_str(filter).context("parsing the log filter")?;
+    // Logs go to stderr (stdout carries command output), in colour only on a terminal.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi)
+        .with_target(true);
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().with_target(true))
+        .with(layer)
         .with(targets)
         .init();
     Ok(())

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use ioda_engine::access::DeviceBroker;
-use ioda_engine::{AdminCredentials, Platform, SystemClock};
+use ioda_engine::{AdminCredentials, Clock, Platform, SystemClock};
 use ioda_mqtt::server::Limits;
 use ioda_store::Store;
 use serde_json::json;
@@ -30,6 +30,7 @@ pub struct Running {
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
     mqtt: JoinHandle<()>,
+    scheduler: JoinHandle<()>,
     http: JoinHandle<std::io::Result<()>>,
     config: ServeConfig,
 }
@@ -83,17 +84,20 @@ fn write_atomically(path: &Path, contents: &str, private: bool) -> std::io::Resu
 
 /// Starts a server; it is ready (listeners bound, state files written) when this returns.
 pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
+    start_with_clock(config, Arc::new(SystemClock)).await
+}
+
+/// Starts a server on a given clock (tests move a manual clock to drive timers without waiting).
+pub async fn start_with_clock(
+    config: ServeConfig,
+    clock: Arc<dyn Clock>,
+) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let _ = std::fs::remove_file(config.data_dir.join(LISTENERS_FILE));
     let store = Store::open(&config.data_dir.join(DATABASE_FILE), config.durability)
         .context("opening the store")?;
-    let platform = Platform::open(
-        Arc::new(store),
-        Arc::new(SystemClock),
-        config.engine.clone(),
-    )
-    .await?;
+    let platform = Platform::open(Arc::new(store), clock, config.engine.clone()).await?;
     let admin = platform.ensure_admin().await?;
     if let Some(admin) = &admin {
         let body = json!({ "project_id": admin.project_id, "access_key": admin.access_key, "secret_key": admin.secret_key });
@@ -130,6 +134,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         stop.clone(),
     ));
 
+    let scheduler = platform.spawn_scheduler(stop.clone());
     let router = ioda_api::router(platform.clone(), config.signature_window_ms);
     let mut http_stop = stop.clone();
     let http = tokio::spawn(async move {
@@ -154,6 +159,7 @@ pub async fn start(config: ServeConfig) -> anyhow::Result<Running> {
         admin,
         shutdown,
         mqtt,
+        scheduler,
         http,
         config,
     })
@@ -168,6 +174,7 @@ impl Running {
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             let _ = self.mqtt.await;
             let _ = self.http.await;
+            let _ = self.scheduler.await;
         })
         .await;
         if drained.is_err() {

@@ -293,6 +293,24 @@ impl Store {
         .await
     }
 
+    /// Devices registered with an activation timeout that never connected within it.
+    pub async fn lapsed_registrations(
+        &self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<Device>, StoreError> {
+        self.read(move |c| {
+            let sql = format!(
+                "SELECT {COLUMNS} FROM devices WHERE first_online_at IS NULL AND auth_timeout > 0 \
+                 AND created_at + auth_timeout * 1000 <= ?1 LIMIT ?2"
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![now, limit], from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// After an unclean stop, devices recorded ONLINE have no connection any more: mark them OFFLINE.
     pub async fn reset_online(&self, at: i64) -> Result<Vec<String>, StoreError> {
         self.write(move |c| {

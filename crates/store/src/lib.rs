@@ -6,7 +6,9 @@
 //! savepoint, so one failing job (a unique-key conflict, say) never takes its batch-mates down.
 //! Reads use a separate connection; WAL mode lets them run beside the writer.
 
+mod commands;
 mod devices;
+mod messages;
 mod products;
 mod projects;
 mod schema;
@@ -14,10 +16,12 @@ mod shadow;
 mod trace;
 mod writer;
 
+pub use commands::{AsyncCommand, CommandFilter};
 pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, InitialDesired, StatusChange};
+pub use messages::DeviceMessage;
 pub use products::ProductPage;
 pub use projects::{AccessKey, Project};
-pub use shadow::{HistoryRow, ReportRecord, ShadowRow};
+pub use shadow::{DesiredUpdate, HistoryRow, ReportRecord, ShadowRow};
 pub use trace::TraceEntry;
 pub use writer::{Durability, Store};
 

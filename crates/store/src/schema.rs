@@ -4,7 +4,8 @@ use rusqlite::Connection;
 
 use crate::StoreError;
 
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE projects (
     project_id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -102,7 +103,51 @@ CREATE TABLE device_trace (
     detail TEXT NOT NULL
 );
 CREATE INDEX device_trace_by_device ON device_trace(device_id, id);
-"#];
+"#,
+    r#"
+CREATE TABLE async_commands (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    command_id TEXT NOT NULL UNIQUE,
+    project_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    service_id TEXT,
+    command_name TEXT,
+    paras TEXT NOT NULL,
+    expire_time INTEGER NOT NULL,
+    send_strategy TEXT NOT NULL,
+    status TEXT NOT NULL,
+    result TEXT,
+    created_at INTEGER NOT NULL,
+    sent_at INTEGER,
+    delivered_at INTEGER,
+    response_at INTEGER,
+    sends INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER
+);
+CREATE INDEX async_commands_by_device ON async_commands(device_id, seq);
+CREATE INDEX async_commands_due ON async_commands(next_at) WHERE next_at IS NOT NULL;
+CREATE TABLE device_messages (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id TEXT NOT NULL,
+    project_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    name TEXT,
+    message TEXT NOT NULL,
+    encoding TEXT,
+    payload_format TEXT NOT NULL,
+    topic TEXT,
+    properties TEXT,
+    ttl_minutes INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    error_code TEXT,
+    error_msg TEXT,
+    created_at INTEGER NOT NULL,
+    finished_at INTEGER,
+    UNIQUE (device_id, message_id)
+);
+CREATE INDEX device_messages_pending ON device_messages(device_id, seq) WHERE status = 'PENDING';
+"#,
+];
 
 /// Brings the database up to the newest schema.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {

@@ -1,6 +1,6 @@
 //! Device shadows and uplink history: the hot write path of property reports.
 
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
@@ -163,6 +163,65 @@ impl Store {
                 [device_id],
                 |r| r.get(0),
             )?)
+        })
+        .await
+    }
+}
+
+/// A desired-state change for one service.
+#[derive(Debug, Clone)]
+pub struct DesiredUpdate {
+    pub service_id: String,
+    /// Merged into the current desired state (a `null` value removes a key); empty clears it.
+    pub desired: Map<String, Value>,
+    /// Optimistic lock: when given, must equal the service's current shadow version.
+    pub version: Option<i64>,
+}
+
+fn apply_desired(
+    c: &Connection,
+    device_id: &str,
+    update: &DesiredUpdate,
+    at: i64,
+) -> Result<(), StoreError> {
+    let current: Option<i64> = c
+        .prepare_cached("SELECT version FROM shadows WHERE device_id = ?1 AND service_id = ?2")?
+        .query_row([device_id, &update.service_id], |r| r.get(0))
+        .optional()?;
+    if let Some(expected) = update.version
+        && expected != current.unwrap_or(0)
+    {
+        return Err(StoreError::Conflict(format!(
+            "shadow version of {} is {}, not {expected}",
+            update.service_id,
+            current.unwrap_or(0)
+        )));
+    }
+    let clear = update.desired.is_empty();
+    let patch = serde_json::to_string(&update.desired)?;
+    c.prepare_cached(
+        "INSERT INTO shadows (device_id, service_id, desired, desired_at, version) VALUES (?1, ?2, json_patch('{}', ?3), ?4, 1) \
+         ON CONFLICT (device_id, service_id) DO UPDATE SET \
+         desired = CASE WHEN ?5 THEN NULL ELSE json_patch(COALESCE(desired, '{}'), ?3) END, \
+         desired_at = ?4, version = version + 1",
+    )?
+    .execute(params![device_id, update.service_id, patch, at, clear])?;
+    Ok(())
+}
+
+impl Store {
+    /// Applies desired-state changes to several services atomically.
+    pub async fn update_desired(
+        &self,
+        device_id: String,
+        updates: Vec<DesiredUpdate>,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            for update in &updates {
+                apply_desired(c, &device_id, update, at)?;
+            }
+            Ok(())
         })
         .await
     }

@@ -3,6 +3,7 @@
 use serde_json::{Map, Value};
 
 use crate::device::{DeviceStatus, StatusCause};
+use crate::downlink::{CommandStatus, MessageStatus};
 
 /// Identifies the device an event is about.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,26 @@ pub enum PlatformEvent {
         request_id: String,
         topic: String,
         payload: bytes_like::Payload,
+        at: i64,
+    },
+    /// A device answered a synchronous command.
+    CommandResponded {
+        device: DeviceRef,
+        command_id: String,
+        response: Value,
+        at: i64,
+    },
+    AsyncCommandStatusChanged {
+        device: DeviceRef,
+        command_id: String,
+        status: CommandStatus,
+        result: Option<Value>,
+        at: i64,
+    },
+    MessageStatusChanged {
+        device: DeviceRef,
+        message_id: String,
+        status: MessageStatus,
         at: i64,
     },
     DeviceCreated {

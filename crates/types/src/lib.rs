@@ -4,6 +4,7 @@
 //! Nothing here does I/O or reads a clock: times are passed in as Unix milliseconds.
 
 pub mod device;
+pub mod downlink;
 pub mod event;
 pub mod ids;
 pub mod model;
@@ -11,6 +12,7 @@ pub mod time;
 pub mod validate;
 
 pub use device::{Device, DeviceAuth, DeviceStatus, StatusCause};
+pub use downlink::{CommandStatus, MessageStatus};
 pub use event::PlatformEvent;
 pub use model::{Product, ServiceCapability, ServiceProperty};
 

@@ -6,8 +6,11 @@ use std::time::Duration;
 
 use ioda::client::ApiClient;
 use ioda::config::ServeConfig;
-use ioda::serve::{Running, start};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet};
+use std::sync::Arc;
+
+use ioda::serve::{Running, start_with_clock};
+use ioda_engine::{Clock, SystemClock};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
@@ -23,11 +26,19 @@ pub async fn server() -> TestServer {
 }
 
 pub async fn server_with(adjust: impl FnOnce(&mut ServeConfig)) -> TestServer {
-    let dir = tempfile::tempdir().unwrap();
+    server_on(tempfile::tempdir().unwrap(), adjust, Arc::new(SystemClock)).await
+}
+
+/// A server on a manual clock, in a given directory (reused across restarts).
+pub async fn server_on(
+    dir: TempDir,
+    adjust: impl FnOnce(&mut ServeConfig),
+    clock: Arc<dyn Clock>,
+) -> TestServer {
     let mut config = ServeConfig::ephemeral(dir.path());
     config.durability = ioda_store::Durability::Normal;
     adjust(&mut config);
-    let running = start(config).await.unwrap();
+    let running = start_with_clock(config, clock).await.unwrap();
     let api = ApiClient::from_data_dir(dir.path()).unwrap();
     let mqtt_port = running.mqtt_addr.port();
     TestServer {
@@ -107,6 +118,22 @@ impl TestServer {
         if let Some(running) = self.running.take() {
             running.stop().await.unwrap();
         }
+    }
+
+    /// Stops the server and hands back its directory for a restart.
+    pub async fn stop_keep_dir(mut self) -> TempDir {
+        if let Some(running) = self.running.take() {
+            running.stop().await.unwrap();
+        }
+        self.dir
+    }
+
+    pub fn platform(&self) -> &Arc<ioda_engine::Platform> {
+        &self.running.as_ref().unwrap().platform
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> ioda::client::ApiResponse {
+        self.api.call("POST", path, Some(&body)).await.unwrap()
     }
 }
 
@@ -235,4 +262,86 @@ pub fn device_options_v5(port: u16, device_id: &str, secret: &str) -> rumqttc::v
     options.set_credentials(device_id, ioda_engine::auth::device_password(secret, &ts));
     options.set_keep_alive(Duration::from_secs(60));
     options
+}
+
+/// A simulated device: subscribes to its downlink topics and hands every publish it receives to the
+/// test, which answers (or not) through `client`.
+pub struct SimDevice {
+    pub client: AsyncClient,
+    pub inbox: tokio::sync::mpsc::UnboundedReceiver<(String, Value)>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl SimDevice {
+    /// Connects and subscribes to the system downlink topics at `qos`.
+    pub async fn connect(port: u16, device_id: &str, secret: &str, qos: QoS) -> SimDevice {
+        let (client, mut events) = connect(device_options(port, device_id, secret, 60))
+            .await
+            .unwrap();
+        for filter in [
+            "sys/commands/#",
+            "sys/properties/set/#",
+            "sys/properties/get/#",
+            "sys/messages/down",
+            "sys/shadow/get/response/#",
+            "user/#",
+        ] {
+            client
+                .subscribe(format!("$oc/devices/{device_id}/{filter}"), qos)
+                .await
+                .unwrap();
+        }
+        let (tx, inbox) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if let Event::Incoming(Packet::Publish(p)) = event {
+                    let body = serde_json::from_slice(&p.payload).unwrap_or_else(|_| {
+                        Value::String(String::from_utf8_lossy(&p.payload).into_owned())
+                    });
+                    let _ = tx.send((p.topic.clone(), body));
+                }
+            }
+        });
+        SimDevice {
+            client,
+            inbox,
+            task,
+        }
+    }
+
+    /// The next publish the device receives, within five seconds.
+    pub async fn next(&mut self) -> (String, Value) {
+        tokio::time::timeout(Duration::from_secs(5), self.inbox.recv())
+            .await
+            .expect("a downlink within 5 s")
+            .expect("device task alive")
+    }
+
+    /// Asserts nothing arrives for `ms` milliseconds.
+    pub async fn quiet(&mut self, ms: u64) {
+        if let Ok(Some(got)) =
+            tokio::time::timeout(Duration::from_millis(ms), self.inbox.recv()).await
+        {
+            panic!("unexpected downlink {got:?}");
+        }
+    }
+
+    /// Publishes a JSON reply.
+    pub async fn reply(&self, topic: String, body: Value) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+            .await
+            .unwrap();
+    }
+
+    pub async fn close(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        self.task.abort();
+    }
+}
+
+/// The request id at the end of a downlink topic.
+pub fn request_id_of(topic: &str) -> String {
+    topic.rsplit("request_id=").next().unwrap().to_owned()
 }

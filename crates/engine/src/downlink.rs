@@ -1,0 +1,209 @@
+//! Sending to connected devices: QoS chosen by subscription, request/response correlated by
+//! request id, and delivery of what was queued while a device was away.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ioda_mqtt::QoS;
+use ioda_mqtt::server::Outbound;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+use crate::registry::Link;
+use crate::topic::filter_matches;
+use crate::{EngineError, Platform};
+
+/// Why a publish to a device could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PushError {
+    Offline,
+    /// A custom topic the device has not subscribed to.
+    NotSubscribed,
+}
+
+/// What kind of reply a request waits for; a reply of another kind does not complete it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReplyKind {
+    Command,
+    PropertiesSet,
+    PropertiesGet,
+}
+
+struct Waiter {
+    device_id: String,
+    kind: ReplyKind,
+    reply: oneshot::Sender<Value>,
+}
+
+/// Requests waiting for a device's reply, by request id.
+#[derive(Default)]
+pub(crate) struct Waiters(Mutex<HashMap<String, Waiter>>);
+
+impl Waiters {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, Waiter>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A fresh request id: 24 hex digits, unique and sortable by time.
+pub(crate) fn new_request_id(now: i64) -> String {
+    ioda_types::ids::object_id(now, crate::random_bytes())
+}
+
+impl Platform {
+    /// Publishes to a connected device. System topics are delivered whether or not the device
+    /// subscribed (IoTDA's implicit subscription), at QoS 1 when it subscribed at QoS 1; custom
+    /// topics need a subscription. For QoS 1 the receiver fires on the device's PUBACK.
+    pub(crate) async fn push(
+        &self,
+        device_id: &str,
+        topic: String,
+        payload: Vec<u8>,
+        needs_subscription: bool,
+    ) -> Result<Option<oneshot::Receiver<()>>, PushError> {
+        let link = self.registry.link(device_id).ok_or(PushError::Offline)?;
+        let granted = {
+            let state = link.state();
+            state
+                .subscriptions
+                .iter()
+                .filter(|(f, _)| filter_matches(f, &topic))
+                .map(|(_, q)| *q)
+                .max()
+        };
+        if needs_subscription && granted.is_none() {
+            return Err(PushError::NotSubscribed);
+        }
+        let (qos, acked, receiver) = if granted == Some(1) {
+            let (tx, rx) = oneshot::channel();
+            (QoS::AtLeastOnce, Some(tx), Some(rx))
+        } else {
+            (QoS::AtMostOnce, None, None)
+        };
+        let outbound = Outbound::Publish {
+            topic,
+            payload: payload.into(),
+            qos,
+            acked,
+        };
+        link.outbox
+            .send(outbound)
+            .await
+            .map_err(|_| PushError::Offline)?;
+        Ok(receiver)
+    }
+
+    /// Sends a request on `topic_of(device_id, request_id)` and waits for the device's reply.
+    pub(crate) async fn request(
+        &self,
+        device_id: &str,
+        kind: ReplyKind,
+        topic_of: fn(&str, &str) -> String,
+        body: &Value,
+        timeout: Duration,
+    ) -> Result<(String, Value), EngineError> {
+        let request_id = new_request_id(self.now());
+        let (reply, replied) = oneshot::channel();
+        self.waiters.lock().insert(
+            request_id.clone(),
+            Waiter {
+                device_id: device_id.to_owned(),
+                kind,
+                reply,
+            },
+        );
+        let topic = topic_of(device_id, &request_id);
+        if self
+            .push(device_id, topic, body.to_string().into_bytes(), false)
+            .await
+            .is_err()
+        {
+            self.waiters.lock().remove(&request_id);
+            return Err(EngineError::DeviceOffline);
+        }
+        match tokio::time::timeout(timeout, replied).await {
+            Ok(Ok(value)) => Ok((request_id, value)),
+            _ => {
+                self.waiters.lock().remove(&request_id);
+                Err(EngineError::DeviceTimeout)
+            }
+        }
+    }
+
+    /// Hands a device's reply to the request waiting for it; `false` when none waits (unknown,
+    /// late or duplicate), which the caller records.
+    pub(crate) fn complete_request(
+        &self,
+        device_id: &str,
+        request_id: &str,
+        kind: ReplyKind,
+        value: Value,
+    ) -> bool {
+        let mut waiters = self.waiters.lock();
+        let matches = waiters
+            .get(request_id)
+            .is_some_and(|w| w.device_id == device_id && w.kind == kind);
+        match waiters.remove(request_id).filter(|_| matches) {
+            Some(waiter) => waiter.reply.send(value).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Delivers the device's queued downlinks after `delay`, once per connection.
+    pub(crate) fn deliver_queued_later(
+        self: &Arc<Self>,
+        device_id: &str,
+        link: Arc<Link>,
+        delay: Duration,
+    ) {
+        if link.state().queue_delivered {
+            return;
+        }
+        let platform = self.clone();
+        let device_id = device_id.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            platform.deliver_queued(&device_id, link).await;
+        });
+    }
+
+    /// Sends what waited for the device: pending and unacknowledged commands, cached messages,
+    /// and the desired shadow state where it differs from the reported one.
+    async fn deliver_queued(self: &Arc<Self>, device_id: &str, link: Arc<Link>) {
+        let _turn = link.delivery.lock().await;
+        let current = self
+            .registry
+            .link(device_id)
+            .is_some_and(|l| l.conn_id == link.conn_id);
+        if !current || link.state().queue_delivered {
+            return;
+        }
+        link.state().queue_delivered = true;
+        match self.store.undelivered_commands(device_id.to_owned()).await {
+            Ok(commands) => {
+                // A command sent on this very connection is the resend schedule's business.
+                let earlier = |c: &ioda_store::AsyncCommand| {
+                    c.sent_at.is_none_or(|at| at < link.connected_at)
+                };
+                for command in commands.into_iter().filter(earlier) {
+                    self.send_async_command(command).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, device_id, "could not load queued commands"),
+        }
+        match self.store.pending_messages(device_id.to_owned()).await {
+            Ok(messages) => {
+                for message in messages {
+                    self.deliver_message(message).await;
+                }
+            }
+            Err(error) => tracing::warn!(%error, device_id, "could not load cached messages"),
+        }
+        // A desired-state change may have loaded the shadow (and pushed) already on this connection.
+        if link.state().shadow.is_none() {
+            self.load_shadow_cache(device_id, &link).await;
+            self.push_desired(device_id, &link).await;
+        }
+    }
+}
