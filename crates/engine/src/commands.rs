@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::downlink::{ReplyKind, new_request_id};
 use crate::topic::{command_topic, properties_get_topic, properties_set_topic};
-use crate::{EngineError, Platform, random_bytes};
+use crate::{EngineError, Platform, invalid, random_bytes};
 
 /// Default wait for a synchronous answer, and the range a caller may choose from.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
@@ -35,10 +35,6 @@ pub struct AsyncCommandRequest {
     pub command: CommandRequest,
     pub expire_time: Option<i64>,
     pub send_strategy: Option<String>,
-}
-
-fn invalid(msg: impl Into<String>) -> EngineError {
-    EngineError::Invalid(msg.into())
 }
 
 /// Checks a command against the product model: the command must exist when named, its required

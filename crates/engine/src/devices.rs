@@ -7,7 +7,7 @@ use ioda_types::{Device, DeviceAuth, DeviceStatus, PlatformEvent, Product, Statu
 use serde_json::Value;
 
 use crate::products::check_opt_len;
-use crate::{EngineError, Platform, random_bytes};
+use crate::{EngineError, Platform, invalid, random_bytes};
 
 /// Authentication settings given at registration.
 #[derive(Debug, Clone, Default)]
@@ -42,10 +42,6 @@ pub struct SecretReset {
     pub force_disconnect: bool,
     /// `PRIMARY` (default) or `SECONDARY`.
     pub secret_type: Option<String>,
-}
-
-fn invalid(msg: impl Into<String>) -> EngineError {
-    EngineError::Invalid(msg.into())
 }
 
 fn generate_secret() -> String {

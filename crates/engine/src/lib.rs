@@ -121,6 +121,11 @@ impl std::fmt::Debug for Platform {
     }
 }
 
+/// Shorthand for a validation error.
+pub(crate) fn invalid(msg: impl Into<String>) -> EngineError {
+    EngineError::Invalid(msg.into())
+}
+
 /// Random bytes from the OS.
 pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     let mut bytes = [0u8; N];

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 
 use crate::downlink::{PushError, new_request_id};
 use crate::topic::{messages_down_topic, user_topic};
-use crate::{EngineError, Platform};
+use crate::{EngineError, Platform, invalid};
 
 /// Cached messages kept per device; a newer one pushes the oldest out (FAILED, visibly).
 pub const MESSAGE_CACHE: i64 = 20;
@@ -37,10 +37,6 @@ pub struct MessageRequest {
     pub topic_full_name: Option<String>,
     pub properties: Option<Value>,
     pub ttl: Option<i64>,
-}
-
-fn invalid(msg: impl Into<String>) -> EngineError {
-    EngineError::Invalid(msg.into())
 }
 
 /// The bytes a message is sent as: IoTDA's standard envelope, or the message itself for `raw`.

@@ -12,7 +12,7 @@ use serde_json::{Map, Value, json};
 use crate::downlink::new_request_id;
 use crate::registry::{Link, ShadowCache};
 use crate::topic::{properties_set_topic, shadow_response_topic};
-use crate::{EngineError, Platform};
+use crate::{EngineError, Platform, invalid};
 
 /// After a desired-state push the device did not answer, wait this long before pushing again.
 pub const PUSH_PROTECTION_MS: i64 = 5 * 60 * 1000;
@@ -23,10 +23,6 @@ pub struct DesiredRequest {
     pub service_id: String,
     pub desired: Value,
     pub version: Option<i64>,
-}
-
-fn invalid(msg: impl Into<String>) -> EngineError {
-    EngineError::Invalid(msg.into())
 }
 
 /// The properties of `desired` whose reported value differs.
