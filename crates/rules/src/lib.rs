@@ -1,0 +1,19 @@
+//! Data forwarding: which platform events go where, and in what shape.
+//!
+//! `sql` parses and evaluates the rule language (a `select` list and a `where` condition over the
+//! push envelope); `envelope` builds IoTDA's push envelope for every subject.
+
+pub mod envelope;
+pub mod sql;
+
+/// Errors of the rules layer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RulesError {
+    /// The rule SQL does not parse; `position` is the 1-based character where it went wrong.
+    #[error("{clause} clause, at character {position}: {message}")]
+    Syntax {
+        clause: &'static str,
+        position: usize,
+        message: String,
+    },
+}
