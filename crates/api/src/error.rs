@@ -52,6 +52,8 @@ impl ApiError {
             ApiError::NotFound("device") => (StatusCode::NOT_FOUND, "IOTDA.014000"),
             ApiError::NotFound("product") => (StatusCode::NOT_FOUND, "IOTDA.013000"),
             ApiError::NotFound("command") => (StatusCode::NOT_FOUND, "IOTDA.014140"),
+            ApiError::NotFound("rule") => (StatusCode::NOT_FOUND, "IOTDA.010004"),
+            ApiError::NotFound("action") => (StatusCode::NOT_FOUND, "IOTDA.010005"),
             ApiError::NotFound("message") => (StatusCode::NOT_FOUND, "IOTDA.014141"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "IOTDA.000007"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "IOTDA.014115"),

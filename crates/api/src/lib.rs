@@ -9,6 +9,7 @@ mod error;
 mod extract;
 mod messages;
 mod products;
+mod routing;
 pub mod sign;
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use axum::middleware::{Next, from_fn, from_fn_with_state};
 use axum::response::Response;
 use axum::routing::{get, post};
 use ioda_engine::Platform;
+use ioda_rules::Forwarder;
 
 pub use error::ApiError;
 
@@ -27,6 +29,7 @@ pub use error::ApiError;
 #[derive(Clone, Debug)]
 pub struct AppState {
     pub platform: Arc<Platform>,
+    pub forwarder: Arc<Forwarder>,
     /// How far `X-Sdk-Date` may be from the server clock, in milliseconds.
     pub signature_window_ms: i64,
 }
@@ -35,9 +38,14 @@ pub struct AppState {
 pub const MAX_BODY: usize = 2 * 1024 * 1024;
 
 /// The whole API.
-pub fn router(platform: Arc<Platform>, signature_window_ms: i64) -> Router {
+pub fn router(
+    platform: Arc<Platform>,
+    forwarder: Arc<Forwarder>,
+    signature_window_ms: i64,
+) -> Router {
     let state = AppState {
         platform,
+        forwarder,
         signature_window_ms,
     };
     let v5 = Router::new()
@@ -90,6 +98,30 @@ pub fn router(platform: Arc<Platform>, signature_window_ms: i64) -> Router {
         .route(
             "/devices/{device_id}/property-history",
             get(devices::history),
+        )
+        .route(
+            "/routing-rule/rules",
+            post(routing::create_rule).get(routing::list_rules),
+        )
+        .route(
+            "/routing-rule/rules/{rule_id}",
+            get(routing::show_rule)
+                .put(routing::update_rule)
+                .delete(routing::delete_rule),
+        )
+        .route(
+            "/routing-rule/actions",
+            post(routing::create_action).get(routing::list_actions),
+        )
+        .route(
+            "/routing-rule/actions/{action_id}",
+            get(routing::show_action)
+                .put(routing::update_action)
+                .delete(routing::delete_action),
+        )
+        .route(
+            "/routing-rule/actions/{action_id}/status",
+            get(routing::action_status),
         )
         .fallback(no_such_api)
         .layer(from_fn_with_state(state.clone(), auth::authenticate));

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Args;
 use ioda_engine::EngineConfig;
+use ioda_rules::ForwardConfig;
 use ioda_store::Durability;
 use serde::Deserialize;
 
@@ -48,6 +49,9 @@ pub struct ServeArgs {
     /// Seconds an API request's X-Sdk-Date may differ from the server clock.
     #[arg(long, env = "IODA_SIGNATURE_WINDOW")]
     pub signature_window: Option<u64>,
+    /// Seconds a forwarding target (HTTP push) has to answer.
+    #[arg(long, env = "IODA_FORWARD_TIMEOUT")]
+    pub forward_timeout: Option<u64>,
 }
 
 /// The same settings as read from `ioda.toml`.
@@ -64,6 +68,7 @@ struct FileConfig {
     durability: Option<String>,
     shutdown_timeout: Option<u64>,
     signature_window: Option<u64>,
+    forward_timeout: Option<u64>,
 }
 
 /// Fully resolved settings of a server.
@@ -76,6 +81,7 @@ pub struct ServeConfig {
     pub durability: Durability,
     pub shutdown_timeout: Duration,
     pub signature_window_ms: i64,
+    pub forward: ForwardConfig,
 }
 
 impl ServeConfig {
@@ -88,6 +94,7 @@ impl ServeConfig {
             engine: EngineConfig::default(),
             durability: Durability::Full,
             shutdown_timeout: Duration::from_secs(10),
+            forward: ForwardConfig::default(),
             signature_window_ms: 15 * 60 * 1000,
         }
     }
@@ -175,6 +182,15 @@ impl ServeArgs {
                 .or(file.signature_window)
                 .unwrap_or(900) as i64
                 * 1000,
+            forward: ForwardConfig {
+                timeout: Duration::from_secs(
+                    self.forward_timeout
+                        .or(file.forward_timeout)
+                        .unwrap_or(15)
+                        .max(1),
+                ),
+                ..ForwardConfig::default()
+            },
         })
     }
 }

@@ -8,6 +8,7 @@ use anyhow::Context;
 use ioda_engine::access::DeviceBroker;
 use ioda_engine::{AdminCredentials, Clock, Platform, SystemClock};
 use ioda_mqtt::server::Limits;
+use ioda_rules::Forwarder;
 use ioda_store::Store;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -26,6 +27,7 @@ pub struct Running {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
     pub platform: Arc<Platform>,
+    pub forwarder: Arc<Forwarder>,
     /// Set on the very first start only: the credentials that were just created.
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
@@ -135,7 +137,14 @@ pub async fn start_with_clock(
     ));
 
     let scheduler = platform.spawn_scheduler(stop.clone());
-    let router = ioda_api::router(platform.clone(), config.signature_window_ms);
+    let forwarder = Forwarder::start(platform.clone(), config.forward.clone(), stop.clone())
+        .await
+        .context("starting data forwarding")?;
+    let router = ioda_api::router(
+        platform.clone(),
+        forwarder.clone(),
+        config.signature_window_ms,
+    );
     let mut http_stop = stop.clone();
     let http = tokio::spawn(async move {
         axum::serve(http_listener, router)
@@ -156,6 +165,7 @@ pub async fn start_with_clock(
         http_addr,
         mqtt_addr,
         platform,
+        forwarder,
         admin,
         shutdown,
         mqtt,

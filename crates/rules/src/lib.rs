@@ -3,8 +3,16 @@
 //! `sql` parses and evaluates the rule language (a `select` list and a `where` condition over the
 //! push envelope); `envelope` builds IoTDA's push envelope for every subject.
 
+mod admin;
+pub mod connector;
 pub mod envelope;
+pub mod forward;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod sql;
+
+pub use admin::{NewRule, RulePatch};
+pub use forward::{ForwardConfig, Forwarder};
 
 /// Errors of the rules layer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -147,6 +147,44 @@ CREATE TABLE device_messages (
 );
 CREATE INDEX device_messages_pending ON device_messages(device_id, seq) WHERE status = 'PENDING';
 "#,
+    r#"
+CREATE TABLE routing_rules (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    rule_id TEXT NOT NULL UNIQUE,
+    project_id TEXT NOT NULL,
+    rule_name TEXT,
+    description TEXT,
+    resource TEXT NOT NULL,
+    event TEXT NOT NULL,
+    app_type TEXT NOT NULL,
+    app_id TEXT,
+    select_sql TEXT,
+    where_sql TEXT,
+    active INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE routing_actions (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    action_id TEXT NOT NULL UNIQUE,
+    project_id TEXT NOT NULL,
+    rule_id TEXT NOT NULL,
+    channel TEXT NOT NULL,
+    channel_detail TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE forward_queue (
+    id INTEGER PRIMARY KEY,
+    action_id TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    enqueued_at INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_at INTEGER NOT NULL,
+    last_error TEXT
+);
+CREATE INDEX forward_queue_by_action ON forward_queue(action_id, id);
+"#,
 ];
 
 /// Brings the database up to the newest schema.

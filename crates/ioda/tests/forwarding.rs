@@ -1,0 +1,487 @@
+//! Data forwarding end to end: device → rule → HTTP push to a real receiver, including receivers
+//! that fail, hang, drop the connection and come back.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use ioda_engine::ManualClock;
+use rumqttc::QoS;
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// How the receiver answers one request.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    Ok,
+    Status(u16),
+    Hang,
+    Close,
+}
+
+/// A hand-rolled HTTP receiver, so tests control exactly how it misbehaves.
+#[derive(Clone, Default)]
+struct Receiver {
+    /// Every request seen: the message id header and the JSON body.
+    seen: Arc<Mutex<Vec<(String, Value)>>>,
+    /// Bodies of the requests answered 200.
+    accepted: Arc<Mutex<Vec<Value>>>,
+    script: Arc<Mutex<VecDeque<Answer>>>,
+}
+
+impl Receiver {
+    async fn start() -> (Receiver, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/push", listener.local_addr().unwrap());
+        let receiver = Receiver::default();
+        let handle = receiver.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(handle.clone().serve(stream));
+            }
+        });
+        (receiver, url)
+    }
+
+    fn plan(&self, answers: &[Answer]) {
+        self.script.lock().unwrap().extend(answers.iter().copied());
+    }
+
+    async fn serve(self, mut stream: TcpStream) {
+        let mut data = Vec::new();
+        let mut buf = [0u8; 4096];
+        let (head_end, length) = loop {
+            let Ok(n) = stream.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            data.extend_from_slice(&buf[..n]);
+            if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&data[..i]).to_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                break (i + 4, length);
+            }
+        };
+        while data.len() < head_end + length {
+            let Ok(n) = stream.read(&mut buf).await else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            data.extend_from_slice(&buf[..n]);
+        }
+        let head = String::from_utf8_lossy(&data[..head_end]).to_lowercase();
+        let id = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-ioda-message-id:"))
+            .unwrap_or("")
+            .trim()
+            .to_owned();
+        let body: Value =
+            serde_json::from_slice(&data[head_end..head_end + length]).unwrap_or(Value::Null);
+        self.seen.lock().unwrap().push((id, body.clone()));
+        let answer = self
+            .script
+            .lock()
+            .unwrap()
+            .pop_front()
+            .unwrap_or(Answer::Ok);
+        let status = match answer {
+            Answer::Ok => 200,
+            Answer::Status(code) => code,
+            Answer::Hang => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                return;
+            }
+            Answer::Close => return,
+        };
+        if status == 200 {
+            self.accepted.lock().unwrap().push(body);
+        }
+        let _ = stream
+            .write_all(
+                format!("HTTP/1.1 {status} X\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
+            .await;
+    }
+
+    fn accepted(&self) -> Vec<Value> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+async fn rule_with_action(
+    server: &TestServer,
+    select: &str,
+    condition: &str,
+    url: &str,
+) -> (String, String) {
+    let rule = server
+        .post("/routing-rule/rules", json!({"rule_name": "r", "subject": {"resource": "device.property", "event": "report"}, "select": select, "where": condition}))
+        .await;
+    assert_eq!(rule.status, 201, "{}", rule.body);
+    assert_eq!(rule.body["active"], false, "new rules start inactive");
+    let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
+    let activate = server
+        .api
+        .call(
+            "PUT",
+            &format!("/routing-rule/rules/{rule_id}"),
+            Some(&json!({"active": true, "select": select, "where": condition})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(activate.body["active"], true, "{}", activate.body);
+    let action = server
+        .post("/routing-rule/actions", json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}}))
+        .await;
+    assert_eq!(action.status, 201, "{}", action.body);
+    (
+        rule_id,
+        action.body["action_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn report(device: &SimDevice, device_id: &str, temp: f64, count: i64) {
+    let body = json!({"services": [{"service_id": "Temperature", "properties": {"temp": temp, "count": count}}]});
+    device
+        .client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/properties/report?request_id=r{count}"),
+            QoS::AtLeastOnce,
+            false,
+            body.to_string(),
+        )
+        .await
+        .unwrap();
+}
+
+async fn wait_accepted(receiver: &Receiver, n: usize, secs: u64) -> Vec<Value> {
+    for _ in 0..secs * 20 {
+        if receiver.accepted().len() >= n {
+            return receiver.accepted();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("receiver accepted {:?}, wanted {n}", receiver.accepted());
+}
+
+#[tokio::test]
+async fn reports_are_pushed_as_iotda_envelopes_through_filters_and_projections() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "fw-1").await;
+    let (whole, whole_url) = Receiver::start().await;
+    let (picked, picked_url) = Receiver::start().await;
+    rule_with_action(
+        &server,
+        "",
+        "notify_data.body.services[0].properties.temp > 30",
+        &whole_url,
+    )
+    .await;
+    rule_with_action(&server, "notify_data.header.device_id AS id, notify_data.body.services[0].properties.temp * 2 AS twice", "", &picked_url).await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    report(&device, &device_id, 20.0, 1).await;
+    report(&device, &device_id, 36.5, 2).await;
+
+    let pushed = wait_accepted(&whole, 1, 10).await;
+    let envelope = &pushed[0];
+    assert_eq!(envelope["resource"], "device.property");
+    assert_eq!(envelope["event"], "report");
+    assert_eq!(
+        envelope["request_id"], "r2",
+        "the device's request id travels with the data"
+    );
+    assert_eq!(
+        envelope["notify_data"]["header"]["device_id"],
+        device_id.as_str()
+    );
+    assert_eq!(envelope["notify_data"]["header"]["node_id"], "fw-1");
+    assert_eq!(
+        envelope["notify_data"]["header"]["product_id"],
+        product.as_str()
+    );
+    assert_eq!(
+        envelope["notify_data"]["body"]["services"][0]["properties"],
+        json!({"temp": 36.5, "count": 2})
+    );
+    assert!(
+        envelope["event_time"]
+            .as_str()
+            .is_some_and(|t| t.len() == 16 && t.ends_with('Z'))
+    );
+    let projected = wait_accepted(&picked, 2, 10).await;
+    assert_eq!(
+        projected,
+        vec![
+            json!({"id": device_id, "twice": 40}),
+            json!({"id": device_id, "twice": 73})
+        ]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        whole.accepted().len(),
+        1,
+        "the report below the threshold is filtered out"
+    );
+    device.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn failures_are_retried_in_order_with_stable_message_ids() {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let server = server_on(
+        tempfile::tempdir().unwrap(),
+        |c| {
+            c.signature_window_ms = i64::MAX / 4;
+            c.forward.timeout = Duration::from_millis(500);
+        },
+        clock.clone(),
+    )
+    .await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "fw-2").await;
+    let (receiver, url) = Receiver::start().await;
+    receiver.plan(&[
+        Answer::Status(500),
+        Answer::Hang,
+        Answer::Close,
+        Answer::Status(503),
+    ]);
+    let (_, action_id) = rule_with_action(
+        &server,
+        "notify_data.body.services[0].properties.count AS n",
+        "",
+        &url,
+    )
+    .await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    for n in 1..=3 {
+        report(&device, &device_id, 21.0, n).await;
+    }
+    // Four failed attempts, each followed by a backoff that the manual clock skips.
+    for _ in 0..40 {
+        if receiver.accepted().len() == 3 {
+            break;
+        }
+        clock.advance(61_000);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        receiver.accepted(),
+        vec![json!({"n": 1}), json!({"n": 2}), json!({"n": 3})],
+        "all delivered, in order"
+    );
+    let seen = receiver.seen.lock().unwrap().clone();
+    let first_ids: Vec<&String> = seen
+        .iter()
+        .filter(|(_, b)| *b == json!({"n": 1}))
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(first_ids.len(), 5, "four failures then a success: {seen:?}");
+    assert!(
+        first_ids
+            .iter()
+            .all(|id| *id == first_ids[0] && !id.is_empty()),
+        "retries keep the message id: {first_ids:?}"
+    );
+    let status = server
+        .get(&format!("/routing-rule/actions/{action_id}/status"))
+        .await;
+    assert_eq!(
+        (
+            status["delivered"].as_u64(),
+            status["failed_attempts"].as_u64(),
+            status["queued_messages"].as_i64()
+        ),
+        (Some(3), Some(4), Some(0)),
+        "{status}"
+    );
+    device.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_target_is_marked_probed_and_its_queue_bounded() {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let server = server_on(
+        tempfile::tempdir().unwrap(),
+        |c| {
+            c.signature_window_ms = i64::MAX / 4;
+            c.forward.failing_after = 3;
+            c.forward.max_queue_bytes = 100;
+        },
+        clock.clone(),
+    )
+    .await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "fw-3").await;
+    // Nothing listens on this port: every attempt fails to connect.
+    let dead = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_url = format!("http://{}/push", dead.local_addr().unwrap());
+    drop(dead);
+    let (_, action_id) = rule_with_action(
+        &server,
+        "notify_data.body.services[0].properties.count AS n",
+        "",
+        &dead_url,
+    )
+    .await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    for n in 1..=20 {
+        report(&device, &device_id, 21.0, n).await;
+    }
+    let status_path = format!("/routing-rule/actions/{action_id}/status");
+    for _ in 0..40 {
+        if server.get(&status_path).await["failing"] == true {
+            break;
+        }
+        clock.advance(61_000);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let status = server.get(&status_path).await;
+    assert_eq!(status["failing"], true, "{status}");
+    assert!(
+        status["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("connect")),
+        "{status}"
+    );
+    // The queue limit (100 bytes) keeps only the newest messages, and says how many it dropped.
+    clock.advance(11_000);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let status = server.get(&status_path).await;
+    assert!(status["queued_bytes"].as_i64().unwrap() <= 100, "{status}");
+    assert!(
+        status["dropped_queue_full"].as_u64().unwrap() > 0,
+        "{status}"
+    );
+
+    // Moving the target to a live receiver: the probe (every 3 minutes) finds it and drains the queue.
+    let (receiver, url) = Receiver::start().await;
+    let r = server.api.call("PUT", &format!("/routing-rule/actions/{action_id}"), Some(&json!({"channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}}))).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    clock.advance(180_000);
+    let delivered = wait_accepted(&receiver, 1, 10).await;
+    assert_eq!(
+        delivered.last(),
+        Some(&json!({"n": 20})),
+        "the newest message survives the size limit"
+    );
+    let status = server.get(&status_path).await;
+    assert_eq!(status["failing"], false);
+
+    // Age limit: messages older than a day are dropped and counted.
+    let (_, old_action) = rule_with_action(&server, "", "", &dead_url).await;
+    report(&device, &device_id, 21.0, 99).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    clock.advance(24 * 3_600_000 + 20_000);
+    let old_status = format!("/routing-rule/actions/{old_action}/status");
+    for _ in 0..30 {
+        if server.get(&old_status).await["dropped_too_old"].as_u64() == Some(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.get(&old_status).await["dropped_too_old"], 1);
+    device.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_rules_and_actions_are_refused_with_reasons() {
+    let server = server().await;
+    let rule = |subject: Value, select: &str, condition: &str| json!({"subject": subject, "select": select, "where": condition});
+    let ok_subject = json!({"resource": "device.property", "event": "report"});
+    let cases = [
+        (
+            rule(
+                json!({"resource": "device.property", "event": "delete"}),
+                "",
+                "",
+            ),
+            "unknown subject",
+        ),
+        (
+            rule(json!({"resource": "nonsense", "event": "report"}), "", ""),
+            "unknown subject",
+        ),
+        (
+            rule(ok_subject.clone(), "", "temp >"),
+            "where clause, at character 7",
+        ),
+        (
+            rule(ok_subject.clone(), "explode(x)", ""),
+            "select clause, at character 1: unknown function",
+        ),
+        (
+            json!({"subject": ok_subject.clone(), "app_type": "SOMETIMES"}),
+            "app_type",
+        ),
+    ];
+    for (body, needle) in cases {
+        let r = server.post("/routing-rule/rules", body.clone()).await;
+        assert_eq!(
+            (r.status, r.body["error_code"].as_str()),
+            (400, Some("IOTDA.000006")),
+            "{body}"
+        );
+        assert!(
+            r.body["error_msg"].as_str().unwrap().contains(needle),
+            "{body}: {}",
+            r.body
+        );
+    }
+    let rule_id = server
+        .post("/routing-rule/rules", rule(ok_subject, "", ""))
+        .await
+        .body["rule_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    for (channel, detail, needle) in [
+        (
+            "HTTP_FORWARDING",
+            json!({"http_forwarding": {"url": "not a url"}}),
+            "http://",
+        ),
+        (
+            "HTTP_FORWARDING",
+            json!({"http_forwarding": {"url": "http://host:99999/x"}}),
+            "host[:port]",
+        ),
+        ("HTTP_FORWARDING", json!({}), "url is required"),
+        ("CARRIER_PIGEON", json!({}), "not available"),
+    ] {
+        let r = server
+            .post(
+                "/routing-rule/actions",
+                json!({"rule_id": rule_id, "channel": channel, "channel_detail": detail}),
+            )
+            .await;
+        assert_eq!(r.status, 400, "{channel} {detail}: {}", r.body);
+        assert!(
+            r.body["error_msg"].as_str().unwrap().contains(needle),
+            "{}",
+            r.body
+        );
+    }
+    let r = server.post("/routing-rule/actions", json!({"rule_id": "nope", "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": "http://h/x"}}})).await;
+    assert_eq!(r.status, 404);
+    server.stop().await;
+}

@@ -1,0 +1,445 @@
+//! The forwarding runtime: a dispatcher that turns platform events into queued messages for the
+//! actions of matching rules, and one worker per action that delivers its queue in order.
+//!
+//! Queues are durable (SQLite) and bounded by size and age; every drop is counted. A target that
+//! fails ten times in a row is marked failing and probed every three minutes; a success clears it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use ioda_engine::Platform;
+use ioda_store::{QueuedMessage, RoutingAction, RoutingRule};
+use ioda_types::{PlatformEvent, ids};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, broadcast, watch};
+use tokio::task::JoinHandle;
+
+use crate::envelope::{Subject, device_of, envelope, parse_subject, subject_of};
+use crate::sql::{Rule, compile};
+
+/// Limits and timings of forwarding.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    /// How long a target has to answer.
+    pub timeout: Duration,
+    /// Largest queue per action, in bytes; the oldest messages go first beyond it.
+    pub max_queue_bytes: i64,
+    /// Oldest message a queue keeps, in milliseconds.
+    pub max_age_ms: i64,
+    /// Consecutive failures after which a target counts as failing.
+    pub failing_after: u64,
+    /// How often a failing target is probed, in milliseconds.
+    pub probe_interval_ms: i64,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            timeout: Duration::from_secs(15),
+            max_queue_bytes: 1 << 30,
+            max_age_ms: 24 * 3_600_000,
+            failing_after: 10,
+            probe_interval_ms: 180_000,
+        }
+    }
+}
+
+/// Counters of one action, shown by the API so an operator can see what happened to the data.
+#[derive(Debug, Default)]
+pub struct ActionStats {
+    pub delivered: AtomicU64,
+    pub failed_attempts: AtomicU64,
+    pub dropped_too_old: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub consecutive_failures: AtomicU64,
+    pub failing: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+impl ActionStats {
+    /// The counters as JSON.
+    pub fn snapshot(&self) -> Value {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        json!({
+            "delivered": load(&self.delivered),
+            "failed_attempts": load(&self.failed_attempts),
+            "dropped_too_old": load(&self.dropped_too_old),
+            "dropped_queue_full": load(&self.dropped_queue_full),
+            "consecutive_failures": load(&self.consecutive_failures),
+            "failing": self.failing.load(Ordering::Relaxed),
+            "last_error": self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        })
+    }
+}
+
+/// A rule ready to evaluate.
+pub(crate) struct LiveRule {
+    pub rule: RoutingRule,
+    pub subject: Subject,
+    pub compiled: Rule,
+}
+
+/// A running action: its definition, its worker and its counters.
+pub(crate) struct LiveAction {
+    pub action: RoutingAction,
+    pub stats: Arc<ActionStats>,
+    pub wake: Arc<Notify>,
+    pub worker: JoinHandle<()>,
+}
+
+/// Data forwarding for a platform.
+pub struct Forwarder {
+    pub(crate) platform: Arc<Platform>,
+    pub(crate) config: ForwardConfig,
+    pub(crate) rules: RwLock<Vec<Arc<LiveRule>>>,
+    pub(crate) actions: RwLock<HashMap<String, LiveAction>>,
+    /// Events the dispatcher could not see because it fell behind the bus.
+    pub lost_events: AtomicU64,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder").finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+pub(crate) fn live_rule(rule: RoutingRule) -> Option<LiveRule> {
+    let subject = parse_subject(&rule.resource, &rule.event)?;
+    let compiled = compile(rule.select.as_deref(), rule.condition.as_deref()).ok()?;
+    Some(LiveRule {
+        rule,
+        subject,
+        compiled,
+    })
+}
+
+impl Forwarder {
+    /// Loads rules and actions, starts a worker per action and the dispatcher.
+    pub async fn start(
+        platform: Arc<Platform>,
+        config: ForwardConfig,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Forwarder>, ioda_store::StoreError> {
+        let rules = platform.store().rules().await?;
+        let actions = platform.store().actions().await?;
+        let events = platform.bus().subscribe();
+        let forwarder = Arc::new(Forwarder {
+            platform,
+            config,
+            rules: RwLock::new(
+                rules
+                    .into_iter()
+                    .filter_map(live_rule)
+                    .map(Arc::new)
+                    .collect(),
+            ),
+            actions: RwLock::new(HashMap::new()),
+            lost_events: AtomicU64::new(0),
+            shutdown,
+        });
+        for action in actions {
+            forwarder.run_action(action);
+        }
+        tokio::spawn(forwarder.clone().dispatch_loop(events));
+        Ok(forwarder)
+    }
+
+    /// Starts (or restarts) the worker of an action.
+    pub(crate) fn run_action(self: &Arc<Self>, action: RoutingAction) {
+        let stats = Arc::new(ActionStats::default());
+        let wake = Arc::new(Notify::new());
+        let worker = tokio::spawn(
+            self.clone()
+                .worker(action.clone(), stats.clone(), wake.clone()),
+        );
+        let previous = write(&self.actions).insert(
+            action.action_id.clone(),
+            LiveAction {
+                action,
+                stats,
+                wake,
+                worker,
+            },
+        );
+        if let Some(previous) = previous {
+            previous.worker.abort();
+        }
+    }
+
+    /// Stops an action's worker.
+    pub(crate) fn stop_action(&self, action_id: &str) {
+        if let Some(live) = write(&self.actions).remove(action_id) {
+            live.worker.abort();
+        }
+    }
+
+    async fn dispatch_loop(self: Arc<Self>, mut events: broadcast::Receiver<Arc<PlatformEvent>>) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let received = tokio::select! {
+                received = events.recv() => received,
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            };
+            match received {
+                Ok(event) => self.dispatch(&event).await,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    self.lost_events.fetch_add(n, Ordering::Relaxed);
+                    tracing::warn!(lost = n, "forwarding fell behind the event bus");
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn project_of(event: &PlatformEvent) -> Option<&str> {
+        match event {
+            PlatformEvent::ProductCreated { project_id, .. }
+            | PlatformEvent::ProductUpdated { project_id, .. }
+            | PlatformEvent::ProductDeleted { project_id, .. } => Some(project_id),
+            other => device_of(other).map(|d| d.project_id.as_str()),
+        }
+    }
+
+    /// The full resource some bodies carry (`device` and `product` create/update).
+    async fn detail(&self, event: &PlatformEvent) -> Option<Value> {
+        match event {
+            PlatformEvent::DeviceCreated { device, .. }
+            | PlatformEvent::DeviceUpdated { device, .. } => {
+                let d = self
+                    .platform
+                    .store()
+                    .device(device.device_id.clone())
+                    .await
+                    .ok()??;
+                Some(json!({
+                    "app_id": d.app_id, "device_id": d.device_id, "node_id": d.node_id, "gateway_id": d.gateway_id,
+                    "device_name": d.device_name, "node_type": if d.gateway_id == d.device_id { "GATEWAY" } else { "ENDPOINT" },
+                    "description": d.description, "product_id": d.product_id, "status": d.shown_status().as_str(),
+                    "auth_info": { "auth_type": d.auth.auth_type, "secure_access": d.auth.secure_access, "timeout": d.auth.timeout },
+                    "create_time": ioda_types::time::format_compact(d.created_at), "extension_info": d.extension_info, "tags": [],
+                }))
+            }
+            PlatformEvent::ProductCreated {
+                project_id,
+                product_id,
+                ..
+            }
+            | PlatformEvent::ProductUpdated {
+                project_id,
+                product_id,
+                ..
+            } => {
+                let p = self.platform.product(project_id, product_id).await.ok()?;
+                Some(json!({
+                    "app_id": p.app_id, "product_id": p.product_id, "name": p.name, "device_type": p.device_type,
+                    "protocol_type": p.protocol_type, "data_format": p.data_format, "manufacturer_name": p.manufacturer_name,
+                    "industry": p.industry, "description": p.description, "service_capabilities": p.service_capabilities,
+                    "create_time": ioda_types::time::format_compact(p.created_at),
+                }))
+            }
+            _ => None,
+        }
+    }
+
+    /// Evaluates the active rules of the event's project and subject and queues what they select.
+    async fn dispatch(&self, event: &PlatformEvent) {
+        let (Some(subject), Some(project_id)) = (subject_of(event), Self::project_of(event)) else {
+            return;
+        };
+        let app_id = device_of(event).map(|d| d.app_id.as_str());
+        let rules: Vec<Arc<LiveRule>> = read(&self.rules)
+            .iter()
+            .filter(|r| r.rule.active && r.subject == subject && r.rule.project_id == project_id)
+            .filter(|r| r.rule.app_type != "APP" || r.rule.app_id.as_deref() == app_id)
+            .cloned()
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        let now = self.platform.now();
+        let request_id = match event {
+            PlatformEvent::PropertiesReported { request_id, .. }
+            | PlatformEvent::MessageReported { request_id, .. } => request_id.clone(),
+            _ => ids::object_id(now, rand8()),
+        };
+        let Some(envelope) = envelope(event, self.detail(event).await, &request_id) else {
+            return;
+        };
+        let mut items = Vec::new();
+        let mut woken = Vec::new();
+        for rule in rules.iter().filter(|r| r.compiled.matches(&envelope, now)) {
+            let payload = rule.compiled.project(&envelope, now).to_string();
+            for live in read(&self.actions)
+                .values()
+                .filter(|a| a.action.rule_id == rule.rule.rule_id)
+            {
+                items.push((
+                    live.action.action_id.clone(),
+                    ids::object_id(now, rand8()),
+                    payload.clone(),
+                ));
+                woken.push(live.wake.clone());
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        if let Err(error) = self.platform.store().enqueue_forward(items, now).await {
+            tracing::error!(%error, "could not queue messages for forwarding");
+            return;
+        }
+        for wake in woken {
+            wake.notify_one();
+        }
+    }
+
+    async fn worker(
+        self: Arc<Self>,
+        action: RoutingAction,
+        stats: Arc<ActionStats>,
+        wake: Arc<Notify>,
+    ) {
+        let Ok(connector) = crate::connector::Connector::build(&action, &self.config) else {
+            tracing::warn!(action_id = %action.action_id, "action has an unusable channel; it forwards nothing");
+            return;
+        };
+        let mut shutdown = self.shutdown.clone();
+        let mut last_trim = i64::MIN;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let now = self.platform.now();
+            if now.saturating_sub(last_trim) >= 10_000 {
+                self.trim(&action.action_id, &stats, now).await;
+                last_trim = now;
+            }
+            let wait = match self
+                .platform
+                .store()
+                .queue_head(action.action_id.clone())
+                .await
+            {
+                Ok(Some(message)) if message.next_at <= now => {
+                    self.attempt(&connector, &message, &stats).await;
+                    continue;
+                }
+                Ok(Some(message)) => {
+                    Duration::from_millis((message.next_at - now).clamp(10, 1000) as u64)
+                }
+                Ok(None) => Duration::from_secs(1),
+                Err(error) => {
+                    tracing::warn!(%error, "forward queue unreadable");
+                    Duration::from_secs(1)
+                }
+            };
+            tokio::select! {
+                _ = wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+            }
+        }
+    }
+
+    /// Enforces the queue's age and size limits, counting what they drop.
+    async fn trim(&self, action_id: &str, stats: &ActionStats, now: i64) {
+        let store = self.platform.store();
+        if let Ok(n) = store
+            .drop_aged(action_id.to_owned(), now - self.config.max_age_ms)
+            .await
+            && n > 0
+        {
+            stats.dropped_too_old.fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(
+                action_id,
+                dropped = n,
+                "forwarding messages older than the queue's age limit were dropped"
+            );
+        }
+        if let Ok(n) = store
+            .drop_oversize(action_id.to_owned(), self.config.max_queue_bytes)
+            .await
+            && n > 0
+        {
+            stats
+                .dropped_queue_full
+                .fetch_add(n as u64, Ordering::Relaxed);
+            tracing::warn!(
+                action_id,
+                dropped = n,
+                "the forwarding queue was full; its oldest messages were dropped"
+            );
+        }
+    }
+
+    async fn attempt(
+        &self,
+        connector: &crate::connector::Connector,
+        message: &QueuedMessage,
+        stats: &ActionStats,
+    ) {
+        let store = self.platform.store();
+        match connector.deliver(message, self.config.timeout).await {
+            Ok(()) => {
+                let _ = store.dequeue_forward(message.id).await;
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                stats.consecutive_failures.store(0, Ordering::Relaxed);
+                stats.failing.store(false, Ordering::Relaxed);
+            }
+            Err(error) => {
+                let failures = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+                let failing = failures >= self.config.failing_after;
+                stats.failing.store(failing, Ordering::Relaxed);
+                let delay = if failing {
+                    self.config.probe_interval_ms
+                } else {
+                    backoff_ms(message.attempts)
+                };
+                tracing::debug!(action_id = %message.action_id, %error, failures, "forwarding attempt failed");
+                *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+                let _ = store
+                    .retry_forward(message.id, self.platform.now() + delay, error)
+                    .await;
+            }
+        }
+    }
+}
+
+/// 1 s, 2 s, 4 s ... up to a minute.
+fn backoff_ms(attempts: i64) -> i64 {
+    1000 * (1i64 << attempts.clamp(0, 6)).min(60)
+}
+
+fn rand8() -> [u8; 8] {
+    let mut bytes = [0u8; 8];
+    // Ids only need to be unique; the time prefix and a counter fallback keep them so.
+    if getrandom::fill(&mut bytes).is_err() {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        bytes = COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    }
+    bytes
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn backoff_doubles_to_a_minute() {
+        let delays: Vec<i64> = (0..9).map(super::backoff_ms).collect();
+        assert_eq!(
+            delays,
+            vec![1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]
+        );
+    }
+}
