@@ -8,7 +8,7 @@ use ioda_store::{RoutingAction, RoutingRule};
 use ioda_types::ids;
 use serde_json::Value;
 
-use crate::connector::Connector;
+use crate::connector::{Connector, Spec};
 use crate::envelope::parse_subject;
 use crate::forward::{Forwarder, live_rule, read, write};
 use crate::sql::compile;
@@ -58,6 +58,17 @@ fn new_id(now: i64) -> String {
 }
 
 impl Forwarder {
+    /// Checks a channel's details and, for brokers and databases, that the target answers now.
+    async fn check_channel(&self, channel: &str, detail: &Value) -> Result<(), EngineError> {
+        let spec = Spec::parse(channel, detail).map_err(invalid)?;
+        if spec.is_broker() {
+            Connector::open(&spec, std::time::Duration::from_secs(5))
+                .await
+                .map_err(|e| invalid(format!("cannot reach the target: {e}")))?;
+        }
+        Ok(())
+    }
+
     fn refresh_rule(&self, rule: RoutingRule) {
         let mut rules = write(&self.rules);
         rules.retain(|r| r.rule.rule_id != rule.rule_id);
@@ -147,8 +158,11 @@ impl Forwarder {
         patch: RulePatch,
     ) -> Result<RoutingRule, EngineError> {
         let mut rule = self.rule(project_id, rule_id)?;
-        if patch.select.is_some() || patch.condition.is_some() {
+        // A clause left out keeps its value: dropping a filter silently would forward everything.
+        if patch.select.is_some() {
             rule.select = patch.select;
+        }
+        if patch.condition.is_some() {
             rule.condition = patch.condition;
         }
         check_sql(rule.select.as_deref(), rule.condition.as_deref())?;
@@ -188,7 +202,7 @@ impl Forwarder {
         detail: Value,
     ) -> Result<RoutingAction, EngineError> {
         self.rule(project_id, rule_id)?;
-        Connector::from_parts(&channel, &detail).map_err(invalid)?;
+        self.check_channel(&channel, &detail).await?;
         let now = self.platform.now();
         let action = RoutingAction {
             seq: 0,
@@ -239,7 +253,8 @@ impl Forwarder {
         let mut action = self.action(project_id, action_id)?;
         action.channel = channel.unwrap_or(action.channel);
         action.channel_detail = detail.unwrap_or(action.channel_detail);
-        Connector::from_parts(&action.channel, &action.channel_detail).map_err(invalid)?;
+        self.check_channel(&action.channel, &action.channel_detail)
+            .await?;
         let action = self.platform.store().save_action(action).await?;
         self.run_action(action.clone());
         Ok(action)

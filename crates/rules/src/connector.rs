@@ -1,30 +1,41 @@
 //! The channels an action can forward to. Each channel lives in its own module behind a cargo
-//! feature; this enum is the one place that knows them all.
+//! feature; this module is the one place that knows them all. A channel is checked (`Spec::parse`)
+//! when an action is created, connected (`Connector::open`) by the action's worker, and reconnected
+//! after a failure.
 
 use std::time::Duration;
 
-use ioda_store::{QueuedMessage, RoutingAction};
+use ioda_store::QueuedMessage;
 use serde_json::Value;
 
-use crate::forward::ForwardConfig;
+/// The channels this build offers.
+pub const CHANNELS: &[&str] = &[
+    #[cfg(feature = "http")]
+    "HTTP_FORWARDING",
+    #[cfg(feature = "mqtt")]
+    "MQTT_FORWARDING",
+    #[cfg(feature = "nats")]
+    "NATS_FORWARDING",
+    #[cfg(feature = "postgres")]
+    "POSTGRESQL_FORWARDING",
+];
 
-/// The channels ioda can forward to.
-pub const CHANNELS: &[&str] = &["HTTP_FORWARDING"];
-
-/// A ready-to-use channel.
-#[derive(Debug, Clone)]
-pub enum Connector {
+/// A checked channel configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Spec {
     #[cfg(feature = "http")]
     Http(crate::http::Target),
+    #[cfg(feature = "mqtt")]
+    Mqtt(crate::mqtt::MqttSpec),
+    #[cfg(feature = "nats")]
+    Nats(crate::nats::NatsSpec),
+    #[cfg(feature = "postgres")]
+    Postgres(crate::postgres::PgSpec),
 }
 
-impl Connector {
-    /// Checks an action's channel and details; the error says what is wrong.
-    pub fn build(action: &RoutingAction, _config: &ForwardConfig) -> Result<Connector, String> {
-        Self::from_parts(&action.channel, &action.channel_detail)
-    }
-
-    pub fn from_parts(channel: &str, detail: &Value) -> Result<Connector, String> {
+impl Spec {
+    /// Checks a channel and its details; the error says what is wrong.
+    pub fn parse(channel: &str, detail: &Value) -> Result<Spec, String> {
         match channel {
             #[cfg(feature = "http")]
             "HTTP_FORWARDING" => {
@@ -32,8 +43,14 @@ impl Connector {
                     .pointer("/http_forwarding/url")
                     .and_then(Value::as_str)
                     .ok_or("channel_detail.http_forwarding.url is required")?;
-                Ok(Connector::Http(crate::http::parse_url(url)?))
+                Ok(Spec::Http(crate::http::parse_url(url)?))
             }
+            #[cfg(feature = "mqtt")]
+            "MQTT_FORWARDING" => Ok(Spec::Mqtt(crate::mqtt::spec(detail)?)),
+            #[cfg(feature = "nats")]
+            "NATS_FORWARDING" => Ok(Spec::Nats(crate::nats::spec(detail)?)),
+            #[cfg(feature = "postgres")]
+            "POSTGRESQL_FORWARDING" => Ok(Spec::Postgres(crate::postgres::spec(detail)?)),
             other => Err(format!(
                 "channel {other} is not available; this build offers {}",
                 CHANNELS.join(", ")
@@ -41,13 +58,66 @@ impl Connector {
         }
     }
 
+    /// Whether the channel keeps a connection to a broker or database (checked at creation).
+    pub fn is_broker(&self) -> bool {
+        match self {
+            #[cfg(feature = "http")]
+            Spec::Http(_) => false,
+            #[allow(unreachable_patterns)]
+            _ => true,
+        }
+    }
+}
+
+/// A connected channel.
+#[derive(Debug)]
+pub enum Connector {
+    #[cfg(feature = "http")]
+    Http(crate::http::Target),
+    #[cfg(feature = "mqtt")]
+    Mqtt(Box<crate::mqtt::MqttSink>),
+    #[cfg(feature = "nats")]
+    Nats(crate::nats::NatsSink),
+    #[cfg(feature = "postgres")]
+    Postgres(crate::postgres::PgSink),
+}
+
+impl Connector {
+    /// Connects to the channel's target.
+    pub async fn open(spec: &Spec, timeout: Duration) -> Result<Connector, String> {
+        Ok(match spec {
+            #[cfg(feature = "http")]
+            Spec::Http(target) => Connector::Http(target.clone()),
+            #[cfg(feature = "mqtt")]
+            Spec::Mqtt(spec) => {
+                Connector::Mqtt(Box::new(crate::mqtt::MqttSink::open(spec, timeout).await?))
+            }
+            #[cfg(feature = "nats")]
+            Spec::Nats(spec) => Connector::Nats(crate::nats::NatsSink::open(spec, timeout).await?),
+            #[cfg(feature = "postgres")]
+            Spec::Postgres(spec) => {
+                Connector::Postgres(crate::postgres::PgSink::open(spec, timeout).await?)
+            }
+        })
+    }
+
     /// Delivers one message.
-    pub async fn deliver(&self, message: &QueuedMessage, timeout: Duration) -> Result<(), String> {
+    pub async fn deliver(
+        &mut self,
+        message: &QueuedMessage,
+        timeout: Duration,
+    ) -> Result<(), String> {
         match self {
             #[cfg(feature = "http")]
             Connector::Http(target) => {
                 crate::http::post(target, &message.message_id, &message.payload, timeout).await
             }
+            #[cfg(feature = "mqtt")]
+            Connector::Mqtt(sink) => sink.publish(&message.payload, timeout).await,
+            #[cfg(feature = "nats")]
+            Connector::Nats(sink) => sink.publish(&message.payload, timeout).await,
+            #[cfg(feature = "postgres")]
+            Connector::Postgres(sink) => sink.insert(&message.payload, timeout).await,
         }
     }
 }

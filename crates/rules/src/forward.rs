@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
+use crate::connector::{Connector, Spec};
 use crate::envelope::{Subject, device_of, envelope, parse_subject, subject_of};
 use crate::sql::{Rule, compile};
 
@@ -310,10 +311,14 @@ impl Forwarder {
         stats: Arc<ActionStats>,
         wake: Arc<Notify>,
     ) {
-        let Ok(connector) = crate::connector::Connector::build(&action, &self.config) else {
-            tracing::warn!(action_id = %action.action_id, "action has an unusable channel; it forwards nothing");
-            return;
+        let spec = match Spec::parse(&action.channel, &action.channel_detail) {
+            Ok(spec) => spec,
+            Err(error) => {
+                tracing::warn!(action_id = %action.action_id, %error, "action has an unusable channel; it forwards nothing");
+                return;
+            }
         };
+        let mut connector: Option<Connector> = None;
         let mut shutdown = self.shutdown.clone();
         let mut last_trim = i64::MIN;
         loop {
@@ -332,7 +337,7 @@ impl Forwarder {
                 .await
             {
                 Ok(Some(message)) if message.next_at <= now => {
-                    self.attempt(&connector, &message, &stats).await;
+                    self.attempt(&spec, &mut connector, &message, &stats).await;
                     continue;
                 }
                 Ok(Some(message)) => {
@@ -385,12 +390,28 @@ impl Forwarder {
 
     async fn attempt(
         &self,
-        connector: &crate::connector::Connector,
+        spec: &Spec,
+        connector: &mut Option<Connector>,
         message: &QueuedMessage,
         stats: &ActionStats,
     ) {
         let store = self.platform.store();
-        match connector.deliver(message, self.config.timeout).await {
+        let outcome = match connector {
+            Some(open) => open.deliver(message, self.config.timeout).await,
+            None => match Connector::open(spec, self.config.timeout).await {
+                Ok(mut open) => {
+                    let outcome = open.deliver(message, self.config.timeout).await;
+                    *connector = Some(open);
+                    outcome
+                }
+                Err(error) => Err(error),
+            },
+        };
+        if outcome.is_err() {
+            // Reconnect on the next attempt: a broken connection must not stick.
+            *connector = None;
+        }
+        match outcome {
             Ok(()) => {
                 let _ = store.dequeue_forward(message.id).await;
                 stats.delivered.fetch_add(1, Ordering::Relaxed);

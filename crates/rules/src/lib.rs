@@ -9,6 +9,12 @@ pub mod envelope;
 pub mod forward;
 #[cfg(feature = "http")]
 pub mod http;
+#[cfg(feature = "mqtt")]
+pub mod mqtt;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 pub mod sql;
 
 pub use admin::{NewRule, RulePatch};

@@ -1,0 +1,92 @@
+//! NATS_FORWARDING: publish each message to a NATS subject; with `jetstream: true` the publish
+//! counts only once the stream has stored it.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// Where and how to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsSpec {
+    pub url: String,
+    pub subject: String,
+    pub jetstream: bool,
+}
+
+/// Reads `channel_detail.nats_forwarding`.
+pub fn spec(detail: &Value) -> Result<NatsSpec, String> {
+    let d = detail
+        .get("nats_forwarding")
+        .ok_or("channel_detail.nats_forwarding is required")?;
+    let url = d
+        .get("url")
+        .and_then(Value::as_str)
+        .ok_or("nats_forwarding.url is required")?;
+    if !url.starts_with("nats://") || url.len() <= "nats://".len() {
+        return Err(format!(
+            "nats_forwarding.url must look like nats://host:4222, got {url:?}"
+        ));
+    }
+    let subject = d
+        .get("subject")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty() && !s.contains(['*', '>', ' ']))
+        .ok_or("nats_forwarding.subject must be a subject without wildcards")?;
+    Ok(NatsSpec {
+        url: url.to_owned(),
+        subject: subject.to_owned(),
+        jetstream: d.get("jetstream").and_then(Value::as_bool).unwrap_or(false),
+    })
+}
+
+/// A live connection.
+#[derive(Debug)]
+pub struct NatsSink {
+    spec: NatsSpec,
+    client: async_nats::Client,
+}
+
+impl NatsSink {
+    pub async fn open(spec: &NatsSpec, timeout: Duration) -> Result<NatsSink, String> {
+        let options = async_nats::ConnectOptions::new()
+            .connection_timeout(timeout)
+            .retry_on_initial_connect();
+        let connect = options.connect(spec.url.as_str());
+        let client = tokio::time::timeout(timeout, connect)
+            .await
+            .map_err(|_| format!("NATS server {} did not answer", spec.url))?
+            .map_err(|e| format!("NATS server {}: {e}", spec.url))?;
+        Ok(NatsSink {
+            spec: spec.clone(),
+            client,
+        })
+    }
+
+    pub async fn publish(&mut self, payload: &str, timeout: Duration) -> Result<(), String> {
+        let data = bytes::Bytes::from(payload.to_owned());
+        let work = async {
+            if self.spec.jetstream {
+                let stream = async_nats::jetstream::new(self.client.clone());
+                let ack = stream
+                    .publish(self.spec.subject.clone(), data)
+                    .await
+                    .map_err(|e| format!("JetStream: {e}"))?;
+                ack.await
+                    .map_err(|e| format!("JetStream did not store the message: {e}"))?;
+            } else {
+                self.client
+                    .publish(self.spec.subject.clone(), data)
+                    .await
+                    .map_err(|e| format!("NATS: {e}"))?;
+                self.client
+                    .flush()
+                    .await
+                    .map_err(|e| format!("NATS: {e}"))?;
+            }
+            Ok::<_, String>(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| "NATS did not confirm in time".to_owned())?
+    }
+}
