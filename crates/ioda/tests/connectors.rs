@@ -276,3 +276,79 @@ async fn inserts_into_postgresql_and_survives_a_broken_table() {
     device.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn publishes_to_rabbitmq_with_confirms_and_refuses_unroutable_messages() {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions, QueueDeleteOptions};
+    let server = server().await;
+    let url = "amqp://guest:guest@127.0.0.1:5672/%2f";
+    let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let queue = format!("ioda-test-{}", suffix());
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::default(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+
+    let rule_id = active_rule(&server, "notify_data.header.device_id AS id").await;
+    add_action(
+        &server,
+        &rule_id,
+        "RABBITMQ_FORWARDING",
+        json!({"rabbitmq_forwarding": {"url": url, "exchange": "", "routing_key": queue}}),
+    )
+    .await;
+    let nowhere = add_action(&server, &rule_id, "RABBITMQ_FORWARDING", json!({"rabbitmq_forwarding": {"url": url, "exchange": "", "routing_key": format!("{queue}-missing")}})).await;
+    let (device_id, device) = reporting_device(&server, "amqp-1").await;
+    report(&device, &device_id, 18.0).await;
+
+    let mut got = None;
+    for _ in 0..100 {
+        if let Some(message) = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            got = Some(message);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let message = got.expect("a message in the queue");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&message.delivery.data).unwrap(),
+        json!({"id": device_id})
+    );
+    assert!(
+        message.delivery.properties.message_id().is_some(),
+        "the message id travels as an AMQP property"
+    );
+
+    // The broker cannot route the other action's messages: they are not counted as delivered.
+    let status_path = format!("/routing-rule/actions/{nowhere}/status");
+    eventually("an unroutable attempt", || async {
+        server.get(&status_path).await["failed_attempts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    let status = server.get(&status_path).await;
+    assert!(
+        status["last_error"].as_str().unwrap().contains("route"),
+        "{status}"
+    );
+    assert_eq!(status["queued_messages"], 1);
+    channel
+        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    device.close().await;
+    server.stop().await;
+}

@@ -18,6 +18,8 @@ pub const CHANNELS: &[&str] = &[
     "NATS_FORWARDING",
     #[cfg(feature = "postgres")]
     "POSTGRESQL_FORWARDING",
+    #[cfg(feature = "rabbitmq")]
+    "RABBITMQ_FORWARDING",
 ];
 
 /// A checked channel configuration.
@@ -31,6 +33,8 @@ pub enum Spec {
     Nats(crate::nats::NatsSpec),
     #[cfg(feature = "postgres")]
     Postgres(crate::postgres::PgSpec),
+    #[cfg(feature = "rabbitmq")]
+    Rabbit(crate::rabbitmq::RabbitSpec),
 }
 
 impl Spec {
@@ -51,6 +55,8 @@ impl Spec {
             "NATS_FORWARDING" => Ok(Spec::Nats(crate::nats::spec(detail)?)),
             #[cfg(feature = "postgres")]
             "POSTGRESQL_FORWARDING" => Ok(Spec::Postgres(crate::postgres::spec(detail)?)),
+            #[cfg(feature = "rabbitmq")]
+            "RABBITMQ_FORWARDING" => Ok(Spec::Rabbit(crate::rabbitmq::spec(detail)?)),
             other => Err(format!(
                 "channel {other} is not available; this build offers {}",
                 CHANNELS.join(", ")
@@ -80,6 +86,8 @@ pub enum Connector {
     Nats(crate::nats::NatsSink),
     #[cfg(feature = "postgres")]
     Postgres(crate::postgres::PgSink),
+    #[cfg(feature = "rabbitmq")]
+    Rabbit(crate::rabbitmq::RabbitSink),
 }
 
 impl Connector {
@@ -97,6 +105,10 @@ impl Connector {
             #[cfg(feature = "postgres")]
             Spec::Postgres(spec) => {
                 Connector::Postgres(crate::postgres::PgSink::open(spec, timeout).await?)
+            }
+            #[cfg(feature = "rabbitmq")]
+            Spec::Rabbit(spec) => {
+                Connector::Rabbit(crate::rabbitmq::RabbitSink::open(spec, timeout).await?)
             }
         })
     }
@@ -118,6 +130,11 @@ impl Connector {
             Connector::Nats(sink) => sink.publish(&message.payload, timeout).await,
             #[cfg(feature = "postgres")]
             Connector::Postgres(sink) => sink.insert(&message.payload, timeout).await,
+            #[cfg(feature = "rabbitmq")]
+            Connector::Rabbit(sink) => {
+                sink.publish(&message.message_id, &message.payload, timeout)
+                    .await
+            }
         }
     }
 }

@@ -15,6 +15,8 @@ pub mod mqtt;
 pub mod nats;
 #[cfg(feature = "postgres")]
 pub mod postgres;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
 pub mod sql;
 
 pub use admin::{NewRule, RulePatch};
