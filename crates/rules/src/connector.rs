@@ -87,7 +87,7 @@ pub enum Connector {
     #[cfg(feature = "postgres")]
     Postgres(crate::postgres::PgSink),
     #[cfg(feature = "rabbitmq")]
-    Rabbit(crate::rabbitmq::RabbitSink),
+    Rabbit(Box<crate::rabbitmq::RabbitSink>),
 }
 
 impl Connector {
