@@ -107,9 +107,9 @@ impl Connector {
                 Connector::Postgres(crate::postgres::PgSink::open(spec, timeout).await?)
             }
             #[cfg(feature = "rabbitmq")]
-            Spec::Rabbit(spec) => {
-                Connector::Rabbit(crate::rabbitmq::RabbitSink::open(spec, timeout).await?)
-            }
+            Spec::Rabbit(spec) => Connector::Rabbit(Box::new(
+                crate::rabbitmq::RabbitSink::open(spec, timeout).await?,
+            )),
         })
     }
 
