@@ -219,6 +219,11 @@ impl DeviceSession {
         Some(trace_entry(&self.device.device_id, now, kind, detail))
     }
 
+    /// A stage record of a message's way through the platform; never throttled.
+    pub(crate) fn stage(&self, kind: &str, detail: Value) -> TraceEntry {
+        trace_entry(&self.device.device_id, self.platform.now(), kind, detail)
+    }
+
     pub(crate) async fn record(&mut self, kind: &str, detail: Value) {
         if let Some(entry) = self.trace(kind, detail) {
             let _ = self.platform.store.record_trace(vec![entry]).await;

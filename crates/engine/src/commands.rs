@@ -336,6 +336,7 @@ impl Platform {
         match self.store.transition_command(from, next.clone()).await {
             Ok(true) => {
                 self.command_event(device, &next);
+                self.trace_downlink(&next.device_id, "command_status", json!({ "command_id": next.command_id, "status": next.status.as_str(), "sends": next.sends })).await;
                 true
             }
             Ok(false) => false,

@@ -150,6 +150,18 @@ impl Platform {
         }
     }
 
+    /// Records a downlink stage in the device trace without waiting for its commit.
+    pub(crate) async fn trace_downlink(&self, device_id: &str, kind: &str, detail: Value) {
+        let entry = ioda_store::TraceEntry {
+            id: 0,
+            device_id: device_id.to_owned(),
+            at: self.now(),
+            kind: kind.to_owned(),
+            detail,
+        };
+        let _ = self.store.append_trace(vec![entry]).await;
+    }
+
     /// Delivers the device's queued downlinks after `delay`, once per connection.
     pub(crate) fn deliver_queued_later(
         self: &Arc<Self>,

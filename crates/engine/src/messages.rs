@@ -210,6 +210,9 @@ impl Platform {
     }
 
     async fn message_event(&self, message: &DeviceMessage) {
+        let detail = json!({ "message_id": message.message_id, "status": message.status.as_str(), "error": message.error.as_ref().map(|e| &e.1) });
+        self.trace_downlink(&message.device_id, "message_status", detail)
+            .await;
         let device = self
             .device_ref(&message.project_id, &message.device_id)
             .await;

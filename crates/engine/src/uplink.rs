@@ -233,13 +233,18 @@ impl DeviceSession {
                 services.push((service.service_id, accepted, event_time));
             }
         }
-        let traces = rejected
+        let mut traces: Vec<_> = rejected
             .iter()
             .filter_map(|r| {
                 let detail = json!({ "request_id": request_id, "service_id": r.service_id, "property": r.property, "reason": r.reason.to_string() });
                 self.trace("property_rejected", detail)
             })
             .collect();
+        // The stage record of this report: received, authenticated, validated, stored (shadow and
+        // history are written in the same transaction).
+        let applied: Vec<&str> = services.iter().map(|(id, _, _)| id.as_str()).collect();
+        let stage = json!({ "request_id": request_id, "applied_services": applied, "rejected_properties": rejected.len() });
+        traces.push(self.stage("report_stored", stage));
         let record = ReportRecord {
             device_id: self.device.device_id.clone(),
             request_id: request_id.clone(),
@@ -315,10 +320,14 @@ impl DeviceSession {
             .store
             .submit_message(
                 self.device.device_id.clone(),
-                topic,
+                topic.clone(),
                 payload.to_vec(),
-                request_id,
+                request_id.clone(),
                 now,
+                vec![self.stage(
+                    "message_stored",
+                    json!({ "request_id": request_id, "topic": topic, "bytes": payload.len() }),
+                )],
             )
             .await;
         let Ok(commit) = submitted else {

@@ -41,6 +41,16 @@ enum Command {
         #[arg(long)]
         data: Option<String>,
     },
+    /// Show what happened to a device's traffic: every stage of its uplinks and downlinks, refusals
+    /// and forwarding attempts, oldest first.
+    Trace {
+        #[arg(long, env = "IODA_DATA_DIR", default_value = "ioda-data")]
+        data_dir: PathBuf,
+        device_id: String,
+        /// How many of the newest entries.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
     /// Print the MQTT client id, username and password of a device (for mosquitto_pub and friends).
     DeviceCredentials {
         #[arg(long)]
@@ -128,6 +138,33 @@ async fn api(
     Ok(())
 }
 
+async fn trace(data_dir: PathBuf, device_id: String, limit: u32) -> anyhow::Result<()> {
+    let client = ApiClient::from_data_dir(&data_dir)?;
+    let response = client
+        .call(
+            "GET",
+            &format!("/devices/{device_id}/trace?limit={limit}"),
+            None,
+        )
+        .await?;
+    if response.status >= 400 {
+        anyhow::bail!("HTTP {}: {}", response.status, response.body);
+    }
+    let entries = response.body["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    for entry in entries.iter().rev() {
+        println!(
+            "{}  {:<20} {}",
+            entry["time"].as_str().unwrap_or(""),
+            entry["kind"].as_str().unwrap_or(""),
+            entry["detail"]
+        );
+    }
+    Ok(())
+}
+
 fn device_credentials(device_id: &str, secret: &str, timestamp: Option<String>) {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -154,6 +191,11 @@ async fn main() -> anyhow::Result<()> {
             path,
             data,
         } => api(data_dir, method, path, data).await,
+        Command::Trace {
+            data_dir,
+            device_id,
+            limit,
+        } => trace(data_dir, device_id, limit).await,
         Command::DeviceCredentials {
             device_id,
             secret,

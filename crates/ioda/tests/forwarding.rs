@@ -312,6 +312,40 @@ async fn failures_are_retried_in_order_with_stable_message_ids() {
         (Some(3), Some(4), Some(0)),
         "{status}"
     );
+    // The device trace tells the whole story of report 1: stored, matched, failed (why), forwarded.
+    let trace = server
+        .get(&format!("/devices/{device_id}/trace?limit=200"))
+        .await;
+    let stages: Vec<(String, Value)> = trace["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .filter(|e| e["detail"]["request_id"] == "r1")
+        .map(|e| (e["kind"].as_str().unwrap().to_owned(), e["detail"].clone()))
+        .collect();
+    let kinds: Vec<&str> = stages.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            "report_stored",
+            "rules_matched",
+            "forward_failed",
+            "forward_failed",
+            "forward_failed",
+            "forward_failed",
+            "forwarded"
+        ],
+        "{trace}"
+    );
+    assert!(
+        stages[2].1["error"].as_str().unwrap().contains("500"),
+        "{trace}"
+    );
+    assert!(
+        stages[3].1["error"].as_str().unwrap().contains("no answer"),
+        "{trace}"
+    );
     device.close().await;
     server.stop().await;
 }

@@ -123,6 +123,20 @@ async fn restart_keeps_state_and_sigterm_exits_cleanly() {
     .await
     .unwrap();
 
+    // The CLI shows the device trace: the report went through.
+    let trace = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .args(["trace", "--data-dir"])
+        .arg(dir.path())
+        .arg(&device_id)
+        .output()
+        .unwrap();
+    assert!(trace.status.success());
+    let printed = String::from_utf8_lossy(&trace.stdout);
+    assert!(
+        printed.contains("report_stored") && printed.contains("applied_services"),
+        "{printed}"
+    );
+
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status}");
     assert!(

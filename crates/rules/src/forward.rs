@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ioda_engine::Platform;
-use ioda_store::{QueuedMessage, RoutingAction, RoutingRule};
+use ioda_store::{NewForward, QueuedMessage, RoutingAction, RoutingRule, TraceEntry};
 use ioda_types::{PlatformEvent, ids};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
@@ -277,26 +277,56 @@ impl Forwarder {
         let Some(envelope) = envelope(event, self.detail(event).await, &request_id) else {
             return;
         };
+        let device_id = device_of(event).map(|d| d.device_id.clone());
         let mut items = Vec::new();
         let mut woken = Vec::new();
-        for rule in rules.iter().filter(|r| r.compiled.matches(&envelope, now)) {
+        let (matched, unmatched): (Vec<&Arc<LiveRule>>, Vec<&Arc<LiveRule>>) = rules
+            .iter()
+            .partition(|r| r.compiled.matches(&envelope, now));
+        for rule in &matched {
             let payload = rule.compiled.project(&envelope, now).to_string();
             for live in read(&self.actions)
                 .values()
                 .filter(|a| a.action.rule_id == rule.rule.rule_id)
             {
-                items.push((
-                    live.action.action_id.clone(),
-                    ids::object_id(now, rand8()),
-                    payload.clone(),
-                ));
+                items.push(NewForward {
+                    action_id: live.action.action_id.clone(),
+                    message_id: ids::object_id(now, rand8()),
+                    payload: payload.clone(),
+                    device_id: device_id.clone(),
+                    request_id: Some(request_id.clone()),
+                });
                 woken.push(live.wake.clone());
             }
         }
-        if items.is_empty() {
-            return;
-        }
-        if let Err(error) = self.platform.store().enqueue_forward(items, now).await {
+        // The device trace says which rules took the data and which let it pass.
+        let trace: Vec<TraceEntry> = device_id
+            .iter()
+            .map(|device_id| TraceEntry {
+                id: 0,
+                device_id: device_id.clone(),
+                at: now,
+                kind: if matched.is_empty() {
+                    "rules_not_matched"
+                } else {
+                    "rules_matched"
+                }
+                .to_owned(),
+                detail: json!({
+                    "request_id": request_id,
+                    "subject": format!("{}/{}", subject.resource, subject.event),
+                    "matched": matched.iter().map(|r| &r.rule.rule_id).collect::<Vec<_>>(),
+                    "not_matched": unmatched.iter().map(|r| &r.rule.rule_id).collect::<Vec<_>>(),
+                    "queued_for": items.iter().map(|i| &i.action_id).collect::<Vec<_>>(),
+                }),
+            })
+            .collect();
+        if let Err(error) = self
+            .platform
+            .store()
+            .enqueue_forward(items, trace, now)
+            .await
+        {
             tracing::error!(%error, "could not queue messages for forwarding");
             return;
         }
@@ -411,6 +441,7 @@ impl Forwarder {
             // Reconnect on the next attempt: a broken connection must not stick.
             *connector = None;
         }
+        self.trace_attempt(message, outcome.as_ref().err()).await;
         match outcome {
             Ok(()) => {
                 let _ = store.dequeue_forward(message.id).await;
@@ -435,6 +466,34 @@ impl Forwarder {
                     .await;
             }
         }
+    }
+}
+
+impl Forwarder {
+    /// Records a delivery attempt in the trace of the device the message came from.
+    async fn trace_attempt(&self, message: &QueuedMessage, error: Option<&String>) {
+        let Some(device_id) = &message.device_id else {
+            return;
+        };
+        let entry = TraceEntry {
+            id: 0,
+            device_id: device_id.clone(),
+            at: self.platform.now(),
+            kind: if error.is_some() {
+                "forward_failed"
+            } else {
+                "forwarded"
+            }
+            .to_owned(),
+            detail: json!({
+                "request_id": message.request_id,
+                "action_id": message.action_id,
+                "message_id": message.message_id,
+                "attempt": message.attempts + 1,
+                "error": error,
+            }),
+        };
+        let _ = self.platform.store().append_trace(vec![entry]).await;
     }
 }
 

@@ -22,7 +22,7 @@ pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, InitialDesired, Status
 pub use messages::DeviceMessage;
 pub use products::ProductPage;
 pub use projects::{AccessKey, Project};
-pub use routing::{QueueDepth, QueuedMessage, RoutingAction, RoutingRule};
+pub use routing::{NewForward, QueueDepth, QueuedMessage, RoutingAction, RoutingRule};
 pub use shadow::{DesiredUpdate, HistoryRow, ReportRecord, ShadowRow};
 pub use trace::TraceEntry;
 pub use writer::{Durability, Store};

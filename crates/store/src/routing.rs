@@ -40,12 +40,25 @@ pub struct RoutingAction {
 pub struct QueuedMessage {
     pub id: i64,
     pub action_id: String,
+    /// The device and uplink the message came from, for the device trace.
+    pub device_id: Option<String>,
+    pub request_id: Option<String>,
     /// Stable across retries, so receivers can drop duplicates.
     pub message_id: String,
     pub payload: String,
     pub enqueued_at: i64,
     pub attempts: i64,
     pub next_at: i64,
+}
+
+/// A message to queue for an action.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewForward {
+    pub action_id: String,
+    pub message_id: String,
+    pub payload: String,
+    pub device_id: Option<String>,
+    pub request_id: Option<String>,
 }
 
 /// How much an action's queue holds.
@@ -195,20 +208,23 @@ impl Store {
         .await
     }
 
-    /// Queues messages for actions: `(action_id, message_id, payload)`.
+    /// Queues messages for actions, with the trace entries that say so, in one transaction.
     pub async fn enqueue_forward(
         &self,
-        items: Vec<(String, String, String)>,
+        items: Vec<NewForward>,
+        trace: Vec<crate::TraceEntry>,
         now: i64,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
             let mut insert = c.prepare_cached(
-                "INSERT INTO forward_queue (action_id, message_id, payload, bytes, enqueued_at, next_at) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                "INSERT INTO forward_queue (action_id, message_id, payload, bytes, enqueued_at, next_at, device_id, request_id) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
             )?;
-            for (action_id, message_id, payload) in &items {
-                insert.execute(params![action_id, message_id, payload, payload.len() as i64, now])?;
+            for item in &items {
+                let bytes = item.payload.len() as i64;
+                insert.execute(params![item.action_id, item.message_id, item.payload, bytes, now, item.device_id, item.request_id])?;
             }
-            Ok(())
+            crate::trace::insert_trace(c, &trace)
         })
         .await
     }
@@ -217,8 +233,8 @@ impl Store {
     pub async fn queue_head(&self, action_id: String) -> Result<Option<QueuedMessage>, StoreError> {
         self.read(move |c| {
             Ok(c.prepare_cached(
-                "SELECT id, action_id, message_id, payload, enqueued_at, attempts, next_at FROM forward_queue \
-                 WHERE action_id = ?1 ORDER BY id LIMIT 1",
+                "SELECT id, action_id, message_id, payload, enqueued_at, attempts, next_at, device_id, request_id \
+                 FROM forward_queue WHERE action_id = ?1 ORDER BY id LIMIT 1",
             )?
             .query_row([action_id], |r| {
                 Ok(QueuedMessage {
@@ -229,6 +245,8 @@ impl Store {
                     enqueued_at: r.get(4)?,
                     attempts: r.get(5)?,
                     next_at: r.get(6)?,
+                    device_id: r.get(7)?,
+                    request_id: r.get(8)?,
                 })
             })
             .optional()?)

@@ -185,6 +185,10 @@ CREATE TABLE forward_queue (
 );
 CREATE INDEX forward_queue_by_action ON forward_queue(action_id, id);
 "#,
+    r#"
+ALTER TABLE forward_queue ADD COLUMN device_id TEXT;
+ALTER TABLE forward_queue ADD COLUMN request_id TEXT;
+"#,
 ];
 
 /// Brings the database up to the newest schema.

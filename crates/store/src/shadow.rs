@@ -93,13 +93,14 @@ impl Store {
         payload: Vec<u8>,
         request_id: String,
         received_at: i64,
+        trace: Vec<TraceEntry>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         self.submit(move |c| {
             c.prepare_cached(
                 "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![device_id, topic, payload, received_at, request_id])?;
-            Ok(())
+            insert_trace(c, &trace)
         })
         .await
     }

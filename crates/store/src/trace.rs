@@ -53,6 +53,12 @@ impl Store {
         self.write(move |c| insert_trace(c, &entries)).await
     }
 
+    /// Queues trace entries without waiting for their commit (for paths that must not slow down).
+    pub async fn append_trace(&self, entries: Vec<TraceEntry>) -> Result<(), StoreError> {
+        let _commit = self.submit(move |c| insert_trace(c, &entries)).await?;
+        Ok(())
+    }
+
     /// The newest `limit` trace entries of a device, newest first.
     pub async fn trace(
         &self,
