@@ -7,6 +7,7 @@ mod commands;
 mod devices;
 mod error;
 mod extract;
+mod legacy;
 mod messages;
 mod products;
 mod routing;
@@ -30,6 +31,8 @@ pub use error::ApiError;
 pub struct AppState {
     pub platform: Arc<Platform>,
     pub forwarder: Arc<Forwarder>,
+    /// Access tokens of the legacy northbound API.
+    pub legacy_tokens: Arc<legacy::Tokens>,
     /// How far `X-Sdk-Date` may be from the server clock, in milliseconds.
     pub signature_window_ms: i64,
 }
@@ -46,6 +49,7 @@ pub fn router(
     let state = AppState {
         platform,
         forwarder,
+        legacy_tokens: Arc::default(),
         signature_window_ms,
     };
     let v5 = Router::new()
@@ -125,8 +129,20 @@ pub fn router(
         )
         .fallback(no_such_api)
         .layer(from_fn_with_state(state.clone(), auth::authenticate));
+    let legacy = Router::new()
+        .route(
+            "/iocm/app/sub/v1.2.0/subscriptions",
+            post(legacy::subscribe).get(legacy::list),
+        )
+        .route(
+            "/iocm/app/sub/v1.2.0/subscriptions/{subscription_id}",
+            get(legacy::show).delete(legacy::unsubscribe),
+        )
+        .layer(from_fn_with_state(state.clone(), legacy::authenticate));
     Router::new()
         .nest("/v5/iot/{project_id}", v5)
+        .merge(legacy)
+        .route("/iocm/app/sec/v1.1.0/login", post(legacy::login))
         .route("/health", get(|| async { "ok" }))
         .fallback(no_such_api)
         .layer(from_fn(request_id))

@@ -52,6 +52,8 @@ pub struct RawRequest {
     pub unsigned: bool,
     /// Body sent instead of the signed one (to test tampering).
     pub tampered_body: Option<Vec<u8>>,
+    /// Further headers, sent as given (not signed).
+    pub extra_headers: Vec<(String, String)>,
 }
 
 fn now_ms() -> i64 {
@@ -156,6 +158,9 @@ impl ApiClient {
         }
         if !request.unsigned {
             builder = builder.header("authorization", authorization);
+        }
+        for (name, value) in &request.extra_headers {
+            builder = builder.header(name.as_str(), value.as_str());
         }
         let body = request.tampered_body.unwrap_or(request.body);
         let http_request = builder.body(Full::new(Bytes::from(body)))?;

@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::connector::{Connector, Spec};
 use crate::envelope::parse_subject;
-use crate::forward::{Forwarder, live_rule, read, write};
+use crate::forward::{Forwarder, LEGACY_RESOURCE, live_rule, read, write};
 use crate::sql::compile;
 
 /// A new rule (`AddRuleReq`).
@@ -134,7 +134,11 @@ impl Forwarder {
     pub fn rule(&self, project_id: &str, rule_id: &str) -> Result<RoutingRule, EngineError> {
         read(&self.rules)
             .iter()
-            .find(|r| r.rule.rule_id == rule_id && r.rule.project_id == project_id)
+            .find(|r| {
+                r.rule.rule_id == rule_id
+                    && r.rule.project_id == project_id
+                    && r.rule.resource != LEGACY_RESOURCE
+            })
             .map(|r| r.rule.clone())
             .ok_or(EngineError::NotFound("rule"))
     }
@@ -144,7 +148,7 @@ impl Forwarder {
         let mut rules: Vec<RoutingRule> = read(&self.rules)
             .iter()
             .map(|r| r.rule.clone())
-            .filter(|r| r.project_id == project_id && keep(r))
+            .filter(|r| r.project_id == project_id && r.resource != LEGACY_RESOURCE && keep(r))
             .collect();
         rules.sort_by_key(|r| std::cmp::Reverse(r.seq));
         rules
@@ -295,5 +299,130 @@ impl Forwarder {
         status["queued_messages"] = depth.messages.into();
         status["queued_bytes"] = depth.bytes.into();
         Ok(status)
+    }
+}
+
+/// A legacy subscription: a notify type pushed to a callback URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subscription {
+    pub subscription_id: String,
+    pub notify_type: String,
+    pub callback_url: String,
+    pub app_id: Option<String>,
+}
+
+impl Forwarder {
+    /// Creates a legacy subscription: stored as a rule with its HTTP action, so it shares the
+    /// durable queues, retries and trace of data forwarding.
+    pub async fn subscribe(
+        self: &Arc<Self>,
+        project_id: &str,
+        notify_type: &str,
+        callback_url: &str,
+        app_id: Option<String>,
+    ) -> Result<Subscription, EngineError> {
+        if !crate::legacy::NOTIFY_TYPES.contains(&notify_type) {
+            return Err(invalid(format!(
+                "notifyType must be one of {}",
+                crate::legacy::NOTIFY_TYPES.join(", ")
+            )));
+        }
+        crate::legacy::check_callback_url(callback_url).map_err(invalid)?;
+        let now = self.platform.now();
+        let rule = RoutingRule {
+            seq: 0,
+            rule_id: new_id(now),
+            project_id: project_id.to_owned(),
+            rule_name: Some(format!("legacy {notify_type}")),
+            description: None,
+            resource: LEGACY_RESOURCE.to_owned(),
+            event: notify_type.to_owned(),
+            app_type: "GLOBAL".to_owned(),
+            app_id: app_id.clone(),
+            select: None,
+            condition: None,
+            active: true,
+            created_at: now,
+        };
+        let rule = self.platform.store().save_rule(rule).await?;
+        let action = RoutingAction {
+            seq: 0,
+            action_id: new_id(now),
+            project_id: project_id.to_owned(),
+            rule_id: rule.rule_id.clone(),
+            channel: "HTTP_FORWARDING".to_owned(),
+            channel_detail: serde_json::json!({ "http_forwarding": { "url": callback_url } }),
+            created_at: now,
+        };
+        let action = self.platform.store().save_action(action).await?;
+        self.run_action(action);
+        self.refresh_rule(rule.clone());
+        Ok(Subscription {
+            subscription_id: rule.rule_id,
+            notify_type: notify_type.to_owned(),
+            callback_url: callback_url.to_owned(),
+            app_id,
+        })
+    }
+
+    /// The project's legacy subscriptions, newest first.
+    pub fn subscriptions(&self, project_id: &str) -> Vec<Subscription> {
+        let rules = read(&self.rules);
+        let actions = read(&self.actions);
+        let mut found: Vec<(i64, Subscription)> = rules
+            .iter()
+            .filter(|r| r.rule.project_id == project_id && r.rule.resource == LEGACY_RESOURCE)
+            .map(|r| {
+                let url = actions
+                    .values()
+                    .find(|a| a.action.rule_id == r.rule.rule_id)
+                    .and_then(|a| {
+                        a.action
+                            .channel_detail
+                            .pointer("/http_forwarding/url")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default();
+                let subscription = Subscription {
+                    subscription_id: r.rule.rule_id.clone(),
+                    notify_type: r.rule.event.clone(),
+                    callback_url: url,
+                    app_id: r.rule.app_id.clone(),
+                };
+                (r.rule.seq, subscription)
+            })
+            .collect();
+        found.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+        found.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// Deletes a legacy subscription.
+    pub async fn unsubscribe(
+        &self,
+        project_id: &str,
+        subscription_id: &str,
+    ) -> Result<(), EngineError> {
+        let exists = self
+            .subscriptions(project_id)
+            .iter()
+            .any(|s| s.subscription_id == subscription_id);
+        if !exists {
+            return Err(EngineError::NotFound("subscription"));
+        }
+        let action_ids: Vec<String> = read(&self.actions)
+            .values()
+            .filter(|a| a.action.rule_id == subscription_id)
+            .map(|a| a.action.action_id.clone())
+            .collect();
+        for action_id in action_ids {
+            self.stop_action(&action_id);
+        }
+        self.platform
+            .store()
+            .delete_rule(subscription_id.to_owned())
+            .await?;
+        write(&self.rules).retain(|r| r.rule.rule_id != subscription_id);
+        Ok(())
     }
 }

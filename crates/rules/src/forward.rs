@@ -78,9 +78,19 @@ impl ActionStats {
 /// A rule ready to evaluate.
 pub(crate) struct LiveRule {
     pub rule: RoutingRule,
-    pub subject: Subject,
-    pub compiled: Rule,
+    pub matcher: Matcher,
 }
+
+/// How a rule picks events and shapes what it forwards.
+pub(crate) enum Matcher {
+    /// A v5 routing rule: a subject and rule SQL over the push envelope.
+    Sql { subject: Subject, compiled: Rule },
+    /// A legacy subscription: a notify type with its own push bodies.
+    Legacy { notify_type: String },
+}
+
+/// The `resource` under which legacy subscriptions are stored beside the v5 rules.
+pub const LEGACY_RESOURCE: &str = "legacy";
 
 /// A running action: its definition, its worker and its counters.
 pub(crate) struct LiveAction {
@@ -116,13 +126,18 @@ pub(crate) fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
 }
 
 pub(crate) fn live_rule(rule: RoutingRule) -> Option<LiveRule> {
-    let subject = parse_subject(&rule.resource, &rule.event)?;
-    let compiled = compile(rule.select.as_deref(), rule.condition.as_deref()).ok()?;
-    Some(LiveRule {
-        rule,
-        subject,
-        compiled,
-    })
+    let matcher = if rule.resource == LEGACY_RESOURCE {
+        crate::legacy::NOTIFY_TYPES
+            .contains(&rule.event.as_str())
+            .then(|| Matcher::Legacy {
+                notify_type: rule.event.clone(),
+            })?
+    } else {
+        let subject = parse_subject(&rule.resource, &rule.event)?;
+        let compiled = compile(rule.select.as_deref(), rule.condition.as_deref()).ok()?;
+        Matcher::Sql { subject, compiled }
+    };
+    Some(LiveRule { rule, matcher })
 }
 
 impl Forwarder {
@@ -253,15 +268,16 @@ impl Forwarder {
         }
     }
 
-    /// Evaluates the active rules of the event's project and subject and queues what they select.
+    /// Evaluates the active rules (and legacy subscriptions) of the event's project and queues
+    /// what they select for their actions, with a trace entry for the device.
     async fn dispatch(&self, event: &PlatformEvent) {
-        let (Some(subject), Some(project_id)) = (subject_of(event), Self::project_of(event)) else {
+        let Some(project_id) = Self::project_of(event) else {
             return;
         };
         let app_id = device_of(event).map(|d| d.app_id.as_str());
         let rules: Vec<Arc<LiveRule>> = read(&self.rules)
             .iter()
-            .filter(|r| r.rule.active && r.subject == subject && r.rule.project_id == project_id)
+            .filter(|r| r.rule.active && r.rule.project_id == project_id)
             .filter(|r| r.rule.app_type != "APP" || r.rule.app_id.as_deref() == app_id)
             .cloned()
             .collect();
@@ -269,6 +285,76 @@ impl Forwarder {
             return;
         }
         let now = self.platform.now();
+        let mut batch = Batch {
+            device_id: device_of(event).map(|d| d.device_id.clone()),
+            ..Batch::default()
+        };
+        self.dispatch_sql(event, &rules, now, &mut batch).await;
+        self.dispatch_legacy(event, &rules, now, &mut batch).await;
+        if batch.items.is_empty() && batch.trace.is_empty() {
+            return;
+        }
+        if let Err(error) = self
+            .platform
+            .store()
+            .enqueue_forward(batch.items, batch.trace, now)
+            .await
+        {
+            tracing::error!(%error, "could not queue messages for forwarding");
+            return;
+        }
+        for wake in batch.woken {
+            wake.notify_one();
+        }
+    }
+
+    /// Queues `payload` for every action of `rule_id`.
+    fn queue_for_rule(
+        &self,
+        rule_id: &str,
+        payload: &str,
+        request_id: &str,
+        now: i64,
+        batch: &mut Batch,
+    ) {
+        for live in read(&self.actions)
+            .values()
+            .filter(|a| a.action.rule_id == rule_id)
+        {
+            batch.items.push(NewForward {
+                action_id: live.action.action_id.clone(),
+                message_id: ids::object_id(now, rand8()),
+                payload: payload.to_owned(),
+                device_id: batch.device_id.clone(),
+                request_id: Some(request_id.to_owned()),
+            });
+            batch.woken.push(live.wake.clone());
+        }
+    }
+
+    async fn dispatch_sql(
+        &self,
+        event: &PlatformEvent,
+        rules: &[Arc<LiveRule>],
+        now: i64,
+        batch: &mut Batch,
+    ) {
+        let Some(subject) = subject_of(event) else {
+            return;
+        };
+        let candidates: Vec<(&RoutingRule, &Rule)> = rules
+            .iter()
+            .filter_map(|r| match &r.matcher {
+                Matcher::Sql {
+                    subject: s,
+                    compiled,
+                } if *s == subject => Some((&r.rule, compiled)),
+                _ => None,
+            })
+            .collect();
+        if candidates.is_empty() {
+            return;
+        }
         let request_id = match event {
             PlatformEvent::PropertiesReported { request_id, .. }
             | PlatformEvent::MessageReported { request_id, .. } => request_id.clone(),
@@ -277,61 +363,79 @@ impl Forwarder {
         let Some(envelope) = envelope(event, self.detail(event).await, &request_id) else {
             return;
         };
-        let device_id = device_of(event).map(|d| d.device_id.clone());
-        let mut items = Vec::new();
-        let mut woken = Vec::new();
-        let (matched, unmatched): (Vec<&Arc<LiveRule>>, Vec<&Arc<LiveRule>>) = rules
-            .iter()
-            .partition(|r| r.compiled.matches(&envelope, now));
-        for rule in &matched {
-            let payload = rule.compiled.project(&envelope, now).to_string();
-            for live in read(&self.actions)
-                .values()
-                .filter(|a| a.action.rule_id == rule.rule.rule_id)
-            {
-                items.push(NewForward {
-                    action_id: live.action.action_id.clone(),
-                    message_id: ids::object_id(now, rand8()),
-                    payload: payload.clone(),
-                    device_id: device_id.clone(),
-                    request_id: Some(request_id.clone()),
-                });
-                woken.push(live.wake.clone());
-            }
+        let (matched, unmatched): (Vec<_>, Vec<_>) = candidates
+            .into_iter()
+            .partition(|(_, compiled)| compiled.matches(&envelope, now));
+        let first = batch.items.len();
+        for (rule, compiled) in &matched {
+            let payload = compiled.project(&envelope, now).to_string();
+            self.queue_for_rule(&rule.rule_id, &payload, &request_id, now, batch);
         }
         // The device trace says which rules took the data and which let it pass.
-        let trace: Vec<TraceEntry> = device_id
-            .iter()
-            .map(|device_id| TraceEntry {
+        if let Some(device_id) = batch.device_id.clone() {
+            let queued: Vec<&String> = batch.items[first..].iter().map(|i| &i.action_id).collect();
+            let detail = json!({
+                "request_id": request_id,
+                "subject": format!("{}/{}", subject.resource, subject.event),
+                "matched": matched.iter().map(|(r, _)| &r.rule_id).collect::<Vec<_>>(),
+                "not_matched": unmatched.iter().map(|(r, _)| &r.rule_id).collect::<Vec<_>>(),
+                "queued_for": queued,
+            });
+            let kind = if matched.is_empty() {
+                "rules_not_matched"
+            } else {
+                "rules_matched"
+            };
+            batch.trace.push(TraceEntry {
                 id: 0,
-                device_id: device_id.clone(),
+                device_id,
                 at: now,
-                kind: if matched.is_empty() {
-                    "rules_not_matched"
-                } else {
-                    "rules_matched"
-                }
-                .to_owned(),
-                detail: json!({
-                    "request_id": request_id,
-                    "subject": format!("{}/{}", subject.resource, subject.event),
-                    "matched": matched.iter().map(|r| &r.rule.rule_id).collect::<Vec<_>>(),
-                    "not_matched": unmatched.iter().map(|r| &r.rule.rule_id).collect::<Vec<_>>(),
-                    "queued_for": items.iter().map(|i| &i.action_id).collect::<Vec<_>>(),
-                }),
+                kind: kind.to_owned(),
+                detail,
+            });
+        }
+    }
+
+    async fn dispatch_legacy(
+        &self,
+        event: &PlatformEvent,
+        rules: &[Arc<LiveRule>],
+        now: i64,
+        batch: &mut Batch,
+    ) {
+        let subscriptions: Vec<(&RoutingRule, &str)> = rules
+            .iter()
+            .filter_map(|r| match &r.matcher {
+                Matcher::Legacy { notify_type } => Some((&r.rule, notify_type.as_str())),
+                Matcher::Sql { .. } => None,
             })
             .collect();
-        if let Err(error) = self
-            .platform
-            .store()
-            .enqueue_forward(items, trace, now)
-            .await
-        {
-            tracing::error!(%error, "could not queue messages for forwarding");
+        if subscriptions.is_empty() {
             return;
         }
-        for wake in woken {
-            wake.notify_one();
+        let device = match device_of(event) {
+            Some(d)
+                if subscriptions
+                    .iter()
+                    .any(|(_, t)| crate::legacy::needs_device(t)) =>
+            {
+                self.platform
+                    .store()
+                    .device(d.device_id.clone())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            _ => None,
+        };
+        for (rule, notify_type) in subscriptions {
+            for payload in crate::legacy::payloads(notify_type, event, device.as_ref()) {
+                let request_id = payload["requestId"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| ids::object_id(now, rand8()));
+                self.queue_for_rule(&rule.rule_id, &payload.to_string(), &request_id, now, batch);
+            }
         }
     }
 
@@ -495,6 +599,15 @@ impl Forwarder {
         };
         let _ = self.platform.store().append_trace(vec![entry]).await;
     }
+}
+
+/// What one event produced: messages to queue, actions to wake and trace entries.
+#[derive(Default)]
+struct Batch {
+    device_id: Option<String>,
+    items: Vec<NewForward>,
+    woken: Vec<Arc<Notify>>,
+    trace: Vec<TraceEntry>,
 }
 
 /// 1 s, 2 s, 4 s ... up to a minute.

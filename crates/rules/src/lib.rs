@@ -9,6 +9,7 @@ pub mod envelope;
 pub mod forward;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod legacy;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;
 #[cfg(feature = "nats")]
@@ -19,7 +20,7 @@ pub mod postgres;
 pub mod rabbitmq;
 pub mod sql;
 
-pub use admin::{NewRule, RulePatch};
+pub use admin::{NewRule, RulePatch, Subscription};
 pub use forward::{ForwardConfig, Forwarder};
 
 /// Errors of the rules layer.
