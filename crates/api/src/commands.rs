@@ -37,6 +37,8 @@ pub struct AsyncDeviceCommandRequest {
     paras: Value,
     expire_time: Option<i64>,
     send_strategy: Option<String>,
+    /// ioda extension: POST every status change here (the legacy `callbackUrl` notification).
+    callback_url: Option<String>,
 }
 
 /// `DevicePropertiesRequest`, plus ioda's optional `timeout`.
@@ -158,7 +160,11 @@ pub async fn create_async_command(
         },
         expire_time: body.expire_time,
         send_strategy: body.send_strategy,
+        callback_url: body.callback_url,
     };
+    if let Some(url) = &request.callback_url {
+        ioda_rules::legacy::check_callback_url(url).map_err(ApiError::Invalid)?;
+    }
     let command = state
         .platform
         .create_async_command(&path.project_id, &path.device_id, request)

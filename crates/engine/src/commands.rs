@@ -35,6 +35,8 @@ pub struct AsyncCommandRequest {
     pub command: CommandRequest,
     pub expire_time: Option<i64>,
     pub send_strategy: Option<String>,
+    /// Where each status change is POSTed (checked by the caller).
+    pub callback_url: Option<String>,
 }
 
 /// Checks a command against the product model: the command must exist when named, its required
@@ -255,6 +257,7 @@ impl Platform {
             response_at: None,
             sends: 0,
             next_at,
+            callback_url: request.callback_url,
         };
         // Taking the delivery turn keeps this command and a reconnect's queue delivery apart.
         let link = self.registry.link(device_id).filter(|_| online);

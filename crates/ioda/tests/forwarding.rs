@@ -519,3 +519,151 @@ async fn bad_rules_and_actions_are_refused_with_reasons() {
     assert_eq!(r.status, 404);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn every_subject_is_pushed_with_its_envelope() {
+    let server = server().await;
+    let (receiver, url) = Receiver::start().await;
+    let subjects = [
+        ("device", "create"),
+        ("device", "update"),
+        ("device", "delete"),
+        ("device.status", "update"),
+        ("device.message", "report"),
+        ("device.message.status", "update"),
+        ("device.command.status", "update"),
+        ("product", "create"),
+        ("product", "update"),
+    ];
+    for (resource, event) in subjects {
+        let rule = server
+            .post(
+                "/routing-rule/rules",
+                json!({"subject": {"resource": resource, "event": event}}),
+            )
+            .await;
+        let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
+        server
+            .api
+            .call(
+                "PUT",
+                &format!("/routing-rule/rules/{rule_id}"),
+                Some(&json!({"active": true})),
+            )
+            .await
+            .unwrap();
+        server.post("/routing-rule/actions", json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}})).await;
+    }
+    let product = server.product().await;
+    server
+        .api
+        .call(
+            "PUT",
+            &format!("/products/{product}"),
+            Some(&json!({"description": "changed"})),
+        )
+        .await
+        .unwrap();
+    let (device_id, secret) = server.device(&product, "env-1").await;
+    server
+        .api
+        .call(
+            "PUT",
+            &format!("/devices/{device_id}"),
+            Some(&json!({"device_name": "named"})),
+        )
+        .await
+        .unwrap();
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    device
+        .client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/messages/up"),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"content": {"a": 1}, "name": "m"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    server
+        .post(
+            &format!("/devices/{device_id}/messages"),
+            json!({"message_id": "down-1", "message": "hi"}),
+        )
+        .await;
+    server
+        .post(
+            &format!("/devices/{device_id}/async-commands"),
+            json!({"command_name": "SET_MODE", "paras": {"mode": "auto"}}),
+        )
+        .await;
+    device.close().await;
+    eventually("OFFLINE", || async {
+        server.status(&device_id).await == "OFFLINE"
+    })
+    .await;
+    server
+        .api
+        .call("DELETE", &format!("/devices/{device_id}"), None)
+        .await
+        .unwrap();
+
+    let find = |resource: &str, event: &str, extra: &dyn Fn(&Value) -> bool| {
+        receiver
+            .accepted()
+            .into_iter()
+            .find(|e| e["resource"] == resource && e["event"] == event && extra(e))
+    };
+    for _ in 0..100 {
+        if find("device", "delete", &|_| true).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let created = find("device", "create", &|_| true).expect("device create");
+    assert_eq!(created["notify_data"]["body"]["node_id"], "env-1");
+    let updated = find("device", "update", &|_| true).expect("device update");
+    assert_eq!(updated["notify_data"]["body"]["device_name"], "named");
+    let deleted = find("device", "delete", &|_| true).expect("device delete");
+    assert_eq!(
+        deleted["notify_data"]["header"]["device_id"],
+        device_id.as_str()
+    );
+    let online = find("device.status", "update", &|e| {
+        e["notify_data"]["body"]["status"] == "ONLINE"
+    })
+    .expect("online");
+    assert!(online["notify_data"]["body"]["last_online_time"].is_string());
+    assert!(
+        find(
+            "device.status",
+            "update",
+            &|e| e["notify_data"]["body"]["status"] == "OFFLINE"
+        )
+        .is_some()
+    );
+    let message = find("device.message", "report", &|_| true).expect("message");
+    assert_eq!(message["notify_data"]["body"]["content"], json!({"a": 1}));
+    assert_eq!(message["notify_data"]["body"]["name"], "m");
+    let delivered = find("device.message.status", "update", &|e| {
+        e["notify_data"]["body"]["status"] == "DELIVERED"
+    })
+    .expect("message status");
+    assert_eq!(delivered["notify_data"]["body"]["message_id"], "down-1");
+    let sent = find("device.command.status", "update", &|e| {
+        e["notify_data"]["body"]["status"] == "SENT"
+    })
+    .expect("command status");
+    assert!(sent["notify_data"]["body"]["command_id"].is_string());
+    let product_created = find("product", "create", &|_| true).expect("product create");
+    assert_eq!(
+        product_created["notify_data"]["body"]["product_id"],
+        product.as_str()
+    );
+    let product_updated = find("product", "update", &|_| true).expect("product update");
+    assert_eq!(
+        product_updated["notify_data"]["body"]["description"],
+        "changed"
+    );
+    server.stop().await;
+}

@@ -292,3 +292,74 @@ async fn legacy_subscriptions_push_every_notify_type() {
     assert_eq!(server.get("/routing-rule/rules").await["count"], 0);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn async_commands_report_each_status_to_their_callback_url() {
+    let server = server().await;
+    let (seen, url) = receiver().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "legacy-2").await;
+    let mut device =
+        SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    let path = format!("/devices/{device_id}/async-commands");
+    let base = url.trim_end_matches("/callback").to_owned();
+    let bad = server
+        .post(
+            &path,
+            json!({"command_name": "SET_MODE", "paras": {"mode": "auto"}, "callback_url": base}),
+        )
+        .await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let created = server
+        .post(
+            &path,
+            json!({"command_name": "SET_MODE", "paras": {"mode": "auto"}, "callback_url": url}),
+        )
+        .await;
+    let command_id = created.body["command_id"].as_str().unwrap().to_owned();
+    let (topic, _) = device.next().await;
+    device
+        .reply(
+            topic.replace("/commands/", "/commands/response/"),
+            json!({"result_code": 0, "paras": {"done": 1}}),
+        )
+        .await;
+    let mut codes = Vec::new();
+    for _ in 0..100 {
+        codes = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|v| v["commandId"] == command_id.as_str())
+            .map(|v| v["result"]["resultCode"].as_str().unwrap().to_owned())
+            .collect();
+        if codes.last().is_some_and(|c| c == "SUCCESSFUL") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        codes,
+        vec!["PENDING", "SENT", "SUCCESSFUL"],
+        "every status change, in order"
+    );
+    let last = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|v| v["commandId"] == command_id.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        last,
+        json!({"deviceId": device_id, "commandId": command_id, "result": {"resultCode": "SUCCESSFUL", "resultDetail": {"result_code": 0, "paras": {"done": 1}}}})
+    );
+    assert_eq!(
+        server.get("/routing-rule/actions").await["count"],
+        0,
+        "the callback queue is not a routing action"
+    );
+    device.close().await;
+    server.stop().await;
+}

@@ -240,7 +240,7 @@ impl Forwarder {
         let mut actions: Vec<RoutingAction> = read(&self.actions)
             .values()
             .map(|a| a.action.clone())
-            .filter(|a| a.project_id == project_id && keep(a))
+            .filter(|a| a.project_id == project_id && !a.rule_id.is_empty() && keep(a))
             .collect();
         actions.sort_by_key(|a| std::cmp::Reverse(a.seq));
         actions

@@ -270,7 +270,7 @@ impl Forwarder {
 
     /// Evaluates the active rules (and legacy subscriptions) of the event's project and queues
     /// what they select for their actions, with a trace entry for the device.
-    async fn dispatch(&self, event: &PlatformEvent) {
+    async fn dispatch(self: &Arc<Self>, event: &PlatformEvent) {
         let Some(project_id) = Self::project_of(event) else {
             return;
         };
@@ -281,7 +281,8 @@ impl Forwarder {
             .filter(|r| r.rule.app_type != "APP" || r.rule.app_id.as_deref() == app_id)
             .cloned()
             .collect();
-        if rules.is_empty() {
+        let callback = matches!(event, PlatformEvent::AsyncCommandStatusChanged { .. });
+        if rules.is_empty() && !callback {
             return;
         }
         let now = self.platform.now();
@@ -291,6 +292,7 @@ impl Forwarder {
         };
         self.dispatch_sql(event, &rules, now, &mut batch).await;
         self.dispatch_legacy(event, &rules, now, &mut batch).await;
+        self.dispatch_command_callback(event, now, &mut batch).await;
         if batch.items.is_empty() && batch.trace.is_empty() {
             return;
         }
@@ -393,6 +395,70 @@ impl Forwarder {
                 kind: kind.to_owned(),
                 detail,
             });
+        }
+    }
+
+    /// An asynchronous command created with a `callback_url` reports each status change there,
+    /// through a hidden HTTP action per URL (so the notification is queued, retried and traced).
+    async fn dispatch_command_callback(
+        self: &Arc<Self>,
+        event: &PlatformEvent,
+        now: i64,
+        batch: &mut Batch,
+    ) {
+        let PlatformEvent::AsyncCommandStatusChanged {
+            device,
+            command_id,
+            status,
+            result,
+            ..
+        } = event
+        else {
+            return;
+        };
+        let Ok(Some(command)) = self.platform.store().command(command_id.clone()).await else {
+            return;
+        };
+        let Some(url) = command.callback_url else {
+            return;
+        };
+        let action_id = format!("callback-{:016x}", fnv(url.as_bytes()));
+        let known = read(&self.actions).contains_key(&action_id);
+        if !known {
+            let action = RoutingAction {
+                seq: 0,
+                action_id: action_id.clone(),
+                project_id: device.project_id.clone(),
+                rule_id: String::new(),
+                channel: "HTTP_FORWARDING".to_owned(),
+                channel_detail: json!({ "http_forwarding": { "url": url } }),
+                created_at: now,
+            };
+            match self.platform.store().save_action(action).await {
+                Ok(action) => self.run_action(action),
+                Err(error) => {
+                    tracing::warn!(%error, "could not create the callback action");
+                    return;
+                }
+            }
+        }
+        let payload = json!({
+            "deviceId": device.device_id,
+            "commandId": command_id,
+            "result": { "resultCode": status.as_str(), "resultDetail": result },
+        });
+        let wake = read(&self.actions)
+            .get(&action_id)
+            .map(|live| live.wake.clone());
+        if let Some(wake) = wake {
+            batch.items.push(NewForward {
+                action_id,
+                message_id: ids::object_id(now, rand8()),
+                payload: payload.to_string(),
+                device_id: batch.device_id.clone(),
+                request_id: Some(command_id.clone()),
+            });
+            batch.woken.push(wake);
         }
     }
 
@@ -608,6 +674,13 @@ struct Batch {
     items: Vec<NewForward>,
     woken: Vec<Arc<Notify>>,
     trace: Vec<TraceEntry>,
+}
+
+/// FNV-1a: a stable short name for a callback URL.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// 1 s, 2 s, 4 s ... up to a minute.

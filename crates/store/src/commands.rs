@@ -29,6 +29,8 @@ pub struct AsyncCommand {
     pub sends: i64,
     /// When the scheduler must look at it next (resend, timeout, expiry); `None` when final.
     pub next_at: Option<i64>,
+    /// Where to POST each status change (legacy `callbackUrl`), if anywhere.
+    pub callback_url: Option<String>,
 }
 
 /// Filters of a command listing.
@@ -42,7 +44,7 @@ pub struct CommandFilter {
 }
 
 const COLUMNS: &str = "seq, command_id, project_id, device_id, service_id, command_name, paras, expire_time, send_strategy, \
-    status, result, created_at, sent_at, delivered_at, response_at, sends, next_at";
+    status, result, created_at, sent_at, delivered_at, response_at, sends, next_at, callback_url";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<AsyncCommand> {
     let paras: String = r.get(6)?;
@@ -66,6 +68,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<AsyncCommand> {
         response_at: r.get(14)?,
         sends: r.get(15)?,
         next_at: r.get(16)?,
+        callback_url: r.get(17)?,
     })
 }
 
@@ -92,13 +95,13 @@ impl Store {
         self.write(move |c| {
             c.execute(
                 "INSERT INTO async_commands (command_id, project_id, device_id, service_id, command_name, paras, \
-                 expire_time, send_strategy, status, result, created_at, sent_at, delivered_at, response_at, sends, next_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                 expire_time, send_strategy, status, result, created_at, sent_at, delivered_at, response_at, sends, next_at, \
+                 callback_url) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
                 params![
                     command.command_id, command.project_id, command.device_id, command.service_id, command.command_name,
                     command.paras.to_string(), command.expire_time, command.send_strategy, command.status.as_str(),
                     command.result.as_ref().map(Value::to_string), command.created_at, command.sent_at,
-                    command.delivered_at, command.response_at, command.sends, command.next_at
+                    command.delivered_at, command.response_at, command.sends, command.next_at, command.callback_url
                 ],
             )
             .map_err(|e| conflict(e, "command_id"))?;

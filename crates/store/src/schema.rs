@@ -189,6 +189,9 @@ CREATE INDEX forward_queue_by_action ON forward_queue(action_id, id);
 ALTER TABLE forward_queue ADD COLUMN device_id TEXT;
 ALTER TABLE forward_queue ADD COLUMN request_id TEXT;
 "#,
+    r#"
+ALTER TABLE async_commands ADD COLUMN callback_url TEXT;
+"#,
 ];
 
 /// Brings the database up to the newest schema.
