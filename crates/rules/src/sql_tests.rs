@@ -42,6 +42,10 @@ fn golden_cases() {
 fn like_has_no_exponential_backtracking() {
     let value = "a".repeat(200);
     let pattern = "%a".repeat(50) + "b";
-    assert!(!super::like(&value, &pattern));
-    assert!(super::like("abc", "a%c") && super::like("abc", "%") && !super::like("abc", "a_"));
+    assert!(!super::eval::like(&value, &pattern));
+    assert!(
+        super::eval::like("abc", "a%c")
+            && super::eval::like("abc", "%")
+            && !super::eval::like("abc", "a_")
+    );
 }
