@@ -13,7 +13,7 @@ use ioda_engine::ManualClock;
 use rumqttc::QoS;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// How the receiver answers one request.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +52,30 @@ impl Receiver {
         self.script.lock().unwrap().extend(answers.iter().copied());
     }
 
-    async fn serve(self, mut stream: TcpStream) {
+    /// Like `start`, but speaking https with the given certificate chain and key.
+    async fn start_tls(config: rustls::ServerConfig) -> (Receiver, String) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!(
+            "https://localhost:{}/push",
+            listener.local_addr().unwrap().port()
+        );
+        let receiver = Receiver::default();
+        let handle = receiver.clone();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (handle, acceptor) = (handle.clone(), acceptor.clone());
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(stream).await {
+                        handle.serve(tls).await;
+                    }
+                });
+            }
+        });
+        (receiver, url)
+    }
+
+    async fn serve<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(self, mut stream: S) {
         let mut data = Vec::new();
         let mut buf = [0u8; 4096];
         let (head_end, length) = loop {
@@ -665,5 +688,137 @@ async fn every_subject_is_pushed_with_its_envelope() {
         product_updated["notify_data"]["body"]["description"],
         "changed"
     );
+    server.stop().await;
+}
+
+/// A CA and a server certificate for `localhost`/127.0.0.1 it signed, made with the openssl CLI.
+fn test_pki(dir: &std::path::Path) -> (String, rustls::ServerConfig) {
+    use rustls_pki_types::pem::PemObject;
+    let run = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(status.success(), "openssl {args:?}");
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ioda test CA",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "srv.key",
+        "-out",
+        "srv.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "srv.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let certs: Vec<_> = rustls_pki_types::CertificateDer::pem_file_iter(dir.join("srv.pem"))
+        .unwrap()
+        .map(|c| c.unwrap())
+        .collect();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("srv.key")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    (std::fs::read_to_string(dir.join("ca.pem")).unwrap(), config)
+}
+
+#[tokio::test]
+async fn https_push_verifies_the_receiver_against_a_custom_ca() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca_pem, server_config) = test_pki(pki.path());
+    let (receiver, url) = Receiver::start_tls(server_config).await;
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "tls-1").await;
+    let rule = server.post("/routing-rule/rules", json!({"subject": {"resource": "device.property", "event": "report"}, "select": "notify_data.header.device_id AS id"})).await;
+    let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
+    server
+        .api
+        .call(
+            "PUT",
+            &format!("/routing-rule/rules/{rule_id}"),
+            Some(&json!({"active": true})),
+        )
+        .await
+        .unwrap();
+    let trusted = json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url, "ca_pem": ca_pem}}});
+    assert_eq!(
+        server.post("/routing-rule/actions", trusted).await.status,
+        201
+    );
+    // Without the CA the receiver's certificate cannot be verified: nothing is delivered, and why is visible.
+    let untrusted = server.post("/routing-rule/actions", json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}})).await;
+    let untrusted_id = untrusted.body["action_id"].as_str().unwrap().to_owned();
+    let bad_ca = server.post("/routing-rule/actions", json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url, "ca_pem": "junk"}}})).await;
+    assert_eq!(bad_ca.status, 400, "{}", bad_ca.body);
+
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    report(&device, &device_id, 25.0, 1).await;
+    let delivered = wait_accepted(&receiver, 1, 10).await;
+    assert_eq!(delivered, vec![json!({"id": device_id})]);
+    let status_path = format!("/routing-rule/actions/{untrusted_id}/status");
+    eventually("a failed TLS attempt", || async {
+        server.get(&status_path).await["failed_attempts"]
+            .as_u64()
+            .unwrap_or(0)
+            >= 1
+    })
+    .await;
+    let status = server.get(&status_path).await;
+    assert!(
+        status["last_error"].as_str().unwrap().contains("TLS"),
+        "{status}"
+    );
+    assert_eq!(
+        receiver.accepted().len(),
+        1,
+        "the unverified channel delivered nothing"
+    );
+    device.close().await;
     server.stop().await;
 }

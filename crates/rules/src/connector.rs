@@ -23,7 +23,7 @@ pub const CHANNELS: &[&str] = &[
 ];
 
 /// A checked channel configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Spec {
     #[cfg(feature = "http")]
     Http(crate::http::Target),
@@ -47,7 +47,8 @@ impl Spec {
                     .pointer("/http_forwarding/url")
                     .and_then(Value::as_str)
                     .ok_or("channel_detail.http_forwarding.url is required")?;
-                Ok(Spec::Http(crate::http::parse_url(url)?))
+                let http = detail.get("http_forwarding").unwrap_or(&Value::Null);
+                Ok(Spec::Http(crate::http::parse_url(url, http)?))
             }
             #[cfg(feature = "mqtt")]
             "MQTT_FORWARDING" => Ok(Spec::Mqtt(crate::mqtt::spec(detail)?)),

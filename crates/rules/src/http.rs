@@ -1,51 +1,163 @@
-//! HTTP_FORWARDING: POST the message as JSON to the application's URL. Success is a 2xx answer
-//! within the timeout; anything else is a failed attempt the queue retries.
+//! HTTP_FORWARDING: POST the message as JSON to the application's URL, over http or https (with
+//! the system's roots or a custom CA). Success is a 2xx answer within the timeout; anything else
+//! is a failed attempt the queue retries.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-/// A parsed `http://host:port/path` target.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// TLS settings of an https target.
+#[derive(Clone)]
+pub struct Tls {
+    config: Arc<rustls::ClientConfig>,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A parsed target.
+#[derive(Debug, Clone)]
 pub struct Target {
     pub authority: String,
     pub path_and_query: String,
+    pub tls: Option<Tls>,
 }
 
-/// Checks and splits a forwarding URL. Only plain `http` for now (see the notes in ARCHITECTURE.md).
-pub fn parse_url(url: &str) -> Result<Target, String> {
-    let rest = if let Some(rest) = url.strip_prefix("http://") {
-        rest
-    } else if url.starts_with("https://") {
-        return Err("https forwarding needs TLS, which ioda does not offer yet; use http".into());
-    } else {
-        return Err(format!("url must start with http://, got {url:?}"));
-    };
+fn split(rest: &str, default_port: u16, url: &str) -> Result<(String, String, String), String> {
     let (authority, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let host_ok = !authority.is_empty() && !authority.contains(['@', ' ', '?', '#']);
-    let port_ok = match authority.rsplit_once(':') {
-        Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0),
-        None => true,
-    };
-    if !host_ok || !port_ok {
+    if authority.is_empty() || authority.contains(['@', ' ', '?', '#']) {
         return Err(format!("url has no valid host[:port]: {url:?}"));
     }
-    let authority = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| format!("url has no valid host[:port]: {url:?}"))?,
+        ),
+        None => (authority, default_port),
     };
+    if host.is_empty() {
+        return Err(format!("url has no valid host[:port]: {url:?}"));
+    }
+    Ok((host.to_owned(), format!("{host}:{port}"), path.to_owned()))
+}
+
+fn tls_config(ca_pem: Option<&str>) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_pem {
+        Some(pem) => {
+            let certs: Vec<CertificateDer<'static>> =
+                CertificateDer::pem_slice_iter(pem.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| format!("ca_pem is not PEM: {e}"))?;
+            if certs.is_empty() {
+                return Err("ca_pem holds no certificate".into());
+            }
+            for cert in certs {
+                roots.add(cert).map_err(|e| format!("ca_pem: {e}"))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Checks and splits a forwarding URL. For https, `detail` may carry `ca_pem` (the CA that signed
+/// the receiver's certificate, PEM) and `cn_name` (the name to verify instead of the host).
+pub fn parse_url(url: &str, detail: &Value) -> Result<Target, String> {
+    if let Some(rest) = url.strip_prefix("http://") {
+        let (_, authority, path_and_query) = split(rest, 80, url)?;
+        return Ok(Target {
+            authority,
+            path_and_query,
+            tls: None,
+        });
+    }
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(format!(
+            "url must start with http:// or https://, got {url:?}"
+        ));
+    };
+    let (host, authority, path_and_query) = split(rest, 443, url)?;
+    let name = detail
+        .get("cn_name")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .unwrap_or(&host)
+        .to_owned();
+    let server_name =
+        ServerName::try_from(name).map_err(|e| format!("invalid TLS server name: {e}"))?;
+    let config = tls_config(detail.get("ca_pem").and_then(Value::as_str))?;
     Ok(Target {
         authority,
-        path_and_query: path.to_owned(),
+        path_and_query,
+        tls: Some(Tls {
+            config,
+            server_name,
+        }),
     })
+}
+
+async fn exchange<IO>(
+    io: IO,
+    target: &Target,
+    message_id: &str,
+    payload: &str,
+) -> Result<(), String>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    let request = Request::post(&target.path_and_query)
+        .header("host", &target.authority)
+        .header("content-type", "application/json; charset=utf-8")
+        .header("x-ioda-message-id", message_id)
+        .body(Full::new(Bytes::from(payload.to_owned())))
+        .map_err(|e| format!("request: {e}"))?;
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| format!("send: {e}"))?;
+    let status = response.status();
+    // Drain the body so the connection closes cleanly; its content does not matter.
+    let _ = response.into_body().collect().await;
+    if status.is_success() {
+        Ok(())
+    } else {
+        Err(format!("HTTP {status}"))
+    }
 }
 
 /// Sends one message; `Err` carries a reason fit for an operator.
@@ -60,27 +172,16 @@ pub async fn post(
             .await
             .map_err(|e| format!("connect {}: {e}", target.authority))?;
         let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        tokio::spawn(connection);
-        let request = Request::post(&target.path_and_query)
-            .header("host", &target.authority)
-            .header("content-type", "application/json; charset=utf-8")
-            .header("x-ioda-message-id", message_id)
-            .body(Full::new(Bytes::from(payload.to_owned())))
-            .map_err(|e| format!("request: {e}"))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
-        let status = response.status();
-        // Drain the body so the connection closes cleanly; its content does not matter.
-        let _ = response.into_body().collect().await;
-        if status.is_success() {
-            Ok(())
-        } else {
-            Err(format!("HTTP {status}"))
+        match &target.tls {
+            None => exchange(stream, target, message_id, payload).await,
+            Some(tls) => {
+                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+                let stream = connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS: {e}"))?;
+                exchange(stream, target, message_id, payload).await
+            }
         }
     };
     tokio::time::timeout(timeout, attempt)
@@ -94,31 +195,32 @@ mod tests {
 
     #[test]
     fn url_table() {
-        let ok = |a: &str, p: &str| {
-            Ok(Target {
-                authority: a.into(),
-                path_and_query: p.into(),
-            })
-        };
-        let cases: Vec<(&str, Result<Target, ()>)> = vec![
+        let none = Value::Null;
+        let cases: Vec<(&str, Option<(&str, &str, bool)>)> = vec![
             (
                 "http://127.0.0.1:8080/push",
-                ok("127.0.0.1:8080", "/push").map_err(|_: String| ()),
+                Some(("127.0.0.1:8080", "/push", false)),
             ),
             (
                 "http://example.com/a?b=c",
-                ok("example.com:80", "/a?b=c").map_err(|_: String| ()),
+                Some(("example.com:80", "/a?b=c", false)),
             ),
-            ("http://host:9", ok("host:9", "/").map_err(|_: String| ())),
-            ("https://host/x", Err(())),
-            ("ftp://host/x", Err(())),
-            ("http://:80/x", Err(())),
-            ("http://host:99999/x", Err(())),
-            ("http://user@host/x", Err(())),
-            ("http:///x", Err(())),
+            ("http://host:9", Some(("host:9", "/", false))),
+            ("https://localhost/x", Some(("localhost:443", "/x", true))),
+            ("ftp://host/x", None),
+            ("http://:80/x", None),
+            ("http://host:99999/x", None),
+            ("http://user@host/x", None),
+            ("http:///x", None),
         ];
         for (url, want) in cases {
-            assert_eq!(parse_url(url).map_err(|_| ()), want, "{url}");
+            let got = parse_url(url, &none)
+                .ok()
+                .map(|t| (t.authority, t.path_and_query, t.tls.is_some()));
+            let want = want.map(|(a, p, tls)| (a.to_owned(), p.to_owned(), tls));
+            assert_eq!(got, want, "{url}");
         }
+        let bad_ca = serde_json::json!({"ca_pem": "not a certificate"});
+        assert!(parse_url("https://localhost/x", &bad_ca).is_err());
     }
 }
