@@ -91,6 +91,20 @@ impl Default for EngineConfig {
     }
 }
 
+/// Data forwarding's part in the uplink path: the forwarding a report or message causes is decided
+/// here, before the commit, and written in the same transaction as the data itself, so a crash can
+/// never keep one without the other. Implemented by `ioda-rules`.
+pub trait ForwardStage: Send + Sync + 'static {
+    /// The queue items (and trace entries) an uplink event produces.
+    fn stage(
+        &self,
+        event: &ioda_types::PlatformEvent,
+        now: i64,
+    ) -> (Vec<ioda_store::NewForward>, Vec<TraceEntry>);
+    /// Wakes the workers of these actions once their items are committed.
+    fn wake(&self, action_ids: &[String]);
+}
+
 /// The administrator credentials created on first start.
 #[derive(Debug, Clone)]
 pub struct AdminCredentials {
@@ -108,6 +122,7 @@ pub struct Platform {
     registry: Registry,
     waiters: downlink::Waiters,
     tick_lock: tokio::sync::Mutex<()>,
+    forward_stage: RwLock<Option<Arc<dyn ForwardStage>>>,
     products: RwLock<HashMap<String, Arc<Product>>>,
     keys: RwLock<HashMap<String, AccessKey>>,
     projects: RwLock<HashMap<String, Project>>,
@@ -160,6 +175,7 @@ impl Platform {
             registry: Registry::default(),
             waiters: downlink::Waiters::default(),
             tick_lock: tokio::sync::Mutex::new(()),
+            forward_stage: RwLock::new(None),
             products: RwLock::new(HashMap::new()),
             keys: RwLock::new(HashMap::new()),
             projects: RwLock::new(HashMap::new()),
@@ -247,6 +263,28 @@ impl Platform {
     /// A project, if it exists.
     pub fn project(&self, project_id: &str) -> Option<Project> {
         read_lock(&self.projects).get(project_id).cloned()
+    }
+
+    /// Registers data forwarding's uplink stage.
+    pub fn set_forward_stage(&self, stage: Arc<dyn ForwardStage>) {
+        *write_lock(&self.forward_stage) = Some(stage);
+    }
+
+    /// The forwarding an uplink event causes (nothing when forwarding is not running).
+    pub(crate) fn stage_forwarding(
+        &self,
+        event: &ioda_types::PlatformEvent,
+        now: i64,
+    ) -> (Vec<ioda_store::NewForward>, Vec<TraceEntry>) {
+        let stage = read_lock(&self.forward_stage).clone();
+        stage.map(|s| s.stage(event, now)).unwrap_or_default()
+    }
+
+    /// Wakes forwarding workers after their staged items are committed.
+    pub(crate) fn wake_forwarding(&self, action_ids: &[String]) {
+        if let Some(stage) = read_lock(&self.forward_stage).clone() {
+            stage.wake(action_ids);
+        }
     }
 
     /// The platform clock, Unix milliseconds.

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use ioda_mqtt::codec::{Publish, reason};
 use ioda_mqtt::server::PublishVerdict;
-use ioda_store::ReportRecord;
+use ioda_store::{MessageRecord, ReportRecord};
 use ioda_types::event::ReportedService;
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
@@ -268,7 +268,20 @@ impl DeviceSession {
         let applied = !record.services.is_empty();
         // Only when desired state is waiting does the report need comparing with it.
         let follow_up = self.wants_desired_check().then(|| record.services.clone());
-        let Ok(commit) = self.platform.store.submit_report(record, traces).await else {
+        // Forwarding is decided now and committed with the report.
+        let (forwards, mut staged) = if applied {
+            self.platform.stage_forwarding(&event, now)
+        } else {
+            Default::default()
+        };
+        traces.append(&mut staged);
+        let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
+        let Ok(commit) = self
+            .platform
+            .store
+            .submit_report(record, traces, forwards)
+            .await
+        else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };
         let platform = self.platform.clone();
@@ -277,6 +290,9 @@ impl DeviceSession {
         PublishVerdict::AcceptAfter(Box::pin(async move {
             match commit.await {
                 Ok(Ok(())) => {
+                    if !woken.is_empty() {
+                        platform.wake_forwarding(&woken);
+                    }
                     if applied {
                         platform.bus().publish(event);
                     }
@@ -315,29 +331,39 @@ impl DeviceSession {
             payload: payload.to_vec().into(),
             at: now,
         };
+        let (forwards, staged) = self.platform.stage_forwarding(&event, now);
+        let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
+        let mut trace = vec![self.stage(
+            "message_stored",
+            json!({ "request_id": request_id, "topic": topic, "bytes": payload.len() }),
+        )];
+        trace.extend(staged);
         let submitted = self
             .platform
             .store
             .submit_message(
-                self.device.device_id.clone(),
-                topic.clone(),
-                payload.to_vec(),
-                request_id.clone(),
-                now,
-                vec![self.stage(
-                    "message_stored",
-                    json!({ "request_id": request_id, "topic": topic, "bytes": payload.len() }),
-                )],
+                MessageRecord {
+                    device_id: self.device.device_id.clone(),
+                    topic,
+                    payload: payload.to_vec(),
+                    request_id,
+                    received_at: now,
+                },
+                trace,
+                forwards,
             )
             .await;
         let Ok(commit) = submitted else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };
-        let bus = self.platform.bus.clone();
+        let platform = self.platform.clone();
         PublishVerdict::AcceptAfter(Box::pin(async move {
             match commit.await {
                 Ok(Ok(())) => {
-                    bus.publish(event);
+                    if !woken.is_empty() {
+                        platform.wake_forwarding(&woken);
+                    }
+                    platform.bus().publish(event);
                     reason::SUCCESS
                 }
                 _ => reason::UNSPECIFIED,

@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ioda_engine::Platform;
+use ioda_engine::{ForwardStage, Platform};
 use ioda_store::{NewForward, QueuedMessage, RoutingAction, RoutingRule, TraceEntry};
 use ioda_types::{PlatformEvent, ids};
 use serde_json::{Value, json};
@@ -167,6 +167,7 @@ impl Forwarder {
         for action in actions {
             forwarder.run_action(action);
         }
+        forwarder.platform.set_forward_stage(forwarder.clone());
         tokio::spawn(forwarder.clone().dispatch_loop(events));
         Ok(forwarder)
     }
@@ -268,19 +269,27 @@ impl Forwarder {
         }
     }
 
-    /// Evaluates the active rules (and legacy subscriptions) of the event's project and queues
-    /// what they select for their actions, with a trace entry for the device.
-    async fn dispatch(self: &Arc<Self>, event: &PlatformEvent) {
+    /// The active rules (and legacy subscriptions) of an event's project.
+    fn rules_for(&self, event: &PlatformEvent) -> Vec<Arc<LiveRule>> {
         let Some(project_id) = Self::project_of(event) else {
-            return;
+            return Vec::new();
         };
         let app_id = device_of(event).map(|d| d.app_id.as_str());
-        let rules: Vec<Arc<LiveRule>> = read(&self.rules)
+        read(&self.rules)
             .iter()
             .filter(|r| r.rule.active && r.rule.project_id == project_id)
             .filter(|r| r.rule.app_type != "APP" || r.rule.app_id.as_deref() == app_id)
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Handles the events that were not staged in their own transaction (everything but the
+    /// device's data, see `ForwardStage`): evaluates rules and queues what they select.
+    async fn dispatch(self: &Arc<Self>, event: &PlatformEvent) {
+        if is_staged(event) {
+            return;
+        }
+        let rules = self.rules_for(event);
         let callback = matches!(event, PlatformEvent::AsyncCommandStatusChanged { .. });
         if rules.is_empty() && !callback {
             return;
@@ -290,8 +299,16 @@ impl Forwarder {
             device_id: device_of(event).map(|d| d.device_id.clone()),
             ..Batch::default()
         };
-        self.dispatch_sql(event, &rules, now, &mut batch).await;
-        self.dispatch_legacy(event, &rules, now, &mut batch).await;
+        if !rules.is_empty() {
+            let detail = self.detail(event).await;
+            let device = match device_of(event) {
+                Some(d) if rules.iter().any(|r| matches!(&r.matcher, Matcher::Legacy { notify_type } if crate::legacy::needs_device(notify_type))) => {
+                    self.platform.store().device(d.device_id.clone()).await.ok().flatten()
+                }
+                _ => None,
+            };
+            self.evaluate(event, &rules, detail, device.as_ref(), now, &mut batch);
+        }
         self.dispatch_command_callback(event, now, &mut batch).await;
         if batch.items.is_empty() && batch.trace.is_empty() {
             return;
@@ -334,10 +351,41 @@ impl Forwarder {
         }
     }
 
-    async fn dispatch_sql(
+    /// Evaluates rules and legacy subscriptions for an event, adding queue items and a trace entry.
+    fn evaluate(
         &self,
         event: &PlatformEvent,
         rules: &[Arc<LiveRule>],
+        detail: Option<Value>,
+        device: Option<&ioda_types::Device>,
+        now: i64,
+        batch: &mut Batch,
+    ) {
+        self.evaluate_sql(event, rules, detail, now, batch);
+        for rule in rules {
+            if let Matcher::Legacy { notify_type } = &rule.matcher {
+                for payload in crate::legacy::payloads(notify_type, event, device) {
+                    let request_id = payload["requestId"]
+                        .as_str()
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| ids::object_id(now, rand8()));
+                    self.queue_for_rule(
+                        &rule.rule.rule_id,
+                        &payload.to_string(),
+                        &request_id,
+                        now,
+                        batch,
+                    );
+                }
+            }
+        }
+    }
+
+    fn evaluate_sql(
+        &self,
+        event: &PlatformEvent,
+        rules: &[Arc<LiveRule>],
+        detail: Option<Value>,
         now: i64,
         batch: &mut Batch,
     ) {
@@ -362,7 +410,7 @@ impl Forwarder {
             | PlatformEvent::MessageReported { request_id, .. } => request_id.clone(),
             _ => ids::object_id(now, rand8()),
         };
-        let Some(envelope) = envelope(event, self.detail(event).await, &request_id) else {
+        let Some(envelope) = envelope(event, detail, &request_id) else {
             return;
         };
         let (matched, unmatched): (Vec<_>, Vec<_>) = candidates
@@ -459,49 +507,6 @@ impl Forwarder {
                 request_id: Some(command_id.clone()),
             });
             batch.woken.push(wake);
-        }
-    }
-
-    async fn dispatch_legacy(
-        &self,
-        event: &PlatformEvent,
-        rules: &[Arc<LiveRule>],
-        now: i64,
-        batch: &mut Batch,
-    ) {
-        let subscriptions: Vec<(&RoutingRule, &str)> = rules
-            .iter()
-            .filter_map(|r| match &r.matcher {
-                Matcher::Legacy { notify_type } => Some((&r.rule, notify_type.as_str())),
-                Matcher::Sql { .. } => None,
-            })
-            .collect();
-        if subscriptions.is_empty() {
-            return;
-        }
-        let device = match device_of(event) {
-            Some(d)
-                if subscriptions
-                    .iter()
-                    .any(|(_, t)| crate::legacy::needs_device(t)) =>
-            {
-                self.platform
-                    .store()
-                    .device(d.device_id.clone())
-                    .await
-                    .ok()
-                    .flatten()
-            }
-            _ => None,
-        };
-        for (rule, notify_type) in subscriptions {
-            for payload in crate::legacy::payloads(notify_type, event, device.as_ref()) {
-                let request_id = payload["requestId"]
-                    .as_str()
-                    .map(str::to_owned)
-                    .unwrap_or_else(|| ids::object_id(now, rand8()));
-                self.queue_for_rule(&rule.rule_id, &payload.to_string(), &request_id, now, batch);
-            }
         }
     }
 
@@ -664,6 +669,39 @@ impl Forwarder {
             }),
         };
         let _ = self.platform.store().append_trace(vec![entry]).await;
+    }
+}
+
+/// The device's data (property reports and messages) is staged by the uplink path itself, inside
+/// the transaction that stores it; the dispatcher leaves those events alone.
+fn is_staged(event: &PlatformEvent) -> bool {
+    matches!(
+        event,
+        PlatformEvent::PropertiesReported { .. } | PlatformEvent::MessageReported { .. }
+    )
+}
+
+impl ForwardStage for Forwarder {
+    fn stage(&self, event: &PlatformEvent, now: i64) -> (Vec<NewForward>, Vec<TraceEntry>) {
+        let rules = self.rules_for(event);
+        if rules.is_empty() {
+            return (Vec::new(), Vec::new());
+        }
+        let mut batch = Batch {
+            device_id: device_of(event).map(|d| d.device_id.clone()),
+            ..Batch::default()
+        };
+        self.evaluate(event, &rules, None, None, now, &mut batch);
+        (batch.items, batch.trace)
+    }
+
+    fn wake(&self, action_ids: &[String]) {
+        let actions = read(&self.actions);
+        for id in action_ids {
+            if let Some(live) = actions.get(id) {
+                live.wake.notify_one();
+            }
+        }
     }
 }
 

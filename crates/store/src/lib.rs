@@ -23,7 +23,7 @@ pub use messages::DeviceMessage;
 pub use products::ProductPage;
 pub use projects::{AccessKey, Project};
 pub use routing::{NewForward, QueueDepth, QueuedMessage, RoutingAction, RoutingRule};
-pub use shadow::{DesiredUpdate, HistoryRow, ReportRecord, ShadowRow};
+pub use shadow::{DesiredUpdate, HistoryRow, MessageRecord, ReportRecord, ShadowRow};
 pub use trace::TraceEntry;
 pub use writer::{Durability, Store};
 

@@ -68,6 +68,34 @@ pub struct QueueDepth {
     pub bytes: i64,
 }
 
+/// Appends messages to their actions' queues (inside the caller's transaction).
+pub(crate) fn insert_forwards(
+    c: &Connection,
+    items: &[NewForward],
+    now: i64,
+) -> Result<(), StoreError> {
+    if items.is_empty() {
+        return Ok(());
+    }
+    let mut insert = c.prepare_cached(
+        "INSERT INTO forward_queue (action_id, message_id, payload, bytes, enqueued_at, next_at, device_id, request_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+    )?;
+    for item in items {
+        let bytes = item.payload.len() as i64;
+        insert.execute(params![
+            item.action_id,
+            item.message_id,
+            item.payload,
+            bytes,
+            now,
+            item.device_id,
+            item.request_id
+        ])?;
+    }
+    Ok(())
+}
+
 const RULE_COLUMNS: &str = "seq, rule_id, project_id, rule_name, description, resource, event, app_type, app_id, select_sql, where_sql, active, created_at";
 
 fn rule_row(r: &Row<'_>) -> rusqlite::Result<RoutingRule> {
@@ -216,14 +244,7 @@ impl Store {
         now: i64,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
-            let mut insert = c.prepare_cached(
-                "INSERT INTO forward_queue (action_id, message_id, payload, bytes, enqueued_at, next_at, device_id, request_id) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
-            )?;
-            for item in &items {
-                let bytes = item.payload.len() as i64;
-                insert.execute(params![item.action_id, item.message_id, item.payload, bytes, now, item.device_id, item.request_id])?;
-            }
+            insert_forwards(c, &items, now)?;
             crate::trace::insert_trace(c, &trace)
         })
         .await

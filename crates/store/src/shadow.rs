@@ -4,6 +4,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use crate::routing::{NewForward, insert_forwards};
 use crate::trace::{TraceEntry, insert_trace};
 use crate::{Store, StoreError};
 
@@ -15,6 +16,16 @@ pub struct ReportRecord {
     pub received_at: i64,
     /// `(service_id, applied properties, event_time)`.
     pub services: Vec<(String, Map<String, Value>, i64)>,
+}
+
+/// A raw message a device reported.
+#[derive(Debug, Clone)]
+pub struct MessageRecord {
+    pub device_id: String,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub request_id: String,
+    pub received_at: i64,
 }
 
 /// One service of a device shadow.
@@ -73,13 +84,17 @@ fn parse_map(text: Option<String>) -> Result<Option<Map<String, Value>>, StoreEr
 
 impl Store {
     /// Queues a report (and any trace entries about it); the receiver resolves when it is durable.
+    /// With it, in the same transaction, go its trace entries and the messages data forwarding
+    /// queued for it, so a report is never stored without its forwarding, or forwarded unstored.
     pub async fn submit_report(
         &self,
         report: ReportRecord,
         trace: Vec<TraceEntry>,
+        forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         self.submit(move |c| {
             write_report(c, &report)?;
+            insert_forwards(c, &forwards, report.received_at)?;
             insert_trace(c, &trace)
         })
         .await
@@ -88,18 +103,16 @@ impl Store {
     /// Queues a raw message report; the receiver resolves when it is durable.
     pub async fn submit_message(
         &self,
-        device_id: String,
-        topic: String,
-        payload: Vec<u8>,
-        request_id: String,
-        received_at: i64,
+        message: MessageRecord,
         trace: Vec<TraceEntry>,
+        forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
         self.submit(move |c| {
+            insert_forwards(c, &forwards, message.received_at)?;
             c.prepare_cached(
                 "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![device_id, topic, payload, received_at, request_id])?;
+            .execute(params![message.device_id, message.topic, message.payload, message.received_at, message.request_id])?;
             insert_trace(c, &trace)
         })
         .await

@@ -39,6 +39,16 @@ fn device(id: &str, node: &str) -> Device {
     }
 }
 
+fn forward(request_id: &str) -> ioda_store::NewForward {
+    ioda_store::NewForward {
+        action_id: "a1".into(),
+        message_id: "m1".into(),
+        payload: "{}".into(),
+        device_id: Some("d1".into()),
+        request_id: Some(request_id.into()),
+    }
+}
+
 async fn open(dir: &std::path::Path) -> Store {
     Store::open(&dir.join("t.db"), Durability::Normal).unwrap()
 }
@@ -95,11 +105,15 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
         services: vec![("S".into(), props.as_object().unwrap().clone(), t)],
     };
     let first = store
-        .submit_report(report(json!({"a": 1, "b": 2}), 10), vec![])
+        .submit_report(
+            report(json!({"a": 1, "b": 2}), 10),
+            vec![],
+            vec![forward("r10")],
+        )
         .await
         .unwrap();
     let second = store
-        .submit_report(report(json!({"b": 3}), 20), vec![])
+        .submit_report(report(json!({"b": 3}), 20), vec![], vec![])
         .await
         .unwrap();
     first.await.unwrap().unwrap();
@@ -115,6 +129,16 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
     );
     assert_eq!((shadow[0].version, shadow[0].reported_at), (2, Some(20)));
     let history = store.property_history("d1".into(), 10).await.unwrap();
+    // The forwarding staged with the first report was committed with it.
+    let queued = store
+        .queue_head("a1".into())
+        .await
+        .unwrap()
+        .expect("queued with the report");
+    assert_eq!(
+        (queued.request_id.as_deref(), queued.payload.as_str()),
+        (Some("r10"), "{}")
+    );
     assert_eq!(
         history
             .iter()
