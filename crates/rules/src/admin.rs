@@ -298,6 +298,12 @@ impl Forwarder {
         let mut status = stats;
         status["queued_messages"] = depth.messages.into();
         status["queued_bytes"] = depth.bytes.into();
+        // Events the dispatcher missed by falling behind the bus (device data is never among them:
+        // it is staged in its own transaction).
+        status["events_lost_by_dispatcher"] = self
+            .lost_events
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .into();
         Ok(status)
     }
 }
