@@ -205,6 +205,8 @@ impl Store {
                 "property_history",
                 "message_history",
                 "device_trace",
+                "async_commands",
+                "device_messages",
             ] {
                 c.execute(
                     &format!("DELETE FROM {table} WHERE device_id = ?1"),
