@@ -55,6 +55,22 @@ fn parse_report(payload: &[u8]) -> Result<Vec<RawService>, String> {
         .collect()
 }
 
+/// Inflates a gzip payload, refusing one that would grow past `limit` (a zip bomb costs nothing).
+fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut plain = Vec::new();
+    let mut decoder = flate2::read::GzDecoder::new(data).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut plain)
+        .map_err(|e| format!("not valid gzip: {e}"))?;
+    if plain.len() > limit {
+        return Err(format!(
+            "the gzip payload inflates beyond the {limit}-byte limit"
+        ));
+    }
+    Ok(plain)
+}
+
 fn new_request_id(now: i64) -> String {
     ids::object_id(now, random_bytes())
 }
@@ -78,14 +94,22 @@ impl DeviceSession {
         let request_id = query
             .request_id
             .map_or_else(|| new_request_id(now), str::to_owned);
-        if query.gzip {
-            self.record(
-                "payload_rejected",
-                json!({ "topic": publish.topic, "error": "gzip encoding is not supported yet" }),
-            )
-            .await;
-            return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
-        }
+        // Device SDKs may gzip reports and mark the topic `?encoding=gzip`.
+        let payload = if query.gzip {
+            match gunzip(&publish.payload, limit) {
+                Ok(plain) => Bytes::from(plain),
+                Err(error) => {
+                    self.record(
+                        "payload_rejected",
+                        json!({ "topic": publish.topic, "error": error }),
+                    )
+                    .await;
+                    return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
+                }
+            }
+        } else {
+            publish.payload.clone()
+        };
         let uplink = classify_uplink(&self.device.device_id, query.path);
         if matches!(
             uplink,
@@ -105,11 +129,10 @@ impl DeviceSession {
                 PublishVerdict::Refuse(reason::NOT_AUTHORIZED)
             }
             Some(Uplink::PropertiesReport) => {
-                self.report_properties(&publish.payload, request_id, now)
-                    .await
+                self.report_properties(&payload, request_id, now).await
             }
             Some(Uplink::MessagesUp | Uplink::UserTopic(_)) => {
-                self.report_message(query.path.to_owned(), publish.payload, request_id, now)
+                self.report_message(query.path.to_owned(), payload, request_id, now)
                     .await
             }
             Some(Uplink::CommandResponse { request_id }) => {

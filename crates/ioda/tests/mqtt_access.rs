@@ -732,3 +732,59 @@ async fn messages_and_custom_topics_are_stored_and_published_as_events() {
     );
     server.stop().await;
 }
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(data).unwrap();
+    encoder.finish().unwrap()
+}
+
+#[tokio::test]
+async fn gzip_reports_are_inflated_within_the_payload_limit() {
+    let server = server_with(|c| c.engine.max_payload = 64 * 1024).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "node-15").await;
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    let topic = format!("{}?encoding=gzip", report_topic(&device_id));
+    let report = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 12.5}}]});
+    publish_and_ack(
+        &client,
+        &mut events,
+        &topic,
+        gzip(report.to_string().as_bytes()),
+    )
+    .await
+    .unwrap();
+    let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
+    assert_eq!(
+        shadow["shadow"][0]["reported"]["properties"],
+        json!({"temp": 12.5})
+    );
+    // Not gzip at all, and a small payload that inflates past the limit: both refused and traced.
+    publish_and_ack(&client, &mut events, &topic, b"plain text".to_vec())
+        .await
+        .unwrap();
+    let bomb = gzip(&vec![b' '; 1024 * 1024]);
+    assert!(bomb.len() < 64 * 1024);
+    publish_and_ack(&client, &mut events, &topic, bomb)
+        .await
+        .unwrap();
+    let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+    let errors: Vec<String> = trace["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "payload_rejected")
+        .map(|e| e["detail"]["error"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    assert!(
+        errors.iter().any(|e| e.contains("beyond"))
+            && errors.iter().any(|e| e.contains("not valid gzip")),
+        "{errors:?}"
+    );
+    server.stop().await;
+}
