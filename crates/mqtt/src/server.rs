@@ -105,6 +105,9 @@ pub enum PublishVerdict {
     Refuse(u8),
 }
 
+/// Unacknowledged QoS 1 publishes to one client, at most.
+const MAX_AWAITING_ACK: usize = 1024;
+
 /// Resolves to the PUBACK reason once the broker has committed a publish.
 pub type Commit = Pin<Box<dyn Future<Output = u8> + Send>>;
 
@@ -384,6 +387,13 @@ where
                 qos,
                 acked,
             } => {
+                // A client that never acknowledges must not exhaust the packet ids (or memory):
+                // beyond the window, publishes go at QoS 0 and their acknowledgement never fires.
+                let qos = if self.awaiting_ack.len() >= MAX_AWAITING_ACK {
+                    QoS::AtMostOnce
+                } else {
+                    qos
+                };
                 let pkid = if qos == QoS::AtLeastOnce {
                     self.allocate_pkid()
                 } else {
