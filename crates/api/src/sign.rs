@@ -191,8 +191,14 @@ pub fn canonical_request(parts: &RequestParts<'_>, signed_headers: &[String]) ->
             )
         })
         .collect();
-    let payload_hash =
-        (parts.header)("x-sdk-content-sha256").unwrap_or_else(|| sha256_hex(parts.body));
+    // The declared content hash stands in for the body only when it is itself signed; otherwise
+    // anyone could attach one to a captured request and swap the body.
+    let declared = signed_headers
+        .iter()
+        .any(|h| h == "x-sdk-content-sha256")
+        .then(|| (parts.header)("x-sdk-content-sha256"))
+        .flatten();
+    let payload_hash = declared.unwrap_or_else(|| sha256_hex(parts.body));
     format!(
         "{}\n{}\n{}\n{}\n{}\n{}",
         parts.method.to_ascii_uppercase(),

@@ -17,6 +17,9 @@ use crate::ratelimit::TokenBucket;
 use crate::registry::{Link, close_connection};
 use crate::topic::subscribe_allowed;
 
+/// Subscriptions one connection may hold.
+const MAX_SUBSCRIPTIONS: usize = 100;
+
 /// How long after CONNECT queued downlinks wait for the device's first SUBSCRIBE.
 const QUEUE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -224,6 +227,16 @@ impl DeviceSession {
         trace_entry(&self.device.device_id, self.platform.now(), kind, detail)
     }
 
+    /// Records a trace entry from a synchronous context, without waiting for it.
+    fn trace_later(&mut self, kind: &str, detail: Value) {
+        if let Some(entry) = self.trace(kind, detail) {
+            let platform = self.platform.clone();
+            tokio::spawn(async move {
+                let _ = platform.store.record_trace(vec![entry]).await;
+            });
+        }
+    }
+
     pub(crate) async fn record(&mut self, kind: &str, detail: Value) {
         if let Some(entry) = self.trace(kind, detail) {
             let _ = self.platform.store.record_trace(vec![entry]).await;
@@ -237,29 +250,44 @@ impl Session for DeviceSession {
     }
 
     fn subscribe(&mut self, filter: &SubscribeFilter) -> u8 {
-        if subscribe_allowed(&self.device.device_id, &filter.filter) {
-            let granted = filter.qos.min(1);
-            {
-                let mut state = self.link.state();
-                state.subscriptions.retain(|(f, _)| f != &filter.filter);
-                state.subscriptions.push((filter.filter.clone(), granted));
-            }
-            self.platform.deliver_queued_later(
-                &self.device.device_id,
-                self.link.clone(),
-                std::time::Duration::ZERO,
-            );
-            granted
-        } else {
-            if let Some(entry) = self.trace("subscribe_denied", json!({ "filter": filter.filter }))
-            {
-                let store = self.platform.clone();
-                tokio::spawn(async move {
-                    let _ = store.store.record_trace(vec![entry]).await;
-                });
-            }
-            reason::NOT_AUTHORIZED
+        if !subscribe_allowed(&self.device.device_id, &filter.filter) {
+            self.trace_later("subscribe_denied", json!({ "filter": filter.filter }));
+            return reason::NOT_AUTHORIZED;
         }
+        let granted = filter.qos.min(1);
+        let accepted = {
+            let mut state = self.link.state();
+            let count = state.subscriptions.len();
+            match state
+                .subscriptions
+                .iter_mut()
+                .find(|(f, _)| *f == filter.filter)
+            {
+                Some(existing) => {
+                    existing.1 = granted;
+                    true
+                }
+                // IoTDA allows a bounded number of subscriptions per connection.
+                None if count >= MAX_SUBSCRIPTIONS => false,
+                None => {
+                    state.subscriptions.push((filter.filter.clone(), granted));
+                    true
+                }
+            }
+        };
+        if !accepted {
+            self.trace_later(
+                "subscribe_refused",
+                json!({ "filter": filter.filter, "limit": MAX_SUBSCRIPTIONS }),
+            );
+            return reason::QUOTA_EXCEEDED;
+        }
+        self.platform.deliver_queued_later(
+            &self.device.device_id,
+            self.link.clone(),
+            std::time::Duration::ZERO,
+        );
+        granted
     }
 
     fn unsubscribe(&mut self, filter: &str) {

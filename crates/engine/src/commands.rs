@@ -230,7 +230,8 @@ impl Platform {
         let now = self.now();
         let online = self.is_online(device_id);
         let (status, result, next_at) = match (online, immediate, expire_time) {
-            (true, _, _) => (CommandStatus::Pending, None, None),
+            // If the send fails after all (the device just left), the command expires on time.
+            (true, _, secs) => (CommandStatus::Pending, None, Some(now + secs.max(1) * 1000)),
             (false, true, _) => (
                 CommandStatus::Failed,
                 Some(json!({ "error": "the device is offline" })),

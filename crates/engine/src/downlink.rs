@@ -14,6 +14,9 @@ use crate::registry::Link;
 use crate::topic::filter_matches;
 use crate::{EngineError, Platform};
 
+/// How long a push waits for room in a connection's outbox.
+const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Why a publish to a device could not be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum PushError {
@@ -43,6 +46,17 @@ pub(crate) struct Waiters(Mutex<HashMap<String, Waiter>>);
 impl Waiters {
     fn lock(&self) -> MutexGuard<'_, HashMap<String, Waiter>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+struct WaiterGuard<'a> {
+    waiters: &'a Waiters,
+    request_id: &'a str,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.waiters.lock().remove(self.request_id);
     }
 }
 
@@ -87,8 +101,10 @@ impl Platform {
             qos,
             acked,
         };
+        // A connection whose outbox stays full is not taking anything: treat it as away rather
+        // than letting the caller (an API request, the scheduler) wait on it.
         link.outbox
-            .send(outbound)
+            .send_timeout(outbound, PUSH_TIMEOUT)
             .await
             .map_err(|_| PushError::Offline)?;
         Ok(receiver)
@@ -105,29 +121,28 @@ impl Platform {
     ) -> Result<(String, Value), EngineError> {
         let request_id = new_request_id(self.now());
         let (reply, replied) = oneshot::channel();
-        self.waiters.lock().insert(
-            request_id.clone(),
-            Waiter {
-                device_id: device_id.to_owned(),
-                kind,
-                reply,
-            },
-        );
+        let waiter = Waiter {
+            device_id: device_id.to_owned(),
+            kind,
+            reply,
+        };
+        self.waiters.lock().insert(request_id.clone(), waiter);
+        // Removes the waiter however this call ends, even when the API caller goes away.
+        let _cleanup = WaiterGuard {
+            waiters: &self.waiters,
+            request_id: &request_id,
+        };
         let topic = topic_of(device_id, &request_id);
         if self
             .push(device_id, topic, body.to_string().into_bytes(), false)
             .await
             .is_err()
         {
-            self.waiters.lock().remove(&request_id);
             return Err(EngineError::DeviceOffline);
         }
         match tokio::time::timeout(timeout, replied).await {
-            Ok(Ok(value)) => Ok((request_id, value)),
-            _ => {
-                self.waiters.lock().remove(&request_id);
-                Err(EngineError::DeviceTimeout)
-            }
+            Ok(Ok(value)) => Ok((request_id.clone(), value)),
+            _ => Err(EngineError::DeviceTimeout),
         }
     }
 

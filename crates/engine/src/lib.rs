@@ -77,6 +77,8 @@ pub struct EngineConfig {
     pub keepalive_max: u16,
     /// How far a sign-type-1 timestamp may be from the platform clock, in milliseconds.
     pub timestamp_tolerance_ms: i64,
+    /// How long stored reports and messages are kept, in milliseconds; 0 keeps them forever.
+    pub history_retention_ms: i64,
 }
 
 impl Default for EngineConfig {
@@ -87,6 +89,7 @@ impl Default for EngineConfig {
             keepalive_min: 30,
             keepalive_max: 1200,
             timestamp_tolerance_ms: 3_600_000,
+            history_retention_ms: 30 * 24 * 3_600_000,
         }
     }
 }

@@ -99,9 +99,10 @@ impl Platform {
             return Err(invalid("payload_format must be standard or raw"));
         }
         let ttl_minutes = request.ttl.unwrap_or(MAX_TTL_MINUTES);
-        if !(1..=MAX_TTL_MINUTES).contains(&ttl_minutes) {
+        // ttl 0 means "do not cache": delivered now or not at all.
+        if !(0..=MAX_TTL_MINUTES).contains(&ttl_minutes) {
             return Err(invalid(format!(
-                "ttl must be between 1 and {MAX_TTL_MINUTES} minutes"
+                "ttl must be between 0 and {MAX_TTL_MINUTES} minutes"
             )));
         }
         if request
@@ -156,6 +157,19 @@ impl Platform {
             self.message_event(&evicted).await;
         }
         self.message_event(&message).await;
+        if message.ttl_minutes == 0 && !self.is_online(device_id) {
+            let error = (
+                "IOTDA.014016".to_owned(),
+                "The device is offline and the message may not be cached (ttl 0).".to_owned(),
+            );
+            self.finish_message(message.clone(), MessageStatus::Failed, Some(error))
+                .await;
+            return Ok(self
+                .store
+                .message(device_id.to_owned(), message.message_id.clone())
+                .await?
+                .unwrap_or(message));
+        }
         if let Some(link) = self.registry.link(device_id) {
             let _turn = link.delivery.lock().await;
             let current = self

@@ -29,6 +29,12 @@ impl Platform {
             self.finish_message(message, MessageStatus::Timeout, None)
                 .await;
         }
+        if self.config.history_retention_ms > 0 {
+            handled += self
+                .store
+                .trim_history(now - self.config.history_retention_ms, BATCH)
+                .await?;
+        }
         let lapsed = self.store.lapsed_registrations(now, BATCH).await?;
         handled += lapsed.len();
         for device in lapsed {

@@ -52,6 +52,9 @@ pub struct ServeArgs {
     /// Seconds a forwarding target (HTTP push) has to answer.
     #[arg(long, env = "IODA_FORWARD_TIMEOUT")]
     pub forward_timeout: Option<u64>,
+    /// Days stored reports and messages are kept (0 = forever).
+    #[arg(long, env = "IODA_HISTORY_RETENTION_DAYS")]
+    pub history_retention_days: Option<u64>,
 }
 
 /// The same settings as read from `ioda.toml`.
@@ -69,6 +72,7 @@ struct FileConfig {
     shutdown_timeout: Option<u64>,
     signature_window: Option<u64>,
     forward_timeout: Option<u64>,
+    history_retention_days: Option<u64>,
 }
 
 /// Fully resolved settings of a server.
@@ -141,6 +145,12 @@ impl ServeArgs {
                 .keepalive_max
                 .or(file.keepalive_max)
                 .unwrap_or(defaults.keepalive_max),
+            history_retention_ms: self
+                .history_retention_days
+                .or(file.history_retention_days)
+                .map_or(defaults.history_retention_ms, |days| {
+                    days as i64 * 86_400_000
+                }),
             ..defaults
         };
         if engine.keepalive_min > engine.keepalive_max {

@@ -124,6 +124,11 @@ pub async fn start_with_clock(
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
 
+    // Forwarding first: it must see every event from the first connection and the first tick on.
+    let forwarder = Forwarder::start(platform.clone(), config.forward.clone(), stop.clone())
+        .await
+        .context("starting data forwarding")?;
+    let scheduler = platform.spawn_scheduler(stop.clone());
     let limits = Limits {
         max_packet_size: config.engine.max_payload + 64 * 1024,
         ..Limits::default()
@@ -136,10 +141,6 @@ pub async fn start_with_clock(
         stop.clone(),
     ));
 
-    let scheduler = platform.spawn_scheduler(stop.clone());
-    let forwarder = Forwarder::start(platform.clone(), config.forward.clone(), stop.clone())
-        .await
-        .context("starting data forwarding")?;
     let router = ioda_api::router(
         platform.clone(),
         forwarder.clone(),

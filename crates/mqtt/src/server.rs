@@ -105,6 +105,11 @@ pub enum PublishVerdict {
     Refuse(u8),
 }
 
+/// How long one write to a client may take before the connection is given up.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest CONNECT accepted: nothing big is needed before a client has authenticated.
+const MAX_CONNECT_SIZE: usize = 16 * 1024;
+
 /// Unacknowledged QoS 1 publishes to one client, at most.
 const MAX_AWAITING_ACK: usize = 1024;
 
@@ -238,6 +243,10 @@ pub async fn run_connection<S, B>(
         next_pkid: 0,
     };
     let cause = conn.run().await;
+    // Commits still pending when the connection ends must finish their follow-up work.
+    for (_, commit) in conn.pending.drain(..) {
+        tokio::spawn(commit);
+    }
     let Connection {
         session,
         mut stream,
@@ -276,7 +285,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     limits: Limits,
 ) -> Result<Connect, MqttError> {
     loop {
-        match codec::decode(buf, None, limits.max_packet_size) {
+        match codec::decode(buf, None, limits.max_packet_size.min(MAX_CONNECT_SIZE)) {
             Ok(Some(Packet::Connect(connect))) => return Ok(*connect),
             Ok(Some(_)) => return Err(MqttError::Violation("first packet must be CONNECT")),
             Ok(None) => {}
@@ -369,7 +378,17 @@ where
 
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
+            // A client that stops reading must not park this task (and with it keepalive, takeover
+            // and shutdown): a write that cannot finish in time ends the connection.
+            match timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+                Ok(written) => written?,
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "client stopped reading",
+                    ));
+                }
+            }
             self.out.clear();
         }
         // Give back memory a burst of large packets took, so idle connections stay small.
@@ -525,9 +544,12 @@ where
             PublishVerdict::Refuse(code) | PublishVerdict::Disconnect(code) => {
                 Flow::Close(CloseCause::PublishRefused(code))
             }
-            PublishVerdict::Accept
-            | PublishVerdict::AcceptAfter(_)
-            | PublishVerdict::Discard(_) => Flow::Continue,
+            // Nobody waits for a QoS 0 commit, but what follows it (events, forwarding) must run.
+            PublishVerdict::AcceptAfter(commit) => {
+                tokio::spawn(commit);
+                Flow::Continue
+            }
+            PublishVerdict::Accept | PublishVerdict::Discard(_) => Flow::Continue,
         }
     }
 }

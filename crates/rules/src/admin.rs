@@ -226,7 +226,7 @@ impl Forwarder {
     pub fn action(&self, project_id: &str, action_id: &str) -> Result<RoutingAction, EngineError> {
         read(&self.actions)
             .get(action_id)
-            .filter(|a| a.action.project_id == project_id)
+            .filter(|a| a.action.project_id == project_id && !a.action.rule_id.is_empty())
             .map(|a| a.action.clone())
             .ok_or(EngineError::NotFound("action"))
     }

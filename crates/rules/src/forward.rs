@@ -470,7 +470,11 @@ impl Forwarder {
         let Some(url) = command.callback_url else {
             return;
         };
-        let action_id = format!("callback-{:016x}", fnv(url.as_bytes()));
+        // One hidden action per project and URL: projects never share a queue.
+        let action_id = format!(
+            "callback-{:016x}",
+            fnv(format!("{}|{url}", device.project_id).as_bytes())
+        );
         let known = read(&self.actions).contains_key(&action_id);
         if !known {
             let action = RoutingAction {

@@ -327,21 +327,22 @@ impl Store {
     }
 
     /// Drops an action's oldest messages until it holds at most `max_bytes`, returning how many.
+    /// One pass: a running total from the newest message marks everything beyond the limit.
     pub async fn drop_oversize(
         &self,
         action_id: String,
         max_bytes: i64,
     ) -> Result<usize, StoreError> {
         self.write(move |c| {
-            let mut dropped = 0;
-            loop {
-                let total: i64 = c.query_row("SELECT COALESCE(SUM(bytes), 0) FROM forward_queue WHERE action_id = ?1", [&action_id], |r| r.get(0))?;
-                if total <= max_bytes {
-                    return Ok(dropped);
-                }
-                c.execute("DELETE FROM forward_queue WHERE id = (SELECT MIN(id) FROM forward_queue WHERE action_id = ?1)", [&action_id])?;
-                dropped += 1;
+            let total: i64 = c.query_row("SELECT COALESCE(SUM(bytes), 0) FROM forward_queue WHERE action_id = ?1", [&action_id], |r| r.get(0))?;
+            if total <= max_bytes {
+                return Ok(0);
             }
+            Ok(c.execute(
+                "DELETE FROM forward_queue WHERE id IN (SELECT id FROM (SELECT id, SUM(bytes) OVER (ORDER BY id DESC) AS newer \
+                 FROM forward_queue WHERE action_id = ?1) WHERE newer > ?2)",
+                params![action_id, max_bytes],
+            )?)
         })
         .await
     }

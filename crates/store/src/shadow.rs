@@ -169,6 +169,28 @@ impl Store {
         .await
     }
 
+    /// Deletes stored reports and messages received before `cutoff`, at most `limit` of each per
+    /// call (the scheduler calls again), returning how many went.
+    pub async fn trim_history(&self, cutoff: i64, limit: i64) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            let mut removed = 0;
+            for table in ["property_history", "message_history"] {
+                // Rows arrive in time order: when the oldest is young enough, there is nothing to do.
+                let oldest: Option<i64> =
+                    c.query_row(&format!("SELECT received_at FROM {table} ORDER BY id LIMIT 1"), [], |r| r.get(0)).optional()?;
+                if oldest.is_none_or(|t| t >= cutoff) {
+                    continue;
+                }
+                removed += c.execute(
+                    &format!("DELETE FROM {table} WHERE id IN (SELECT id FROM {table} WHERE received_at < ?1 ORDER BY id LIMIT ?2)"),
+                    params![cutoff, limit],
+                )?;
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
     /// How many raw messages a device has reported (for tests and diagnostics).
     pub async fn message_count(&self, device_id: String) -> Result<i64, StoreError> {
         self.read(move |c| {
