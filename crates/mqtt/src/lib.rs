@@ -4,6 +4,7 @@
 //! the sockets and calls a [`server::Broker`] for every decision. Nothing here knows IoTDA topics,
 //! devices or the store: the engine supplies those through the broker traits.
 
+pub mod client;
 pub mod codec;
 pub mod server;
 
