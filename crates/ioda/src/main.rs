@@ -51,6 +51,8 @@ enum Command {
         #[arg(long, default_value_t = 100)]
         limit: u32,
     },
+    /// Measure the platform under load (loopback only, bounded in time).
+    Bench(ioda::bench::BenchArgs),
     /// Print the MQTT client id, username and password of a device (for mosquitto_pub and friends).
     DeviceCredentials {
         #[arg(long)]
@@ -196,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
             device_id,
             limit,
         } => trace(data_dir, device_id, limit).await,
+        Command::Bench(args) => ioda::bench::run(args).await,
         Command::DeviceCredentials {
             device_id,
             secret,

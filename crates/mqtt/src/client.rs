@@ -9,12 +9,27 @@ use crate::codec::{Protocol, QoS};
 /// A packet a server sends, as a client sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerPacket {
-    ConnAck { code: u8 },
-    PubAck { pkid: u16, reason: u8 },
-    SubAck { pkid: u16, codes: Vec<u8> },
-    Publish { topic: String, qos: QoS, pkid: u16, payload: Bytes },
+    ConnAck {
+        code: u8,
+    },
+    PubAck {
+        pkid: u16,
+        reason: u8,
+    },
+    SubAck {
+        pkid: u16,
+        codes: Vec<u8>,
+    },
+    Publish {
+        topic: String,
+        qos: QoS,
+        pkid: u16,
+        payload: Bytes,
+    },
     PingResp,
-    Disconnect { reason: u8 },
+    Disconnect {
+        reason: u8,
+    },
 }
 
 fn put_varint(out: &mut BytesMut, mut value: usize) {
@@ -43,7 +58,14 @@ fn finish(out: &mut BytesMut, first: u8, body: &[u8]) {
 }
 
 /// CONNECT with a clean session, username and password.
-pub fn encode_connect(out: &mut BytesMut, protocol: Protocol, client_id: &str, username: &str, password: &str, keep_alive: u16) {
+pub fn encode_connect(
+    out: &mut BytesMut,
+    protocol: Protocol,
+    client_id: &str,
+    username: &str,
+    password: &str,
+    keep_alive: u16,
+) {
     let mut body = BytesMut::with_capacity(64 + client_id.len() + username.len() + password.len());
     put_str(&mut body, b"MQTT");
     body.put_u8(if protocol == Protocol::V5 { 5 } else { 4 });
@@ -100,7 +122,11 @@ fn remaining(buf: &[u8]) -> Result<Option<(usize, usize)>, MqttError> {
 }
 
 fn need(b: &Bytes, n: usize) -> Result<(), MqttError> {
-    if b.remaining() < n { Err(MqttError::Malformed("truncated")) } else { Ok(()) }
+    if b.remaining() < n {
+        Err(MqttError::Malformed("truncated"))
+    } else {
+        Ok(())
+    }
 }
 
 fn skip_properties(b: &mut Bytes) -> Result<(), MqttError> {
@@ -119,7 +145,10 @@ fn skip_properties(b: &mut Bytes) -> Result<(), MqttError> {
 }
 
 /// Decodes one packet from the server; `Ok(None)` when more bytes are needed.
-pub fn decode_server(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<ServerPacket>, MqttError> {
+pub fn decode_server(
+    buf: &mut BytesMut,
+    protocol: Protocol,
+) -> Result<Option<ServerPacket>, MqttError> {
     let Some((len, header)) = remaining(buf)? else {
         return Ok(None);
     };
@@ -137,7 +166,11 @@ pub fn decode_server(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<Se
             ServerPacket::ConnAck { code: b.get_u8() }
         }
         3 => {
-            let qos = if (first >> 1) & 3 == 1 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+            let qos = if (first >> 1) & 3 == 1 {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
             need(&b, 2)?;
             let topic_len = usize::from(b.get_u16());
             need(&b, topic_len)?;
@@ -151,7 +184,12 @@ pub fn decode_server(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<Se
             if v5 {
                 skip_properties(&mut b)?;
             }
-            ServerPacket::Publish { topic, qos, pkid, payload: b }
+            ServerPacket::Publish {
+                topic,
+                qos,
+                pkid,
+                payload: b,
+            }
         }
         4 => {
             need(&b, 2)?;
@@ -165,10 +203,15 @@ pub fn decode_server(buf: &mut BytesMut, protocol: Protocol) -> Result<Option<Se
             if v5 {
                 skip_properties(&mut b)?;
             }
-            ServerPacket::SubAck { pkid, codes: b.to_vec() }
+            ServerPacket::SubAck {
+                pkid,
+                codes: b.to_vec(),
+            }
         }
         13 => ServerPacket::PingResp,
-        14 => ServerPacket::Disconnect { reason: if b.has_remaining() { b.get_u8() } else { 0 } },
+        14 => ServerPacket::Disconnect {
+            reason: if b.has_remaining() { b.get_u8() } else { 0 },
+        },
         _ => return Err(MqttError::Malformed("packet type not sent by servers")),
     };
     Ok(Some(packet))
@@ -182,13 +225,28 @@ mod tests {
     #[test]
     fn client_packets_decode_on_the_server_side() {
         let mut out = BytesMut::new();
-        encode_connect(&mut out, Protocol::V3, "dev_0_0_2025041401", "dev", "pw", 60);
-        let Ok(Some(Packet::Connect(connect))) = codec::decode(&mut out, None, 1024) else { panic!("connect") };
-        assert_eq!((connect.client_id.as_str(), connect.keep_alive), ("dev_0_0_2025041401", 60));
+        encode_connect(
+            &mut out,
+            Protocol::V3,
+            "dev_0_0_2025041401",
+            "dev",
+            "pw",
+            60,
+        );
+        let Ok(Some(Packet::Connect(connect))) = codec::decode(&mut out, None, 1024) else {
+            panic!("connect")
+        };
+        assert_eq!(
+            (connect.client_id.as_str(), connect.keep_alive),
+            ("dev_0_0_2025041401", 60)
+        );
         let mut out = BytesMut::new();
         encode_subscribe(&mut out, Protocol::V5, 7, "a/#", QoS::AtLeastOnce);
         let decoded = codec::decode(&mut out, Some(Protocol::V5), 1024);
-        assert!(matches!(decoded, Ok(Some(Packet::Subscribe { pkid: 7, .. }))), "{decoded:?}");
+        assert!(
+            matches!(decoded, Ok(Some(Packet::Subscribe { pkid: 7, .. }))),
+            "{decoded:?}"
+        );
     }
 
     #[test]
@@ -207,9 +265,20 @@ mod tests {
             got,
             vec![
                 ServerPacket::ConnAck { code: 0 },
-                ServerPacket::PubAck { pkid: 9, reason: 0x97 },
-                ServerPacket::SubAck { pkid: 3, codes: vec![1, 0x80] },
-                ServerPacket::Publish { topic: "t/x".into(), qos: QoS::AtLeastOnce, pkid: 4, payload: Bytes::from_static(b"hi") },
+                ServerPacket::PubAck {
+                    pkid: 9,
+                    reason: 0x97
+                },
+                ServerPacket::SubAck {
+                    pkid: 3,
+                    codes: vec![1, 0x80]
+                },
+                ServerPacket::Publish {
+                    topic: "t/x".into(),
+                    qos: QoS::AtLeastOnce,
+                    pkid: 4,
+                    payload: Bytes::from_static(b"hi")
+                },
                 ServerPacket::PingResp,
             ]
         );

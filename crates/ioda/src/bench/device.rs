@@ -1,0 +1,123 @@
+//! A lean simulated device for load: one TCP connection, IoTDA credentials, QoS 1 publishes with a
+//! window of outstanding acknowledgements. Connections are spread over 127.0.0.x source addresses
+//! so one machine can open far more than one address's ephemeral ports allow.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::{Context, bail};
+use bytes::BytesMut;
+use ioda_mqtt::client::{
+    ServerPacket, decode_server, encode_client_puback, encode_connect, encode_subscribe,
+};
+use ioda_mqtt::codec::{Protocol, QoS, encode_publish};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Connections per source address (well below the ~28 000 ephemeral ports of one address).
+const PER_SOURCE: usize = 20_000;
+
+/// A connected device.
+pub struct Device {
+    pub device_id: String,
+    stream: TcpStream,
+    buf: BytesMut,
+    out: BytesMut,
+    next_pkid: u16,
+}
+
+/// The loopback source address for connection number `n`.
+fn source(n: usize) -> SocketAddr {
+    let host = 1 + (n / PER_SOURCE) as u8;
+    SocketAddr::from((Ipv4Addr::new(127, 0, 0, host), 0))
+}
+
+impl Device {
+    /// Connects device number `n` and waits for a successful CONNACK.
+    pub async fn connect(
+        n: usize,
+        server: SocketAddr,
+        device_id: &str,
+        secret: &str,
+        keep_alive: u16,
+    ) -> anyhow::Result<Device> {
+        let socket = TcpSocket::new_v4()?;
+        socket
+            .bind(source(n))
+            .with_context(|| format!("binding {}", source(n)))?;
+        let stream = socket.connect(server).await.context("connecting")?;
+        stream.set_nodelay(true)?;
+        let mut device = Device {
+            device_id: device_id.to_owned(),
+            stream,
+            buf: BytesMut::with_capacity(64),
+            out: BytesMut::new(),
+            next_pkid: 0,
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        let ts = ioda_types::time::format_hour_stamp(now);
+        let password = ioda_engine::auth::device_password(secret, &ts);
+        encode_connect(
+            &mut device.out,
+            Protocol::V3,
+            &format!("{device_id}_0_0_{ts}"),
+            device_id,
+            &password,
+            keep_alive,
+        );
+        device.flush().await?;
+        match device.next().await? {
+            ServerPacket::ConnAck { code: 0 } => Ok(device),
+            other => bail!("connect refused: {other:?}"),
+        }
+    }
+
+    async fn flush(&mut self) -> anyhow::Result<()> {
+        self.stream.write_all(&self.out).await?;
+        self.out.clear();
+        Ok(())
+    }
+
+    /// The next packet from the server (acknowledging QoS 1 publishes it sends).
+    pub async fn next(&mut self) -> anyhow::Result<ServerPacket> {
+        loop {
+            if let Some(packet) = decode_server(&mut self.buf, Protocol::V3)? {
+                if let ServerPacket::Publish {
+                    qos: QoS::AtLeastOnce,
+                    pkid,
+                    ..
+                } = &packet
+                {
+                    encode_client_puback(&mut self.out, *pkid);
+                    self.flush().await?;
+                }
+                return Ok(packet);
+            }
+            if self.stream.read_buf(&mut self.buf).await? == 0 {
+                bail!("the server closed the connection");
+            }
+        }
+    }
+
+    /// Queues a publish; returns its packet id (0 for QoS 0). Call `send` to write what is queued.
+    pub fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS) -> u16 {
+        let pkid = if qos == QoS::AtLeastOnce {
+            self.next_pkid = self.next_pkid.wrapping_add(1).max(1);
+            self.next_pkid
+        } else {
+            0
+        };
+        encode_publish(&mut self.out, Protocol::V3, topic, qos, pkid, payload);
+        pkid
+    }
+
+    pub fn subscribe(&mut self, filter: &str, qos: QoS) {
+        encode_subscribe(&mut self.out, Protocol::V3, 1, filter, qos);
+    }
+
+    pub async fn send(&mut self) -> anyhow::Result<()> {
+        self.flush().await
+    }
+}

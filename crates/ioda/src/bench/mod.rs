@@ -1,0 +1,199 @@
+//! `ioda bench`: load scenarios against a server started for the purpose, with results a person can
+//! read and a JSON line a script can check. Loopback only; every scenario stops at its time bound.
+
+mod device;
+mod report;
+mod server;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use crate::client::ApiClient;
+use device::Device;
+use server::ServerProcess;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// N devices connect and stay idle: connection rate and server memory per connection.
+    Connect,
+    /// N devices send property reports through the whole pipeline to an HTTP receiver.
+    Report,
+}
+
+/// Flags of `ioda bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Seconds of load (report) or the bound on the whole run (connect).
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Reports per second per device; 0 = as fast as the window allows.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
+    /// Unacknowledged reports each device may have outstanding (flat-out mode).
+    #[arg(long, default_value_t = 16)]
+    pub window: usize,
+    /// Extra flags for the server, e.g. `--durability normal`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub server_args: Vec<String>,
+    /// Print only one JSON line with the results.
+    #[arg(long)]
+    pub json: bool,
+}
+
+const SECRET: &str = "bench-secret-1";
+
+/// Runs a scenario and prints its results.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let raised = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if (raised as usize) < args.devices * 2 + 100 {
+        bail!(
+            "the file-descriptor limit ({raised}) is too low for {} devices",
+            args.devices
+        );
+    }
+    let extra: Vec<&str> = args.server_args.iter().map(String::as_str).collect();
+    let server = ServerProcess::start(&extra)?;
+    let result = match args.scenario {
+        Scenario::Connect => connect_scenario(&server, &args).await?,
+        Scenario::Report => report::run(&server, &args).await?,
+    };
+    if args.json {
+        println!("{result}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    }
+    Ok(())
+}
+
+/// Prints a progress line to stderr (stdout carries the result).
+fn progress(quiet: bool, line: String) {
+    if !quiet {
+        eprintln!("{line}");
+    }
+}
+
+/// Creates the bench product (a 200-byte report fits its model) and `n` devices.
+async fn register(api: &ApiClient, n: usize, quiet: bool) -> anyhow::Result<(String, Vec<String>)> {
+    let model = json!([{
+        "service_id": "Bench", "service_type": "Bench",
+        "properties": [
+            {"property_name": "seq", "data_type": "long", "method": "R"},
+            {"property_name": "sent_at", "data_type": "long", "method": "R"},
+            {"property_name": "pad", "data_type": "string", "max_length": 256, "method": "R"}
+        ],
+        "commands": [{"command_name": "PING", "paras": [{"para_name": "n", "data_type": "int"}]}]
+    }]);
+    let product = api.call("POST", "/products", Some(&json!({"name": "bench", "device_type": "Bench", "protocol_type": "MQTT", "service_capabilities": model}))).await?;
+    let product_id = product.body["product_id"]
+        .as_str()
+        .context("creating the bench product")?
+        .to_owned();
+    let limit = Arc::new(Semaphore::new(32));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let (api, product_id, limit) = (api.clone(), product_id.clone(), limit.clone());
+        tasks.spawn(async move {
+            let _permit = limit.acquire().await;
+            let body = json!({"node_id": format!("bench-{i}"), "product_id": product_id, "auth_info": {"secret": SECRET}});
+            let r = api.call("POST", "/devices", Some(&body)).await?;
+            r.body["device_id"].as_str().map(|id| (i, id.to_owned())).context("registering a device")
+        });
+    }
+    let mut ids = vec![String::new(); n];
+    let started = Instant::now();
+    while let Some(done) = tasks.join_next().await {
+        let (i, id) = done??;
+        ids[i] = id;
+    }
+    progress(
+        quiet,
+        format!(
+            "registered {n} devices in {:.1} s",
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    Ok((product_id, ids))
+}
+
+/// Connects every device, `concurrency` at a time; returns them in order.
+async fn connect_all(
+    server: &ServerProcess,
+    ids: &[String],
+    deadline: Instant,
+    quiet: bool,
+) -> anyhow::Result<Vec<Device>> {
+    let addr = server.mqtt_addr.parse().context("server address")?;
+    let limit = Arc::new(Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    for (n, id) in ids.iter().enumerate() {
+        let (id, limit) = (id.clone(), limit.clone());
+        tasks.spawn(async move {
+            let _permit = limit.acquire().await;
+            Device::connect(n, addr, &id, SECRET, 1200)
+                .await
+                .map(|d| (n, d))
+        });
+    }
+    let mut devices: Vec<Option<Device>> = (0..ids.len()).map(|_| None).collect();
+    let mut connected = 0;
+    let mut last = Instant::now();
+    while let Some(done) = tasks.join_next().await {
+        let (n, device) = done??;
+        devices[n] = Some(device);
+        connected += 1;
+        if last.elapsed() >= Duration::from_secs(1) {
+            progress(quiet, format!("connected {connected}/{}", ids.len()));
+            last = Instant::now();
+        }
+        if Instant::now() > deadline {
+            bail!("the time bound ran out after {connected} connections");
+        }
+    }
+    Ok(devices.into_iter().flatten().collect())
+}
+
+async fn connect_scenario(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Value> {
+    let deadline = Instant::now() + Duration::from_secs(args.duration.max(1) * 10);
+    let (_, ids) = register(&server.api, args.devices, args.json).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = server.usage();
+    let started = Instant::now();
+    let mut devices = connect_all(server, &ids, deadline, args.json).await?;
+    let connect_seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let connected = server.usage();
+    for device in &mut devices {
+        let filter = format!("$oc/devices/{}/sys/commands/#", device.device_id);
+        device.subscribe(&filter, ioda_mqtt::QoS::AtLeastOnce);
+        device.send().await?;
+        device.next().await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let subscribed = server.usage();
+    let n = devices.len().max(1) as f64;
+    Ok(json!({
+        "scenario": "connect",
+        "devices": devices.len(),
+        "connect_seconds": round(connect_seconds),
+        "connections_per_second": round(n / connect_seconds),
+        "server_rss_before": before.rss_bytes,
+        "server_rss_connected": connected.rss_bytes,
+        "bytes_per_connection": round((connected.rss_bytes as f64 - before.rss_bytes as f64) / n),
+        "bytes_per_connection_subscribed": round((subscribed.rss_bytes as f64 - before.rss_bytes as f64) / n),
+    }))
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}

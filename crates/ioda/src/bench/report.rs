@@ -1,0 +1,224 @@
+//! The report scenario: devices send ~200-byte property reports at QoS 1; a rule forwards every
+//! report to an HTTP receiver run by the bench, which measures device-to-application latency.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use axum::routing::post;
+use ioda_mqtt::QoS;
+use ioda_mqtt::client::ServerPacket;
+use serde_json::{Value, json};
+
+use super::device::Device;
+use super::server::ServerProcess;
+use super::{BenchArgs, connect_all, progress, register, round};
+
+/// What the receiver has seen.
+#[derive(Default)]
+struct Received {
+    delivered: AtomicU64,
+    latencies_ms: Mutex<Vec<u32>>,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+async fn start_receiver(received: Arc<Received>) -> anyhow::Result<String> {
+    let app = Router::new().route(
+        "/push",
+        post(move |body: axum::body::Bytes| {
+            let received = received.clone();
+            async move {
+                if let Ok(envelope) = serde_json::from_slice::<Value>(&body)
+                    && let Some(sent) = envelope
+                        .pointer("/notify_data/body/services/0/properties/sent_at")
+                        .and_then(Value::as_i64)
+                {
+                    received.delivered.fetch_add(1, Ordering::Relaxed);
+                    let latency = (now_ms() - sent).clamp(0, i64::from(u32::MAX)) as u32;
+                    received
+                        .latencies_ms
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(latency);
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/push", listener.local_addr()?);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+async fn forward_to(api: &crate::client::ApiClient, url: &str) -> anyhow::Result<()> {
+    let rule = api
+        .call(
+            "POST",
+            "/routing-rule/rules",
+            Some(&json!({"subject": {"resource": "device.property", "event": "report"}})),
+        )
+        .await?;
+    let rule_id = rule.body["rule_id"]
+        .as_str()
+        .context("creating the rule")?
+        .to_owned();
+    api.call(
+        "PUT",
+        &format!("/routing-rule/rules/{rule_id}"),
+        Some(&json!({"active": true})),
+    )
+    .await?;
+    let action = json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}});
+    api.call("POST", "/routing-rule/actions", Some(&action))
+        .await?;
+    Ok(())
+}
+
+/// Counters shared by the device tasks.
+#[derive(Default)]
+struct Sent {
+    offered: AtomicU64,
+    acked: AtomicU64,
+    refused: AtomicU64,
+}
+
+async fn drive(
+    mut device: Device,
+    args: BenchArgs,
+    until: Instant,
+    sent: Arc<Sent>,
+) -> anyhow::Result<()> {
+    let topic = format!("$oc/devices/{}/sys/properties/report", device.device_id);
+    let pad = "x".repeat(90);
+    let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
+    let mut next_at = Instant::now();
+    let mut inflight = 0usize;
+    let mut seq = 0u64;
+    loop {
+        let open = Instant::now() < until;
+        let window = if interval.is_some() {
+            1
+        } else {
+            args.window.max(1)
+        };
+        while open && inflight < window && Instant::now() >= next_at {
+            seq += 1;
+            let report = json!({"services": [{"service_id": "Bench", "properties": {"seq": seq, "sent_at": now_ms(), "pad": pad}}]});
+            device.publish(&topic, report.to_string().as_bytes(), QoS::AtLeastOnce);
+            inflight += 1;
+            sent.offered.fetch_add(1, Ordering::Relaxed);
+            if let Some(interval) = interval {
+                next_at += interval;
+            }
+        }
+        device.send().await?;
+        if inflight == 0 {
+            if !open {
+                return Ok(());
+            }
+            tokio::time::sleep_until(next_at.into()).await;
+            continue;
+        }
+        if let ServerPacket::PubAck { reason, .. } = device.next().await? {
+            inflight -= 1;
+            if reason == 0 {
+                sent.acked.fetch_add(1, Ordering::Relaxed);
+            } else {
+                sent.refused.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+pub async fn run(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Value> {
+    let received = Arc::new(Received::default());
+    let url = start_receiver(received.clone()).await?;
+    let (_, ids) = register(&server.api, args.devices, args.json).await?;
+    forward_to(&server.api, &url).await?;
+    let devices = connect_all(
+        server,
+        &ids,
+        Instant::now() + Duration::from_secs(120),
+        args.json,
+    )
+    .await?;
+    let before = server.usage();
+    let sent = Arc::new(Sent::default());
+    let started = Instant::now();
+    let until = started + Duration::from_secs(args.duration.max(1));
+    let mut tasks = tokio::task::JoinSet::new();
+    for device in devices {
+        tasks.spawn(drive(device, args.clone(), until, sent.clone()));
+    }
+    let reporter = {
+        let (sent, received, quiet) = (sent.clone(), received.clone(), args.json);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let line = format!(
+                    "offered {} acked {} delivered {}",
+                    sent.offered.load(Ordering::Relaxed),
+                    sent.acked.load(Ordering::Relaxed),
+                    received.delivered.load(Ordering::Relaxed)
+                );
+                progress(quiet, line);
+            }
+        })
+    };
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    let load_seconds = started.elapsed().as_secs_f64();
+    let after = server.usage();
+    // Let forwarding drain: everything acknowledged must arrive.
+    let acked = sent.acked.load(Ordering::Relaxed);
+    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    while received.delivered.load(Ordering::Relaxed) < acked && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reporter.abort();
+    let total_seconds = started.elapsed().as_secs_f64();
+    let delivered = received.delivered.load(Ordering::Relaxed);
+    let mut latencies = std::mem::take(
+        &mut *received
+            .latencies_ms
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    latencies.sort_unstable();
+    Ok(json!({
+        "scenario": "report",
+        "devices": args.devices,
+        "rate_per_device": args.rate,
+        "window": args.window,
+        "load_seconds": round(load_seconds),
+        "offered": sent.offered.load(Ordering::Relaxed),
+        "acked": acked,
+        "refused": sent.refused.load(Ordering::Relaxed),
+        "delivered": delivered,
+        "lost": acked.saturating_sub(delivered),
+        "acked_per_second": round(acked as f64 / load_seconds),
+        "delivered_per_second": round(delivered as f64 / total_seconds),
+        "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
+        "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
+        "server_rss_bytes": after.rss_bytes,
+    }))
+}

@@ -1,0 +1,76 @@
+//! Smoke runs of `ioda bench` (seconds, small N): they check the accounting, not the speed.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(args: &[&str]) -> Value {
+    let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .arg("bench")
+        .args(args)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap()).unwrap()
+}
+
+#[test]
+fn report_scenario_accounts_for_every_report() {
+    let result = bench(&[
+        "report",
+        "--devices",
+        "8",
+        "--duration",
+        "2",
+        "--server-args=--durability=normal",
+    ]);
+    let offered = result["offered"].as_u64().unwrap();
+    assert!(offered > 0, "{result}");
+    assert_eq!(
+        result["acked"].as_u64(),
+        Some(offered),
+        "every offered report is acknowledged: {result}"
+    );
+    assert_eq!(
+        result["delivered"].as_u64(),
+        Some(offered),
+        "every acknowledged report reaches the receiver: {result}"
+    );
+    assert_eq!(result["lost"], 0);
+    assert!(result["latency_ms"]["p99"].as_u64().is_some());
+}
+
+#[test]
+fn paced_reports_keep_their_rate() {
+    let result = bench(&[
+        "report",
+        "--devices",
+        "4",
+        "--duration",
+        "2",
+        "--rate",
+        "10",
+    ]);
+    let offered = result["offered"].as_u64().unwrap();
+    // 4 devices x 10/s x 2 s, give or take the first and last tick.
+    assert!((70..=90).contains(&offered), "{result}");
+    assert_eq!(result["delivered"].as_u64(), Some(offered), "{result}");
+}
+
+#[test]
+fn connect_scenario_connects_everyone_and_measures_memory() {
+    let result = bench(&["connect", "--devices", "300", "--duration", "5"]);
+    assert_eq!(result["devices"], 300, "{result}");
+    assert!(
+        result["server_rss_connected"].as_u64().unwrap()
+            >= result["server_rss_before"].as_u64().unwrap()
+    );
+    assert!(result["bytes_per_connection"].as_f64().is_some());
+}
