@@ -80,7 +80,7 @@ impl Spec {
 #[derive(Debug)]
 pub enum Connector {
     #[cfg(feature = "http")]
-    Http(crate::http::Target),
+    Http(Box<crate::http::HttpSink>),
     #[cfg(feature = "mqtt")]
     Mqtt(Box<crate::mqtt::MqttSink>),
     #[cfg(feature = "nats")]
@@ -96,7 +96,9 @@ impl Connector {
     pub async fn open(spec: &Spec, timeout: Duration) -> Result<Connector, String> {
         Ok(match spec {
             #[cfg(feature = "http")]
-            Spec::Http(target) => Connector::Http(target.clone()),
+            Spec::Http(target) => {
+                Connector::Http(Box::new(crate::http::HttpSink::new(target.clone())))
+            }
             #[cfg(feature = "mqtt")]
             Spec::Mqtt(spec) => {
                 Connector::Mqtt(Box::new(crate::mqtt::MqttSink::open(spec, timeout).await?))
@@ -122,8 +124,9 @@ impl Connector {
     ) -> Result<(), String> {
         match self {
             #[cfg(feature = "http")]
-            Connector::Http(target) => {
-                crate::http::post(target, &message.message_id, &message.payload, timeout).await
+            Connector::Http(sink) => {
+                sink.post(&message.message_id, &message.payload, timeout)
+                    .await
             }
             #[cfg(feature = "mqtt")]
             Connector::Mqtt(sink) => sink.publish(&message.payload, timeout).await,

@@ -542,17 +542,20 @@ impl Forwarder {
             let wait = match self
                 .platform
                 .store()
-                .queue_head(action.action_id.clone())
+                .queue_front(action.action_id.clone(), BATCH)
                 .await
             {
-                Ok(Some(message)) if message.next_at <= now => {
-                    self.attempt(&spec, &mut connector, &message, &stats).await;
+                Ok(front) if front.first().is_some_and(|m| m.next_at <= now) => {
+                    self.deliver_front(&spec, &mut connector, front, &stats)
+                        .await;
                     continue;
                 }
-                Ok(Some(message)) => {
-                    Duration::from_millis((message.next_at - now).clamp(10, 1000) as u64)
-                }
-                Ok(None) => Duration::from_secs(1),
+                Ok(front) => match front.first() {
+                    Some(head) => {
+                        Duration::from_millis((head.next_at - now).clamp(10, 1000) as u64)
+                    }
+                    None => Duration::from_secs(1),
+                },
                 Err(error) => {
                     tracing::warn!(%error, "forward queue unreadable");
                     Duration::from_secs(1)
@@ -597,66 +600,85 @@ impl Forwarder {
         }
     }
 
-    async fn attempt(
+    /// Delivers the front of a queue in order, stopping at the first failure; successes are
+    /// removed (with their trace entries) in one write, the failure is scheduled for retry.
+    async fn deliver_front(
+        &self,
+        spec: &Spec,
+        connector: &mut Option<Connector>,
+        front: Vec<QueuedMessage>,
+        stats: &ActionStats,
+    ) {
+        let store = self.platform.store();
+        let mut done = Vec::new();
+        let mut trace = Vec::new();
+        let mut failure = None;
+        for message in &front {
+            match self.deliver_one(spec, connector, message).await {
+                Ok(()) => {
+                    done.push(message.id);
+                    trace.extend(self.attempt_entry(message, None));
+                }
+                Err(error) => {
+                    trace.extend(self.attempt_entry(message, Some(&error)));
+                    failure = Some((message, error));
+                    break;
+                }
+            }
+        }
+        if !done.is_empty() {
+            stats
+                .delivered
+                .fetch_add(done.len() as u64, Ordering::Relaxed);
+            stats.consecutive_failures.store(0, Ordering::Relaxed);
+            stats.failing.store(false, Ordering::Relaxed);
+        }
+        let _ = store.dequeue_forwards(done, trace).await;
+        let Some((message, error)) = failure else {
+            return;
+        };
+        let failures = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+        stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        let failing = failures >= self.config.failing_after;
+        stats.failing.store(failing, Ordering::Relaxed);
+        let delay = if failing {
+            self.config.probe_interval_ms
+        } else {
+            backoff_ms(message.attempts)
+        };
+        tracing::debug!(action_id = %message.action_id, %error, failures, "forwarding attempt failed");
+        *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
+        let _ = store
+            .retry_forward(message.id, self.platform.now() + delay, error)
+            .await;
+    }
+
+    async fn deliver_one(
         &self,
         spec: &Spec,
         connector: &mut Option<Connector>,
         message: &QueuedMessage,
-        stats: &ActionStats,
-    ) {
-        let store = self.platform.store();
-        let outcome = match connector {
-            Some(open) => open.deliver(message, self.config.timeout).await,
-            None => match Connector::open(spec, self.config.timeout).await {
-                Ok(mut open) => {
-                    let outcome = open.deliver(message, self.config.timeout).await;
-                    *connector = Some(open);
-                    outcome
-                }
-                Err(error) => Err(error),
-            },
+    ) -> Result<(), String> {
+        if connector.is_none() {
+            *connector = Some(Connector::open(spec, self.config.timeout).await?);
+        }
+        let Some(open) = connector.as_mut() else {
+            return Err("no connection".into());
         };
+        let outcome = open.deliver(message, self.config.timeout).await;
         if outcome.is_err() {
             // Reconnect on the next attempt: a broken connection must not stick.
             *connector = None;
         }
-        self.trace_attempt(message, outcome.as_ref().err()).await;
-        match outcome {
-            Ok(()) => {
-                let _ = store.dequeue_forward(message.id).await;
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
-                stats.consecutive_failures.store(0, Ordering::Relaxed);
-                stats.failing.store(false, Ordering::Relaxed);
-            }
-            Err(error) => {
-                let failures = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-                let failing = failures >= self.config.failing_after;
-                stats.failing.store(failing, Ordering::Relaxed);
-                let delay = if failing {
-                    self.config.probe_interval_ms
-                } else {
-                    backoff_ms(message.attempts)
-                };
-                tracing::debug!(action_id = %message.action_id, %error, failures, "forwarding attempt failed");
-                *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-                let _ = store
-                    .retry_forward(message.id, self.platform.now() + delay, error)
-                    .await;
-            }
-        }
+        outcome
     }
-}
 
-impl Forwarder {
-    /// Records a delivery attempt in the trace of the device the message came from.
-    async fn trace_attempt(&self, message: &QueuedMessage, error: Option<&String>) {
-        let Some(device_id) = &message.device_id else {
-            return;
-        };
-        let entry = TraceEntry {
+    /// The trace entry of a delivery attempt, for the device the message came from.
+    fn attempt_entry(&self, message: &QueuedMessage, error: Option<&String>) -> Option<TraceEntry> {
+        let device_id = message.device_id.clone()?;
+        Some(TraceEntry {
             id: 0,
-            device_id: device_id.clone(),
+            device_id,
             at: self.platform.now(),
             kind: if error.is_some() {
                 "forward_failed"
@@ -671,8 +693,7 @@ impl Forwarder {
                 "attempt": message.attempts + 1,
                 "error": error,
             }),
-        };
-        let _ = self.platform.store().append_trace(vec![entry]).await;
+        })
     }
 }
 
@@ -724,6 +745,9 @@ fn fnv(bytes: &[u8]) -> u64 {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
 }
+
+/// Messages a worker takes from its queue at a time.
+const BATCH: i64 = 64;
 
 /// 1 s, 2 s, 4 s ... up to a minute.
 fn backoff_ms(attempts: i64) -> i64 {

@@ -127,66 +127,99 @@ pub fn parse_url(url: &str, detail: &Value) -> Result<Target, String> {
     })
 }
 
-async fn exchange<IO>(
-    io: IO,
-    target: &Target,
-    message_id: &str,
-    payload: &str,
-) -> Result<(), String>
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+async fn handshake<IO>(io: IO) -> Result<Sender, String>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     tokio::spawn(connection);
-    let request = Request::post(&target.path_and_query)
-        .header("host", &target.authority)
-        .header("content-type", "application/json; charset=utf-8")
-        .header("x-ioda-message-id", message_id)
-        .body(Full::new(Bytes::from(payload.to_owned())))
-        .map_err(|e| format!("request: {e}"))?;
-    let response = sender
-        .send_request(request)
+    Ok(sender)
+}
+
+async fn open(target: &Target) -> Result<Sender, String> {
+    let stream = TcpStream::connect(&target.authority)
         .await
-        .map_err(|e| format!("send: {e}"))?;
-    let status = response.status();
-    // Drain the body so the connection closes cleanly; its content does not matter.
-    let _ = response.into_body().collect().await;
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("HTTP {status}"))
+        .map_err(|e| format!("connect {}: {e}", target.authority))?;
+    let _ = stream.set_nodelay(true);
+    match &target.tls {
+        None => handshake(stream).await,
+        Some(tls) => {
+            let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
+            let stream = connector
+                .connect(tls.server_name.clone(), stream)
+                .await
+                .map_err(|e| format!("TLS: {e}"))?;
+            handshake(stream).await
+        }
     }
 }
 
-/// Sends one message; `Err` carries a reason fit for an operator.
-pub async fn post(
-    target: &Target,
-    message_id: &str,
-    payload: &str,
-    timeout: Duration,
-) -> Result<(), String> {
-    let attempt = async {
-        let stream = TcpStream::connect(&target.authority)
-            .await
-            .map_err(|e| format!("connect {}: {e}", target.authority))?;
-        let _ = stream.set_nodelay(true);
-        match &target.tls {
-            None => exchange(stream, target, message_id, payload).await,
-            Some(tls) => {
-                let connector = tokio_rustls::TlsConnector::from(tls.config.clone());
-                let stream = connector
-                    .connect(tls.server_name.clone(), stream)
-                    .await
-                    .map_err(|e| format!("TLS: {e}"))?;
-                exchange(stream, target, message_id, payload).await
-            }
+/// An HTTP target with a kept-alive connection, reopened whenever the receiver closes it.
+#[derive(Debug)]
+pub struct HttpSink {
+    target: Target,
+    sender: Option<Sender>,
+}
+
+impl HttpSink {
+    pub fn new(target: Target) -> HttpSink {
+        HttpSink {
+            target,
+            sender: None,
         }
-    };
-    tokio::time::timeout(timeout, attempt)
-        .await
-        .map_err(|_| format!("no answer within {} s", timeout.as_secs_f32()))?
+    }
+
+    /// Sends one message; `Err` carries a reason fit for an operator.
+    pub async fn post(
+        &mut self,
+        message_id: &str,
+        payload: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let attempt = self.attempt(message_id, payload);
+        let outcome = tokio::time::timeout(timeout, attempt)
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {} s", timeout.as_secs_f32())));
+        if outcome.is_err() {
+            self.sender = None;
+        }
+        outcome
+    }
+
+    async fn attempt(&mut self, message_id: &str, payload: &str) -> Result<(), String> {
+        let reusable = match self.sender.as_mut() {
+            Some(sender) => sender.ready().await.is_ok(),
+            None => false,
+        };
+        if !reusable {
+            self.sender = Some(open(&self.target).await?);
+        }
+        let Some(sender) = self.sender.as_mut() else {
+            return Err("no connection".into());
+        };
+        let request = Request::post(&self.target.path_and_query)
+            .header("host", &self.target.authority)
+            .header("content-type", "application/json; charset=utf-8")
+            .header("x-ioda-message-id", message_id)
+            .body(Full::new(Bytes::from(payload.to_owned())))
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
+        let status = response.status();
+        // Read the body to the end so the connection can carry the next request.
+        let _ = response.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("HTTP {status}"))
+        }
+    }
 }
 
 #[cfg(test)]

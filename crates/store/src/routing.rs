@@ -1,6 +1,6 @@
 //! Data-forwarding rules and actions, and the durable per-action queue of messages to forward.
 
-use rusqlite::{Connection, OptionalExtension, Row, params};
+use rusqlite::{Connection, Row, params};
 use serde_json::Value;
 
 use crate::{Store, StoreError};
@@ -250,14 +250,19 @@ impl Store {
         .await
     }
 
-    /// The oldest queued message of an action (forwarding keeps order: nothing overtakes it).
-    pub async fn queue_head(&self, action_id: String) -> Result<Option<QueuedMessage>, StoreError> {
+    /// The oldest queued messages of an action, in order (forwarding keeps order: nothing
+    /// overtakes the head).
+    pub async fn queue_front(
+        &self,
+        action_id: String,
+        limit: i64,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         self.read(move |c| {
-            Ok(c.prepare_cached(
+            let mut stmt = c.prepare_cached(
                 "SELECT id, action_id, message_id, payload, enqueued_at, attempts, next_at, device_id, request_id \
-                 FROM forward_queue WHERE action_id = ?1 ORDER BY id LIMIT 1",
-            )?
-            .query_row([action_id], |r| {
+                 FROM forward_queue WHERE action_id = ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![action_id, limit], |r| {
                 Ok(QueuedMessage {
                     id: r.get(0)?,
                     action_id: r.get(1)?,
@@ -269,17 +274,24 @@ impl Store {
                     device_id: r.get(7)?,
                     request_id: r.get(8)?,
                 })
-            })
-            .optional()?)
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }
 
-    /// Removes a forwarded (or dropped) message.
-    pub async fn dequeue_forward(&self, id: i64) -> Result<(), StoreError> {
+    /// Removes forwarded messages and records their trace entries, in one transaction.
+    pub async fn dequeue_forwards(
+        &self,
+        ids: Vec<i64>,
+        trace: Vec<crate::TraceEntry>,
+    ) -> Result<(), StoreError> {
         self.write(move |c| {
-            c.execute("DELETE FROM forward_queue WHERE id = ?1", [id])?;
-            Ok(())
+            let mut delete = c.prepare_cached("DELETE FROM forward_queue WHERE id = ?1")?;
+            for id in &ids {
+                delete.execute([id])?;
+            }
+            crate::trace::insert_trace(c, &trace)
         })
         .await
     }

@@ -131,9 +131,10 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
     let history = store.property_history("d1".into(), 10).await.unwrap();
     // The forwarding staged with the first report was committed with it.
     let queued = store
-        .queue_head("a1".into())
+        .queue_front("a1".into(), 1)
         .await
         .unwrap()
+        .pop()
         .expect("queued with the report");
     assert_eq!(
         (queued.request_id.as_deref(), queued.payload.as_str()),
