@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ioda_mqtt::QoS;
-use ioda_mqtt::server::Outbound;
+use ioda_mqtt::server::{Outbound, OutboundPublish};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -95,12 +95,12 @@ impl Platform {
         } else {
             (QoS::AtMostOnce, None, None)
         };
-        let outbound = Outbound::Publish {
+        let outbound = Outbound::Publish(Box::new(OutboundPublish {
             topic,
             payload: payload.into(),
             qos,
             acked,
-        };
+        }));
         // A connection whose outbox stays full is not taking anything: treat it as away rather
         // than letting the caller (an API request, the scheduler) wait on it.
         link.outbox

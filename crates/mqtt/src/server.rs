@@ -50,15 +50,20 @@ impl Default for Limits {
 /// Something the platform wants written to a connected client.
 #[derive(Debug)]
 pub enum Outbound {
-    Publish {
-        topic: String,
-        payload: Bytes,
-        qos: QoS,
-        /// Fired when the client acknowledges a QoS 1 publish.
-        acked: Option<oneshot::Sender<()>>,
-    },
+    /// Boxed, so the queue's slots (allocated per connection) stay small.
+    Publish(Box<OutboundPublish>),
     /// Close the connection, telling an MQTT 5 client why.
     Disconnect { reason: u8 },
+}
+
+/// A publish to a connected client.
+#[derive(Debug)]
+pub struct OutboundPublish {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: QoS,
+    /// Fired when the client acknowledges a QoS 1 publish.
+    pub acked: Option<oneshot::Sender<()>>,
 }
 
 /// The sending half of a connection's outbound queue, handed to the broker at connect.
@@ -197,7 +202,7 @@ pub async fn run_connection<S, B>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
     B: Broker,
 {
-    let mut buf = BytesMut::with_capacity(256);
+    let mut buf = BytesMut::with_capacity(128);
     let connect = match timeout(
         limits.connect_timeout,
         read_connect(&mut stream, &mut buf, limits),
@@ -214,7 +219,9 @@ pub async fn run_connection<S, B>(
     let (outbox, inbox) = mpsc::channel(limits.outbox_capacity);
     let protocol = connect.protocol;
     let mut out = BytesMut::new();
-    let session = match broker.connect(&connect, peer, outbox).await {
+    // The broker's futures are boxed: their (large) state lives on the heap only while they run,
+    // instead of sizing every idle connection's task for them.
+    let session = match Box::pin(broker.connect(&connect, peer, outbox)).await {
         Ok(session) => session,
         Err(refusal) => {
             codec::encode_connack(&mut out, protocol, refusal.code(protocol), None);
@@ -267,7 +274,7 @@ pub async fn run_connection<S, B>(
         let _ = timeout(Duration::from_secs(1), stream.write_all(&out)).await;
     }
     let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
-    session.closed(cause).await;
+    Box::pin(session.closed(cause)).await;
 }
 
 fn disconnect_reason(error: &MqttError) -> u8 {
@@ -395,17 +402,21 @@ where
         if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
             self.buf = BytesMut::with_capacity(256);
         }
+        if self.out.capacity() > 4 * 1024 {
+            self.out = BytesMut::new();
+        }
         Ok(())
     }
 
     fn write_outbound(&mut self, outbound: Outbound) -> Flow {
         match outbound {
-            Outbound::Publish {
-                topic,
-                payload,
-                qos,
-                acked,
-            } => {
+            Outbound::Publish(publish) => {
+                let OutboundPublish {
+                    topic,
+                    payload,
+                    qos,
+                    acked,
+                } = *publish;
                 // A client that never acknowledges must not exhaust the packet ids (or memory):
                 // beyond the window, publishes go at QoS 0 and their acknowledgement never fires.
                 let qos = if self.awaiting_ack.len() >= MAX_AWAITING_ACK {
@@ -511,7 +522,7 @@ where
 
     async fn handle_publish(&mut self, publish: Publish) -> Flow {
         let (qos, pkid) = (publish.qos, publish.pkid);
-        let verdict = self.session.publish(publish).await;
+        let verdict = Box::pin(self.session.publish(publish)).await;
         let code = match verdict {
             PublishVerdict::Disconnect(code) => {
                 return Flow::Close(CloseCause::PublishRefused(code));

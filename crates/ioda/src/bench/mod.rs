@@ -2,6 +2,7 @@
 //! read and a JSON line a script can check. Loopback only; every scenario stops at its time bound.
 
 mod device;
+mod reference;
 mod report;
 mod server;
 
@@ -24,6 +25,9 @@ pub enum Scenario {
     Connect,
     /// N devices send property reports through the whole pipeline to an HTTP receiver.
     Report,
+    /// Mosquitto fan-in (N publishers → 1 subscriber, QoS 0 and 1) and ioda's report pipeline with
+    /// the same N, in one run; the result is their ratio.
+    Reference,
 }
 
 /// Flags of `ioda bench`.
@@ -55,18 +59,34 @@ const SECRET: &str = "bench-secret-1";
 
 /// Runs a scenario and prints its results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let raised = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
-    if (raised as usize) < args.devices * 2 + 100 {
+    // One descriptor per device here (the server is another process, which inherits the limit).
+    let needed = args.devices as u64 + 1000;
+    let raised = raise_fd_limit(needed);
+    if raised < needed {
         bail!(
             "the file-descriptor limit ({raised}) is too low for {} devices",
             args.devices
         );
     }
     let extra: Vec<&str> = args.server_args.iter().map(String::as_str).collect();
+    // The reference runs first, before ioda's server exists, so the two never share the machine.
+    let mosquitto = match args.scenario {
+        Scenario::Reference => Some(reference::mosquitto(&args).await?),
+        _ => None,
+    };
     let server = ServerProcess::start(&extra)?;
     let result = match args.scenario {
         Scenario::Connect => connect_scenario(&server, &args).await?,
         Scenario::Report => report::run(&server, &args).await?,
+        Scenario::Reference => {
+            let ioda = report::run(&server, &args).await?;
+            let mosquitto = mosquitto.unwrap_or_default();
+            let base = mosquitto["qos1"]["received_per_second"]
+                .as_f64()
+                .unwrap_or(0.0);
+            let ratio = ioda["acked_per_second"].as_f64().unwrap_or(0.0) / base.max(1.0);
+            json!({ "scenario": "reference", "mosquitto": mosquitto, "ioda_report": ioda, "ioda_to_mosquitto_qos1": round(ratio * 100.0) / 100.0 })
+        }
     };
     if args.json {
         println!("{result}");
@@ -74,6 +94,19 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
     }
     Ok(())
+}
+
+/// Raises the open-file limit to at least `needed` if it can: the hard limit too when privileged.
+fn raise_fd_limit(needed: u64) -> u64 {
+    if let Ok((soft, hard)) = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        && soft < needed
+        && rlimit::setrlimit(rlimit::Resource::NOFILE, needed, hard.max(needed)).is_err()
+    {
+        let _ = rlimit::increase_nofile_limit(needed);
+    }
+    rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(0)
 }
 
 /// Prints a progress line to stderr (stdout carries the result).
