@@ -74,3 +74,67 @@ fn connect_scenario_connects_everyone_and_measures_memory() {
     );
     assert!(result["bytes_per_connection"].as_f64().is_some());
 }
+
+#[test]
+fn command_scenario_measures_round_trips_under_load() {
+    let result = bench(&[
+        "command",
+        "--devices",
+        "20",
+        "--rate",
+        "5",
+        "--duration",
+        "2",
+    ]);
+    assert!(result["round_trips"].as_u64().unwrap() > 0, "{result}");
+    assert_eq!(result["failures"], 0, "{result}");
+    assert!(result["round_trip_ms"]["p99"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn overload_keeps_every_acknowledged_report() {
+    let result = bench(&[
+        "overload",
+        "--devices",
+        "16",
+        "--duration",
+        "2",
+        "--server-args=--durability=normal",
+    ]);
+    let offered = result["offered"].as_u64().unwrap();
+    let acked = result["acked"].as_u64().unwrap();
+    assert_eq!(
+        acked + result["refused"].as_u64().unwrap(),
+        offered,
+        "every report is answered: {result}"
+    );
+    assert_eq!(
+        result["delivered"].as_u64(),
+        Some(acked),
+        "acknowledged means delivered: {result}"
+    );
+    assert!(
+        result["server_rss_peak_bytes"].as_u64().unwrap() < 512 * 1024 * 1024,
+        "{result}"
+    );
+}
+
+#[test]
+fn reference_runs_mosquitto_and_ioda_in_one_run() {
+    let result = bench(&["reference", "--devices", "10", "--duration", "1"]);
+    let mosquitto = &result["mosquitto"];
+    assert_eq!(mosquitto["qos0"]["lost"], 0, "{result}");
+    assert!(
+        mosquitto["qos1_lossless"]["lossless_rate"]
+            .as_f64()
+            .unwrap()
+            > 0.0,
+        "{result}"
+    );
+    assert_eq!(result["ioda_report"]["lost"], 0, "{result}");
+    assert!(
+        result["ioda_lossless_to_mosquitto_lossless_qos1"]
+            .as_f64()
+            .is_some()
+    );
+}

@@ -148,7 +148,21 @@ fn percentile(sorted: &[u32], p: f64) -> u32 {
     sorted[index.min(sorted.len() - 1)]
 }
 
-pub async fn run(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Value> {
+/// `overload`: more than the server can take (wide windows), a long drain, and the server's peak
+/// memory sampled every second.
+pub async fn run(
+    server: &ServerProcess,
+    args: &BenchArgs,
+    overload: bool,
+) -> anyhow::Result<Value> {
+    let args = &BenchArgs {
+        window: if overload {
+            args.window.max(64)
+        } else {
+            args.window
+        },
+        ..args.clone()
+    };
     let received = Arc::new(Received::default());
     let url = start_receiver(received.clone()).await?;
     let (_, ids) = register(&server.api, args.devices, args.json).await?;
@@ -168,11 +182,19 @@ pub async fn run(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Val
     for device in devices {
         tasks.spawn(drive(device, args.clone(), until, sent.clone()));
     }
+    let peak_rss = Arc::new(AtomicU64::new(0));
     let reporter = {
-        let (sent, received, quiet) = (sent.clone(), received.clone(), args.json);
+        let (sent, received, quiet, peak, pid) = (
+            sent.clone(),
+            received.clone(),
+            args.json,
+            peak_rss.clone(),
+            server.pid(),
+        );
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
+                peak.fetch_max(super::server::usage(pid).rss_bytes, Ordering::Relaxed);
                 let line = format!(
                     "offered {} acked {} delivered {}",
                     sent.offered.load(Ordering::Relaxed),
@@ -190,7 +212,7 @@ pub async fn run(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Val
     let after = server.usage();
     // Let forwarding drain: everything acknowledged must arrive.
     let acked = sent.acked.load(Ordering::Relaxed);
-    let drain_deadline = Instant::now() + Duration::from_secs(30);
+    let drain_deadline = Instant::now() + Duration::from_secs(if overload { 300 } else { 30 });
     while received.delivered.load(Ordering::Relaxed) < acked && Instant::now() < drain_deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -205,7 +227,7 @@ pub async fn run(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Val
     );
     latencies.sort_unstable();
     Ok(json!({
-        "scenario": "report",
+        "scenario": if overload { "overload" } else { "report" },
         "devices": args.devices,
         "rate_per_device": args.rate,
         "window": args.window,
@@ -220,5 +242,7 @@ pub async fn run(server: &ServerProcess, args: &BenchArgs) -> anyhow::Result<Val
         "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
         "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
         "server_rss_bytes": after.rss_bytes,
+        "server_rss_peak_bytes": peak_rss.load(Ordering::Relaxed).max(after.rss_bytes),
+        "drain_seconds": round(total_seconds - load_seconds),
     }))
 }
