@@ -93,6 +93,11 @@ pub fn parse_authorization(header: &str) -> Result<Authorization, SignError> {
 }
 
 fn percent_decode(s: &str) -> Vec<u8> {
+    decode_escapes(s, false)
+}
+
+/// Decodes `%XX` escapes (and, for form bodies, `+` as a space); malformed escapes stay as they are.
+pub(crate) fn decode_escapes(s: &str, plus_is_space: bool) -> Vec<u8> {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -105,6 +110,10 @@ fn percent_decode(s: &str) -> Vec<u8> {
             (b'%', Some(byte)) => {
                 out.push(byte);
                 i += 3;
+            }
+            (b'+', _) if plus_is_space => {
+                out.push(b' ');
+                i += 1;
             }
             (b, _) => {
                 out.push(b);

@@ -446,10 +446,14 @@ async fn a_failing_target_is_marked_probed_and_its_queue_bounded() {
     // Age limit: messages older than a day are dropped and counted.
     let (_, old_action) = rule_with_action(&server, "", "", &dead_url).await;
     report(&device, &device_id, 21.0, 99).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    clock.advance(24 * 3_600_000 + 20_000);
     let old_status = format!("/routing-rule/actions/{old_action}/status");
-    for _ in 0..30 {
+    // The message must be queued (at the old time) before the clock jumps a day.
+    eventually("the message queued", || async {
+        server.get(&old_status).await["queued_messages"] == 1
+    })
+    .await;
+    clock.advance(24 * 3_600_000 + 20_000);
+    for _ in 0..100 {
         if server.get(&old_status).await["dropped_too_old"].as_u64() == Some(1) {
             break;
         }

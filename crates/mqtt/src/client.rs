@@ -4,7 +4,7 @@
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::MqttError;
-use crate::codec::{Protocol, QoS};
+use crate::codec::{Protocol, QoS, put_varint};
 
 /// A packet a server sends, as a client sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -30,20 +30,6 @@ pub enum ServerPacket {
     Disconnect {
         reason: u8,
     },
-}
-
-fn put_varint(out: &mut BytesMut, mut value: usize) {
-    loop {
-        let mut byte = (value % 128) as u8;
-        value /= 128;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        out.put_u8(byte);
-        if value == 0 {
-            break;
-        }
-    }
 }
 
 fn put_str(out: &mut BytesMut, s: &[u8]) {

@@ -443,7 +443,7 @@ fn decode_unsubscribe(first: u8, b: &mut Bytes, v5: bool) -> Result<Packet> {
     Ok(Packet::Unsubscribe { pkid, filters })
 }
 
-fn put_varint(out: &mut BytesMut, mut value: usize) {
+pub(crate) fn put_varint(out: &mut BytesMut, mut value: usize) {
     loop {
         let mut byte = (value % 128) as u8;
         value /= 128;
