@@ -86,6 +86,8 @@ pub struct ServeConfig {
     pub shutdown_timeout: Duration,
     pub signature_window_ms: i64,
     pub forward: ForwardConfig,
+    /// How long one write to an MQTT client may take before its connection is given up.
+    pub mqtt_write_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -99,6 +101,7 @@ impl ServeConfig {
             durability: Durability::Full,
             shutdown_timeout: Duration::from_secs(10),
             forward: ForwardConfig::default(),
+            mqtt_write_timeout: Duration::from_secs(10),
             signature_window_ms: 15 * 60 * 1000,
         }
     }
@@ -192,6 +195,7 @@ impl ServeArgs {
                 .or(file.signature_window)
                 .unwrap_or(900) as i64
                 * 1000,
+            mqtt_write_timeout: Duration::from_secs(10),
             forward: ForwardConfig {
                 timeout: Duration::from_secs(
                     self.forward_timeout

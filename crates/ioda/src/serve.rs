@@ -131,6 +131,7 @@ pub async fn start_with_clock(
     let scheduler = platform.spawn_scheduler(stop.clone());
     let limits = Limits {
         max_packet_size: config.engine.max_payload + 64 * 1024,
+        write_timeout: config.mqtt_write_timeout,
         ..Limits::default()
     };
     let broker = Arc::new(DeviceBroker::new(platform.clone()));

@@ -34,6 +34,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Capacity of each connection's outbound queue.
     pub outbox_capacity: usize,
+    /// How long one write to a client may take before the connection is given up: a client that
+    /// stops reading must not park its connection task (and with it keepalive, takeover, shutdown).
+    pub write_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -43,6 +46,7 @@ impl Default for Limits {
             max_inflight: 64,
             connect_timeout: Duration::from_secs(10),
             outbox_capacity: 64,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -110,8 +114,6 @@ pub enum PublishVerdict {
     Refuse(u8),
 }
 
-/// How long one write to a client may take before the connection is given up.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest CONNECT accepted: nothing big is needed before a client has authenticated.
 const MAX_CONNECT_SIZE: usize = 16 * 1024;
 
@@ -387,7 +389,7 @@ where
         if !self.out.is_empty() {
             // A client that stops reading must not park this task (and with it keepalive, takeover
             // and shutdown): a write that cannot finish in time ends the connection.
-            match timeout(WRITE_TIMEOUT, self.stream.write_all(&self.out)).await {
+            match timeout(self.limits.write_timeout, self.stream.write_all(&self.out)).await {
                 Ok(written) => written?,
                 Err(_) => {
                     return Err(std::io::Error::new(
