@@ -444,7 +444,14 @@ async fn a_failing_target_is_marked_probed_and_its_queue_bounded() {
     assert_eq!(status["failing"], false);
 
     // Age limit: messages older than a day are dropped and counted.
-    let (_, old_action) = rule_with_action(&server, "", "", &dead_url).await;
+    // A small selection, so the 100-byte queue limit of this server never drops it first.
+    let (_, old_action) = rule_with_action(
+        &server,
+        "notify_data.body.services[0].properties.count AS n",
+        "",
+        &dead_url,
+    )
+    .await;
     report(&device, &device_id, 21.0, 99).await;
     let old_status = format!("/routing-rule/actions/{old_action}/status");
     // The message must be queued (at the old time) before the clock jumps a day.
