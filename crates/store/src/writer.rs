@@ -55,6 +55,9 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
     };
     conn.pragma_update(None, "synchronous", sync)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The group commit runs each job in a savepoint; keep their sub-journals in memory, not in a
+    // temporary file (they are small and die with the transaction).
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
