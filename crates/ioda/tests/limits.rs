@@ -196,23 +196,7 @@ async fn a_client_that_stops_reading_is_disconnected_and_never_blocks_the_api() 
     let server = server_with(|c| c.mqtt_write_timeout = Duration::from_millis(500)).await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "lim-4").await;
-    let ts = hour_stamp();
-    let password = ioda_engine::auth::device_password(&secret, &ts);
-    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port))
-        .await
-        .unwrap();
-    socket
-        .write_all(&raw_connect(
-            &format!("{device_id}_0_0_{ts}"),
-            &device_id,
-            &password,
-            60,
-        ))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    socket.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let socket = raw_device(server.mqtt_port, &device_id, &secret, 60).await;
     // From here on the client reads nothing; the platform keeps sending 200 KB messages.
     let big = "x".repeat(200 * 1024);
     let mut slowest = Duration::ZERO;

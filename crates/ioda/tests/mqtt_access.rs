@@ -226,23 +226,7 @@ async fn keepalive_expiry_closes_the_connection_and_marks_offline() {
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-4").await;
     let mut bus = server.running.as_ref().unwrap().platform.bus().subscribe();
-    let ts = hour_stamp();
-    let password = ioda_engine::auth::device_password(&secret, &ts);
-    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port))
-        .await
-        .unwrap();
-    socket
-        .write_all(&raw_connect(
-            &format!("{device_id}_0_0_{ts}"),
-            &device_id,
-            &password,
-            1,
-        ))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    socket.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut socket = raw_device(server.mqtt_port, &device_id, &secret, 1).await;
     // Silent client: the server must give up after 1.5 x keepalive.
     let started = std::time::Instant::now();
     let mut rest = Vec::new();
@@ -555,23 +539,7 @@ async fn malformed_packets_close_the_connection() {
         .unwrap_or(0);
     assert_eq!(n, 0, "no CONNACK for garbage");
     // A QoS 2 publish after a valid CONNECT.
-    let ts = hour_stamp();
-    let password = ioda_engine::auth::device_password(&secret, &ts);
-    let mut socket = TcpStream::connect(("127.0.0.1", server.mqtt_port))
-        .await
-        .unwrap();
-    socket
-        .write_all(&raw_connect(
-            &format!("{device_id}_0_0_{ts}"),
-            &device_id,
-            &password,
-            60,
-        ))
-        .await
-        .unwrap();
-    let mut connack = [0u8; 4];
-    socket.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0]);
+    let mut socket = raw_device(server.mqtt_port, &device_id, &secret, 60).await;
     let mut qos2 = raw_publish(&report_topic(&device_id), b"{}", Some(1));
     qos2[0] = 0x34;
     socket.write_all(&qos2).await.unwrap();

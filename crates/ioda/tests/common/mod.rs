@@ -243,6 +243,34 @@ pub fn raw_connect(client_id: &str, user: &str, password: &str, keep_alive: u16)
     with_header(0x10, body)
 }
 
+/// A raw TCP session of a device, past a successful CONNACK, for tests that need to misbehave.
+pub async fn raw_device(
+    port: u16,
+    device_id: &str,
+    secret: &str,
+    keep_alive: u16,
+) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ts = hour_stamp();
+    let password = ioda_engine::auth::device_password(secret, &ts);
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket
+        .write_all(&raw_connect(
+            &format!("{device_id}_0_0_{ts}"),
+            device_id,
+            &password,
+            keep_alive,
+        ))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    socket.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "CONNACK accepted");
+    socket
+}
+
 /// A hand-made MQTT 3.1.1 PUBLISH.
 pub fn raw_publish(topic: &str, payload: &[u8], qos1_pkid: Option<u16>) -> Vec<u8> {
     let mut body = Vec::new();
