@@ -27,29 +27,35 @@ struct RawService {
 
 fn parse_report(payload: &[u8]) -> Result<Vec<RawService>, String> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
-    let services = value
-        .get("services")
-        .and_then(Value::as_array)
-        .ok_or("`services` must be an array")?;
+    // The parsed document is taken apart rather than copied: a report's properties are moved,
+    // not cloned, into the services that are validated and stored.
+    let Value::Object(mut document) = value else {
+        return Err("`services` must be an array".to_owned());
+    };
+    let Some(Value::Array(services)) = document.remove("services") else {
+        return Err("`services` must be an array".to_owned());
+    };
     services
-        .iter()
+        .into_iter()
         .enumerate()
-        .map(|(i, s)| {
-            let service_id = s
-                .get("service_id")
-                .and_then(Value::as_str)
-                .ok_or(format!("services[{i}].service_id must be a string"))?;
-            let properties = s
-                .get("properties")
-                .and_then(Value::as_object)
-                .ok_or(format!("services[{i}].properties must be an object"))?;
+        .map(|(i, service)| {
+            let Value::Object(mut service) = service else {
+                return Err(format!("services[{i}].service_id must be a string"));
+            };
+            let Some(Value::String(service_id)) = service.remove("service_id") else {
+                return Err(format!("services[{i}].service_id must be a string"));
+            };
+            let Some(Value::Object(properties)) = service.remove("properties") else {
+                return Err(format!("services[{i}].properties must be an object"));
+            };
+            let event_time = match service.remove("event_time") {
+                Some(Value::String(time)) => Some(time),
+                _ => None,
+            };
             Ok(RawService {
-                service_id: service_id.to_owned(),
-                properties: properties.clone(),
-                event_time: s
-                    .get("event_time")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned),
+                service_id,
+                properties,
+                event_time,
             })
         })
         .collect()
