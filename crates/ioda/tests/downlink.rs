@@ -671,3 +671,102 @@ async fn desired_state_is_pushed_until_reported_and_devices_can_read_their_shado
     device.close().await;
     server.stop().await;
 }
+
+async fn poll_v5(events: &mut rumqttc::v5::EventLoop) -> rumqttc::v5::Event {
+    tokio::time::timeout(std::time::Duration::from_secs(5), events.poll())
+        .await
+        .expect("an MQTT event within 5 s")
+        .expect("the MQTT connection stays up")
+}
+
+/// An MQTT 5 device, set up by `adjust`, subscribed to its messages; the client must be kept alive.
+async fn v5_message_device(
+    server: &TestServer,
+    node_id: &str,
+    adjust: impl FnOnce(&mut rumqttc::v5::MqttOptions),
+) -> (String, rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, node_id).await;
+    let mut options = device_options_v5(server.mqtt_port, &device_id, &secret);
+    adjust(&mut options);
+    let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 16);
+    let down = format!("$oc/devices/{device_id}/sys/messages/down");
+    client
+        .subscribe(&down, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    while !matches!(
+        poll_v5(&mut events).await,
+        rumqttc::v5::Event::Incoming(P5::SubAck(_))
+    ) {}
+    (device_id, client, events)
+}
+
+#[tokio::test]
+async fn mqtt5_maximum_packet_size_keeps_oversized_messages_pending() {
+    use rumqttc::v5::Event as E5;
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    let server = server().await;
+    let (device_id, _client, mut events) = v5_message_device(&server, "small-1", |options| {
+        options.set_max_packet_size(Some(1024));
+    })
+    .await;
+
+    // The client said it accepts at most 1 KiB: the big message must not be sent (MQTT 5
+    // 3.1.2.11.4), and must not be reported as delivered either; the small one goes through.
+    let path = format!("/devices/{device_id}/messages");
+    let big = json!({"message_id": "big", "message": "x".repeat(2000)});
+    assert_eq!(server.post(&path, big).await.status, 201);
+    let small = json!({"message_id": "small", "message": "hello"});
+    assert_eq!(server.post(&path, small).await.status, 201);
+    let mut received = Vec::new();
+    while received.is_empty() {
+        if let E5::Incoming(P5::Publish(publish)) = poll_v5(&mut events).await {
+            let body: Value = serde_json::from_slice(&publish.payload).unwrap();
+            received.push(body["id"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(received, ["small"]);
+    eventually("small DELIVERED", || async {
+        server.get(&format!("{path}/small")).await["status"] == "DELIVERED"
+    })
+    .await;
+    assert_eq!(
+        server.get(&format!("{path}/big")).await["status"],
+        "PENDING"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn mqtt5_receive_maximum_bounds_unacknowledged_publishes() {
+    use rumqttc::v5::Event as E5;
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    let server = server().await;
+    let (device_id, _client, mut events) = v5_message_device(&server, "window-1", |options| {
+        options.set_receive_maximum(Some(2));
+        options.set_manual_acks(true);
+    })
+    .await;
+
+    // The device acknowledges nothing: only two QoS 1 publishes may be outstanding, the rest go at
+    // QoS 0 and stay PENDING on the platform (they were not acknowledged).
+    let path = format!("/devices/{device_id}/messages");
+    for i in 0..4 {
+        let message = json!({"message_id": format!("w{i}"), "message": i});
+        assert_eq!(server.post(&path, message).await.status, 201);
+    }
+    let mut qos = Vec::new();
+    while qos.len() < 4 {
+        if let E5::Incoming(P5::Publish(publish)) = poll_v5(&mut events).await {
+            qos.push(publish.qos as u8);
+        }
+    }
+    assert_eq!(qos, [1, 1, 0, 0]);
+    for i in 0..4 {
+        let status = server.get(&format!("{path}/w{i}")).await["status"].clone();
+        assert_eq!(status, "PENDING", "w{i} was never acknowledged");
+    }
+    server.stop().await;
+}

@@ -519,9 +519,7 @@ pub fn encode_publish(
     pkid: u16,
     payload: &[u8],
 ) {
-    let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
-    let props_len = usize::from(protocol == Protocol::V5);
-    let len = 2 + topic.len() + id_len + props_len + payload.len();
+    let len = publish_remaining_len(protocol, topic, qos, payload.len());
     put_header(out, 0x30 | ((qos as u8) << 1), len);
     put_str(out, topic);
     if qos != QoS::AtMostOnce {
@@ -531,6 +529,26 @@ pub fn encode_publish(
         out.put_u8(0);
     }
     out.put_slice(payload);
+}
+
+/// The remaining length of the PUBLISH `encode_publish` writes.
+fn publish_remaining_len(protocol: Protocol, topic: &str, qos: QoS, payload_len: usize) -> usize {
+    let id_len = if qos == QoS::AtMostOnce { 0 } else { 2 };
+    let props_len = usize::from(protocol == Protocol::V5);
+    2 + topic.len() + id_len + props_len + payload_len
+}
+
+/// The full size on the wire of the PUBLISH `encode_publish` would write, fixed header included,
+/// so the server can honour a client's MQTT 5 Maximum Packet Size before encoding.
+pub fn publish_packet_size(protocol: Protocol, topic: &str, qos: QoS, payload_len: usize) -> usize {
+    let remaining = publish_remaining_len(protocol, topic, qos, payload_len);
+    let varint_len = match remaining {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    };
+    1 + varint_len + remaining
 }
 
 /// PUBACK; MQTT 3.1.1 cannot carry a reason, so `reason` is only sent to MQTT 5 clients.

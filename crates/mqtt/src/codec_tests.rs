@@ -288,3 +288,26 @@ fn encodes_server_packets() {
         assert_eq!(out.to_vec(), want, "{name}");
     }
 }
+
+#[test]
+fn publish_packet_size_matches_the_encoded_length() {
+    // Payload lengths either side of each remaining-length varint boundary.
+    let cases = [
+        (Protocol::V3, QoS::AtMostOnce, 0),
+        (Protocol::V3, QoS::AtLeastOnce, 120),
+        (Protocol::V5, QoS::AtLeastOnce, 121),
+        (Protocol::V5, QoS::AtMostOnce, 16_370),
+        (Protocol::V3, QoS::AtLeastOnce, 16_380),
+        (Protocol::V5, QoS::AtLeastOnce, 2_097_140),
+    ];
+    for (protocol, qos, payload_len) in cases {
+        let payload = vec![7u8; payload_len];
+        let mut out = BytesMut::new();
+        encode_publish(&mut out, protocol, "t/ab", qos, 9, &payload);
+        assert_eq!(
+            publish_packet_size(protocol, "t/ab", qos, payload_len),
+            out.len(),
+            "{protocol:?} {qos:?} payload {payload_len}"
+        );
+    }
+}

@@ -237,6 +237,7 @@ pub async fn run_connection<S, B>(
     };
     codec::encode_connack(&mut out, protocol, reason::SUCCESS, Some(server_limits));
     let keep_alive = Duration::from_millis(u64::from(connect.keep_alive) * 1500);
+    let peer_limits = PeerLimits::of(&connect.properties);
     let mut conn = Connection {
         stream,
         buf,
@@ -244,6 +245,7 @@ pub async fn run_connection<S, B>(
         protocol,
         limits,
         keep_alive,
+        peer_limits,
         session,
         inbox,
         shutdown,
@@ -321,6 +323,7 @@ struct Connection<S, T> {
     protocol: Protocol,
     limits: Limits,
     keep_alive: Duration,
+    peer_limits: PeerLimits,
     session: T,
     inbox: mpsc::Receiver<Outbound>,
     shutdown: watch::Receiver<bool>,
@@ -329,6 +332,26 @@ struct Connection<S, T> {
     /// Our QoS 1 publishes waiting for the client's PUBACK.
     awaiting_ack: HashMap<u16, Option<oneshot::Sender<()>>>,
     next_pkid: u16,
+}
+
+/// What an MQTT 5 client asked of the server on CONNECT (MQTT 3.1.1 clients ask nothing).
+#[derive(Debug, Clone, Copy)]
+struct PeerLimits {
+    /// Largest packet the client accepts; a larger one must be discarded, not sent (MQTT 5 3.1.2.11.4).
+    max_packet_size: u32,
+    /// How many of our QoS 1 publishes may await its PUBACK at once.
+    ack_window: usize,
+}
+
+impl PeerLimits {
+    fn of(properties: &codec::ConnectProperties) -> Self {
+        PeerLimits {
+            max_packet_size: properties.maximum_packet_size.unwrap_or(u32::MAX),
+            ack_window: properties.receive_maximum.map_or(MAX_AWAITING_ACK, |max| {
+                usize::from(max).min(MAX_AWAITING_ACK)
+            }),
+        }
+    }
 }
 
 /// What woke the connection task.
@@ -419,13 +442,22 @@ where
                     qos,
                     acked,
                 } = *publish;
-                // A client that never acknowledges must not exhaust the packet ids (or memory):
-                // beyond the window, publishes go at QoS 0 and their acknowledgement never fires.
-                let qos = if self.awaiting_ack.len() >= MAX_AWAITING_ACK {
+                // A client that never acknowledges must not exhaust the packet ids (or memory), and
+                // an MQTT 5 client's Receive Maximum is a promise: beyond the window, publishes go at
+                // QoS 0 and their acknowledgement never fires.
+                let qos = if self.awaiting_ack.len() >= self.peer_limits.ack_window {
                     QoS::AtMostOnce
                 } else {
                     qos
                 };
+                let size = codec::publish_packet_size(self.protocol, &topic, qos, payload.len());
+                if size > self.peer_limits.max_packet_size as usize {
+                    // Dropping `acked` tells the sender the message was not delivered: it stays
+                    // pending on the platform rather than being reported as delivered.
+                    tracing::warn!(%topic, size, limit = self.peer_limits.max_packet_size,
+                        "publish discarded: larger than the client's maximum packet size");
+                    return Flow::Continue;
+                }
                 let pkid = if qos == QoS::AtLeastOnce {
                     self.allocate_pkid()
                 } else {
