@@ -379,14 +379,14 @@ impl Platform {
         if !self.transition(command.status, next.clone()).await {
             return;
         }
-        if let Some(acked) = acked {
-            let platform = self.clone();
-            tokio::spawn(async move {
-                if acked.await.is_ok() {
-                    platform.command_delivered(next).await;
-                }
-            });
-        }
+        // Only a PUBACK makes a command DELIVERED (with QoS 0 the answer is the only
+        // acknowledgement); a command too large for the device is left to its resends and timeout.
+        let platform = self.clone();
+        tokio::spawn(async move {
+            if acked.await == Ok(ioda_mqtt::server::Delivery::Acknowledged) {
+                platform.command_delivered(next).await;
+            }
+        });
     }
 
     /// The device acknowledged receipt: no more resends; it has until the command's expiry (at

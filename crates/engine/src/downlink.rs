@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ioda_mqtt::QoS;
-use ioda_mqtt::server::{Outbound, OutboundPublish};
+use ioda_mqtt::server::{Delivery, Outbound, OutboundPublish};
 use serde_json::Value;
 use tokio::sync::oneshot;
 
@@ -68,14 +68,15 @@ pub(crate) fn new_request_id(now: i64) -> String {
 impl Platform {
     /// Publishes to a connected device. System topics are delivered whether or not the device
     /// subscribed (IoTDA's implicit subscription), at QoS 1 when it subscribed at QoS 1; custom
-    /// topics need a subscription. For QoS 1 the receiver fires on the device's PUBACK.
+    /// topics need a subscription. The receiver tells what became of it: written (QoS 0),
+    /// acknowledged (QoS 1) or too large for the device; it is dropped when nothing is known.
     pub(crate) async fn push(
         &self,
         device_id: &str,
         topic: String,
         payload: Vec<u8>,
         needs_subscription: bool,
-    ) -> Result<Option<oneshot::Receiver<()>>, PushError> {
+    ) -> Result<oneshot::Receiver<Delivery>, PushError> {
         let link = self.registry.link(device_id).ok_or(PushError::Offline)?;
         let granted = {
             let state = link.state();
@@ -89,17 +90,17 @@ impl Platform {
         if needs_subscription && granted.is_none() {
             return Err(PushError::NotSubscribed);
         }
-        let (qos, acked, receiver) = if granted == Some(1) {
-            let (tx, rx) = oneshot::channel();
-            (QoS::AtLeastOnce, Some(tx), Some(rx))
+        let qos = if granted == Some(1) {
+            QoS::AtLeastOnce
         } else {
-            (QoS::AtMostOnce, None, None)
+            QoS::AtMostOnce
         };
+        let (acked, receiver) = oneshot::channel();
         let outbound = Outbound::Publish(Box::new(OutboundPublish {
             topic,
             payload: payload.into(),
             qos,
-            acked,
+            acked: Some(acked),
         }));
         // A connection whose outbox stays full is not taking anything: treat it as away rather
         // than letting the caller (an API request, the scheduler) wait on it.

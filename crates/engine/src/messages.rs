@@ -4,9 +4,11 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
+use ioda_mqtt::server::Delivery;
 use ioda_store::DeviceMessage;
 use ioda_types::{MessageStatus, PlatformEvent};
 use serde_json::{Value, json};
+use tokio::sync::oneshot;
 
 use crate::downlink::{PushError, new_request_id};
 use crate::topic::{messages_down_topic, user_topic};
@@ -267,6 +269,31 @@ impl Platform {
         }
     }
 
+    /// Records what became of a message handed to the device's connection; nothing is known when
+    /// the connection closed first, and the message stays PENDING for the next connection.
+    async fn settle_message(
+        &self,
+        message: DeviceMessage,
+        delivery: Result<Delivery, oneshot::error::RecvError>,
+    ) {
+        match delivery {
+            Ok(Delivery::Written | Delivery::Acknowledged) => {
+                self.finish_message(message, MessageStatus::Delivered, None)
+                    .await
+            }
+            Ok(Delivery::TooLarge { size, limit }) => {
+                let reason = format!(
+                    "the message is {size} bytes on the wire; the device accepts at most {limit} \
+                     (its MQTT 5 Maximum Packet Size)"
+                );
+                let error = Some(("IOTDA.000006".to_owned(), reason));
+                self.finish_message(message, MessageStatus::Failed, error)
+                    .await
+            }
+            Err(_) => {}
+        }
+    }
+
     /// Sends a pending message if the device is connected; it is DELIVERED once written (QoS 0) or
     /// acknowledged (QoS 1), and stays PENDING otherwise.
     pub(crate) async fn deliver_message(self: &Arc<Self>, message: DeviceMessage) {
@@ -287,18 +314,10 @@ impl Platform {
             }
         };
         match self.push(&message.device_id, topic, payload, custom).await {
-            Ok(None) => {
-                self.finish_message(message, MessageStatus::Delivered, None)
-                    .await
-            }
-            Ok(Some(acked)) => {
+            Ok(delivery) => {
                 let platform = self.clone();
                 tokio::spawn(async move {
-                    if acked.await.is_ok() {
-                        platform
-                            .finish_message(message, MessageStatus::Delivered, None)
-                            .await;
-                    }
+                    platform.settle_message(message, delivery.await).await;
                 });
             }
             Err(PushError::Offline | PushError::NotSubscribed) => {}

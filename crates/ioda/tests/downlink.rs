@@ -680,9 +680,13 @@ async fn poll_v5(events: &mut rumqttc::v5::EventLoop) -> rumqttc::v5::Event {
 }
 
 /// An MQTT 5 device, set up by `adjust`, subscribed to its messages; the client must be kept alive.
+const QOS0: rumqttc::v5::mqttbytes::QoS = rumqttc::v5::mqttbytes::QoS::AtMostOnce;
+const QOS1: rumqttc::v5::mqttbytes::QoS = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+
 async fn v5_message_device(
     server: &TestServer,
     node_id: &str,
+    qos: rumqttc::v5::mqttbytes::QoS,
     adjust: impl FnOnce(&mut rumqttc::v5::MqttOptions),
 ) -> (String, rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
@@ -692,10 +696,7 @@ async fn v5_message_device(
     adjust(&mut options);
     let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 16);
     let down = format!("$oc/devices/{device_id}/sys/messages/down");
-    client
-        .subscribe(&down, rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    client.subscribe(&down, qos).await.unwrap();
     while !matches!(
         poll_v5(&mut events).await,
         rumqttc::v5::Event::Incoming(P5::SubAck(_))
@@ -704,17 +705,17 @@ async fn v5_message_device(
 }
 
 #[tokio::test]
-async fn mqtt5_maximum_packet_size_keeps_oversized_messages_pending() {
+async fn mqtt5_maximum_packet_size_fails_oversized_messages_unsent() {
     use rumqttc::v5::Event as E5;
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
     let server = server().await;
-    let (device_id, _client, mut events) = v5_message_device(&server, "small-1", |options| {
+    let (device_id, _client, mut events) = v5_message_device(&server, "small-1", QOS0, |options| {
         options.set_max_packet_size(Some(1024));
     })
     .await;
 
     // The client said it accepts at most 1 KiB: the big message must not be sent (MQTT 5
-    // 3.1.2.11.4), and must not be reported as delivered either; the small one goes through.
+    // 3.1.2.11.4) and fails with the reason; the small one goes through (at QoS 0, as subscribed).
     let path = format!("/devices/{device_id}/messages");
     let big = json!({"message_id": "big", "message": "x".repeat(2000)});
     assert_eq!(server.post(&path, big).await.status, 201);
@@ -732,10 +733,10 @@ async fn mqtt5_maximum_packet_size_keeps_oversized_messages_pending() {
         server.get(&format!("{path}/small")).await["status"] == "DELIVERED"
     })
     .await;
-    assert_eq!(
-        server.get(&format!("{path}/big")).await["status"],
-        "PENDING"
-    );
+    let big = server.get(&format!("{path}/big")).await;
+    assert_eq!(big["status"], "FAILED", "{big}");
+    let reason = big["error_info"]["error_msg"].as_str().unwrap_or_default();
+    assert!(reason.contains("at most 1024"), "{big}");
     server.stop().await;
 }
 
@@ -744,11 +745,12 @@ async fn mqtt5_receive_maximum_bounds_unacknowledged_publishes() {
     use rumqttc::v5::Event as E5;
     use rumqttc::v5::mqttbytes::v5::Packet as P5;
     let server = server().await;
-    let (device_id, _client, mut events) = v5_message_device(&server, "window-1", |options| {
-        options.set_receive_maximum(Some(2));
-        options.set_manual_acks(true);
-    })
-    .await;
+    let (device_id, _client, mut events) =
+        v5_message_device(&server, "window-1", QOS1, |options| {
+            options.set_receive_maximum(Some(2));
+            options.set_manual_acks(true);
+        })
+        .await;
 
     // The device acknowledges nothing: only two QoS 1 publishes may be outstanding, the rest go at
     // QoS 0 and stay PENDING on the platform (they were not acknowledged).

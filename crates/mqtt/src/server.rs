@@ -66,8 +66,20 @@ pub struct OutboundPublish {
     pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
-    /// Fired when the client acknowledges a QoS 1 publish.
-    pub acked: Option<oneshot::Sender<()>>,
+    /// Told what became of the publish; dropped unanswered when nothing is known (the connection
+    /// closed before the PUBACK, or the publish went at QoS 0 because the client's window was full).
+    pub acked: Option<oneshot::Sender<Delivery>>,
+}
+
+/// What became of a publish handed to a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written to the client at QoS 0: nothing more will be known.
+    Written,
+    /// The client acknowledged it (QoS 1).
+    Acknowledged,
+    /// Discarded unsent: larger than the client's MQTT 5 Maximum Packet Size.
+    TooLarge { size: usize, limit: u32 },
 }
 
 /// The sending half of a connection's outbound queue, handed to the broker at connect.
@@ -330,7 +342,7 @@ struct Connection<S, T> {
     /// QoS 1 publishes whose PUBACK waits for the broker, oldest first.
     pending: VecDeque<(u16, Commit)>,
     /// Our QoS 1 publishes waiting for the client's PUBACK.
-    awaiting_ack: HashMap<u16, Option<oneshot::Sender<()>>>,
+    awaiting_ack: HashMap<u16, Option<oneshot::Sender<Delivery>>>,
     next_pkid: u16,
 }
 
@@ -445,17 +457,19 @@ where
                 // A client that never acknowledges must not exhaust the packet ids (or memory), and
                 // an MQTT 5 client's Receive Maximum is a promise: beyond the window, publishes go at
                 // QoS 0 and their acknowledgement never fires.
+                let requested = qos;
                 let qos = if self.awaiting_ack.len() >= self.peer_limits.ack_window {
                     QoS::AtMostOnce
                 } else {
                     qos
                 };
                 let size = codec::publish_packet_size(self.protocol, &topic, qos, payload.len());
-                if size > self.peer_limits.max_packet_size as usize {
-                    // Dropping `acked` tells the sender the message was not delivered: it stays
-                    // pending on the platform rather than being reported as delivered.
-                    tracing::warn!(%topic, size, limit = self.peer_limits.max_packet_size,
-                        "publish discarded: larger than the client's maximum packet size");
+                let limit = self.peer_limits.max_packet_size;
+                if size > limit as usize {
+                    tracing::warn!(%topic, size, limit, "publish discarded: larger than the client's maximum packet size");
+                    if let Some(acked) = acked {
+                        let _ = acked.send(Delivery::TooLarge { size, limit });
+                    }
                     return Flow::Continue;
                 }
                 let pkid = if qos == QoS::AtLeastOnce {
@@ -463,10 +477,19 @@ where
                 } else {
                     0
                 };
-                if qos == QoS::AtLeastOnce {
+                let acked = if qos == QoS::AtLeastOnce {
                     self.awaiting_ack.insert(pkid, acked);
-                }
+                    None
+                } else if requested == QoS::AtMostOnce {
+                    acked
+                } else {
+                    // Downgraded for a full window: not acknowledged, so not reported delivered.
+                    None
+                };
                 codec::encode_publish(&mut self.out, self.protocol, &topic, qos, pkid, &payload);
+                if let Some(written) = acked {
+                    let _ = written.send(Delivery::Written);
+                }
                 Flow::Continue
             }
             Outbound::Disconnect { reason } => Flow::Close(CloseCause::Server(reason)),
@@ -519,7 +542,7 @@ where
             Packet::Publish(publish) => self.handle_publish(publish).await,
             Packet::PubAck { pkid, .. } => {
                 if let Some(Some(acked)) = self.awaiting_ack.remove(&pkid) {
-                    let _ = acked.send(());
+                    let _ = acked.send(Delivery::Acknowledged);
                 }
                 Flow::Continue
             }
