@@ -181,6 +181,12 @@ impl Forwarder {
     /// Deletes a rule with its actions and their queues.
     pub async fn delete_rule(&self, project_id: &str, rule_id: &str) -> Result<(), EngineError> {
         self.rule(project_id, rule_id)?;
+        self.remove_rule_with_actions(rule_id).await
+    }
+
+    /// Stops a rule's actions, then deletes the rule with its actions and queues (a legacy
+    /// subscription is a hidden rule, so both paths end here).
+    async fn remove_rule_with_actions(&self, rule_id: &str) -> Result<(), EngineError> {
         let action_ids: Vec<String> = read(&self.actions)
             .values()
             .filter(|a| a.action.rule_id == rule_id)
@@ -416,19 +422,6 @@ impl Forwarder {
         if !exists {
             return Err(EngineError::NotFound("subscription"));
         }
-        let action_ids: Vec<String> = read(&self.actions)
-            .values()
-            .filter(|a| a.action.rule_id == subscription_id)
-            .map(|a| a.action.action_id.clone())
-            .collect();
-        for action_id in action_ids {
-            self.stop_action(&action_id);
-        }
-        self.platform
-            .store()
-            .delete_rule(subscription_id.to_owned())
-            .await?;
-        write(&self.rules).retain(|r| r.rule.rule_id != subscription_id);
-        Ok(())
+        self.remove_rule_with_actions(subscription_id).await
     }
 }
