@@ -5,6 +5,7 @@
 mod common;
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +33,11 @@ struct Receiver {
     /// Bodies of the requests answered 200.
     accepted: Arc<Mutex<Vec<Value>>>,
     script: Arc<Mutex<VecDeque<Answer>>>,
+    /// How long each answer takes, in milliseconds.
+    delay_ms: Arc<AtomicU64>,
+    /// Requests being answered now, and the most ever at once.
+    in_flight: Arc<AtomicUsize>,
+    max_in_flight: Arc<AtomicUsize>,
 }
 
 impl Receiver {
@@ -115,6 +121,11 @@ impl Receiver {
         let body: Value =
             serde_json::from_slice(&data[head_end..head_end + length]).unwrap_or(Value::Null);
         self.seen.lock().unwrap().push((id, body.clone()));
+        let now_in_flight = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        self.max_in_flight
+            .fetch_max(now_in_flight, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))).await;
+        self.in_flight.fetch_sub(1, Ordering::SeqCst);
         let answer = self
             .script
             .lock()
@@ -262,6 +273,47 @@ async fn reports_are_pushed_as_iotda_envelopes_through_filters_and_projections()
         "the report below the threshold is filtered out"
     );
     device.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn devices_are_delivered_side_by_side_each_in_order() {
+    let server = server().await;
+    let product = server.product().await;
+    let (receiver, url) = Receiver::start().await;
+    receiver.delay_ms.store(20, Ordering::SeqCst);
+    rule_with_action(
+        &server,
+        "notify_data.header.device_id AS d, notify_data.body.services[0].properties.count AS n",
+        "",
+        &url,
+    )
+    .await;
+    let mut devices = Vec::new();
+    for node in ["lane-a", "lane-b", "lane-c", "lane-d", "lane-e", "lane-f"] {
+        let (device_id, secret) = server.device(&product, node).await;
+        let device =
+            SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+        devices.push((device_id, device));
+    }
+    for n in 1..=8 {
+        for (device_id, device) in &devices {
+            report(device, device_id, 20.0, n).await;
+        }
+    }
+    let accepted = wait_accepted(&receiver, 48, 20).await;
+    for (device_id, _) in &devices {
+        let counts: Vec<i64> = accepted
+            .iter()
+            .filter(|b| b["d"] == device_id.as_str())
+            .map(|b| b["n"].as_i64().unwrap())
+            .collect();
+        assert_eq!(counts, (1..=8).collect::<Vec<_>>(), "order of {device_id}");
+    }
+    assert!(
+        receiver.max_in_flight.load(Ordering::SeqCst) > 1,
+        "different devices' messages should overlap their round trips"
+    );
     server.stop().await;
 }
 

@@ -1,8 +1,8 @@
 //! The forwarding runtime: a dispatcher that turns platform events into queued messages for the
-//! actions of matching rules, and one worker per action that delivers its queue in order.
+//! actions of matching rules, and one worker per action that delivers its queue (`deliver.rs`).
 //!
 //! Queues are durable (SQLite) and bounded by size and age; every drop is counted. A target that
-//! fails ten times in a row is marked failing and probed every three minutes; a success clears it.
+//! fails ten rounds in a row is marked failing and probed every three minutes; a success clears it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,13 +10,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ioda_engine::{ForwardStage, Platform};
-use ioda_store::{NewForward, QueuedMessage, RoutingAction, RoutingRule, TraceEntry};
+use ioda_store::{NewForward, RoutingAction, RoutingRule, TraceEntry};
 use ioda_types::{PlatformEvent, ids};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::connector::{Connector, Spec};
 use crate::envelope::{Subject, device_of, envelope, parse_subject, subject_of};
 use crate::sql::{Rule, compile};
 
@@ -29,10 +28,13 @@ pub struct ForwardConfig {
     pub max_queue_bytes: i64,
     /// Oldest message a queue keeps, in milliseconds.
     pub max_age_ms: i64,
-    /// Consecutive failures after which a target counts as failing.
+    /// Delivery rounds failing in a row (with no success) after which a target counts as failing.
     pub failing_after: u64,
     /// How often a failing target is probed, in milliseconds.
     pub probe_interval_ms: i64,
+    /// Connections an HTTP action delivers over at once (at least one); a broker or database
+    /// action uses at most `BROKER_LANES` of them, so it holds few connections per target.
+    pub lanes: usize,
 }
 
 impl Default for ForwardConfig {
@@ -43,6 +45,7 @@ impl Default for ForwardConfig {
             max_age_ms: 24 * 3_600_000,
             failing_after: 10,
             probe_interval_ms: 180_000,
+            lanes: 16,
         }
     }
 }
@@ -513,188 +516,6 @@ impl Forwarder {
             batch.woken.push(wake);
         }
     }
-
-    async fn worker(
-        self: Arc<Self>,
-        action: RoutingAction,
-        stats: Arc<ActionStats>,
-        wake: Arc<Notify>,
-    ) {
-        let spec = match Spec::parse(&action.channel, &action.channel_detail) {
-            Ok(spec) => spec,
-            Err(error) => {
-                tracing::warn!(action_id = %action.action_id, %error, "action has an unusable channel; it forwards nothing");
-                return;
-            }
-        };
-        let mut connector: Option<Connector> = None;
-        let mut shutdown = self.shutdown.clone();
-        let mut last_trim = i64::MIN;
-        loop {
-            if *shutdown.borrow() {
-                return;
-            }
-            let now = self.platform.now();
-            if now.saturating_sub(last_trim) >= 10_000 {
-                self.trim(&action.action_id, &stats, now).await;
-                last_trim = now;
-            }
-            let wait = match self
-                .platform
-                .store()
-                .queue_front(action.action_id.clone(), BATCH)
-                .await
-            {
-                Ok(front) if front.first().is_some_and(|m| m.next_at <= now) => {
-                    self.deliver_front(&spec, &mut connector, front, &stats)
-                        .await;
-                    continue;
-                }
-                Ok(front) => match front.first() {
-                    Some(head) => {
-                        Duration::from_millis((head.next_at - now).clamp(10, 1000) as u64)
-                    }
-                    None => Duration::from_secs(1),
-                },
-                Err(error) => {
-                    tracing::warn!(%error, "forward queue unreadable");
-                    Duration::from_secs(1)
-                }
-            };
-            tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
-            }
-        }
-    }
-
-    /// Enforces the queue's age and size limits, counting what they drop.
-    async fn trim(&self, action_id: &str, stats: &ActionStats, now: i64) {
-        let store = self.platform.store();
-        if let Ok(n) = store
-            .drop_aged(action_id.to_owned(), now - self.config.max_age_ms)
-            .await
-            && n > 0
-        {
-            stats.dropped_too_old.fetch_add(n as u64, Ordering::Relaxed);
-            tracing::warn!(
-                action_id,
-                dropped = n,
-                "forwarding messages older than the queue's age limit were dropped"
-            );
-        }
-        if let Ok(n) = store
-            .drop_oversize(action_id.to_owned(), self.config.max_queue_bytes)
-            .await
-            && n > 0
-        {
-            stats
-                .dropped_queue_full
-                .fetch_add(n as u64, Ordering::Relaxed);
-            tracing::warn!(
-                action_id,
-                dropped = n,
-                "the forwarding queue was full; its oldest messages were dropped"
-            );
-        }
-    }
-
-    /// Delivers the front of a queue in order, stopping at the first failure; successes are
-    /// removed (with their trace entries) in one write, the failure is scheduled for retry.
-    async fn deliver_front(
-        &self,
-        spec: &Spec,
-        connector: &mut Option<Connector>,
-        front: Vec<QueuedMessage>,
-        stats: &ActionStats,
-    ) {
-        let store = self.platform.store();
-        let mut done = Vec::new();
-        let mut trace = Vec::new();
-        let mut failure = None;
-        for message in &front {
-            match self.deliver_one(spec, connector, message).await {
-                Ok(()) => {
-                    done.push(message.id);
-                    trace.extend(self.attempt_entry(message, None));
-                }
-                Err(error) => {
-                    trace.extend(self.attempt_entry(message, Some(&error)));
-                    failure = Some((message, error));
-                    break;
-                }
-            }
-        }
-        if !done.is_empty() {
-            stats
-                .delivered
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
-            stats.consecutive_failures.store(0, Ordering::Relaxed);
-            stats.failing.store(false, Ordering::Relaxed);
-        }
-        let _ = store.dequeue_forwards(done, trace).await;
-        let Some((message, error)) = failure else {
-            return;
-        };
-        let failures = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
-        let failing = failures >= self.config.failing_after;
-        stats.failing.store(failing, Ordering::Relaxed);
-        let delay = if failing {
-            self.config.probe_interval_ms
-        } else {
-            backoff_ms(message.attempts)
-        };
-        tracing::debug!(action_id = %message.action_id, %error, failures, "forwarding attempt failed");
-        *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-        let _ = store
-            .retry_forward(message.id, self.platform.now() + delay, error)
-            .await;
-    }
-
-    async fn deliver_one(
-        &self,
-        spec: &Spec,
-        connector: &mut Option<Connector>,
-        message: &QueuedMessage,
-    ) -> Result<(), String> {
-        if connector.is_none() {
-            *connector = Some(Connector::open(spec, self.config.timeout).await?);
-        }
-        let Some(open) = connector.as_mut() else {
-            return Err("no connection".into());
-        };
-        let outcome = open.deliver(message, self.config.timeout).await;
-        if outcome.is_err() {
-            // Reconnect on the next attempt: a broken connection must not stick.
-            *connector = None;
-        }
-        outcome
-    }
-
-    /// The trace entry of a delivery attempt, for the device the message came from.
-    fn attempt_entry(&self, message: &QueuedMessage, error: Option<&String>) -> Option<TraceEntry> {
-        let device_id = message.device_id.clone()?;
-        Some(TraceEntry {
-            id: 0,
-            device_id,
-            at: self.platform.now(),
-            kind: if error.is_some() {
-                "forward_failed"
-            } else {
-                "forwarded"
-            }
-            .to_owned(),
-            detail: json!({
-                "request_id": message.request_id,
-                "action_id": message.action_id,
-                "message_id": message.message_id,
-                "attempt": message.attempts + 1,
-                "error": error,
-            }),
-        })
-    }
 }
 
 /// The device's data (property reports and messages) is staged by the uplink path itself, inside
@@ -740,18 +561,10 @@ struct Batch {
 }
 
 /// FNV-1a: a stable short name for a callback URL.
-fn fnv(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
-}
-
-/// Messages a worker takes from its queue at a time.
-const BATCH: i64 = 64;
-
-/// 1 s, 2 s, 4 s ... up to a minute.
-fn backoff_ms(attempts: i64) -> i64 {
-    1000 * (1i64 << attempts.clamp(0, 6)).min(60)
 }
 
 fn rand8() -> [u8; 8] {
@@ -762,16 +575,4 @@ fn rand8() -> [u8; 8] {
         bytes = COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
     }
     bytes
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn backoff_doubles_to_a_minute() {
-        let delays: Vec<i64> = (0..9).map(super::backoff_ms).collect();
-        assert_eq!(
-            delays,
-            vec![1000, 2000, 4000, 8000, 16000, 32000, 60000, 60000, 60000]
-        );
-    }
 }

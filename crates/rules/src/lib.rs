@@ -5,6 +5,7 @@
 
 mod admin;
 pub mod connector;
+mod deliver;
 pub mod envelope;
 pub mod forward;
 #[cfg(feature = "http")]
