@@ -60,6 +60,16 @@ pub fn router(
                 .put(products::update)
                 .delete(products::delete),
         )
+        .route(
+            "/products/{product_id}/codec",
+            get(products::get_codec)
+                .put(products::put_codec)
+                .delete(products::delete_codec),
+        )
+        .route(
+            "/products/{product_id}/codec/test",
+            post(products::test_codec),
+        )
         .route("/devices", post(devices::create).get(devices::list))
         .route(
             "/devices/{device_id}",

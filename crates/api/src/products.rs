@@ -1,4 +1,5 @@
-//! `/products`: create, list, show, update, delete.
+//! `/products`: create, list, show, update, delete; and the product's codec (an ioda extension:
+//! IoTDA manages codecs in its console only).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -64,8 +65,8 @@ pub struct AppParam {
 
 #[derive(Debug, Deserialize)]
 pub struct ProductPath {
-    project_id: String,
-    product_id: String,
+    pub(crate) project_id: String,
+    pub(crate) product_id: String,
 }
 
 fn app_name(state: &AppState, product: &Product) -> Option<String> {
@@ -191,4 +192,62 @@ pub async fn delete(
         .delete_product(&path.project_id, &path.product_id)
         .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// `PUT /products/{product_id}/codec`: sets the codec after checking it; the error says what is
+/// wrong with the definition.
+pub async fn put_codec(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+    Body(codec): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let product = state
+        .platform
+        .set_product_codec(&path.project_id, &path.product_id, Some(&codec))
+        .await?;
+    Ok(Json(codec_view(&product)))
+}
+
+/// `GET /products/{product_id}/codec`.
+pub async fn get_codec(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+) -> Result<Json<Value>, ApiError> {
+    let product = state
+        .platform
+        .product(&path.project_id, &path.product_id)
+        .await?;
+    if product.codec.is_none() {
+        return Err(ioda_engine::EngineError::NotFound("codec").into());
+    }
+    Ok(Json(codec_view(&product)))
+}
+
+/// `DELETE /products/{product_id}/codec`.
+pub async fn delete_codec(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+) -> Result<StatusCode, ApiError> {
+    state
+        .platform
+        .set_product_codec(&path.project_id, &path.product_id, None)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /products/{product_id}/codec/test`: `{"decode": "HEX"}` or `{"encode": {command}}`.
+pub async fn test_codec(
+    State(state): State<AppState>,
+    Path(path): Path<ProductPath>,
+    Body(request): Body<Value>,
+) -> Result<Json<Value>, ApiError> {
+    let answer = state
+        .platform
+        .test_product_codec(&path.project_id, &path.product_id, &request)
+        .await?;
+    Ok(Json(answer))
+}
+
+fn codec_view(product: &Product) -> Value {
+    json!({ "product_id": product.product_id, "codec": product.codec })
 }

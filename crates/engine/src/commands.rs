@@ -105,6 +105,23 @@ fn succeeded(result: &Value) -> bool {
 }
 
 impl Platform {
+    /// A command on the wire: JSON, or the codec's bytes when the product declares binary data
+    /// and has a codec.
+    fn command_payload(
+        &self,
+        product: &Product,
+        device_id: &str,
+        request: &CommandRequest,
+    ) -> Result<Vec<u8>, EngineError> {
+        if product.data_format == "binary"
+            && let Some(codec) = self.product_codec(product)
+        {
+            let command = json!({ "service_id": request.service_id, "command_name": request.command_name, "paras": request.paras });
+            return codec.encode(&command).map_err(|e| invalid(e.to_string()));
+        }
+        Ok(command_body(device_id, request).to_string().into_bytes())
+    }
+
     async fn device_and_product(
         &self,
         project_id: &str,
@@ -127,9 +144,15 @@ impl Platform {
     ) -> Result<(String, Value), EngineError> {
         let (device, product) = self.device_and_product(project_id, device_id).await?;
         check_command(&product, &request)?;
-        let body = command_body(device_id, &request);
+        let payload = self.command_payload(&product, device_id, &request)?;
         let (command_id, response) = self
-            .request(device_id, ReplyKind::Command, command_topic, &body, timeout)
+            .request(
+                device_id,
+                ReplyKind::Command,
+                command_topic,
+                payload,
+                timeout,
+            )
             .await?;
         self.bus.publish(PlatformEvent::CommandResponded {
             device: device.reference(),
@@ -171,7 +194,7 @@ impl Platform {
             device_id,
             ReplyKind::PropertiesSet,
             properties_set_topic,
-            &body,
+            body.to_string().into_bytes(),
             timeout,
         )
         .await
@@ -198,7 +221,7 @@ impl Platform {
             device_id,
             ReplyKind::PropertiesGet,
             properties_get_topic,
-            &body,
+            body.to_string().into_bytes(),
             timeout,
         )
         .await
@@ -213,6 +236,8 @@ impl Platform {
     ) -> Result<AsyncCommand, EngineError> {
         let (device, product) = self.device_and_product(project_id, device_id).await?;
         check_command(&product, &request.command)?;
+        // A binary device's command must encode now, not fail later at each resend.
+        self.command_payload(&product, device_id, &request.command)?;
         let expire_time = request.expire_time.unwrap_or(MAX_EXPIRE_SECS);
         if !(0..=MAX_EXPIRE_SECS).contains(&expire_time) {
             return Err(invalid(format!(
@@ -354,17 +379,26 @@ impl Platform {
     /// Sends (or resends, with the same request id) a command to its device if it is connected,
     /// and schedules the next resend or the timeout.
     pub(crate) async fn send_async_command(self: &Arc<Self>, command: AsyncCommand) {
-        let body = command_body(&command.device_id, &ioda_command_request(&command));
+        let request = ioda_command_request(&command);
+        let product = match self.store.device(command.device_id.clone()).await {
+            Ok(Some(device)) => self.product_of(&device),
+            _ => None,
+        };
+        let payload = match product {
+            Some(product) => self.command_payload(&product, &command.device_id, &request),
+            None => Ok(command_body(&command.device_id, &request)
+                .to_string()
+                .into_bytes()),
+        };
+        let payload = match payload {
+            Ok(payload) => payload,
+            Err(error) => {
+                tracing::warn!(%error, command_id = %command.command_id, "the command no longer encodes with the product's codec");
+                return;
+            }
+        };
         let topic = command_topic(&command.device_id, &command.command_id);
-        let Ok(acked) = self
-            .push(
-                &command.device_id,
-                topic,
-                body.to_string().into_bytes(),
-                false,
-            )
-            .await
-        else {
+        let Ok(acked) = self.push(&command.device_id, topic, payload, false).await else {
             return;
         };
         let now = self.now();

@@ -117,7 +117,7 @@ impl Platform {
         device_id: &str,
         kind: ReplyKind,
         topic_of: fn(&str, &str) -> String,
-        body: &Value,
+        payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<(String, Value), EngineError> {
         let request_id = new_request_id(self.now());
@@ -134,11 +134,7 @@ impl Platform {
             request_id: &request_id,
         };
         let topic = topic_of(device_id, &request_id);
-        if self
-            .push(device_id, topic, body.to_string().into_bytes(), false)
-            .await
-            .is_err()
-        {
+        if self.push(device_id, topic, payload, false).await.is_err() {
             return Err(EngineError::DeviceOffline);
         }
         match tokio::time::timeout(timeout, replied).await {

@@ -8,6 +8,7 @@ pub mod access;
 pub mod auth;
 mod bus;
 mod clock;
+mod codecs;
 mod commands;
 mod devices;
 mod downlink;
@@ -127,6 +128,8 @@ pub struct Platform {
     tick_lock: tokio::sync::Mutex<()>,
     forward_stage: RwLock<Option<Arc<dyn ForwardStage>>>,
     products: RwLock<HashMap<String, Arc<Product>>>,
+    /// Compiled codecs by product id (filled on first use, dropped when the product changes).
+    codecs: RwLock<HashMap<String, Arc<ioda_codec::Codec>>>,
     keys: RwLock<HashMap<String, AccessKey>>,
     projects: RwLock<HashMap<String, Project>>,
 }
@@ -180,6 +183,7 @@ impl Platform {
             tick_lock: tokio::sync::Mutex::new(()),
             forward_stage: RwLock::new(None),
             products: RwLock::new(HashMap::new()),
+            codecs: RwLock::new(HashMap::new()),
             keys: RwLock::new(HashMap::new()),
             projects: RwLock::new(HashMap::new()),
         };

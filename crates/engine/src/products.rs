@@ -133,6 +133,7 @@ impl Platform {
             description: new.description,
             service_capabilities: new.service_capabilities,
             created_at: now,
+            codec: None,
         };
         check_product(&product)?;
         let product = Arc::new(
@@ -205,12 +206,18 @@ impl Platform {
             .service_capabilities
             .unwrap_or(product.service_capabilities);
         check_product(&product)?;
+        self.save_product(product).await
+    }
+
+    /// Stores a changed product, refreshes the caches and tells the bus.
+    pub(crate) async fn save_product(&self, product: Product) -> Result<Arc<Product>, EngineError> {
         self.store.update_product(product.clone()).await?;
         let product = Arc::new(product);
         write_lock(&self.products).insert(product.product_id.clone(), product.clone());
+        write_lock(&self.codecs).remove(&product.product_id);
         self.bus.publish(PlatformEvent::ProductUpdated {
-            project_id: project_id.to_owned(),
-            product_id: product_id.to_owned(),
+            project_id: product.project_id.clone(),
+            product_id: product.product_id.clone(),
             at: self.now(),
         });
         Ok(product)

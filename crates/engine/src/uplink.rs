@@ -128,6 +128,11 @@ impl DeviceSession {
                 std::time::Duration::ZERO,
             );
         }
+        if let Some(codec) = self.binary_codec(uplink.as_ref()) {
+            return self
+                .decode_binary(&codec, uplink.as_ref(), &payload, request_id, now)
+                .await;
+        }
         match uplink {
             None => {
                 self.record("publish_denied", json!({ "topic": publish.topic }))
@@ -160,6 +165,68 @@ impl DeviceSession {
                 self.record("uplink_not_supported", json!({ "topic": publish.topic }))
                     .await;
                 PublishVerdict::Discard(reason::UNSPECIFIED)
+            }
+        }
+    }
+
+    /// The codec to apply: a product that declares binary data and has a codec decodes what its
+    /// devices report and answer.
+    fn binary_codec(
+        &self,
+        uplink: Option<&Uplink<'_>>,
+    ) -> Option<std::sync::Arc<ioda_codec::Codec>> {
+        if !matches!(
+            uplink,
+            Some(Uplink::PropertiesReport | Uplink::MessagesUp | Uplink::CommandResponse { .. })
+        ) {
+            return None;
+        }
+        let product = self.platform.cached_product(&self.device.product_id)?;
+        if product.data_format != "binary" {
+            return None;
+        }
+        self.platform.product_codec(&product)
+    }
+
+    /// Bytes from a binary device: a data report becomes a property report, a command response
+    /// answers the command named in the topic; what the codec cannot read is traced with the
+    /// reason and dropped.
+    async fn decode_binary(
+        &mut self,
+        codec: &ioda_codec::Codec,
+        uplink: Option<&Uplink<'_>>,
+        payload: &[u8],
+        request_id: String,
+        now: i64,
+    ) -> PublishVerdict {
+        let decoded = match codec.decode(payload) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                let detail = json!({ "request_id": request_id, "payload_hex": ioda_codec::hex_encode(payload), "error": error.to_string() });
+                self.record("codec_failed", detail).await;
+                return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
+            }
+        };
+        let json = decoded.to_json();
+        match (&decoded, uplink) {
+            (ioda_codec::Decoded::Report { .. }, _) => {
+                let body = json!({ "services": json["services"] }).to_string();
+                self.report_properties(body.as_bytes(), request_id, now)
+                    .await
+            }
+            (
+                ioda_codec::Decoded::CommandResponse { .. },
+                Some(Uplink::CommandResponse { request_id }),
+            ) => {
+                let body = json!({ "result_code": json["result_code"], "paras": json["paras"] })
+                    .to_string();
+                self.on_reply(ReplyKind::Command, request_id, body.as_bytes())
+                    .await
+            }
+            (ioda_codec::Decoded::CommandResponse { .. }, _) => {
+                let detail = json!({ "request_id": request_id, "decoded": json, "why": "a command response must come on the commands/response topic, which names its request" });
+                self.record("response_ignored", detail).await;
+                PublishVerdict::Accept
             }
         }
     }

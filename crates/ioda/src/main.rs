@@ -53,6 +53,9 @@ enum Command {
     },
     /// Measure the platform under load (loopback only, bounded in time).
     Bench(ioda::bench::BenchArgs),
+    /// Work with codecs offline.
+    #[command(subcommand)]
+    Codec(CodecCommand),
     /// Print the MQTT client id, username and password of a device (for mosquitto_pub and friends).
     DeviceCredentials {
         #[arg(long)]
@@ -63,6 +66,43 @@ enum Command {
         #[arg(long)]
         timestamp: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum CodecCommand {
+    /// Decode device bytes or encode a command with a codec file, as the platform would.
+    Test {
+        /// The codec: `{"type": "declarative", "definition": {...}}` or a bare definition.
+        #[arg(long)]
+        codec: PathBuf,
+        /// Device bytes in hex (spaces allowed).
+        #[arg(long, conflicts_with = "encode", required_unless_present = "encode")]
+        decode: Option<String>,
+        /// A command as JSON: `{"service_id", "command_name", "paras", "mid"}`.
+        #[arg(long)]
+        encode: Option<String>,
+    },
+}
+
+fn codec_test(
+    codec: &std::path::Path,
+    decode: Option<String>,
+    encode: Option<String>,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(codec).with_context(|| format!("reading {}", codec.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", codec.display()))?;
+    let codec = ioda_codec::Codec::from_json(&json)?;
+    let request = match (decode, encode) {
+        (Some(hex), _) => serde_json::json!({ "decode": hex }),
+        (None, Some(command)) => serde_json::json!({
+            "encode": serde_json::from_str::<serde_json::Value>(&command).context("--encode is not JSON")?
+        }),
+        (None, None) => anyhow::bail!("give --decode HEX or --encode JSON"),
+    };
+    println!("{}", serde_json::to_string_pretty(&codec.test(&request)?)?);
+    Ok(())
 }
 
 fn init_logging(filter: &str) -> anyhow::Result<()> {
@@ -193,6 +233,11 @@ async fn main() -> anyhow::Result<()> {
             path,
             data,
         } => api(data_dir, method, path, data).await,
+        Command::Codec(CodecCommand::Test {
+            codec,
+            decode,
+            encode,
+        }) => codec_test(&codec, decode, encode),
         Command::Trace {
             data_dir,
             device_id,

@@ -199,6 +199,9 @@ pub struct Product {
     pub service_capabilities: Vec<ServiceCapability>,
     /// Unix milliseconds.
     pub created_at: i64,
+    /// The product's codec as stored (checked by `ioda-codec` when it is set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codec: Option<serde_json::Value>,
 }
 
 impl Product {

@@ -1,0 +1,90 @@
+//! A product's codec as stored and applied, and the codec test tool's answers.
+
+use serde_json::{Value, json};
+
+use crate::definition::Definition;
+use crate::error::{CodecError, definition};
+use crate::wire::{Decoded, bits, hex_decode, hex_encode};
+
+/// A product's codec, ready to apply.
+#[derive(Debug, Clone)]
+pub enum Codec {
+    /// IoTDA's online (declarative) codec.
+    Declarative(Definition),
+}
+
+impl Codec {
+    /// Reads a stored or uploaded codec: `{"type": "declarative", "definition": {...}}`, or a bare
+    /// definition (`{"messages": [...]}`). It is checked before it is accepted.
+    pub fn from_json(json: &Value) -> Result<Codec, CodecError> {
+        if json.get("messages").is_some() {
+            return Ok(Codec::Declarative(Definition::from_json(json)?));
+        }
+        match json.get("type").and_then(Value::as_str) {
+            Some("declarative") => Ok(Codec::Declarative(Definition::from_json(
+                json.get("definition").unwrap_or(&Value::Null),
+            )?)),
+            Some(other) => Err(definition(format!(
+                "codec type {other:?} is not known; use \"declarative\""
+            ))),
+            None => Err(definition(
+                "a codec is {\"type\": \"declarative\", \"definition\": {\"messages\": [...]}}",
+            )),
+        }
+    }
+
+    /// The codec in its stored form.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Codec::Declarative(definition) => {
+                json!({ "type": "declarative", "definition": definition })
+            }
+        }
+    }
+
+    /// Device bytes → platform JSON.
+    pub fn decode(&self, payload: &[u8]) -> Result<Decoded, CodecError> {
+        match self {
+            Codec::Declarative(definition) => definition.decode(payload),
+        }
+    }
+
+    /// A command (`{"service_id", "command_name", "paras", "mid"}`) → device bytes.
+    pub fn encode(&self, command: &Value) -> Result<Vec<u8>, CodecError> {
+        match self {
+            Codec::Declarative(definition) => definition.encode(command),
+        }
+    }
+
+    /// The codec test tool: `{"decode": "HEX"}` or `{"encode": {command}}`. The answer shows the
+    /// decoded JSON (and the response the device would get), or the bytes in hex, bits and Base64.
+    pub fn test(&self, request: &Value) -> Result<Value, CodecError> {
+        if let Some(hex) = request.get("decode").and_then(Value::as_str) {
+            let bytes = hex_decode(hex).map_err(CodecError::Decode)?;
+            let decoded = self.decode(&bytes)?;
+            let response = match &decoded {
+                Decoded::Report { response, .. } => response.as_deref().map(hex_encode),
+                Decoded::CommandResponse { .. } => None,
+            };
+            return Ok(json!({ "decoded": decoded.to_json(), "response": response }));
+        }
+        if let Some(command) = request.get("encode") {
+            return Ok(bytes_view(&self.encode(command)?));
+        }
+        Err(CodecError::Encode(
+            "give {\"decode\": \"<hex>\"} or {\"encode\": {\"command_name\", \"paras\", ...}}"
+                .into(),
+        ))
+    }
+}
+
+/// Bytes shown every way a developer compares them with a device's trace.
+pub fn bytes_view(bytes: &[u8]) -> Value {
+    use base64::Engine;
+    json!({
+        "hex": hex_encode(bytes),
+        "bits": bits(bytes),
+        "base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+        "length": bytes.len(),
+    })
+}

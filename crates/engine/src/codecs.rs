@@ -1,0 +1,55 @@
+//! Product codecs: set, read, tested and applied. A codec is checked when it is set, stored in
+//! the product's document, and compiled once per product on first use.
+
+use std::sync::Arc;
+
+use ioda_codec::Codec;
+use ioda_types::Product;
+use serde_json::Value;
+
+use crate::{EngineError, Platform, read_lock, write_lock};
+
+fn invalid(error: ioda_codec::CodecError) -> EngineError {
+    EngineError::Invalid(error.to_string())
+}
+
+impl Platform {
+    /// Sets (or with `None` removes) a product's codec, after checking it.
+    pub async fn set_product_codec(
+        &self,
+        project_id: &str,
+        product_id: &str,
+        codec: Option<&Value>,
+    ) -> Result<Arc<Product>, EngineError> {
+        let compiled = codec.map(Codec::from_json).transpose().map_err(invalid)?;
+        let mut product = (*self.product(project_id, product_id).await?).clone();
+        product.codec = compiled.as_ref().map(Codec::to_json);
+        self.save_product(product).await
+    }
+
+    /// The product's compiled codec, if it has one.
+    pub fn product_codec(&self, product: &Product) -> Option<Arc<Codec>> {
+        let stored = product.codec.as_ref()?;
+        if let Some(codec) = read_lock(&self.codecs).get(&product.product_id) {
+            return Some(codec.clone());
+        }
+        // Stored codecs were checked when set; one that no longer reads is treated as absent.
+        let codec = Arc::new(Codec::from_json(stored).ok()?);
+        write_lock(&self.codecs).insert(product.product_id.clone(), codec.clone());
+        Some(codec)
+    }
+
+    /// The codec test tool against a product's codec: `{"decode": "HEX"}` or `{"encode": {...}}`.
+    pub async fn test_product_codec(
+        &self,
+        project_id: &str,
+        product_id: &str,
+        request: &Value,
+    ) -> Result<Value, EngineError> {
+        let product = self.product(project_id, product_id).await?;
+        let codec = self
+            .product_codec(&product)
+            .ok_or(EngineError::NotFound("codec"))?;
+        codec.test(request).map_err(invalid)
+    }
+}
