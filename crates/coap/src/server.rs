@@ -1,0 +1,377 @@
+//! The tokio driver of the CoAP endpoint and LwM2M server: one UDP socket, one task that owns the
+//! endpoint state, and a handler (the platform) that decides what registrations and data mean.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use coap_lite::{MessageClass, Packet, ResponseType};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::endpoint::{Endpoint, Event, Timing};
+use crate::lwm2m::{self, RdRequest, Registration};
+
+/// What the platform does with LwM2M traffic.
+pub trait Lwm2mHandler: Send + Sync + 'static {
+    /// A device registers (again); an error is the CoAP code to refuse it with.
+    fn register(
+        &self,
+        peer: SocketAddr,
+        registration: Registration,
+    ) -> impl Future<Output = Result<(), ResponseType>> + Send;
+    /// A registration update (`POST /rd/{endpoint}`), possibly from a new address.
+    fn update(
+        &self,
+        peer: SocketAddr,
+        endpoint: String,
+        lifetime_s: Option<u64>,
+        binding: Option<String>,
+    ) -> impl Future<Output = Result<(), ResponseType>> + Send;
+    /// `DELETE /rd/{endpoint}`.
+    fn deregister(&self, peer: SocketAddr, endpoint: String) -> impl Future<Output = ()> + Send;
+    /// Data the device sent on `/19/0/0`; returns once the data is safe (a confirmable
+    /// notification is acknowledged then).
+    fn data(
+        &self,
+        peer: SocketAddr,
+        endpoint: String,
+        payload: Vec<u8>,
+    ) -> impl Future<Output = ()> + Send;
+    /// A datagram that is not CoAP, or a request the server cannot serve.
+    fn refused(&self, peer: SocketAddr, why: String);
+}
+
+/// What became of a confirmable request to a device.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Answered (piggybacked on the ACK) with this code.
+    Answered(ResponseType),
+    /// Acknowledged with an empty ACK (the answer, if any, comes separately).
+    Acknowledged,
+    /// The device reset it.
+    Rejected,
+    /// No acknowledgement after every retransmission.
+    TimedOut,
+}
+
+enum Command {
+    Request {
+        to: SocketAddr,
+        packet: Packet,
+        done: oneshot::Sender<Outcome>,
+    },
+    Observe {
+        to: SocketAddr,
+        endpoint: String,
+    },
+    Reply {
+        to: SocketAddr,
+        request: Packet,
+        response: Packet,
+    },
+    Acknowledge {
+        to: SocketAddr,
+        packet: Packet,
+    },
+}
+
+/// Sends requests to devices through a running server.
+#[derive(Clone, Debug)]
+pub struct CoapHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl CoapHandle {
+    /// Sends a confirmable request and waits for its outcome.
+    pub async fn request(&self, to: SocketAddr, packet: Packet) -> Outcome {
+        let (done, outcome) = oneshot::channel();
+        let sent = self
+            .commands
+            .send(Command::Request { to, packet, done })
+            .await;
+        if sent.is_err() {
+            return Outcome::TimedOut;
+        }
+        outcome.await.unwrap_or(Outcome::TimedOut)
+    }
+}
+
+/// A bound CoAP server, ready to run.
+pub struct CoapServer {
+    socket: Arc<UdpSocket>,
+    commands: mpsc::Receiver<Command>,
+    handle: CoapHandle,
+    timing: Timing,
+}
+
+impl std::fmt::Debug for CoapServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoapServer").finish_non_exhaustive()
+    }
+}
+
+impl CoapServer {
+    /// Binds the UDP socket.
+    pub async fn bind(addr: SocketAddr, timing: Timing) -> std::io::Result<CoapServer> {
+        let socket = Arc::new(UdpSocket::bind(addr).await?);
+        let (tx, commands) = mpsc::channel(1024);
+        Ok(CoapServer {
+            socket,
+            commands,
+            handle: CoapHandle { commands: tx },
+            timing,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    pub fn handle(&self) -> CoapHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until `shutdown` turns true.
+    pub async fn run<H: Lwm2mHandler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+        let started = Instant::now();
+        let seed = u64::from(started.elapsed().subsec_nanos()) ^ (std::process::id() as u64) << 32;
+        let mut driver = Driver {
+            endpoint: Endpoint::new(self.timing, seed),
+            socket: self.socket,
+            handle: self.handle,
+            handler,
+            pending: HashMap::new(),
+            observations: HashMap::new(),
+            workers: HashMap::new(),
+        };
+        let mut commands = self.commands;
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let now = started.elapsed().as_millis() as i64;
+            let wake = driver
+                .endpoint
+                .next_wakeup()
+                .map_or(Duration::from_secs(1), |at| {
+                    Duration::from_millis((at - now).clamp(1, 1000) as u64)
+                });
+            tokio::select! {
+                received = driver.socket.recv_from(&mut buf) => {
+                    if let Ok((n, from)) = received {
+                        let now = started.elapsed().as_millis() as i64;
+                        let (events, replies) = driver.endpoint.handle(from, &buf[..n], now);
+                        driver.send_all(replies).await;
+                        for event in events {
+                            driver.on_event(event);
+                        }
+                    }
+                }
+                Some(command) = commands.recv() => {
+                    let now = started.elapsed().as_millis() as i64;
+                    driver.on_command(command, now).await;
+                }
+                _ = tokio::time::sleep(wake) => {
+                    let now = started.elapsed().as_millis() as i64;
+                    let (events, out) = driver.endpoint.poll(now);
+                    driver.send_all(out).await;
+                    for event in events {
+                        driver.on_event(event);
+                    }
+                }
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+}
+
+struct Driver<H> {
+    endpoint: Endpoint,
+    socket: Arc<UdpSocket>,
+    handle: CoapHandle,
+    handler: Arc<H>,
+    pending: HashMap<Vec<u8>, oneshot::Sender<Outcome>>,
+    /// Observation tokens and the endpoint whose data they carry.
+    observations: HashMap<Vec<u8>, String>,
+    /// One worker per endpoint hands its data to the platform in arrival order.
+    workers: HashMap<String, mpsc::Sender<(SocketAddr, Packet)>>,
+}
+
+impl<H: Lwm2mHandler> Driver<H> {
+    async fn send_all(&self, datagrams: Vec<(SocketAddr, Vec<u8>)>) {
+        for (to, bytes) in datagrams {
+            let _ = self.socket.send_to(&bytes, to).await;
+        }
+    }
+
+    async fn on_command(&mut self, command: Command, now: i64) {
+        match command {
+            Command::Request { to, packet, done } => {
+                let (token, datagram) = self.endpoint.request(to, packet, now);
+                self.pending.insert(token, done);
+                self.send_all(vec![(to, datagram)]).await;
+            }
+            Command::Observe { to, endpoint } => {
+                let (token, datagram) = self.endpoint.request(to, lwm2m::observe_data(), now);
+                // A new observation replaces the endpoint's old one.
+                self.observations.retain(|_, e| *e != endpoint);
+                self.observations.insert(token, endpoint);
+                self.send_all(vec![(to, datagram)]).await;
+            }
+            Command::Reply {
+                to,
+                request,
+                response,
+            } => {
+                let bytes = self.endpoint.reply(to, &request, response);
+                self.send_all(vec![(to, bytes)]).await;
+            }
+            Command::Acknowledge { to, packet } => {
+                if let Some(ack) = self.endpoint.acknowledge(to, &packet) {
+                    self.send_all(vec![(to, ack)]).await;
+                }
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Request { from, packet } => self.on_request(from, packet),
+            Event::Response { from, packet } => self.on_response(from, packet),
+            Event::Delivered { token, .. } => {
+                if let Some(done) = self.pending.remove(&token) {
+                    let _ = done.send(Outcome::Acknowledged);
+                }
+            }
+            Event::Rejected { token, .. } => {
+                self.observations.remove(&token);
+                if let Some(done) = self.pending.remove(&token) {
+                    let _ = done.send(Outcome::Rejected);
+                }
+            }
+            Event::GaveUp { token, .. } => {
+                if let Some(done) = self.pending.remove(&token) {
+                    let _ = done.send(Outcome::TimedOut);
+                }
+            }
+            Event::Malformed { from, error } => {
+                self.handler.refused(from, format!("not CoAP: {error}"));
+            }
+        }
+    }
+
+    fn on_response(&mut self, from: SocketAddr, packet: Packet) {
+        let token = packet.get_token().to_vec();
+        if let MessageClass::Response(code) = packet.header.code
+            && let Some(done) = self.pending.remove(&token)
+        {
+            let _ = done.send(Outcome::Answered(code));
+            return;
+        }
+        let Some(endpoint) = self.observations.get(&token).cloned() else {
+            return; // Nothing observes it (an old observation): let it be.
+        };
+        if packet.payload.is_empty() {
+            return; // The observation's own acknowledgement, without data yet.
+        }
+        let worker = self.workers.entry(endpoint.clone()).or_insert_with(|| {
+            spawn_worker(self.handler.clone(), self.handle.clone(), endpoint.clone())
+        });
+        if worker.try_send((from, packet)).is_err() {
+            // Too much data from one device at once: a confirmable notification is resent by
+            // the device; a non-confirmable one is dropped, and said so.
+            self.handler.refused(
+                from,
+                format!("data from {endpoint} arrives faster than it is stored; dropped"),
+            );
+        }
+    }
+
+    fn on_request(&self, from: SocketAddr, request: Packet) {
+        let handler = self.handler.clone();
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            let (response, observe) = answer_rd(&*handler, from, &request).await;
+            let _ = handle
+                .commands
+                .send(Command::Reply {
+                    to: from,
+                    request,
+                    response,
+                })
+                .await;
+            if let Some(endpoint) = observe {
+                let _ = handle
+                    .commands
+                    .send(Command::Observe { to: from, endpoint })
+                    .await;
+            }
+        });
+    }
+}
+
+/// The answer to an `/rd` request, and the endpoint to observe after a registration.
+async fn answer_rd<H: Lwm2mHandler>(
+    handler: &H,
+    from: SocketAddr,
+    request: &Packet,
+) -> (Packet, Option<String>) {
+    let parsed = match lwm2m::parse_rd(request) {
+        Ok(parsed) => parsed,
+        Err(why) => {
+            let code = if why.starts_with("no such") {
+                ResponseType::NotFound
+            } else {
+                ResponseType::BadRequest
+            };
+            handler.refused(from, why);
+            return (lwm2m::response(code, None), None);
+        }
+    };
+    match parsed {
+        RdRequest::Register(registration) => {
+            let endpoint = registration.endpoint.clone();
+            match handler.register(from, registration).await {
+                Ok(()) => (
+                    lwm2m::response(ResponseType::Created, Some(&endpoint)),
+                    Some(endpoint),
+                ),
+                Err(code) => (lwm2m::response(code, None), None),
+            }
+        }
+        RdRequest::Update {
+            location,
+            lifetime_s,
+            binding,
+        } => match handler.update(from, location, lifetime_s, binding).await {
+            Ok(()) => (lwm2m::response(ResponseType::Changed, None), None),
+            Err(code) => (lwm2m::response(code, None), None),
+        },
+        RdRequest::Deregister { location } => {
+            handler.deregister(from, location).await;
+            (lwm2m::response(ResponseType::Deleted, None), None)
+        }
+    }
+}
+
+fn spawn_worker<H: Lwm2mHandler>(
+    handler: Arc<H>,
+    handle: CoapHandle,
+    endpoint: String,
+) -> mpsc::Sender<(SocketAddr, Packet)> {
+    let (tx, mut rx) = mpsc::channel::<(SocketAddr, Packet)>(32);
+    tokio::spawn(async move {
+        while let Some((from, packet)) = rx.recv().await {
+            handler
+                .data(from, endpoint.clone(), packet.payload.clone())
+                .await;
+            let _ = handle
+                .commands
+                .send(Command::Acknowledge { to: from, packet })
+                .await;
+        }
+    });
+    tx
+}
