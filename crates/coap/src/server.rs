@@ -181,7 +181,7 @@ impl CoapServer {
                         driver.on_event(event);
                     }
                 }
-                _ = shutdown.wait_for(|s| *s) => return,
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
             }
         }
     }

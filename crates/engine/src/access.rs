@@ -56,6 +56,12 @@ fn trace_entry(device_id: &str, at: i64, kind: &str, detail: Value) -> TraceEntr
 }
 
 impl Platform {
+    /// Records one trace entry for a device now (outside any session).
+    pub(crate) async fn trace_now(&self, device_id: &str, kind: &str, detail: Value) {
+        let entry = trace_entry(device_id, self.now(), kind, detail);
+        let _ = self.store.record_trace(vec![entry]).await;
+    }
+
     /// Checks a CONNECT against the device registry; on success the device is ONLINE.
     async fn authenticate(&self, connect: &Connect) -> Result<Device, Refusal> {
         let client = parse_client_id(&connect.client_id).ok_or(Refusal::ClientIdRejected)?;
@@ -139,7 +145,11 @@ impl Platform {
         Ok(())
     }
 
-    async fn go_online(&self, device: &Device, outbox: Outbox) -> Result<Arc<Link>, Refusal> {
+    pub(crate) async fn go_online(
+        &self,
+        device: &Device,
+        outbox: Outbox,
+    ) -> Result<Arc<Link>, Refusal> {
         let (link, previous) = self
             .registry
             .register(&device.device_id, outbox, self.now());
@@ -182,15 +192,7 @@ impl Broker for DeviceBroker {
         // Devices subscribe right after CONNACK and queued downlinks go out on the first SUBSCRIBE;
         // a device that never subscribes still gets them (implicit subscription) a moment later.
         platform.deliver_queued_later(&device.device_id, link.clone(), QUEUE_GRACE);
-        let now = platform.now();
-        Ok(DeviceSession {
-            platform: platform.clone(),
-            device: device.reference(),
-            link,
-            bucket: TokenBucket::new(platform.config.rate_limit, now),
-            trace_budget: TokenBucket::new(10, now),
-            suppressed_traces: 0,
-        })
+        Ok(DeviceSession::new(platform.clone(), &device, link))
     }
 }
 
@@ -207,6 +209,19 @@ fn status_cause(cause: &CloseCause) -> StatusCause {
 }
 
 impl DeviceSession {
+    /// The session of a device that just came online on `link`.
+    pub(crate) fn new(platform: Arc<Platform>, device: &Device, link: Arc<Link>) -> DeviceSession {
+        let now = platform.now();
+        DeviceSession {
+            bucket: TokenBucket::new(platform.config.rate_limit, now),
+            trace_budget: TokenBucket::new(10, now),
+            suppressed_traces: 0,
+            platform,
+            device: device.reference(),
+            link,
+        }
+    }
+
     /// Builds a trace entry unless this session has been tracing too much this second; the next
     /// entry that passes says how many were suppressed, so nothing disappears without a count.
     pub(crate) fn trace(&mut self, kind: &str, mut detail: Value) -> Option<TraceEntry> {

@@ -9,6 +9,15 @@ use serde_json::Value;
 
 use crate::{EngineError, Platform, read_lock, write_lock};
 
+/// The `mid` a binary command carries: derived from its command id, so the device's answer
+/// (which echoes the mid) finds its command again, also after a restart.
+pub(crate) fn mid_of(command_id: &str) -> u16 {
+    let hash = command_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % 65_535) as u16 + 1
+}
+
 fn invalid(error: ioda_codec::CodecError) -> EngineError {
     EngineError::Invalid(error.to_string())
 }
@@ -37,6 +46,19 @@ impl Platform {
         let codec = Arc::new(Codec::from_json(stored).ok()?);
         write_lock(&self.codecs).insert(product.product_id.clone(), codec.clone());
         Some(codec)
+    }
+
+    /// The asynchronous command of `device_id` a binary answer with `mid` belongs to.
+    pub(crate) async fn command_of_mid(&self, device_id: &str, mid: i64) -> Option<String> {
+        let awaiting = self
+            .store
+            .awaiting_commands(device_id.to_owned())
+            .await
+            .ok()?;
+        awaiting
+            .into_iter()
+            .find(|c| i64::from(mid_of(&c.command_id)) == mid)
+            .map(|c| c.command_id)
     }
 
     /// The codec test tool against a product's codec: `{"decode": "HEX"}` or `{"encode": {...}}`.

@@ -112,11 +112,12 @@ impl Platform {
         product: &Product,
         device_id: &str,
         request: &CommandRequest,
+        mid: Option<u16>,
     ) -> Result<Vec<u8>, EngineError> {
         if product.data_format == "binary"
             && let Some(codec) = self.product_codec(product)
         {
-            let command = json!({ "service_id": request.service_id, "command_name": request.command_name, "paras": request.paras });
+            let command = json!({ "service_id": request.service_id, "command_name": request.command_name, "paras": request.paras, "mid": mid });
             return codec.encode(&command).map_err(|e| invalid(e.to_string()));
         }
         Ok(command_body(device_id, request).to_string().into_bytes())
@@ -144,7 +145,7 @@ impl Platform {
     ) -> Result<(String, Value), EngineError> {
         let (device, product) = self.device_and_product(project_id, device_id).await?;
         check_command(&product, &request)?;
-        let payload = self.command_payload(&product, device_id, &request)?;
+        let payload = self.command_payload(&product, device_id, &request, None)?;
         let (command_id, response) = self
             .request(
                 device_id,
@@ -237,7 +238,7 @@ impl Platform {
         let (device, product) = self.device_and_product(project_id, device_id).await?;
         check_command(&product, &request.command)?;
         // A binary device's command must encode now, not fail later at each resend.
-        self.command_payload(&product, device_id, &request.command)?;
+        self.command_payload(&product, device_id, &request.command, None)?;
         let expire_time = request.expire_time.unwrap_or(MAX_EXPIRE_SECS);
         if !(0..=MAX_EXPIRE_SECS).contains(&expire_time) {
             return Err(invalid(format!(
@@ -385,7 +386,12 @@ impl Platform {
             _ => None,
         };
         let payload = match product {
-            Some(product) => self.command_payload(&product, &command.device_id, &request),
+            Some(product) => self.command_payload(
+                &product,
+                &command.device_id,
+                &request,
+                Some(crate::codecs::mid_of(&command.command_id)),
+            ),
             None => Ok(command_body(&command.device_id, &request)
                 .to_string()
                 .into_bytes()),

@@ -12,6 +12,7 @@ mod codecs;
 mod commands;
 mod devices;
 mod downlink;
+pub mod lwm2m;
 mod messages;
 mod products;
 mod ratelimit;

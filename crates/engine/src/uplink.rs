@@ -223,10 +223,25 @@ impl DeviceSession {
                 self.on_reply(ReplyKind::Command, request_id, body.as_bytes())
                     .await
             }
-            (ioda_codec::Decoded::CommandResponse { .. }, _) => {
-                let detail = json!({ "request_id": request_id, "decoded": json, "why": "a command response must come on the commands/response topic, which names its request" });
-                self.record("response_ignored", detail).await;
-                PublishVerdict::Accept
+            (ioda_codec::Decoded::CommandResponse { mid, .. }, _) => {
+                // LwM2M devices answer on their data channel; the mid names the command.
+                let command = match mid {
+                    Some(mid) => {
+                        self.platform
+                            .command_of_mid(&self.device.device_id, *mid)
+                            .await
+                    }
+                    None => None,
+                };
+                let Some(command_id) = command else {
+                    let detail = json!({ "request_id": request_id, "decoded": json, "why": "no command waits for this mid" });
+                    self.record("response_ignored", detail).await;
+                    return PublishVerdict::Accept;
+                };
+                let body = json!({ "result_code": json["result_code"], "paras": json["paras"] })
+                    .to_string();
+                self.on_reply(ReplyKind::Command, &command_id, body.as_bytes())
+                    .await
             }
         }
     }

@@ -28,6 +28,9 @@ pub struct ServeArgs {
     /// MQTT listen address (port 0 picks a free port).
     #[arg(long, env = "IODA_MQTT_ADDR")]
     pub mqtt_addr: Option<SocketAddr>,
+    /// CoAP/LwM2M (UDP) listen address for NB-IoT devices (port 0 picks a free port).
+    #[arg(long, env = "IODA_COAP_ADDR")]
+    pub coap_addr: Option<SocketAddr>,
     /// Largest uplink payload in bytes.
     #[arg(long, env = "IODA_MAX_PAYLOAD")]
     pub max_payload: Option<usize>,
@@ -64,6 +67,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
+    coap_addr: Option<SocketAddr>,
     max_payload: Option<usize>,
     rate_limit: Option<u32>,
     keepalive_min: Option<u16>,
@@ -81,6 +85,7 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    pub coap_addr: SocketAddr,
     pub engine: EngineConfig,
     pub durability: Durability,
     pub shutdown_timeout: Duration,
@@ -97,6 +102,7 @@ impl ServeConfig {
             data_dir: data_dir.to_owned(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             engine: EngineConfig::default(),
             durability: Durability::Full,
             shutdown_timeout: Duration::from_secs(10),
@@ -183,6 +189,10 @@ impl ServeArgs {
                 .mqtt_addr
                 .or(file.mqtt_addr)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883))),
+            coap_addr: self
+                .coap_addr
+                .or(file.coap_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5683))),
             engine,
             durability,
             shutdown_timeout: Duration::from_secs(

@@ -5,7 +5,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
+use ioda_coap::CoapServer;
 use ioda_engine::access::DeviceBroker;
+use ioda_engine::lwm2m::Lwm2mAccess;
 use ioda_engine::{AdminCredentials, Clock, Platform, SystemClock};
 use ioda_mqtt::server::Limits;
 use ioda_rules::Forwarder;
@@ -26,12 +28,15 @@ const DATABASE_FILE: &str = "ioda.db";
 pub struct Running {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    pub coap_addr: SocketAddr,
     pub platform: Arc<Platform>,
+    pub lwm2m: Arc<Lwm2mAccess>,
     pub forwarder: Arc<Forwarder>,
     /// Set on the very first start only: the credentials that were just created.
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
     mqtt: JoinHandle<()>,
+    coap: JoinHandle<()>,
     scheduler: JoinHandle<()>,
     http: JoinHandle<std::io::Result<()>>,
     config: ServeConfig,
@@ -42,6 +47,7 @@ impl std::fmt::Debug for Running {
         f.debug_struct("Running")
             .field("http_addr", &self.http_addr)
             .field("mqtt_addr", &self.mqtt_addr)
+            .field("coap_addr", &self.coap_addr)
             .finish()
     }
 }
@@ -120,8 +126,12 @@ pub async fn start_with_clock(
                 config.mqtt_addr
             )
         })?;
+    let coap_server = CoapServer::bind(config.coap_addr, ioda_coap::Timing::default())
+        .await
+        .with_context(|| format!("binding CoAP (UDP) on {}", config.coap_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
+    let coap_addr = connectable(coap_server.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
 
     // Forwarding first: it must see every event from the first connection and the first tick on.
@@ -142,6 +152,9 @@ pub async fn start_with_clock(
         stop.clone(),
     ));
 
+    let lwm2m = Lwm2mAccess::new(platform.clone(), coap_server.handle());
+    let coap = tokio::spawn(run_coap(coap_server, lwm2m.clone(), stop.clone()));
+
     let router = ioda_api::router(
         platform.clone(),
         forwarder.clone(),
@@ -156,25 +169,45 @@ pub async fn start_with_clock(
             .await
     });
 
-    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string() });
+    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "coap": coap_addr.to_string() });
     write_atomically(
         &config.data_dir.join(LISTENERS_FILE),
         &listeners.to_string(),
         false,
     )?;
-    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, data_dir = %config.data_dir.display(), "ioda is ready");
+    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, coap = %coap_addr, data_dir = %config.data_dir.display(), "ioda is ready");
     Ok(Running {
         http_addr,
         mqtt_addr,
+        coap_addr,
         platform,
+        lwm2m,
         forwarder,
         admin,
         shutdown,
         mqtt,
+        coap,
         scheduler,
         http,
         config,
     })
+}
+
+/// Serves CoAP/LwM2M and ends lapsed registrations once a second.
+async fn run_coap(server: CoapServer, lwm2m: Arc<Lwm2mAccess>, stop: watch::Receiver<bool>) {
+    let sweeper = lwm2m.clone();
+    let mut sweep_stop = stop.clone();
+    let sweeping = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = every.tick() => sweeper.sweep(),
+                _ = async { let _ = sweep_stop.wait_for(|s| *s).await; } => return,
+            }
+        }
+    });
+    server.run(lwm2m, stop).await;
+    let _ = sweeping.await;
 }
 
 impl Running {
@@ -185,6 +218,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             let _ = self.mqtt.await;
+            let _ = self.coap.await;
             let _ = self.http.await;
             let _ = self.scheduler.await;
         })

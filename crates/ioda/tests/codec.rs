@@ -11,36 +11,10 @@ use common::*;
 use rumqttc::{Event, Packet, QoS};
 use serde_json::{Value, json};
 
-fn smoke_codec() -> Value {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../codec/golden/smoke.codec.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-async fn binary_product(server: &TestServer) -> String {
-    let model = json!([{
-        "service_id": "Smoke", "service_type": "Smoke",
-        "properties": [
-            {"property_name": "level", "data_type": "int", "min": "0", "max": "255", "method": "R"},
-            {"property_name": "temperature", "data_type": "decimal", "min": "-100", "max": "200", "method": "R"}
-        ],
-        "commands": [{"command_name": "SET_ALARM", "paras": [
-            {"para_name": "value", "data_type": "int", "min": "0", "max": "1"},
-            {"para_name": "threshold", "data_type": "decimal", "min": "-100", "max": "100", "required": false}
-        ]}]
-    }]);
-    let body = json!({"name": "smoke", "device_type": "Smoke", "protocol_type": "MQTT", "data_format": "binary", "service_capabilities": model});
-    let r = server.post("/products", body).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    r.body["product_id"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn codecs_are_checked_kept_and_tested_through_the_api() {
     let server = server().await;
-    let product = binary_product(&server).await;
+    let product = binary_product(&server, "MQTT").await;
     let path = format!("/products/{product}/codec");
     let missing = server.api.call("GET", &path, None).await.unwrap();
     assert_eq!(missing.status, 404, "{}", missing.body);
@@ -121,7 +95,7 @@ async fn codecs_are_checked_kept_and_tested_through_the_api() {
 #[tokio::test]
 async fn a_binary_mqtt_device_reports_and_answers_commands_through_its_codec() {
     let server = server().await;
-    let product = binary_product(&server).await;
+    let product = binary_product(&server, "MQTT").await;
     let set = server
         .api
         .call(

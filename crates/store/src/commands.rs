@@ -174,6 +174,18 @@ impl Store {
         .await
     }
 
+    /// A device's commands that were sent and wait for its answer (SENT or DELIVERED), oldest first.
+    pub async fn awaiting_commands(
+        &self,
+        device_id: String,
+    ) -> Result<Vec<AsyncCommand>, StoreError> {
+        self.read(move |c| {
+            let sql = format!("SELECT {COLUMNS} FROM async_commands WHERE device_id = ?1 AND status IN ('SENT', 'DELIVERED') ORDER BY seq");
+            query(c, &sql, [device_id])
+        })
+        .await
+    }
+
     /// A device's commands that wait for delivery (PENDING) or for an acknowledgement (SENT), oldest first.
     pub async fn undelivered_commands(
         &self,

@@ -147,6 +147,17 @@ impl Store {
         self.read(move |c| load(c, &device_id)).await
     }
 
+    /// Every device with this node id (an NB-IoT device names itself by node id alone).
+    pub async fn devices_by_node(&self, node_id: String) -> Result<Vec<Device>, StoreError> {
+        self.read(move |c| {
+            let sql = format!("SELECT {COLUMNS} FROM devices WHERE node_id = ?1 LIMIT 2");
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map([node_id], from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Devices matching `filter`, newest first, with `seq < before`.
     pub async fn list_devices(
         &self,

@@ -192,6 +192,9 @@ ALTER TABLE forward_queue ADD COLUMN request_id TEXT;
     r#"
 ALTER TABLE async_commands ADD COLUMN callback_url TEXT;
 "#,
+    r#"
+CREATE INDEX devices_by_node ON devices(node_id);
+"#,
 ];
 
 /// Brings the database up to the newest schema.

@@ -373,3 +373,31 @@ impl SimDevice {
 pub fn request_id_of(topic: &str) -> String {
     topic.rsplit("request_id=").next().unwrap().to_owned()
 }
+
+/// The declarative codec of the golden tests (a smoke detector).
+pub fn smoke_codec() -> Value {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../codec/golden/smoke.codec.json"
+    );
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A product that declares binary data, with the smoke detector's model (no codec yet).
+pub async fn binary_product(server: &TestServer, protocol: &str) -> String {
+    let model = json!([{
+        "service_id": "Smoke", "service_type": "Smoke",
+        "properties": [
+            {"property_name": "level", "data_type": "int", "min": "0", "max": "255", "method": "R"},
+            {"property_name": "temperature", "data_type": "decimal", "min": "-100", "max": "200", "method": "R"}
+        ],
+        "commands": [{"command_name": "SET_ALARM", "paras": [
+            {"para_name": "value", "data_type": "int", "min": "0", "max": "1"},
+            {"para_name": "threshold", "data_type": "decimal", "min": "-100", "max": "100", "required": false}
+        ]}]
+    }]);
+    let body = json!({"name": "smoke", "device_type": "Smoke", "protocol_type": protocol, "data_format": "binary", "service_capabilities": model});
+    let r = server.post("/products", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["product_id"].as_str().unwrap().to_owned()
+}

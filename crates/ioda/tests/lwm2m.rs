@@ -1,0 +1,498 @@
+//! NB-IoT devices over CoAP/LwM2M, end to end over real UDP sockets: registration, binary data
+//! decoded into the shadow, commands written to `/19/1/0` one at a time with their LwM2M statuses,
+//! queue mode, lifetime expiry, libcoap's `coap-client` as a real peer, and bad datagrams.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use ioda_coap::{MessageClass, MessageType, Packet, ResponseType};
+use ioda_engine::ManualClock;
+use serde_json::{Value, json};
+use tokio::net::UdpSocket;
+
+use coap_lite::{CoapOption, ContentFormat, RequestType};
+
+/// A scripted LwM2M client, the way a HiSilicon NB-IoT module behaves.
+struct NbDevice {
+    socket: UdpSocket,
+    server: SocketAddr,
+    mid: u16,
+    observe: Option<Vec<u8>>,
+    seq: u32,
+    stash: VecDeque<Packet>,
+}
+
+impl NbDevice {
+    async fn new(server: SocketAddr) -> NbDevice {
+        NbDevice {
+            socket: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+            mid: 100,
+            observe: None,
+            seq: 1,
+            stash: VecDeque::new(),
+        }
+    }
+
+    async fn send(&self, packet: &Packet) {
+        self.socket
+            .send_to(&packet.to_bytes().unwrap(), self.server)
+            .await
+            .unwrap();
+    }
+
+    async fn recv(&mut self) -> Packet {
+        if let Some(p) = self.stash.pop_front() {
+            return p;
+        }
+        let mut buf = [0u8; 2048];
+        let (n, _) = tokio::time::timeout(Duration::from_secs(5), self.socket.recv_from(&mut buf))
+            .await
+            .expect("a datagram from the server within 5 s")
+            .unwrap();
+        Packet::from_bytes(&buf[..n]).unwrap()
+    }
+
+    /// Nothing arrives for `ms`.
+    async fn quiet(&mut self, ms: u64) {
+        let mut buf = [0u8; 2048];
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(ms), self.socket.recv_from(&mut buf)).await
+        {
+            panic!("unexpected {:?}", Packet::from_bytes(&buf[..n]));
+        }
+    }
+
+    /// Sends a confirmable request and returns the server's piggybacked answer.
+    async fn call(
+        &mut self,
+        code: RequestType,
+        path: &[&str],
+        query: &[&str],
+        payload: &[u8],
+    ) -> Packet {
+        self.mid += 1;
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(code);
+        p.header.message_id = self.mid;
+        p.set_token(vec![0xAB, self.mid as u8]);
+        for part in path {
+            p.add_option(CoapOption::UriPath, part.as_bytes().to_vec());
+        }
+        for q in query {
+            p.add_option(CoapOption::UriQuery, q.as_bytes().to_vec());
+        }
+        p.payload = payload.to_vec();
+        self.send(&p).await;
+        loop {
+            let got = self.recv().await;
+            if got.header.get_type() == MessageType::Acknowledgement
+                && got.header.message_id == self.mid
+            {
+                return got;
+            }
+            self.stash.push_back(got);
+        }
+    }
+
+    async fn register(&mut self, ep: &str, lifetime: u32, binding: &str) -> Packet {
+        let (ep, lt, b) = (
+            format!("ep={ep}"),
+            format!("lt={lifetime}"),
+            format!("b={binding}"),
+        );
+        self.call(
+            RequestType::Post,
+            &["rd"],
+            &[&ep, &lt, &b, "lwm2m=1.0"],
+            b"</>;rt=\"oma.lwm2m\",</1/0>,</3/0>,</19/0>,</19/1>",
+        )
+        .await
+    }
+
+    /// Answers the platform's `GET /19/0/0 Observe=0` and keeps its token.
+    async fn accept_observe(&mut self) {
+        let get = self.recv().await;
+        assert_eq!(get.header.code, MessageClass::Request(RequestType::Get));
+        assert_eq!(path_of(&get), "19/0/0");
+        assert_eq!(get.get_observe_value().map(|v| v.unwrap()), Some(0));
+        self.observe = Some(get.get_token().to_vec());
+        let mut ack = Packet::new();
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.code = MessageClass::Response(ResponseType::Content);
+        ack.header.message_id = get.header.message_id;
+        ack.set_token(get.get_token().to_vec());
+        ack.set_observe_value(self.seq);
+        self.send(&ack).await;
+    }
+
+    /// Data on the observation (NON 2.05, as modules send it).
+    async fn notify(&mut self, payload: &[u8]) {
+        self.mid += 1;
+        self.seq += 1;
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::NonConfirmable);
+        p.header.code = MessageClass::Response(ResponseType::Content);
+        p.header.message_id = self.mid;
+        p.set_token(self.observe.clone().expect("observed"));
+        p.set_observe_value(self.seq);
+        p.set_content_format(ContentFormat::ApplicationOctetStream);
+        p.payload = payload.to_vec();
+        self.send(&p).await;
+    }
+
+    /// Waits for a `PUT /19/1/0` and returns it (unacknowledged).
+    async fn next_write(&mut self) -> Packet {
+        let put = self.recv().await;
+        assert_eq!(
+            put.header.code,
+            MessageClass::Request(RequestType::Put),
+            "{put:?}"
+        );
+        assert_eq!(put.header.get_type(), MessageType::Confirmable);
+        assert_eq!(path_of(&put), "19/1/0");
+        put
+    }
+
+    async fn ack_write(&self, put: &Packet) {
+        let mut ack = Packet::new();
+        ack.header.set_type(MessageType::Acknowledgement);
+        ack.header.code = MessageClass::Response(ResponseType::Changed);
+        ack.header.message_id = put.header.message_id;
+        ack.set_token(put.get_token().to_vec());
+        self.send(&ack).await;
+    }
+}
+
+fn path_of(p: &Packet) -> String {
+    ioda_coap::lwm2m::path(p).join("/")
+}
+
+fn coap_addr(server: &TestServer) -> SocketAddr {
+    server.running.as_ref().unwrap().coap_addr
+}
+
+async fn nb_product(server: &TestServer) -> String {
+    let product = binary_product(server, "CoAP").await;
+    let set = server
+        .api
+        .call(
+            "PUT",
+            &format!("/products/{product}/codec"),
+            Some(&smoke_codec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(set.status, 200, "{}", set.body);
+    product
+}
+
+async fn command_status(server: &TestServer, device_id: &str, command_id: &str) -> Value {
+    server
+        .get(&format!("/devices/{device_id}/async-commands/{command_id}"))
+        .await
+}
+
+async fn create_command(server: &TestServer, device_id: &str, value: i64) -> String {
+    let created = server
+        .post(
+            &format!("/devices/{device_id}/async-commands"),
+            json!({"service_id": "Smoke", "command_name": "SET_ALARM", "paras": {"value": value}}),
+        )
+        .await;
+    assert_eq!(created.status, 200, "{}", created.body);
+    created.body["command_id"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time() {
+    let server = server().await;
+    let product = nb_product(&server).await;
+    let (device_id, _) = server.device(&product, "863000000000001").await;
+    let mut device = NbDevice::new(coap_addr(&server)).await;
+
+    let created = device.register("urn:imei:863000000000001", 300, "U").await;
+    assert_eq!(
+        created.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    let location: Vec<String> = created
+        .get_option(CoapOption::LocationPath)
+        .unwrap()
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect();
+    assert_eq!(location, ["rd", "863000000000001"]);
+    assert_eq!(server.status(&device_id).await, "ONLINE");
+    device.accept_observe().await;
+
+    device.notify(&[0x00, 0x02, 0xFF, 0x38]).await;
+    eventually("the decoded data reaches the shadow", || async {
+        let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
+        shadow["shadow"][0]["reported"]["properties"] == json!({"level": 2, "temperature": -20.0})
+    })
+    .await;
+    device.notify(&[0x55]).await;
+    eventually("undecodable data is traced with the reason", || async {
+        server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"codec_failed".to_owned())
+    })
+    .await;
+
+    let first = create_command(&server, &device_id, 1).await;
+    let second = create_command(&server, &device_id, 0).await;
+    let put = device.next_write().await;
+    let mid = [put.payload[1], put.payload[2]];
+    assert_eq!(put.payload[0], 0x01, "SET_ALARM's msgid");
+    assert_eq!(
+        &put.payload[3..],
+        &[0x01, 0x00, 0x00, 0x03, 0xE8],
+        "value, then the default threshold"
+    );
+    assert_eq!(
+        command_status(&server, &device_id, &first).await["status"],
+        "SENT"
+    );
+    device.ack_write(&put).await;
+    eventually("DELIVERED on the CoAP ACK", || async {
+        command_status(&server, &device_id, &first).await["status"] == "DELIVERED"
+    })
+    .await;
+    device.quiet(700).await; // The second command waits for the first one's answer.
+
+    device.notify(&[0x02, mid[0], mid[1], 0x00, 0x01]).await;
+    eventually("SUCCESSFUL on the response carrying the mid", || async {
+        command_status(&server, &device_id, &first).await["status"] == "SUCCESSFUL"
+    })
+    .await;
+    let result = command_status(&server, &device_id, &first).await;
+    assert_eq!(result["result"]["paras"], json!({"result": 1}), "{result}");
+
+    let put = device.next_write().await;
+    assert_eq!(&put.payload[3..4], &[0x00], "then the second command");
+    let mid = [put.payload[1], put.payload[2]];
+    device.ack_write(&put).await;
+    device.notify(&[0x02, mid[0], mid[1], 0x07, 0x00]).await;
+    eventually("FAILED when the device's errcode is not 0", || async {
+        command_status(&server, &device_id, &second).await["status"] == "FAILED"
+    })
+    .await;
+
+    let deleted = device
+        .call(RequestType::Delete, &["rd", "863000000000001"], &[], &[])
+        .await;
+    assert_eq!(
+        deleted.header.code,
+        MessageClass::Response(ResponseType::Deleted)
+    );
+    eventually("OFFLINE after de-registration", || async {
+        server.status(&device_id).await == "OFFLINE"
+    })
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire() {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let server = server_on(
+        tempfile::tempdir().unwrap(),
+        |c| c.signature_window_ms = i64::MAX / 4,
+        clock.clone(),
+    )
+    .await;
+    let product = nb_product(&server).await;
+    let (device_id, _) = server.device(&product, "863000000000002").await;
+    let mut device = NbDevice::new(coap_addr(&server)).await;
+    let created = device.register("863000000000002", 120, "UQ").await;
+    assert_eq!(
+        created.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    device.accept_observe().await;
+
+    clock.advance(60_000); // The module went back to sleep.
+    let command = create_command(&server, &device_id, 1).await;
+    device.quiet(700).await;
+    let updated = device
+        .call(RequestType::Post, &["rd", "863000000000002"], &[], &[])
+        .await;
+    assert_eq!(
+        updated.header.code,
+        MessageClass::Response(ResponseType::Changed)
+    );
+    let put = device.next_write().await;
+    device.ack_write(&put).await;
+    eventually("DELIVERED once the awake device acknowledged", || async {
+        command_status(&server, &device_id, &command).await["status"] == "DELIVERED"
+    })
+    .await;
+
+    clock.advance(121_000); // No update within the lifetime.
+    server.running.as_ref().unwrap().lwm2m.sweep();
+    eventually("the registration lapsed", || async {
+        server.status(&device_id).await == "OFFLINE"
+    })
+    .await;
+    let stale = device
+        .call(RequestType::Post, &["rd", "863000000000002"], &[], &[])
+        .await;
+    assert_eq!(
+        stale.header.code,
+        MessageClass::Response(ResponseType::NotFound),
+        "a lapsed registration must register again"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_datagrams_and_unknown_endpoints_are_refused() {
+    let server = server().await;
+    let product = nb_product(&server).await;
+    let (device_id, _) = server.device(&product, "863000000000003").await;
+    let mut device = NbDevice::new(coap_addr(&server)).await;
+
+    let unknown = device.register("999999999999999", 300, "U").await;
+    assert_eq!(
+        unknown.header.code,
+        MessageClass::Response(ResponseType::Forbidden)
+    );
+    let no_ep = device
+        .call(RequestType::Post, &["rd"], &["lt=300"], &[])
+        .await;
+    assert_eq!(
+        no_ep.header.code,
+        MessageClass::Response(ResponseType::BadRequest)
+    );
+    let bad_lifetime = device
+        .call(
+            RequestType::Post,
+            &["rd"],
+            &["ep=863000000000003", "lt=soon"],
+            &[],
+        )
+        .await;
+    assert_eq!(
+        bad_lifetime.header.code,
+        MessageClass::Response(ResponseType::BadRequest)
+    );
+    let elsewhere = device
+        .call(RequestType::Get, &["nothing", "here"], &[], &[])
+        .await;
+    assert_eq!(
+        elsewhere.header.code,
+        MessageClass::Response(ResponseType::NotFound)
+    );
+
+    // A confirmable header with a reserved token length is reset; what is not CoAP version 1
+    // gets no answer at all.
+    device
+        .socket
+        .send_to(&[0x49, 0x01, 0x12, 0x34], device.server)
+        .await
+        .unwrap();
+    let reset = device.recv().await;
+    assert_eq!(
+        (reset.header.get_type(), reset.header.message_id),
+        (MessageType::Reset, 0x1234)
+    );
+    device
+        .socket
+        .send_to(b"\xff\xfe not coap", device.server)
+        .await
+        .unwrap();
+    device.quiet(300).await;
+
+    // Frozen devices may not register.
+    let frozen = server
+        .post(&format!("/devices/{device_id}/freeze"), json!({}))
+        .await;
+    assert!(frozen.status < 300, "{}", frozen.body);
+    let refused = device.register("863000000000003", 300, "U").await;
+    assert_eq!(
+        refused.header.code,
+        MessageClass::Response(ResponseType::Forbidden)
+    );
+    assert!(
+        server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"connect_refused".to_owned())
+    );
+    server.stop().await;
+}
+
+/// libcoap's command-line client, a real peer that is not ours.
+fn coap_client() -> Option<&'static str> {
+    let found = ["coap-client-notls", "coap-client-openssl", "coap-client"]
+        .into_iter()
+        .find(|c| std::process::Command::new(c).arg("-h").output().is_ok());
+    if found.is_none() {
+        assert!(std::env::var("CI").is_err(), "CI installs libcoap3-bin");
+        eprintln!("skipped: coap-client not installed (apt-get install libcoap3-bin)");
+    }
+    found
+}
+
+#[tokio::test]
+async fn libcoap_coap_client_registers_and_is_refused_when_unknown() {
+    let Some(client) = coap_client() else { return };
+    let server = server().await;
+    let product = nb_product(&server).await;
+    let (device_id, _) = server.device(&product, "863000000000004").await;
+    let port = coap_addr(&server).port();
+    let run = |ep: &str| {
+        let url = format!("coap://127.0.0.1:{port}/rd?ep={ep}&lt=300&b=U");
+        let client = client.to_owned();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                std::process::Command::new(client)
+                    .args([
+                        "-m",
+                        "post",
+                        "-B",
+                        "5",
+                        "-t",
+                        "40",
+                        "-e",
+                        "</19/0>,</19/1>",
+                        &url,
+                    ])
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let registered = run("863000000000004").await;
+    assert!(registered.status.success(), "{registered:?}");
+    assert_eq!(server.status(&device_id).await, "ONLINE");
+    assert!(
+        server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"lwm2m_registered".to_owned())
+    );
+
+    let refused = run("000").await;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        said.contains("4.03"),
+        "coap-client should report 4.03 Forbidden: {said}"
+    );
+    server.stop().await;
+}
