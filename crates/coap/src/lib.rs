@@ -5,11 +5,15 @@
 //! UDP socket and hands registrations and data to a `Lwm2mHandler`. This crate knows nothing of
 //! devices, products or the store.
 
+#[cfg(feature = "dtls")]
+mod dtls;
 pub mod endpoint;
 pub mod lwm2m;
 pub mod server;
 
 pub use coap_lite::{MessageClass, MessageType, Packet, ResponseType};
+#[cfg(feature = "dtls")]
+pub use dtls::{CIPHERS, PskLookup};
 pub use endpoint::{Endpoint, Event, Timing};
 pub use lwm2m::{RdRequest, Registration};
 pub use server::{CoapHandle, CoapServer, Lwm2mHandler, Outcome};

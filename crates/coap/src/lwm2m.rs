@@ -17,6 +17,8 @@ pub struct Registration {
     pub version: Option<String>,
     /// The objects the device offers (`</19/0>,</19/1>` …).
     pub objects: Vec<String>,
+    /// The PSK identity the peer proved over DTLS (`None` over plain CoAP).
+    pub identity: Option<String>,
 }
 
 impl Registration {
@@ -110,6 +112,7 @@ pub fn parse_rd(packet: &Packet) -> Result<RdRequest, String> {
                     .filter_map(|link| link.trim().strip_prefix('<')?.split('>').next())
                     .map(str::to_owned)
                     .collect(),
+                identity: None,
             }))
         }
         (MessageClass::Request(RequestType::Post), [rd, location]) if rd == "rd" => {

@@ -100,9 +100,43 @@ impl CoapHandle {
     }
 }
 
+/// Where datagrams come from: plain UDP, or DTLS sessions over UDP.
+enum Transport {
+    Udp(Arc<UdpSocket>),
+    #[cfg(feature = "dtls")]
+    Dtls(crate::dtls::Dtls),
+}
+
+impl Transport {
+    /// The next datagram, with the peer's DTLS identity when there is one.
+    async fn recv(&mut self, buf: &mut [u8]) -> Option<(SocketAddr, Option<String>, Vec<u8>)> {
+        match self {
+            Transport::Udp(socket) => {
+                let (n, from) = socket.recv_from(buf).await.ok()?;
+                Some((from, None, buf[..n].to_vec()))
+            }
+            #[cfg(feature = "dtls")]
+            Transport::Dtls(dtls) => {
+                let (from, identity, bytes) = dtls.recv().await?;
+                Some((from, Some(identity), bytes))
+            }
+        }
+    }
+
+    async fn send(&self, to: SocketAddr, bytes: Vec<u8>) {
+        match self {
+            Transport::Udp(socket) => {
+                let _ = socket.send_to(&bytes, to).await;
+            }
+            #[cfg(feature = "dtls")]
+            Transport::Dtls(dtls) => dtls.send(to, bytes),
+        }
+    }
+}
+
 /// A bound CoAP server, ready to run.
 pub struct CoapServer {
-    socket: Arc<UdpSocket>,
+    transport: Transport,
     commands: mpsc::Receiver<Command>,
     handle: CoapHandle,
     timing: Timing,
@@ -115,20 +149,39 @@ impl std::fmt::Debug for CoapServer {
 }
 
 impl CoapServer {
-    /// Binds the UDP socket.
+    /// Binds plain CoAP on a UDP socket.
     pub async fn bind(addr: SocketAddr, timing: Timing) -> std::io::Result<CoapServer> {
         let socket = Arc::new(UdpSocket::bind(addr).await?);
+        Ok(CoapServer::over(Transport::Udp(socket), timing))
+    }
+
+    /// Binds CoAPS: DTLS 1.2 with pre-shared keys found by `psk` (identity → key).
+    #[cfg(feature = "dtls")]
+    pub async fn bind_dtls(
+        addr: SocketAddr,
+        timing: Timing,
+        psk: crate::dtls::PskLookup,
+    ) -> std::io::Result<CoapServer> {
+        let dtls = crate::dtls::Dtls::bind(addr, psk).await?;
+        Ok(CoapServer::over(Transport::Dtls(dtls), timing))
+    }
+
+    fn over(transport: Transport, timing: Timing) -> CoapServer {
         let (tx, commands) = mpsc::channel(1024);
-        Ok(CoapServer {
-            socket,
+        CoapServer {
+            transport,
             commands,
             handle: CoapHandle { commands: tx },
             timing,
-        })
+        }
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.socket.local_addr()
+        match &self.transport {
+            Transport::Udp(socket) => socket.local_addr(),
+            #[cfg(feature = "dtls")]
+            Transport::Dtls(dtls) => Ok(dtls.local_addr()),
+        }
     }
 
     pub fn handle(&self) -> CoapHandle {
@@ -141,7 +194,8 @@ impl CoapServer {
         let seed = u64::from(started.elapsed().subsec_nanos()) ^ (std::process::id() as u64) << 32;
         let mut driver = Driver {
             endpoint: Endpoint::new(self.timing, seed),
-            socket: self.socket,
+            transport: self.transport,
+            identities: HashMap::new(),
             handle: self.handle,
             handler,
             pending: HashMap::new(),
@@ -159,10 +213,13 @@ impl CoapServer {
                     Duration::from_millis((at - now).clamp(1, 1000) as u64)
                 });
             tokio::select! {
-                received = driver.socket.recv_from(&mut buf) => {
-                    if let Ok((n, from)) = received {
+                received = driver.transport.recv(&mut buf) => {
+                    if let Some((from, identity, datagram)) = received {
+                        if let Some(identity) = identity {
+                            driver.identities.insert(from, identity);
+                        }
                         let now = started.elapsed().as_millis() as i64;
-                        let (events, replies) = driver.endpoint.handle(from, &buf[..n], now);
+                        let (events, replies) = driver.endpoint.handle(from, &datagram, now);
                         driver.send_all(replies).await;
                         for event in events {
                             driver.on_event(event);
@@ -189,7 +246,9 @@ impl CoapServer {
 
 struct Driver<H> {
     endpoint: Endpoint,
-    socket: Arc<UdpSocket>,
+    transport: Transport,
+    /// The DTLS identity each peer proved.
+    identities: HashMap<SocketAddr, String>,
     handle: CoapHandle,
     handler: Arc<H>,
     pending: HashMap<Vec<u8>, oneshot::Sender<Outcome>>,
@@ -202,7 +261,7 @@ struct Driver<H> {
 impl<H: Lwm2mHandler> Driver<H> {
     async fn send_all(&self, datagrams: Vec<(SocketAddr, Vec<u8>)>) {
         for (to, bytes) in datagrams {
-            let _ = self.socket.send_to(&bytes, to).await;
+            self.transport.send(to, bytes).await;
         }
     }
 
@@ -292,8 +351,9 @@ impl<H: Lwm2mHandler> Driver<H> {
     fn on_request(&self, from: SocketAddr, request: Packet) {
         let handler = self.handler.clone();
         let handle = self.handle.clone();
+        let identity = self.identities.get(&from).cloned();
         tokio::spawn(async move {
-            let (response, observe) = answer_rd(&*handler, from, &request).await;
+            let (response, observe) = answer_rd(&*handler, from, identity, &request).await;
             let _ = handle
                 .commands
                 .send(Command::Reply {
@@ -316,6 +376,7 @@ impl<H: Lwm2mHandler> Driver<H> {
 async fn answer_rd<H: Lwm2mHandler>(
     handler: &H,
     from: SocketAddr,
+    identity: Option<String>,
     request: &Packet,
 ) -> (Packet, Option<String>) {
     let parsed = match lwm2m::parse_rd(request) {
@@ -331,7 +392,8 @@ async fn answer_rd<H: Lwm2mHandler>(
         }
     };
     match parsed {
-        RdRequest::Register(registration) => {
+        RdRequest::Register(mut registration) => {
+            registration.identity = identity;
             let endpoint = registration.endpoint.clone();
             match handler.register(from, registration).await {
                 Ok(()) => (

@@ -27,7 +27,9 @@ const ANSWER_WAIT_MS: i64 = 30_000;
 /// The platform as an LwM2M server.
 pub struct Lwm2mAccess {
     platform: Arc<Platform>,
-    coap: CoapHandle,
+    /// The plain CoAP server and the DTLS one: a device is answered on the one it registered on.
+    plain: std::sync::OnceLock<CoapHandle>,
+    secure: std::sync::OnceLock<CoapHandle>,
     links: Mutex<HashMap<String, EndpointLink>>,
 }
 
@@ -60,12 +62,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Lwm2mAccess {
-    pub fn new(platform: Arc<Platform>, coap: CoapHandle) -> Arc<Lwm2mAccess> {
+    /// LwM2M access without servers yet (`serve_on` attaches them, once each).
+    pub fn new(platform: Arc<Platform>) -> Arc<Lwm2mAccess> {
         Arc::new(Lwm2mAccess {
             platform,
-            coap,
+            plain: std::sync::OnceLock::new(),
+            secure: std::sync::OnceLock::new(),
             links: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Attaches the server that requests to devices go out through: plain CoAP or CoAPS.
+    pub fn serve_on(&self, coap: CoapHandle, secure: bool) {
+        let slot = if secure { &self.secure } else { &self.plain };
+        let _ = slot.set(coap);
     }
 
     /// Ends registrations whose lifetime passed without an update. Called every second (and by
@@ -86,6 +96,28 @@ impl Lwm2mAccess {
                 .uplink
                 .try_send(Uplink::Closed(CloseCause::KeepaliveTimeout));
         }
+    }
+
+    /// The DTLS pre-shared key of a node: its device secret, hex-decoded when it is 8 to 32 hex
+    /// characters (IoTDA's PSK form), else the secret's bytes. Frozen and unknown nodes have none.
+    pub fn psk(&self, identity: &str) -> Option<Vec<u8>> {
+        let endpoint = identity.strip_prefix("urn:imei:").unwrap_or(identity);
+        let devices = self.platform.store.devices_by_node_now(endpoint).ok()?;
+        let [device] = devices.as_slice() else {
+            return None;
+        };
+        if device.frozen {
+            return None;
+        }
+        let secret = device.auth.secret.as_deref()?;
+        let hex = (8..=32).contains(&secret.len())
+            && secret.len() % 2 == 0
+            && secret.bytes().all(|b| b.is_ascii_hexdigit());
+        Some(if hex {
+            ioda_codec::hex_decode(secret).ok()?
+        } else {
+            secret.as_bytes().to_vec()
+        })
     }
 
     /// Number of registered endpoints.
@@ -139,6 +171,21 @@ impl Lwm2mHandler for Lwm2mAccess {
         registration: Registration,
     ) -> Result<(), ResponseType> {
         let device = self.device_named(peer, &registration.endpoint).await?;
+        if let Err(why) = check_security(&device, &registration) {
+            let detail = json!({ "reason": why, "peer": peer.to_string() });
+            self.platform
+                .trace_now(&device.device_id, "connect_refused", detail)
+                .await;
+            return Err(ResponseType::Forbidden);
+        }
+        let coap = if registration.identity.is_some() {
+            &self.secure
+        } else {
+            &self.plain
+        };
+        let Some(coap) = coap.get().cloned() else {
+            return Err(ResponseType::ServiceUnavailable);
+        };
         let (outbox, outbound) = mpsc::channel(64);
         let link = self
             .platform
@@ -172,7 +219,7 @@ impl Lwm2mHandler for Lwm2mAccess {
             .await;
         let task = EndpointTask {
             session,
-            coap: self.coap.clone(),
+            coap,
             peer: peer_cell,
             queue_mode: registration.queue_mode(),
             awake_until: now + AWAKE_MS,
@@ -225,6 +272,25 @@ impl Lwm2mHandler for Lwm2mAccess {
 
     fn refused(&self, peer: SocketAddr, why: String) {
         tracing::info!(%peer, why, "CoAP request refused");
+    }
+}
+
+/// Over DTLS the endpoint must be the identity the key proved; a device registered for secure
+/// access may not use plain CoAP.
+fn check_security(device: &Device, registration: &Registration) -> Result<(), &'static str> {
+    match registration.identity.as_deref() {
+        Some(identity) => {
+            let proved = identity.strip_prefix("urn:imei:").unwrap_or(identity);
+            if proved == registration.endpoint {
+                Ok(())
+            } else {
+                Err("the endpoint name is not the DTLS identity")
+            }
+        }
+        None if device.auth.secure_access => {
+            Err("the device must use CoAPS (DTLS): its secure_access is true")
+        }
+        None => Ok(()),
     }
 }
 

@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// CoAP/LwM2M (UDP) listen address for NB-IoT devices (port 0 picks a free port).
     #[arg(long, env = "IODA_COAP_ADDR")]
     pub coap_addr: Option<SocketAddr>,
+    /// CoAPS (DTLS 1.2 PSK, UDP) listen address for NB-IoT devices (port 0 picks a free port).
+    #[arg(long, env = "IODA_COAPS_ADDR")]
+    pub coaps_addr: Option<SocketAddr>,
     /// Largest uplink payload in bytes.
     #[arg(long, env = "IODA_MAX_PAYLOAD")]
     pub max_payload: Option<usize>,
@@ -68,6 +71,7 @@ struct FileConfig {
     http_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
     coap_addr: Option<SocketAddr>,
+    coaps_addr: Option<SocketAddr>,
     max_payload: Option<usize>,
     rate_limit: Option<u32>,
     keepalive_min: Option<u16>,
@@ -86,6 +90,7 @@ pub struct ServeConfig {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
     pub coap_addr: SocketAddr,
+    pub coaps_addr: SocketAddr,
     pub engine: EngineConfig,
     pub durability: Durability,
     pub shutdown_timeout: Duration,
@@ -103,6 +108,7 @@ impl ServeConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            coaps_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             engine: EngineConfig::default(),
             durability: Durability::Full,
             shutdown_timeout: Duration::from_secs(10),
@@ -193,6 +199,10 @@ impl ServeArgs {
                 .coap_addr
                 .or(file.coap_addr)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5683))),
+            coaps_addr: self
+                .coaps_addr
+                .or(file.coaps_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5684))),
             engine,
             durability,
             shutdown_timeout: Duration::from_secs(

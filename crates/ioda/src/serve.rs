@@ -29,6 +29,7 @@ pub struct Running {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
     pub coap_addr: SocketAddr,
+    pub coaps_addr: SocketAddr,
     pub platform: Arc<Platform>,
     pub lwm2m: Arc<Lwm2mAccess>,
     pub forwarder: Arc<Forwarder>,
@@ -37,6 +38,7 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     mqtt: JoinHandle<()>,
     coap: JoinHandle<()>,
+    coaps: JoinHandle<()>,
     scheduler: JoinHandle<()>,
     http: JoinHandle<std::io::Result<()>>,
     config: ServeConfig,
@@ -126,12 +128,22 @@ pub async fn start_with_clock(
                 config.mqtt_addr
             )
         })?;
+    let lwm2m = Lwm2mAccess::new(platform.clone());
     let coap_server = CoapServer::bind(config.coap_addr, ioda_coap::Timing::default())
         .await
         .with_context(|| format!("binding CoAP (UDP) on {}", config.coap_addr))?;
+    let keys = lwm2m.clone();
+    let coaps_server = CoapServer::bind_dtls(
+        config.coaps_addr,
+        ioda_coap::Timing::default(),
+        Arc::new(move |identity: &str| keys.psk(identity)),
+    )
+    .await
+    .with_context(|| format!("binding CoAPS (DTLS, UDP) on {}", config.coaps_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
     let coap_addr = connectable(coap_server.local_addr()?);
+    let coaps_addr = connectable(coaps_server.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
 
     // Forwarding first: it must see every event from the first connection and the first tick on.
@@ -152,8 +164,10 @@ pub async fn start_with_clock(
         stop.clone(),
     ));
 
-    let lwm2m = Lwm2mAccess::new(platform.clone(), coap_server.handle());
+    lwm2m.serve_on(coap_server.handle(), false);
+    lwm2m.serve_on(coaps_server.handle(), true);
     let coap = tokio::spawn(run_coap(coap_server, lwm2m.clone(), stop.clone()));
+    let coaps = tokio::spawn(coaps_server.run(lwm2m.clone(), stop.clone()));
 
     let router = ioda_api::router(
         platform.clone(),
@@ -169,17 +183,18 @@ pub async fn start_with_clock(
             .await
     });
 
-    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "coap": coap_addr.to_string() });
+    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
     write_atomically(
         &config.data_dir.join(LISTENERS_FILE),
         &listeners.to_string(),
         false,
     )?;
-    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, coap = %coap_addr, data_dir = %config.data_dir.display(), "ioda is ready");
+    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
     Ok(Running {
         http_addr,
         mqtt_addr,
         coap_addr,
+        coaps_addr,
         platform,
         lwm2m,
         forwarder,
@@ -187,6 +202,7 @@ pub async fn start_with_clock(
         shutdown,
         mqtt,
         coap,
+        coaps,
         scheduler,
         http,
         config,
@@ -219,6 +235,7 @@ impl Running {
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             let _ = self.mqtt.await;
             let _ = self.coap.await;
+            let _ = self.coaps.await;
             let _ = self.http.await;
             let _ = self.scheduler.await;
         })

@@ -496,3 +496,167 @@ async fn libcoap_coap_client_registers_and_is_refused_when_unknown() {
     );
     server.stop().await;
 }
+
+/// A device whose secret is IoTDA's PSK form (hex): `6162636465666768` is the key `abcdefgh`.
+async fn psk_device(server: &TestServer, product: &str, node: &str) -> String {
+    let body = json!({"node_id": node, "product_id": product, "auth_info": {"secret": "6162636465666768", "secure_access": true}});
+    let r = server.post("/devices", body).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    r.body["device_id"].as_str().unwrap().to_owned()
+}
+
+fn coaps_addr(server: &TestServer) -> SocketAddr {
+    server.running.as_ref().unwrap().coaps_addr
+}
+
+/// OpenSSL's own client completes a DTLS 1.2 PSK handshake with `cipher`, or fails (bounded by
+/// `timeout`, so a server that stops answering fails the test instead of hanging it).
+fn openssl_handshake(port: u16, identity: &str, key_hex: &str, cipher: &str) -> bool {
+    let output = std::process::Command::new("timeout")
+        .args([
+            "4",
+            "openssl",
+            "s_client",
+            "-dtls1_2",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-psk_identity",
+            identity,
+            "-psk",
+            key_hex,
+            "-cipher",
+            &format!("{cipher}:@SECLEVEL=0"),
+            "-no_ign_eof",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // A refused identity ends in an alert; a wrong key makes DTLS drop the client's Finished
+    // silently (RFC 6347), so the client never sees the server's and gives up at the timeout.
+    said.contains(&format!("Cipher is {cipher}"))
+        && !said.contains("alert")
+        && !said.contains(":error:")
+}
+
+#[tokio::test]
+async fn dtls_psk_offers_both_iotda_cipher_suites_and_refuses_wrong_keys() {
+    let server = server().await;
+    let product = nb_product(&server).await;
+    psk_device(&server, &product, "863000000000005").await;
+    let port = coaps_addr(&server).port();
+    for cipher in ["PSK-AES128-CCM8", "PSK-AES128-CBC-SHA256"] {
+        let done = tokio::task::spawn_blocking(move || {
+            openssl_handshake(port, "863000000000005", "6162636465666768", cipher)
+        })
+        .await
+        .unwrap();
+        assert!(done, "{cipher} must complete");
+    }
+    let wrong = tokio::task::spawn_blocking(move || {
+        openssl_handshake(port, "863000000000005", "00112233", "PSK-AES128-CCM8")
+    })
+    .await
+    .unwrap();
+    assert!(!wrong, "a wrong key must not complete the handshake");
+    let unknown = tokio::task::spawn_blocking(move || {
+        openssl_handshake(port, "nobody", "6162636465666768", "PSK-AES128-CCM8")
+    })
+    .await
+    .unwrap();
+    assert!(
+        !unknown,
+        "an unknown identity must not complete the handshake"
+    );
+    let other = tokio::task::spawn_blocking(move || {
+        openssl_handshake(
+            port,
+            "863000000000005",
+            "6162636465666768",
+            "PSK-AES128-GCM-SHA256",
+        )
+    })
+    .await
+    .unwrap();
+    assert!(!other, "only IoTDA's two suites are offered");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn libcoap_registers_over_dtls_and_secure_devices_may_not_use_plain_coap() {
+    if std::process::Command::new("coap-client-openssl")
+        .arg("-h")
+        .output()
+        .is_err()
+    {
+        assert!(std::env::var("CI").is_err(), "CI installs libcoap3-bin");
+        return;
+    }
+    let server = server().await;
+    let product = nb_product(&server).await;
+    let device_id = psk_device(&server, &product, "863000000000006").await;
+    let coaps = coaps_addr(&server).port();
+    let plain = coap_addr(&server).port();
+    let run = |url: String, key: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new("coap-client-openssl")
+                .args([
+                    "-m",
+                    "post",
+                    "-B",
+                    "5",
+                    "-u",
+                    "863000000000006",
+                    "-k",
+                    key,
+                    "-e",
+                    "</19/0>,</19/1>",
+                    &url,
+                ])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap()
+    };
+    let refused = run(
+        format!("coap://127.0.0.1:{plain}/rd?ep=863000000000006&lt=300"),
+        "abcdefgh",
+    )
+    .await;
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&refused.stdout),
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert!(
+        said.contains("4.03"),
+        "secure_access devices must use CoAPS: {said}"
+    );
+    assert_ne!(server.status(&device_id).await, "ONLINE");
+
+    let registered = run(
+        format!("coaps://127.0.0.1:{coaps}/rd?ep=863000000000006&lt=300"),
+        "abcdefgh",
+    )
+    .await;
+    assert!(registered.status.success(), "{registered:?}");
+    eventually("ONLINE over CoAPS", || async {
+        server.status(&device_id).await == "ONLINE"
+    })
+    .await;
+    let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+    assert!(
+        trace["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "lwm2m_registered"),
+        "{trace}"
+    );
+    server.stop().await;
+}

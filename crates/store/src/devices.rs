@@ -53,6 +53,13 @@ fn load(c: &Connection, device_id: &str) -> Result<Option<Device>, StoreError> {
         .optional()?)
 }
 
+fn by_node(c: &Connection, node_id: &str) -> Result<Vec<Device>, StoreError> {
+    let sql = format!("SELECT {COLUMNS} FROM devices WHERE node_id = ?1 LIMIT 2");
+    let mut stmt = c.prepare_cached(&sql)?;
+    let rows = stmt.query_map([node_id], from_row)?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Desired shadow values per service, as given at registration.
 pub type InitialDesired = Vec<(String, serde_json::Map<String, serde_json::Value>)>;
 
@@ -147,15 +154,15 @@ impl Store {
         self.read(move |c| load(c, &device_id)).await
     }
 
-    /// Every device with this node id (an NB-IoT device names itself by node id alone).
+    /// Every device with this node id (an NB-IoT device names itself by node id alone); at most
+    /// two, which is enough to tell "exactly one" apart.
     pub async fn devices_by_node(&self, node_id: String) -> Result<Vec<Device>, StoreError> {
-        self.read(move |c| {
-            let sql = format!("SELECT {COLUMNS} FROM devices WHERE node_id = ?1 LIMIT 2");
-            let mut stmt = c.prepare_cached(&sql)?;
-            let rows = stmt.query_map([node_id], from_row)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+        self.read(move |c| by_node(c, &node_id)).await
+    }
+
+    /// The same, without awaiting: for the DTLS handshake's synchronous key callback.
+    pub fn devices_by_node_now(&self, node_id: &str) -> Result<Vec<Device>, StoreError> {
+        self.read_now(|c| by_node(c, node_id))
     }
 
     /// Devices matching `filter`, newest first, with `seq < before`.

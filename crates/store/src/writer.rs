@@ -138,6 +138,19 @@ impl Store {
         .map_err(|_| StoreError::Closed)?
     }
 
+    /// Runs `f` on the read connection on the calling thread. Only for short indexed reads from
+    /// a synchronous callback that cannot await (the DTLS pre-shared-key lookup).
+    pub(crate) fn read_now<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let conn = self
+            .reader
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&conn)
+    }
+
     /// Commits everything queued so far and stops the writer. Blocks until it has finished.
     pub async fn close(&self) {
         let _ = self.jobs.send(Command::Stop).await;
