@@ -1,7 +1,7 @@
 """Fixtures: one ioda server per test session, SDK clients for both signers, paho devices.
 
 Server contract (what this file relies on):
-  $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0
+  $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0 --coap-addr 127.0.0.1:0 --coaps-addr 127.0.0.1:0
   writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT"}
   writes DIR/admin-credentials.json {"project_id": ..., "access_key": ..., "secret_key": ...}
   exits with status 0 within 15 s of SIGTERM.
@@ -88,7 +88,8 @@ def ioda_server(tmp_path_factory, request) -> IodaServer:
     log_path = data_dir / "ioda.log"
     request.config.stash[_LOG_PATH_KEY] = log_path
     cmd = [binary, "serve", "--data-dir", str(data_dir),
-           "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"]
+           "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
+           "--coap-addr", "127.0.0.1:0", "--coaps-addr", "127.0.0.1:0"]
 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -486,11 +486,15 @@ async fn a_failing_target_is_marked_probed_and_its_queue_bounded() {
     let r = server.api.call("PUT", &format!("/routing-rule/actions/{action_id}"), Some(&json!({"channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}}))).await.unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     clock.advance(180_000);
-    let delivered = wait_accepted(&receiver, 1, 10).await;
-    assert_eq!(
-        delivered.last(),
-        Some(&json!({"n": 20})),
-        "the newest message survives the size limit"
+    // What survived the size limit is delivered in order, the newest (n = 20) last.
+    eventually("the newest message is delivered", || async {
+        receiver.accepted().last() == Some(&json!({"n": 20}))
+    })
+    .await;
+    let delivered = receiver.accepted();
+    assert!(
+        delivered.len() < 20,
+        "the size limit dropped the oldest: {delivered:?}"
     );
     let status = server.get(&status_path).await;
     assert_eq!(status["failing"], false);

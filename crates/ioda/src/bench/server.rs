@@ -93,6 +93,10 @@ impl ServerProcess {
                 "127.0.0.1:0",
                 "--mqtt-addr",
                 "127.0.0.1:0",
+                "--coap-addr",
+                "127.0.0.1:0",
+                "--coaps-addr",
+                "127.0.0.1:0",
                 "--rate-limit",
                 "0",
             ])
