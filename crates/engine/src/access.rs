@@ -56,6 +56,26 @@ fn trace_entry(device_id: &str, at: i64, kind: &str, detail: Value) -> TraceEntr
 }
 
 impl Platform {
+    /// A short-connection device sent data (or registered): its status follows its data, and
+    /// an ABNORMAL or OFFLINE one is ONLINE again.
+    pub(crate) async fn data_seen(&self, device: &DeviceRef) {
+        let now = self.now();
+        match self.store.data_seen(device.device_id.clone(), now).await {
+            Ok(Some(DeviceStatus::Abnormal | DeviceStatus::Offline | DeviceStatus::Inactive)) => {
+                self.bus.publish(PlatformEvent::DeviceStatusChanged {
+                    device: device.clone(),
+                    status: DeviceStatus::Online,
+                    cause: StatusCause::DataReceived,
+                    at: now,
+                });
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, device_id = %device.device_id, "could not record the device's data time")
+            }
+        }
+    }
+
     /// Records one trace entry for a device now (outside any session).
     pub(crate) async fn trace_now(&self, device_id: &str, kind: &str, detail: Value) {
         let entry = trace_entry(device_id, self.now(), kind, detail);
@@ -219,6 +239,18 @@ impl DeviceSession {
             platform,
             device: device.reference(),
             link,
+        }
+    }
+
+    /// Leaves the registry without touching the status (a lapsed LwM2M registration, whose
+    /// status follows its data).
+    pub(crate) async fn detach(mut self, why: &str) {
+        if self
+            .platform
+            .registry
+            .unregister(&self.device.device_id, self.link.conn_id)
+        {
+            self.record(why, json!({})).await;
         }
     }
 

@@ -81,6 +81,9 @@ pub struct EngineConfig {
     pub timestamp_tolerance_ms: i64,
     /// How long stored reports and messages are kept, in milliseconds; 0 keeps them forever.
     pub history_retention_ms: i64,
+    /// Silence after which a short-connection (NB-IoT) device is ABNORMAL, and then OFFLINE.
+    pub abnormal_after_ms: i64,
+    pub offline_after_ms: i64,
 }
 
 impl Default for EngineConfig {
@@ -92,6 +95,8 @@ impl Default for EngineConfig {
             keepalive_max: 1200,
             timestamp_tolerance_ms: 3_600_000,
             history_retention_ms: 30 * 24 * 3_600_000,
+            abnormal_after_ms: 25 * 3_600_000,
+            offline_after_ms: 49 * 3_600_000,
         }
     }
 }

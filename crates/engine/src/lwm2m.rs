@@ -217,6 +217,7 @@ impl Lwm2mHandler for Lwm2mAccess {
         self.platform
             .trace_now(&device.device_id, "lwm2m_registered", detail)
             .await;
+        self.platform.data_seen(&device.reference()).await;
         let task = EndpointTask {
             session,
             coap,
@@ -341,13 +342,20 @@ impl EndpointTask {
                 _ = tokio::time::sleep(Duration::from_millis(wake)) => {}
             }
         };
-        self.session.closed(cause).await;
+        if matches!(cause, CloseCause::KeepaliveTimeout) {
+            // A lapsed registration leaves the status to the data timers (ABNORMAL after 25 h
+            // without data, OFFLINE after 49 h), as IoTDA does for NB-IoT devices.
+            self.session.detach("lwm2m_lifetime_expired").await;
+        } else {
+            self.session.closed(cause).await;
+        }
     }
 
     /// Data from the device: the same path as an MQTT property report, so a binary product's
     /// codec decodes it (a command response among it completes its command by `mid`).
     async fn on_data(&mut self, payload: Vec<u8>) {
         self.awake();
+        self.session.platform.data_seen(&self.session.device).await;
         // The device's answer to the previous command usually comes with this data.
         self.gate_until = 0;
         let topic = format!(

@@ -35,6 +35,7 @@ impl Platform {
                 .trim_history(now - self.config.history_retention_ms, BATCH)
                 .await?;
         }
+        handled += self.silence_statuses(now).await?;
         let lapsed = self.store.lapsed_registrations(now, BATCH).await?;
         handled += lapsed.len();
         for device in lapsed {
@@ -48,6 +49,39 @@ impl Platform {
                 tracing::info!(device_id = %device.device_id, "registration lapsed: the device never connected");
                 self.bus.publish(PlatformEvent::DeviceDeleted {
                     device: device.reference(),
+                    at: now,
+                });
+            }
+        }
+        Ok(handled)
+    }
+
+    /// NB-IoT devices' status follows their data: ABNORMAL after `abnormal_after_ms` without any,
+    /// OFFLINE after `offline_after_ms`.
+    async fn silence_statuses(&self, now: i64) -> Result<usize, EngineError> {
+        use ioda_types::{DeviceStatus, StatusCause};
+        const QUIET: &[DeviceStatus] = &[DeviceStatus::Online];
+        const SILENT: &[DeviceStatus] = &[DeviceStatus::Online, DeviceStatus::Abnormal];
+        let mut handled = 0;
+        for (after, from, to) in [
+            (self.config.offline_after_ms, SILENT, DeviceStatus::Offline),
+            (self.config.abnormal_after_ms, QUIET, DeviceStatus::Abnormal),
+        ] {
+            let before = now - after;
+            let devices = self.store.silent_devices(before, from, BATCH).await?;
+            handled += devices.len();
+            for device in devices {
+                let set = self
+                    .store
+                    .set_silent_status(device.device_id.clone(), to, before, now)
+                    .await?;
+                if !set {
+                    continue; // Data arrived meanwhile.
+                }
+                self.bus.publish(PlatformEvent::DeviceStatusChanged {
+                    device: device.reference(),
+                    status: to,
+                    cause: StatusCause::NoData,
                     at: now,
                 });
             }

@@ -61,6 +61,12 @@ pub struct ServeArgs {
     /// Days stored reports and messages are kept (0 = forever).
     #[arg(long, env = "IODA_HISTORY_RETENTION_DAYS")]
     pub history_retention_days: Option<u64>,
+    /// Hours without data after which an NB-IoT (LwM2M) device is ABNORMAL.
+    #[arg(long, env = "IODA_ABNORMAL_AFTER_HOURS")]
+    pub abnormal_after_hours: Option<u64>,
+    /// Hours without data after which an NB-IoT (LwM2M) device is OFFLINE.
+    #[arg(long, env = "IODA_OFFLINE_AFTER_HOURS")]
+    pub offline_after_hours: Option<u64>,
 }
 
 /// The same settings as read from `ioda.toml`.
@@ -81,6 +87,8 @@ struct FileConfig {
     signature_window: Option<u64>,
     forward_timeout: Option<u64>,
     history_retention_days: Option<u64>,
+    abnormal_after_hours: Option<u64>,
+    offline_after_hours: Option<u64>,
 }
 
 /// Fully resolved settings of a server.
@@ -166,8 +174,19 @@ impl ServeArgs {
                 .map_or(defaults.history_retention_ms, |days| {
                     days as i64 * 86_400_000
                 }),
+            abnormal_after_ms: self
+                .abnormal_after_hours
+                .or(file.abnormal_after_hours)
+                .map_or(defaults.abnormal_after_ms, |h| h.max(1) as i64 * 3_600_000),
+            offline_after_ms: self
+                .offline_after_hours
+                .or(file.offline_after_hours)
+                .map_or(defaults.offline_after_ms, |h| h.max(1) as i64 * 3_600_000),
             ..defaults
         };
+        if engine.abnormal_after_ms >= engine.offline_after_ms {
+            bail!("abnormal_after_hours must be below offline_after_hours");
+        }
         if engine.keepalive_min > engine.keepalive_max {
             bail!(
                 "keepalive_min ({}) is above keepalive_max ({})",

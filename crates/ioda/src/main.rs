@@ -27,7 +27,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the platform.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Call the REST API, signed with the administrator key of a data directory.
     Api {
         /// Data directory of the server (its admin-credentials.json and listeners.json are used).
@@ -226,7 +226,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log)?;
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Api {
             data_dir,
             method,

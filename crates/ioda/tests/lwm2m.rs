@@ -340,7 +340,10 @@ async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire()
     clock.advance(121_000); // No update within the lifetime.
     server.running.as_ref().unwrap().lwm2m.sweep();
     eventually("the registration lapsed", || async {
-        server.status(&device_id).await == "OFFLINE"
+        server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"lwm2m_lifetime_expired".to_owned())
     })
     .await;
     let stale = device
@@ -351,6 +354,33 @@ async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire()
         MessageClass::Response(ResponseType::NotFound),
         "a lapsed registration must register again"
     );
+
+    // The status follows the data, not the registration: ONLINE until 25 h of silence, ABNORMAL
+    // until 49 h, then OFFLINE; data makes it ONLINE again. The timers survive a restart.
+    let platform = server.platform().clone();
+    platform.tick().await.unwrap();
+    assert_eq!(server.status(&device_id).await, "ONLINE");
+    clock.advance(25 * 3_600_000);
+    platform.tick().await.unwrap();
+    assert_eq!(server.status(&device_id).await, "ABNORMAL");
+    drop(platform);
+    let dir = server.stop_keep_dir().await;
+    let server = server_on(dir, |c| c.signature_window_ms = i64::MAX / 4, clock.clone()).await;
+    clock.advance(24 * 3_600_000);
+    server.platform().tick().await.unwrap();
+    assert_eq!(server.status(&device_id).await, "OFFLINE");
+    let mut device = NbDevice::new(coap_addr(&server)).await;
+    let again = device.register("863000000000002", 120, "UQ").await;
+    assert_eq!(
+        again.header.code,
+        MessageClass::Response(ResponseType::Created)
+    );
+    device.accept_observe().await;
+    device.notify(&[0x00, 0x01, 0x00, 0x10]).await;
+    eventually("ONLINE with data again", || async {
+        server.status(&device_id).await == "ONLINE"
+    })
+    .await;
     server.stop().await;
 }
 

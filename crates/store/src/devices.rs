@@ -313,6 +313,99 @@ impl Store {
         .await
     }
 
+    /// A short-connection (NB-IoT) device sent data at `at`: its status follows its data from now
+    /// on, and an ABNORMAL or OFFLINE one is ONLINE again. Returns the status it had.
+    pub async fn data_seen(
+        &self,
+        device_id: String,
+        at: i64,
+    ) -> Result<Option<DeviceStatus>, StoreError> {
+        self.write(move |c| {
+            let status: Option<String> = c
+                .query_row(
+                    "SELECT status FROM devices WHERE device_id = ?1",
+                    [&device_id],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(status) = status.and_then(|s| DeviceStatus::parse(&s)) else {
+                return Ok(None);
+            };
+            c.execute(
+                "UPDATE devices SET data_seen_at = ?2 WHERE device_id = ?1",
+                params![device_id, at],
+            )?;
+            if matches!(
+                status,
+                DeviceStatus::Abnormal | DeviceStatus::Offline | DeviceStatus::Inactive
+            ) {
+                apply_status(
+                    c,
+                    StatusChange {
+                        device_id: &device_id,
+                        status: DeviceStatus::Online,
+                        at,
+                    },
+                )?;
+            }
+            Ok(Some(status))
+        })
+        .await
+    }
+
+    /// Sets a silent device's status, unless data arrived after `before` meanwhile; `true` if set.
+    pub async fn set_silent_status(
+        &self,
+        device_id: String,
+        status: DeviceStatus,
+        before: i64,
+        at: i64,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c| {
+            let silent: bool = c
+                .query_row(
+                    "SELECT COALESCE(data_seen_at <= ?2, 0) FROM devices WHERE device_id = ?1",
+                    params![device_id, before],
+                    |r| r.get(0),
+                )
+                .optional()?
+                .unwrap_or(false);
+            if silent {
+                apply_status(
+                    c,
+                    StatusChange {
+                        device_id: &device_id,
+                        status,
+                        at,
+                    },
+                )?;
+            }
+            Ok(silent)
+        })
+        .await
+    }
+
+    /// Short-connection devices in one of `statuses` whose last data is at or before `before`.
+    pub async fn silent_devices(
+        &self,
+        before: i64,
+        statuses: &'static [DeviceStatus],
+        limit: i64,
+    ) -> Result<Vec<Device>, StoreError> {
+        self.read(move |c| {
+            let wanted: Vec<String> = statuses.iter().map(|s| format!("'{}'", s.as_str())).collect();
+            let sql = format!(
+                "SELECT {COLUMNS} FROM devices WHERE data_seen_at IS NOT NULL AND data_seen_at <= ?1 \
+                 AND status IN ({}) LIMIT ?2",
+                wanted.join(", ")
+            );
+            let mut stmt = c.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![before, limit], from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// Devices registered with an activation timeout that never connected within it.
     pub async fn lapsed_registrations(
         &self,

@@ -194,6 +194,8 @@ ALTER TABLE async_commands ADD COLUMN callback_url TEXT;
 "#,
     r#"
 CREATE INDEX devices_by_node ON devices(node_id);
+ALTER TABLE devices ADD COLUMN data_seen_at INTEGER;
+CREATE INDEX devices_by_data_seen ON devices(data_seen_at) WHERE data_seen_at IS NOT NULL;
 "#,
 ];
 

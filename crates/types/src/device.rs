@@ -54,6 +54,10 @@ pub enum StatusCause {
     Kicked,
     Frozen,
     Unfrozen,
+    /// A short-connection (NB-IoT) device sent no data for longer than a status threshold.
+    NoData,
+    /// A short-connection device sent data again.
+    DataReceived,
 }
 
 /// How a device authenticates and what the platform keeps of it.
