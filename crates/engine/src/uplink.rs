@@ -209,10 +209,15 @@ impl DeviceSession {
         };
         let json = decoded.to_json();
         match (&decoded, uplink) {
-            (ioda_codec::Decoded::Report { .. }, _) => {
+            (ioda_codec::Decoded::Report { response, .. }, _) => {
                 let body = json!({ "services": json["services"] }).to_string();
-                self.report_properties(body.as_bytes(), request_id, now)
-                    .await
+                let verdict = self
+                    .report_properties(body.as_bytes(), request_id, now)
+                    .await;
+                if let Some(answer) = response.clone() {
+                    self.answer_report(answer);
+                }
+                verdict
             }
             (
                 ioda_codec::Decoded::CommandResponse { .. },
@@ -244,6 +249,25 @@ impl DeviceSession {
                     .await
             }
         }
+    }
+
+    /// A codec whose data report defines a response (IoTDA's "Add Response Field") answers each
+    /// report of an NB-IoT device with those bytes on `/19/1/0`.
+    fn answer_report(&self, answer: Vec<u8>) {
+        let coap = self
+            .platform
+            .cached_product(&self.device.product_id)
+            .is_some_and(|p| p.protocol_type == "CoAP");
+        if !coap {
+            return;
+        }
+        let platform = self.platform.clone();
+        let device_id = self.device.device_id.clone();
+        // Another task: the answer goes through this device's own outbox.
+        tokio::spawn(async move {
+            let topic = format!("$oc/devices/{device_id}/sys/lwm2m/report_response");
+            let _ = platform.push(&device_id, topic, answer, false).await;
+        });
     }
 
     /// A device's answer to a platform request: completes the waiting API call or the asynchronous

@@ -234,6 +234,13 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
     device.accept_observe().await;
 
     device.notify(&[0x00, 0x02, 0xFF, 0x38]).await;
+    let answer = device.next_write().await;
+    assert_eq!(
+        answer.payload,
+        vec![0xAA, 0xAA, 0x00, 0x00],
+        "the codec's report response"
+    );
+    device.ack_write(&answer).await;
     eventually("the decoded data reaches the shadow", || async {
         let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
         shadow["shadow"][0]["reported"]["properties"] == json!({"level": 2, "temperature": -20.0})
