@@ -11,6 +11,9 @@ use crate::wire::{Decoded, bits, hex_decode, hex_encode};
 pub enum Codec {
     /// IoTDA's online (declarative) codec.
     Declarative(Definition),
+    /// A JavaScript codec (`decode(payload, topic)`, `encode(json)`).
+    #[cfg(feature = "javascript")]
+    Script(crate::script::Script),
 }
 
 impl Codec {
@@ -24,8 +27,16 @@ impl Codec {
             Some("declarative") => Ok(Codec::Declarative(Definition::from_json(
                 json.get("definition").unwrap_or(&Value::Null),
             )?)),
+            #[cfg(feature = "javascript")]
+            Some("javascript") => {
+                let source = json
+                    .get("script")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| definition("a javascript codec needs its \"script\" text"))?;
+                Ok(Codec::Script(crate::script::Script::new(source)?))
+            }
             Some(other) => Err(definition(format!(
-                "codec type {other:?} is not known; use \"declarative\""
+                "codec type {other:?} is not known; use \"declarative\" or \"javascript\""
             ))),
             None => Err(definition(
                 "a codec is {\"type\": \"declarative\", \"definition\": {\"messages\": [...]}}",
@@ -39,13 +50,17 @@ impl Codec {
             Codec::Declarative(definition) => {
                 json!({ "type": "declarative", "definition": definition })
             }
+            #[cfg(feature = "javascript")]
+            Codec::Script(script) => json!({ "type": "javascript", "script": script.source() }),
         }
     }
 
-    /// Device bytes → platform JSON.
-    pub fn decode(&self, payload: &[u8]) -> Result<Decoded, CodecError> {
+    /// Device bytes → platform JSON; `topic` is the MQTT topic they came on (none for LwM2M).
+    pub fn decode(&self, payload: &[u8], topic: Option<&str>) -> Result<Decoded, CodecError> {
         match self {
             Codec::Declarative(definition) => definition.decode(payload),
+            #[cfg(feature = "javascript")]
+            Codec::Script(script) => script.decode(payload, topic),
         }
     }
 
@@ -53,20 +68,20 @@ impl Codec {
     pub fn encode(&self, command: &Value) -> Result<Vec<u8>, CodecError> {
         match self {
             Codec::Declarative(definition) => definition.encode(command),
+            #[cfg(feature = "javascript")]
+            Codec::Script(script) => script.encode(command),
         }
     }
 
-    /// The codec test tool: `{"decode": "HEX"}` or `{"encode": {command}}`. The answer shows the
+    /// The codec test tool: `{"decode": "HEX", "topic": ...}` or `{"encode": {command}}`. The answer shows the
     /// decoded JSON (and the response the device would get), or the bytes in hex, bits and Base64.
     pub fn test(&self, request: &Value) -> Result<Value, CodecError> {
         if let Some(hex) = request.get("decode").and_then(Value::as_str) {
             let bytes = hex_decode(hex).map_err(CodecError::Decode)?;
-            let decoded = self.decode(&bytes)?;
-            let response = match &decoded {
-                Decoded::Report { response, .. } => response.as_deref().map(hex_encode),
-                Decoded::CommandResponse { .. } => None,
-            };
-            return Ok(json!({ "decoded": decoded.to_json(), "response": response }));
+            let topic = request.get("topic").and_then(Value::as_str);
+            let decoded = self.decode(&bytes, topic)?;
+            let response = decoded.response.as_deref().map(hex_encode);
+            return Ok(json!({ "decoded": decoded.json, "response": response }));
         }
         if let Some(command) = request.get("encode") {
             return Ok(bytes_view(&self.encode(command)?));

@@ -9,6 +9,8 @@
 mod codec;
 mod definition;
 mod error;
+#[cfg(feature = "javascript")]
+pub mod script;
 mod wire;
 
 pub use codec::{Codec, bytes_view};

@@ -9,56 +9,30 @@ use serde_json::{Map, Number, Value, json};
 use crate::definition::{Definition, Field, FieldType, Message, MessageKind, Role};
 use crate::error::CodecError;
 
-/// What a device's bytes meant.
+/// What a device's bytes meant, as the platform's JSON (the shape IoTDA's script codecs return
+/// from `decode`): `{"msg_type": "properties_report", "services": [...]}` or
+/// `{"msg_type": "command_response", "mid", "result_code", "paras", ...}`.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decoded {
-    /// Property values of one service; `response` is what to answer the device with, if the
-    /// message defines one.
-    Report {
-        message: String,
-        service_id: String,
-        properties: Map<String, Value>,
-        response: Option<Vec<u8>>,
-    },
-    /// The answer to a command, paired by `mid`.
-    CommandResponse {
-        message: String,
-        service_id: String,
-        command_name: String,
-        mid: Option<i64>,
-        errcode: Option<i64>,
-        paras: Map<String, Value>,
-    },
+pub struct Decoded {
+    pub json: Value,
+    /// The bytes to answer a data report with, when the codec defines them.
+    pub response: Option<Vec<u8>>,
 }
 
 impl Decoded {
-    /// The platform's JSON for it (the shape IoTDA's script codecs return from `decode`).
+    /// Whether the device answered a command.
+    pub fn is_command_response(&self) -> bool {
+        self.json["msg_type"] == "command_response"
+    }
+
+    /// The `mid` a command response carries.
+    pub fn mid(&self) -> Option<i64> {
+        self.json["mid"].as_i64()
+    }
+
+    /// The platform JSON.
     pub fn to_json(&self) -> Value {
-        match self {
-            Decoded::Report {
-                service_id,
-                properties,
-                ..
-            } => json!({
-                "msg_type": "properties_report",
-                "services": [{ "service_id": service_id, "properties": properties }],
-            }),
-            Decoded::CommandResponse {
-                service_id,
-                command_name,
-                mid,
-                errcode,
-                paras,
-                ..
-            } => json!({
-                "msg_type": "command_response",
-                "service_id": service_id,
-                "command_name": command_name,
-                "mid": mid,
-                "result_code": errcode.unwrap_or(0),
-                "paras": paras,
-            }),
-        }
+        self.json.clone()
     }
 }
 
@@ -80,18 +54,22 @@ impl Definition {
             .filter_map(|f| Some((f.name.clone(), values.get(&f.name)?.clone())))
             .collect();
         Ok(match message.kind {
-            MessageKind::CommandResponse => Decoded::CommandResponse {
-                message: message.name.clone(),
-                service_id: message.service_id.clone(),
-                command_name: message.command_name.clone().unwrap_or_default(),
-                mid: role(Role::Mid),
-                errcode: role(Role::Errcode),
-                paras: data,
+            MessageKind::CommandResponse => Decoded {
+                json: json!({
+                    "msg_type": "command_response",
+                    "service_id": message.service_id,
+                    "command_name": message.command_name,
+                    "mid": role(Role::Mid),
+                    "result_code": role(Role::Errcode).unwrap_or(0),
+                    "paras": data,
+                }),
+                response: None,
             },
-            _ => Decoded::Report {
-                message: message.name.clone(),
-                service_id: message.service_id.clone(),
-                properties: data,
+            _ => Decoded {
+                json: json!({
+                    "msg_type": "properties_report",
+                    "services": [{ "service_id": message.service_id, "properties": data }],
+                }),
                 response: message
                     .response
                     .as_deref()

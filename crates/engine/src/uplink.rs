@@ -130,7 +130,14 @@ impl DeviceSession {
         }
         if let Some(codec) = self.binary_codec(uplink.as_ref()) {
             return self
-                .decode_binary(&codec, uplink.as_ref(), &payload, request_id, now)
+                .decode_binary(
+                    codec,
+                    uplink.as_ref(),
+                    &publish.topic,
+                    &payload,
+                    request_id,
+                    now,
+                )
                 .await;
         }
         match uplink {
@@ -193,13 +200,24 @@ impl DeviceSession {
     /// reason and dropped.
     async fn decode_binary(
         &mut self,
-        codec: &ioda_codec::Codec,
+        codec: std::sync::Arc<ioda_codec::Codec>,
         uplink: Option<&Uplink<'_>>,
+        topic: &str,
         payload: &[u8],
         request_id: String,
         now: i64,
     ) -> PublishVerdict {
-        let decoded = match codec.decode(payload) {
+        // Scripts get the MQTT topic; NB-IoT data has none (as in IoTDA).
+        let topic = (!self.is_coap()).then_some(topic);
+        // A script may run for a while (up to its operation budget): off the async threads.
+        let (bytes, topic_owned) = (payload.to_vec(), topic.map(str::to_owned));
+        let decoded =
+            tokio::task::spawn_blocking(move || codec.decode(&bytes, topic_owned.as_deref()))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ioda_codec::CodecError::Decode("the codec stopped".into()))
+                });
+        let decoded = match decoded {
             Ok(decoded) => decoded,
             Err(error) => {
                 let detail = json!({ "request_id": request_id, "payload_hex": ioda_codec::hex_encode(payload), "error": error.to_string() });
@@ -207,58 +225,54 @@ impl DeviceSession {
                 return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
             }
         };
-        let json = decoded.to_json();
-        match (&decoded, uplink) {
-            (ioda_codec::Decoded::Report { response, .. }, _) => {
-                let body = json!({ "services": json["services"] }).to_string();
-                let verdict = self
-                    .report_properties(body.as_bytes(), request_id, now)
-                    .await;
-                if let Some(answer) = response.clone() {
-                    self.answer_report(answer);
-                }
-                verdict
+        let json = decoded.json;
+        if json["msg_type"] != "command_response" {
+            // A report: `services` as an MQTT device would have sent them.
+            let body = json!({ "services": json["services"] }).to_string();
+            let verdict = self
+                .report_properties(body.as_bytes(), request_id, now)
+                .await;
+            if let Some(answer) = decoded.response {
+                self.answer_report(answer);
             }
-            (
-                ioda_codec::Decoded::CommandResponse { .. },
-                Some(Uplink::CommandResponse { request_id }),
-            ) => {
-                let body = json!({ "result_code": json["result_code"], "paras": json["paras"] })
-                    .to_string();
-                self.on_reply(ReplyKind::Command, request_id, body.as_bytes())
-                    .await
-            }
-            (ioda_codec::Decoded::CommandResponse { mid, .. }, _) => {
-                // LwM2M devices answer on their data channel; the mid names the command.
-                let command = match mid {
-                    Some(mid) => {
-                        self.platform
-                            .command_of_mid(&self.device.device_id, *mid)
-                            .await
-                    }
-                    None => None,
-                };
-                let Some(command_id) = command else {
-                    let detail = json!({ "request_id": request_id, "decoded": json, "why": "no command waits for this mid" });
-                    self.record("response_ignored", detail).await;
-                    return PublishVerdict::Accept;
-                };
-                let body = json!({ "result_code": json["result_code"], "paras": json["paras"] })
-                    .to_string();
-                self.on_reply(ReplyKind::Command, &command_id, body.as_bytes())
-                    .await
-            }
+            return verdict;
         }
+        let answered = match uplink {
+            Some(Uplink::CommandResponse { request_id }) => Some((*request_id).to_owned()),
+            // LwM2M devices answer on their data channel; the mid names the command.
+            _ => match json["mid"].as_i64() {
+                Some(mid) => {
+                    self.platform
+                        .command_of_mid(&self.device.device_id, mid)
+                        .await
+                }
+                None => None,
+            },
+        };
+        let Some(command_id) = answered else {
+            let detail = json!({ "request_id": request_id, "decoded": json, "why": "no command waits for this mid" });
+            self.record("response_ignored", detail).await;
+            return PublishVerdict::Accept;
+        };
+        let result_code = json.get("result_code").or(json.get("errcode")).cloned();
+        let body =
+            json!({ "result_code": result_code.unwrap_or(json!(0)), "paras": json["paras"] })
+                .to_string();
+        self.on_reply(ReplyKind::Command, &command_id, body.as_bytes())
+            .await
+    }
+
+    /// Whether the device is an NB-IoT (CoAP/LwM2M) one.
+    fn is_coap(&self) -> bool {
+        self.platform
+            .cached_product(&self.device.product_id)
+            .is_some_and(|p| p.protocol_type == "CoAP")
     }
 
     /// A codec whose data report defines a response (IoTDA's "Add Response Field") answers each
     /// report of an NB-IoT device with those bytes on `/19/1/0`.
     fn answer_report(&self, answer: Vec<u8>) {
-        let coap = self
-            .platform
-            .cached_product(&self.device.product_id)
-            .is_some_and(|p| p.protocol_type == "CoAP");
-        if !coap {
+        if !self.is_coap() {
             return;
         }
         let platform = self.platform.clone();

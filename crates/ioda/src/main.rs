@@ -72,9 +72,13 @@ enum Command {
 enum CodecCommand {
     /// Decode device bytes or encode a command with a codec file, as the platform would.
     Test {
-        /// The codec: `{"type": "declarative", "definition": {...}}` or a bare definition.
+        /// The codec: a JavaScript file (`*.js`, with `decode` and `encode`), or JSON:
+        /// `{"type": "declarative", "definition": {...}}` or a bare definition.
         #[arg(long)]
         codec: PathBuf,
+        /// The MQTT topic the bytes came on (passed to a script's `decode`).
+        #[arg(long, requires = "decode")]
+        topic: Option<String>,
         /// Device bytes in hex (spaces allowed).
         #[arg(long, conflicts_with = "encode", required_unless_present = "encode")]
         decode: Option<String>,
@@ -86,16 +90,20 @@ enum CodecCommand {
 
 fn codec_test(
     codec: &std::path::Path,
+    topic: Option<String>,
     decode: Option<String>,
     encode: Option<String>,
 ) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(codec).with_context(|| format!("reading {}", codec.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", codec.display()))?;
+    let json: serde_json::Value = if codec.extension().is_some_and(|e| e == "js") {
+        serde_json::json!({ "type": "javascript", "script": text })
+    } else {
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", codec.display()))?
+    };
     let codec = ioda_codec::Codec::from_json(&json)?;
     let request = match (decode, encode) {
-        (Some(hex), _) => serde_json::json!({ "decode": hex }),
+        (Some(hex), _) => serde_json::json!({ "decode": hex, "topic": topic }),
         (None, Some(command)) => serde_json::json!({
             "encode": serde_json::from_str::<serde_json::Value>(&command).context("--encode is not JSON")?
         }),
@@ -235,9 +243,10 @@ async fn main() -> anyhow::Result<()> {
         } => api(data_dir, method, path, data).await,
         Command::Codec(CodecCommand::Test {
             codec,
+            topic,
             decode,
             encode,
-        }) => codec_test(&codec, decode, encode),
+        }) => codec_test(&codec, topic, decode, encode),
         Command::Trace {
             data_dir,
             device_id,

@@ -250,3 +250,113 @@ fn the_codec_test_command_decodes_encodes_and_explains_errors() {
         "{failed:?}"
     );
 }
+
+#[test]
+fn the_codec_test_command_runs_javascript_codecs() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/golden/smoke.js");
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ioda"))
+            .args(["codec", "test", "--codec", script])
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let decoded = run(&[
+        "--decode",
+        "00 01 01 3A",
+        "--topic",
+        "$oc/devices/d/sys/properties/report",
+    ]);
+    assert!(decoded.status.success(), "{decoded:?}");
+    let json: Value = serde_json::from_slice(&decoded.stdout).unwrap();
+    assert_eq!(
+        json["decoded"]["services"][0]["properties"]["temperature"],
+        31.4
+    );
+    let encoded = run(&[
+        "--encode",
+        r#"{"command_name":"SET_ALARM","paras":{"value":1},"mid":300}"#,
+    ]);
+    let json: Value = serde_json::from_slice(&encoded.stdout).unwrap();
+    assert_eq!(json["hex"], "01012C01", "{encoded:?}");
+    let failed = run(&["--decode", "07", "--topic", "t/x"]);
+    assert!(!failed.status.success());
+    assert!(
+        String::from_utf8_lossy(&failed.stderr)
+            .contains("the script threw: Error: unknown message type 7 on t/x")
+            || String::from_utf8_lossy(&failed.stderr).contains("unknown message type 7 on t/x"),
+        "{failed:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_javascript_codec_decodes_a_binary_mqtt_devices_reports() {
+    let server = server().await;
+    let product = binary_product(&server, "MQTT").await;
+    let script = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../codec/golden/smoke.js"
+    ))
+    .unwrap();
+    let path = format!("/products/{product}/codec");
+    let set = server
+        .api
+        .call(
+            "PUT",
+            &path,
+            Some(&json!({"type": "javascript", "script": script})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(set.status, 200, "{}", set.body);
+    let broken = server
+        .api
+        .call(
+            "PUT",
+            &path,
+            Some(&json!({"type": "javascript", "script": "function decode( {"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(broken.status, 400, "{}", broken.body);
+    let (device_id, secret) = server.device(&product, "smoke-js").await;
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    tokio::spawn(async move { while events.poll().await.is_ok() {} });
+    let report = format!("$oc/devices/{device_id}/sys/properties/report");
+    client
+        .publish(
+            &report,
+            QoS::AtLeastOnce,
+            false,
+            vec![0x00, 0x04, 0x00, 0x64],
+        )
+        .await
+        .unwrap();
+    eventually("the script's report reaches the shadow", || async {
+        let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
+        shadow["shadow"][0]["reported"]["properties"] == json!({"level": 4, "temperature": 10})
+    })
+    .await;
+    client
+        .publish(&report, QoS::AtLeastOnce, false, vec![0x09])
+        .await
+        .unwrap();
+    eventually(
+        "the script's error is traced with the topic it saw",
+        || async {
+            let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+            trace["entries"].as_array().unwrap().iter().any(|e| {
+                e["kind"] == "codec_failed"
+                    && e["detail"]["error"]
+                        .as_str()
+                        .unwrap()
+                        .contains(&format!("unknown message type 9 on {report}"))
+            })
+        },
+    )
+    .await;
+    server.stop().await;
+}
