@@ -2,7 +2,7 @@
 
 Server contract (what this file relies on):
   $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0 --coap-addr 127.0.0.1:0 --coaps-addr 127.0.0.1:0
-  writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT"}
+  writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT", "coap": ..., "coaps": ...}
   writes DIR/admin-credentials.json {"project_id": ..., "access_key": ..., "secret_key": ...}
   exits with status 0 within 15 s of SIGTERM.
 
@@ -40,6 +40,8 @@ class IodaServer:
     http_addr: str  # "127.0.0.1:PORT"
     mqtt_host: str
     mqtt_port: int
+    coap_addr: str  # "127.0.0.1:PORT" (UDP, CoAP/LwM2M)
+    binary: str  # the ioda binary, for `ioda api` calls outside the SDK
     project_id: str
     access_key: str
     secret_key: str
@@ -119,7 +121,7 @@ def ioda_server(tmp_path_factory, request) -> IodaServer:
     mqtt_host, mqtt_port = _split_addr(listeners["mqtt"])
     server = IodaServer(
         data_dir=data_dir, log_path=log_path, http_addr=listeners["http"],
-        mqtt_host=mqtt_host, mqtt_port=mqtt_port,
+        mqtt_host=mqtt_host, mqtt_port=mqtt_port, coap_addr=listeners["coap"], binary=binary,
         project_id=creds["project_id"], access_key=creds["access_key"], secret_key=creds["secret_key"],
     )
     yield server
