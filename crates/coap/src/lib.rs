@@ -5,6 +5,7 @@
 //! UDP socket and hands registrations and data to a `Lwm2mHandler`. This crate knows nothing of
 //! devices, products or the store.
 
+pub mod blockwise;
 #[cfg(feature = "dtls")]
 mod dtls;
 pub mod endpoint;

@@ -7,11 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use coap_lite::{MessageClass, Packet, ResponseType};
+use coap_lite::{CoapOption, MessageClass, Packet, ResponseType};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use crate::blockwise::{self, Block, Reassembly, Step};
 use crate::endpoint::{Endpoint, Event, Timing};
 use crate::lwm2m::{self, RdRequest, Registration};
 
@@ -48,8 +49,8 @@ pub trait Lwm2mHandler: Send + Sync + 'static {
 /// What became of a confirmable request to a device.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Answered (piggybacked on the ACK) with this code.
-    Answered(ResponseType),
+    /// Answered (piggybacked on the ACK) with this response.
+    Answered(Box<Packet>),
     /// Acknowledged with an empty ACK (the answer, if any, comes separately).
     Acknowledged,
     /// The device reset it.
@@ -85,9 +86,76 @@ pub struct CoapHandle {
     commands: mpsc::Sender<Command>,
 }
 
+impl Outcome {
+    /// The response code, when the device answered.
+    pub fn code(&self) -> Option<ResponseType> {
+        match self {
+            Outcome::Answered(packet) => match packet.header.code {
+                MessageClass::Response(code) => Some(code),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+}
+
 impl CoapHandle {
-    /// Sends a confirmable request and waits for its outcome.
+    /// Sends a confirmable request and waits for its outcome; a payload larger than one block
+    /// goes block-wise (Block1), each block waiting for the device's 2.31 Continue.
     pub async fn request(&self, to: SocketAddr, packet: Packet) -> Outcome {
+        if packet.payload.len() <= 1 << (blockwise::SZX + 4) {
+            return self.request_once(to, packet).await;
+        }
+        let payload = packet.payload.clone();
+        let mut last = Outcome::TimedOut;
+        for (block, part) in blockwise::split(&payload, blockwise::SZX) {
+            let mut piece = packet.clone();
+            piece.payload = part.to_vec();
+            block.set(&mut piece, CoapOption::Block1);
+            last = self.request_once(to, piece).await;
+            let continued = last.code() == Some(ResponseType::Continue);
+            if block.more && !continued {
+                return last; // Refused or lost midway: the device did not take it all.
+            }
+        }
+        last
+    }
+
+    /// Fetches the rest of a block-wise (Block2) response whose first block was `first`, with
+    /// GETs of the following blocks on `path`.
+    pub async fn fetch_rest(
+        &self,
+        to: SocketAddr,
+        path: &[String],
+        first: &Packet,
+    ) -> Option<Vec<u8>> {
+        let mut body = first.payload.clone();
+        let mut block = Block::of(first, CoapOption::Block2)?;
+        while block.more {
+            let mut get = Packet::new();
+            get.header.code = MessageClass::Request(coap_lite::RequestType::Get);
+            for part in path {
+                get.add_option(CoapOption::UriPath, part.as_bytes().to_vec());
+            }
+            Block {
+                num: block.num + 1,
+                more: false,
+                szx: block.szx,
+            }
+            .set(&mut get, CoapOption::Block2);
+            let Outcome::Answered(answer) = self.request_once(to, get).await else {
+                return None;
+            };
+            block = Block::of(&answer, CoapOption::Block2)?;
+            body.extend_from_slice(&answer.payload);
+            if body.len() > blockwise::MAX_BODY {
+                return None;
+            }
+        }
+        Some(body)
+    }
+
+    async fn request_once(&self, to: SocketAddr, packet: Packet) -> Outcome {
         let (done, outcome) = oneshot::channel();
         let sent = self
             .commands
@@ -196,6 +264,7 @@ impl CoapServer {
             endpoint: Endpoint::new(self.timing, seed),
             transport: self.transport,
             identities: HashMap::new(),
+            reassembly: Reassembly::default(),
             handle: self.handle,
             handler,
             pending: HashMap::new(),
@@ -222,7 +291,7 @@ impl CoapServer {
                         let (events, replies) = driver.endpoint.handle(from, &datagram, now);
                         driver.send_all(replies).await;
                         for event in events {
-                            driver.on_event(event);
+                            driver.on_event(event, now).await;
                         }
                     }
                 }
@@ -235,7 +304,7 @@ impl CoapServer {
                     let (events, out) = driver.endpoint.poll(now);
                     driver.send_all(out).await;
                     for event in events {
-                        driver.on_event(event);
+                        driver.on_event(event, now).await;
                     }
                 }
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
@@ -249,6 +318,8 @@ struct Driver<H> {
     transport: Transport,
     /// The DTLS identity each peer proved.
     identities: HashMap<SocketAddr, String>,
+    /// Requests arriving in blocks.
+    reassembly: Reassembly,
     handle: CoapHandle,
     handler: Arc<H>,
     pending: HashMap<Vec<u8>, oneshot::Sender<Outcome>>,
@@ -295,9 +366,24 @@ impl<H: Lwm2mHandler> Driver<H> {
         }
     }
 
-    fn on_event(&mut self, event: Event) {
+    async fn on_event(&mut self, event: Event, now: i64) {
         match event {
-            Event::Request { from, packet } => self.on_request(from, packet),
+            Event::Request { from, packet } => match Block::of(&packet, CoapOption::Block1) {
+                None => self.on_request(from, packet),
+                Some(block) => match self.reassembly.push(from, packet.clone(), block, now) {
+                    Step::Complete(whole) => self.on_request(from, whole),
+                    Step::Continue(answer) => {
+                        let bytes = self.endpoint.reply(from, &packet, answer);
+                        self.send_all(vec![(from, bytes)]).await;
+                    }
+                    Step::Refuse(code) => {
+                        let bytes = self
+                            .endpoint
+                            .reply(from, &packet, lwm2m::response(code, None));
+                        self.send_all(vec![(from, bytes)]).await;
+                    }
+                },
+            },
             Event::Response { from, packet } => self.on_response(from, packet),
             Event::Delivered { token, .. } => {
                 if let Some(done) = self.pending.remove(&token) {
@@ -323,10 +409,10 @@ impl<H: Lwm2mHandler> Driver<H> {
 
     fn on_response(&mut self, from: SocketAddr, packet: Packet) {
         let token = packet.get_token().to_vec();
-        if let MessageClass::Response(code) = packet.header.code
+        if let MessageClass::Response(_) = packet.header.code
             && let Some(done) = self.pending.remove(&token)
         {
-            let _ = done.send(Outcome::Answered(code));
+            let _ = done.send(Outcome::Answered(Box::new(packet)));
             return;
         }
         let Some(endpoint) = self.observations.get(&token).cloned() else {
@@ -426,9 +512,24 @@ fn spawn_worker<H: Lwm2mHandler>(
     let (tx, mut rx) = mpsc::channel::<(SocketAddr, Packet)>(32);
     tokio::spawn(async move {
         while let Some((from, packet)) = rx.recv().await {
-            handler
-                .data(from, endpoint.clone(), packet.payload.clone())
-                .await;
+            // A notification too large for one datagram comes block-wise: fetch the rest.
+            let payload = match Block::of(&packet, CoapOption::Block2) {
+                Some(block) if block.more => {
+                    let path = ["19", "0", "0"].map(str::to_owned);
+                    match handle.fetch_rest(from, &path, &packet).await {
+                        Some(body) => body,
+                        None => {
+                            let why = format!(
+                                "the rest of a block-wise notification from {endpoint} did not arrive"
+                            );
+                            handler.refused(from, why);
+                            continue;
+                        }
+                    }
+                }
+                _ => packet.payload.clone(),
+            };
+            handler.data(from, endpoint.clone(), payload).await;
             let _ = handle
                 .commands
                 .send(Command::Acknowledge { to: from, packet })

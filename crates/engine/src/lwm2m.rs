@@ -423,7 +423,7 @@ impl EndpointTask {
         };
         let delivered = match &outcome {
             Outcome::Acknowledged => true,
-            Outcome::Answered(code) => !code.is_error(),
+            Outcome::Answered(_) => outcome.code().is_some_and(|c| !c.is_error()),
             Outcome::Rejected | Outcome::TimedOut => false,
         };
         if delivered {

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use ioda_coap::blockwise::Block;
 use ioda_coap::{MessageClass, MessageType, Packet, ResponseType};
 use ioda_engine::ManualClock;
 use serde_json::{Value, json};
@@ -159,6 +160,74 @@ impl NbDevice {
         assert_eq!(put.header.get_type(), MessageType::Confirmable);
         assert_eq!(path_of(&put), "19/1/0");
         put
+    }
+
+    /// Takes a block-wise `PUT /19/1/0` (Block1), answering 2.31 Continue to all but the last
+    /// block, and returns the reassembled payload.
+    async fn receive_blockwise_write(&mut self) -> Vec<u8> {
+        let mut body = Vec::new();
+        loop {
+            let put = self.next_write().await;
+            let block = Block::of(&put, CoapOption::Block1).expect("a Block1 option");
+            assert_eq!(
+                block.num as usize * block.size(),
+                body.len(),
+                "blocks in order"
+            );
+            body.extend_from_slice(&put.payload);
+            let mut ack = Packet::new();
+            ack.header.set_type(MessageType::Acknowledgement);
+            ack.header.code = MessageClass::Response(if block.more {
+                ResponseType::Continue
+            } else {
+                ResponseType::Changed
+            });
+            ack.header.message_id = put.header.message_id;
+            ack.set_token(put.get_token().to_vec());
+            block.set(&mut ack, CoapOption::Block1);
+            self.send(&ack).await;
+            if !block.more {
+                return body;
+            }
+        }
+    }
+
+    /// Reports `payload` block-wise: the first block as a notification with Block2, the rest
+    /// served to the platform's GETs.
+    async fn notify_blockwise(&mut self, payload: &[u8]) {
+        let blocks = ioda_coap::blockwise::split(payload, 6);
+        self.mid += 1;
+        self.seq += 1;
+        let mut first = Packet::new();
+        first.header.set_type(MessageType::NonConfirmable);
+        first.header.code = MessageClass::Response(ResponseType::Content);
+        first.header.message_id = self.mid;
+        first.set_token(self.observe.clone().expect("observed"));
+        first.set_observe_value(self.seq);
+        blocks[0].0.set(&mut first, CoapOption::Block2);
+        first.payload = blocks[0].1.to_vec();
+        self.send(&first).await;
+        for (block, part) in &blocks[1..] {
+            let get = self.recv().await;
+            assert_eq!(
+                get.header.code,
+                MessageClass::Request(RequestType::Get),
+                "{get:?}"
+            );
+            assert_eq!(path_of(&get), "19/0/0");
+            assert_eq!(
+                Block::of(&get, CoapOption::Block2).map(|b| b.num),
+                Some(block.num)
+            );
+            let mut answer = Packet::new();
+            answer.header.set_type(MessageType::Acknowledgement);
+            answer.header.code = MessageClass::Response(ResponseType::Content);
+            answer.header.message_id = get.header.message_id;
+            answer.set_token(get.get_token().to_vec());
+            block.set(&mut answer, CoapOption::Block2);
+            answer.payload = part.to_vec();
+            self.send(&answer).await;
+        }
     }
 
     async fn ack_write(&self, put: &Packet) {
@@ -694,6 +763,101 @@ async fn libcoap_registers_over_dtls_and_secure_devices_may_not_use_plain_coap()
             .iter()
             .any(|e| e["kind"] == "lwm2m_registered"),
         "{trace}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn large_payloads_go_block_wise_both_ways() {
+    let server = server().await;
+    let product = nb_product(&server).await;
+    let (device_id, _) = server.device(&product, "863000000000007").await;
+    let mut device = NbDevice::new(coap_addr(&server)).await;
+
+    // A registration whose object list needs two blocks (Block1).
+    let links: String = (0..120).map(|i| format!("</{}/0>,", 3000 + i)).collect();
+    let links = format!("{links}</19/0>,</19/1>");
+    assert!(links.len() > 1024);
+    let parts = ioda_coap::blockwise::split(links.as_bytes(), 6);
+    let mut last = None;
+    for (block, part) in &parts {
+        device.mid += 1;
+        let mut p = Packet::new();
+        p.header.set_type(MessageType::Confirmable);
+        p.header.code = MessageClass::Request(RequestType::Post);
+        p.header.message_id = device.mid;
+        p.set_token(vec![0xB1, block.num as u8]);
+        p.add_option(CoapOption::UriPath, b"rd".to_vec());
+        p.add_option(CoapOption::UriQuery, b"ep=863000000000007".to_vec());
+        p.add_option(CoapOption::UriQuery, b"lt=300".to_vec());
+        block.set(&mut p, CoapOption::Block1);
+        p.payload = part.to_vec();
+        device.send(&p).await;
+        let answer = device.recv().await;
+        let expected = if block.more {
+            ResponseType::Continue
+        } else {
+            ResponseType::Created
+        };
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(expected),
+            "block {}",
+            block.num
+        );
+        last = Some(answer);
+    }
+    assert!(last.is_some());
+    device.accept_observe().await;
+    let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+    let registered = trace["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "lwm2m_registered")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        registered["detail"]["objects"].as_array().unwrap().len(),
+        122,
+        "{registered}"
+    );
+
+    // A report larger than a datagram (Block2 notification, the rest fetched by the platform).
+    let mut report = vec![
+        0x03, b'L', b'A', b'B', 0x00, 0x00, 0x01, 0x02, 0x03, 0x07, 0xD0,
+    ];
+    report.extend(std::iter::repeat_n(0x5A, 2000));
+    device.notify_blockwise(&report).await;
+    eventually("the whole 2011-byte report was decoded", || async {
+        let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+        trace["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "property_rejected" && e["detail"]["property"] == "blob")
+    })
+    .await;
+    assert!(
+        !server
+            .trace_kinds(&device_id)
+            .await
+            .contains(&"codec_failed".to_owned())
+    );
+
+    // A downlink larger than a datagram (Block1 PUT).
+    let content = "y".repeat(3000);
+    let sent = server
+        .post(
+            &format!("/devices/{device_id}/messages"),
+            json!({"message": content}),
+        )
+        .await;
+    assert!(sent.status < 300, "{}", sent.body);
+    let body = device.receive_blockwise_write().await;
+    assert!(
+        String::from_utf8_lossy(&body).contains(&content),
+        "the whole message arrived"
     );
     server.stop().await;
 }
