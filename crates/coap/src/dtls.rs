@@ -22,8 +22,9 @@ use tokio_openssl::SslStream;
 /// The pre-shared key of an identity (the device's node id), if it has one.
 pub type PskLookup = Arc<dyn Fn(&str) -> Option<Vec<u8>> + Send + Sync>;
 
-/// The cipher suites, in OpenSSL's names.
-pub const CIPHERS: &str = "PSK-AES128-CCM8:PSK-AES128-CBC-SHA256:@SECLEVEL=0";
+/// IoTDA's cipher suites, in OpenSSL's names: `TLS_PSK_WITH_AES_128_CCM_8` and
+/// `TLS_PSK_WITH_AES_128_CBC_SHA256`.
+pub const SUITES: &[&str] = &["PSK-AES128-CCM8", "PSK-AES128-CBC-SHA256"];
 const MTU: u32 = 1200;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A session nobody used for this long is dropped (the device does a new handshake).
@@ -49,10 +50,11 @@ pub(crate) struct Dtls {
     local: SocketAddr,
 }
 
-fn context(psk: PskLookup) -> Result<SslContext, openssl::error::ErrorStack> {
+fn context(psk: PskLookup, suites: &[String]) -> Result<SslContext, openssl::error::ErrorStack> {
     let mut ctx = SslContextBuilder::new(SslMethod::dtls_server())?;
     ctx.set_min_proto_version(Some(SslVersion::DTLS1_2))?;
-    ctx.set_cipher_list(CIPHERS)?;
+    // CCM8 sits below OpenSSL 3's default security level: it has to be asked for.
+    ctx.set_cipher_list(&format!("{}:@SECLEVEL=0", suites.join(":")))?;
     ctx.set_options(SslOptions::NO_QUERY_MTU);
     ctx.set_psk_server_callback(move |_ssl, identity, out| {
         let identity = identity.map(String::from_utf8_lossy).unwrap_or_default();
@@ -70,8 +72,18 @@ fn context(psk: PskLookup) -> Result<SslContext, openssl::error::ErrorStack> {
 }
 
 impl Dtls {
-    pub(crate) async fn bind(addr: SocketAddr, psk: PskLookup) -> io::Result<Dtls> {
-        let ctx = context(psk).map_err(io::Error::other)?;
+    pub(crate) async fn bind(
+        addr: SocketAddr,
+        psk: PskLookup,
+        suites: &[String],
+    ) -> io::Result<Dtls> {
+        if let Some(unknown) = suites.iter().find(|s| !SUITES.contains(&s.as_str())) {
+            return Err(io::Error::other(format!(
+                "cipher suite {unknown} is not offered; choose from {}",
+                SUITES.join(", ")
+            )));
+        }
+        let ctx = context(psk, suites).map_err(io::Error::other)?;
         let socket = Arc::new(UdpSocket::bind(addr).await?);
         let local = socket.local_addr()?;
         let (to_driver, inbound) = mpsc::channel(1024);

@@ -14,7 +14,7 @@ pub mod server;
 
 pub use coap_lite::{MessageClass, MessageType, Packet, ResponseType};
 #[cfg(feature = "dtls")]
-pub use dtls::{CIPHERS, PskLookup};
+pub use dtls::{PskLookup, SUITES};
 pub use endpoint::{Endpoint, Event, Timing};
 pub use lwm2m::{RdRequest, Registration};
 pub use server::{CoapHandle, CoapServer, Lwm2mHandler, Outcome};

@@ -223,14 +223,16 @@ impl CoapServer {
         Ok(CoapServer::over(Transport::Udp(socket), timing))
     }
 
-    /// Binds CoAPS: DTLS 1.2 with pre-shared keys found by `psk` (identity → key).
+    /// Binds CoAPS: DTLS 1.2 with pre-shared keys found by `psk` (identity → key), offering
+    /// `suites` (OpenSSL names, a subset of `SUITES`).
     #[cfg(feature = "dtls")]
     pub async fn bind_dtls(
         addr: SocketAddr,
         timing: Timing,
         psk: crate::dtls::PskLookup,
+        suites: &[String],
     ) -> std::io::Result<CoapServer> {
-        let dtls = crate::dtls::Dtls::bind(addr, psk).await?;
+        let dtls = crate::dtls::Dtls::bind(addr, psk, suites).await?;
         Ok(CoapServer::over(Transport::Dtls(dtls), timing))
     }
 

@@ -78,8 +78,12 @@ impl Platform {
         needs_subscription: bool,
     ) -> Result<oneshot::Receiver<Delivery>, PushError> {
         let link = self.registry.link(device_id).ok_or(PushError::Offline)?;
+        let now = self.now();
         let granted = {
             let state = link.state();
+            if state.awake_until.is_some_and(|until| now > until) {
+                return Err(PushError::Offline);
+            }
             state
                 .subscriptions
                 .iter()

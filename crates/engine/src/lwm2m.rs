@@ -194,6 +194,10 @@ impl Lwm2mHandler for Lwm2mAccess {
             .map_err(|_| ResponseType::ServiceUnavailable)?;
         // Everything for the device goes out confirmable, so its ACK makes a command DELIVERED.
         link.state().subscriptions = vec![(format!("$oc/devices/{}/sys/#", device.device_id), 1)];
+        if registration.queue_mode() {
+            link.state().awake_until = Some(self.platform.now() + AWAKE_MS);
+        }
+
         let session = DeviceSession::new(self.platform.clone(), &device, link);
         let (uplink, uplinks) = mpsc::channel(32);
         let peer_cell = Arc::new(Mutex::new(peer));
@@ -376,8 +380,30 @@ impl EndpointTask {
         }
     }
 
+    /// The device talked: a queue-mode device is reachable for a while, and what waited while it
+    /// slept (commands left PENDING) goes out now.
     fn awake(&mut self) {
-        self.awake_until = self.session.platform.now() + AWAKE_MS;
+        let now = self.session.platform.now();
+        let slept = self.queue_mode && now > self.awake_until;
+        self.awake_until = now + AWAKE_MS;
+        if !self.queue_mode {
+            return;
+        }
+        let link = self.session.link.clone();
+        {
+            let mut state = link.state();
+            state.awake_until = Some(self.awake_until);
+            if slept {
+                state.queue_delivered = false;
+            }
+        }
+        if slept {
+            self.session.platform.deliver_queued_later(
+                &self.session.device.device_id,
+                link,
+                std::time::Duration::ZERO,
+            );
+        }
     }
 
     /// Takes a downlink from the platform. A resend of what is already held or in flight (same

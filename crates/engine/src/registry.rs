@@ -31,6 +31,9 @@ pub(crate) struct LinkState {
     pub shadow: Option<HashMap<String, ShadowCache>>,
     /// The last desired-state push still waiting for its response: request id and time.
     pub desired_push: Option<(String, i64)>,
+    /// A sleeping (LwM2M queue-mode) device is reachable only until this platform time after
+    /// it last talked; pushes fail as for an offline device, so commands stay PENDING.
+    pub awake_until: Option<i64>,
 }
 
 /// The shadow of one service as the connection last saw it.

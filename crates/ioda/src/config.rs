@@ -34,6 +34,10 @@ pub struct ServeArgs {
     /// CoAPS (DTLS 1.2 PSK, UDP) listen address for NB-IoT devices (port 0 picks a free port).
     #[arg(long, env = "IODA_COAPS_ADDR")]
     pub coaps_addr: Option<SocketAddr>,
+    /// CoAPS cipher suites offered, comma-separated OpenSSL names (default: both of IoTDA's,
+    /// PSK-AES128-CCM8 and PSK-AES128-CBC-SHA256).
+    #[arg(long, env = "IODA_COAPS_CIPHERS", value_delimiter = ',')]
+    pub coaps_ciphers: Option<Vec<String>>,
     /// Largest uplink payload in bytes.
     #[arg(long, env = "IODA_MAX_PAYLOAD")]
     pub max_payload: Option<usize>,
@@ -78,6 +82,7 @@ struct FileConfig {
     mqtt_addr: Option<SocketAddr>,
     coap_addr: Option<SocketAddr>,
     coaps_addr: Option<SocketAddr>,
+    coaps_ciphers: Option<Vec<String>>,
     max_payload: Option<usize>,
     rate_limit: Option<u32>,
     keepalive_min: Option<u16>,
@@ -99,6 +104,8 @@ pub struct ServeConfig {
     pub mqtt_addr: SocketAddr,
     pub coap_addr: SocketAddr,
     pub coaps_addr: SocketAddr,
+    /// CoAPS cipher suites (OpenSSL names).
+    pub coaps_ciphers: Vec<String>,
     pub engine: EngineConfig,
     pub durability: Durability,
     pub shutdown_timeout: Duration,
@@ -117,6 +124,7 @@ impl ServeConfig {
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coaps_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            coaps_ciphers: default_ciphers(),
             engine: EngineConfig::default(),
             durability: Durability::Full,
             shutdown_timeout: Duration::from_secs(10),
@@ -125,6 +133,11 @@ impl ServeConfig {
             signature_window_ms: 15 * 60 * 1000,
         }
     }
+}
+
+/// IoTDA's two CoAPS suites.
+fn default_ciphers() -> Vec<String> {
+    ioda_coap::SUITES.iter().map(|s| (*s).to_owned()).collect()
 }
 
 fn read_file(args: &ServeArgs) -> anyhow::Result<FileConfig> {
@@ -222,6 +235,11 @@ impl ServeArgs {
                 .coaps_addr
                 .or(file.coaps_addr)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 5684))),
+            coaps_ciphers: self
+                .coaps_ciphers
+                .clone()
+                .or(file.coaps_ciphers)
+                .unwrap_or_else(default_ciphers),
             engine,
             durability,
             shutdown_timeout: Duration::from_secs(

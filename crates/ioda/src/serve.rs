@@ -137,6 +137,7 @@ pub async fn start_with_clock(
         config.coaps_addr,
         ioda_coap::Timing::default(),
         Arc::new(move |identity: &str| keys.psk(identity)),
+        &config.coaps_ciphers,
     )
     .await
     .with_context(|| format!("binding CoAPS (DTLS, UDP) on {}", config.coaps_addr))?;

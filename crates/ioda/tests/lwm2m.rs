@@ -399,6 +399,11 @@ async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire()
     clock.advance(60_000); // The module went back to sleep.
     let command = create_command(&server, &device_id, 1).await;
     device.quiet(700).await;
+    assert_eq!(
+        command_status(&server, &device_id, &command).await["status"],
+        "PENDING",
+        "not sent while the device sleeps"
+    );
     let updated = device
         .call(RequestType::Post, &["rd", "863000000000002"], &[], &[])
         .await;
@@ -693,7 +698,7 @@ async fn dtls_psk_offers_both_iotda_cipher_suites_and_refuses_wrong_keys() {
 }
 
 #[tokio::test]
-async fn libcoap_registers_over_dtls_and_secure_devices_may_not_use_plain_coap() {
+async fn libcoap_registers_over_dtls_with_each_suite_and_secure_devices_may_not_use_plain_coap() {
     if std::process::Command::new("coap-client-openssl")
         .arg("-h")
         .output()
@@ -702,11 +707,6 @@ async fn libcoap_registers_over_dtls_and_secure_devices_may_not_use_plain_coap()
         assert!(std::env::var("CI").is_err(), "CI installs libcoap3-bin");
         return;
     }
-    let server = server().await;
-    let product = nb_product(&server).await;
-    let device_id = psk_device(&server, &product, "863000000000006").await;
-    let coaps = coaps_addr(&server).port();
-    let plain = coap_addr(&server).port();
     let run = |url: String, key: &'static str| async move {
         tokio::task::spawn_blocking(move || {
             std::process::Command::new("coap-client-openssl")
@@ -729,42 +729,67 @@ async fn libcoap_registers_over_dtls_and_secure_devices_may_not_use_plain_coap()
         .await
         .unwrap()
     };
-    let refused = run(
-        format!("coap://127.0.0.1:{plain}/rd?ep=863000000000006&lt=300"),
-        "abcdefgh",
-    )
-    .await;
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&refused.stdout),
-        String::from_utf8_lossy(&refused.stderr)
-    );
-    assert!(
-        said.contains("4.03"),
-        "secure_access devices must use CoAPS: {said}"
-    );
-    assert_ne!(server.status(&device_id).await, "ONLINE");
+    for (suite, other) in [
+        ("PSK-AES128-CCM8", "PSK-AES128-CBC-SHA256"),
+        ("PSK-AES128-CBC-SHA256", "PSK-AES128-CCM8"),
+    ] {
+        // A server offering one suite only, so libcoap (which takes what it is offered) uses it.
+        let server = server_with(|c| c.coaps_ciphers = vec![suite.to_owned()]).await;
+        let product = nb_product(&server).await;
+        let device_id = psk_device(&server, &product, "863000000000006").await;
+        let coaps = coaps_addr(&server).port();
+        let plain = coap_addr(&server).port();
 
-    let registered = run(
-        format!("coaps://127.0.0.1:{coaps}/rd?ep=863000000000006&lt=300"),
-        "abcdefgh",
-    )
-    .await;
-    assert!(registered.status.success(), "{registered:?}");
-    eventually("ONLINE over CoAPS", || async {
-        server.status(&device_id).await == "ONLINE"
-    })
-    .await;
-    let trace = server.get(&format!("/devices/{device_id}/trace")).await;
-    assert!(
-        trace["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|e| e["kind"] == "lwm2m_registered"),
-        "{trace}"
-    );
-    server.stop().await;
+        let refused = run(
+            format!("coap://127.0.0.1:{plain}/rd?ep=863000000000006&lt=300"),
+            "abcdefgh",
+        )
+        .await;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&refused.stdout),
+            String::from_utf8_lossy(&refused.stderr)
+        );
+        assert!(
+            said.contains("4.03"),
+            "secure_access devices must use CoAPS: {said}"
+        );
+        assert_ne!(server.status(&device_id).await, "ONLINE");
+
+        let registered = run(
+            format!("coaps://127.0.0.1:{coaps}/rd?ep=863000000000006&lt=300"),
+            "abcdefgh",
+        )
+        .await;
+        assert!(registered.status.success(), "{suite}: {registered:?}");
+        eventually("ONLINE over CoAPS", || async {
+            server.status(&device_id).await == "ONLINE"
+        })
+        .await;
+        let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+        assert!(
+            trace["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["kind"] == "lwm2m_registered"),
+            "{trace}"
+        );
+
+        let offered = tokio::task::spawn_blocking(move || {
+            openssl_handshake(coaps, "863000000000006", "6162636465666768", suite)
+        })
+        .await
+        .unwrap();
+        assert!(offered, "{suite} is offered");
+        let not_offered = tokio::task::spawn_blocking(move || {
+            openssl_handshake(coaps, "863000000000006", "6162636465666768", other)
+        })
+        .await
+        .unwrap();
+        assert!(!not_offered, "{other} is not offered by this server");
+        server.stop().await;
+    }
 }
 
 #[tokio::test]
@@ -860,4 +885,16 @@ async fn large_payloads_go_block_wise_both_ways() {
         "the whole message arrived"
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_cipher_suite_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = ioda::config::ServeConfig::ephemeral(dir.path());
+    config.coaps_ciphers = vec!["PSK-AES128-CCM8".into(), "RC4-MD5".into()];
+    let error = ioda::serve::start(config).await.expect_err("refused");
+    assert!(
+        format!("{error:#}").contains("cipher suite RC4-MD5 is not offered"),
+        "{error:#}"
+    );
 }
