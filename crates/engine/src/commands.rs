@@ -405,6 +405,9 @@ impl Platform {
         };
         let topic = command_topic(&command.device_id, &command.command_id);
         let Ok(acked) = self.push(&command.device_id, topic, payload, false).await else {
+            if command.status == CommandStatus::Sent {
+                self.spend_attempt(command).await;
+            }
             return;
         };
         let now = self.now();
@@ -427,6 +430,18 @@ impl Platform {
                 platform.command_delivered(next).await;
             }
         });
+    }
+
+    /// A resend that could not go out (the device is away, or busy with another command): the
+    /// attempt is spent all the same, so the schedule ends on time.
+    async fn spend_attempt(&self, command: AsyncCommand) {
+        let sends = command.sends + 1;
+        let next = AsyncCommand {
+            sends,
+            next_at: Some(jittered(self.now(), resend_window(sends))),
+            ..command
+        };
+        self.transition(CommandStatus::Sent, next).await;
     }
 
     /// The device acknowledged receipt: no more resends; it has until the command's expiry (at
@@ -505,16 +520,7 @@ impl Platform {
             CommandStatus::Sent if self.is_online(&command.device_id) => {
                 self.send_async_command(command).await
             }
-            CommandStatus::Sent => {
-                // The device is away: the attempt is spent all the same, so the schedule ends on time.
-                let sends = command.sends + 1;
-                let next = AsyncCommand {
-                    sends,
-                    next_at: Some(jittered(self.now(), resend_window(sends))),
-                    ..command.clone()
-                };
-                self.transition(CommandStatus::Sent, next).await;
-            }
+            CommandStatus::Sent => self.spend_attempt(command).await,
             CommandStatus::Delivered => {
                 self.transition(CommandStatus::Delivered, finished(CommandStatus::Timeout))
                     .await;

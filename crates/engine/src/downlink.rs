@@ -99,6 +99,14 @@ impl Platform {
         } else {
             QoS::AtMostOnce
         };
+        let serial = link.state().serial_commands && topic.contains("/sys/commands/");
+        if serial {
+            let mut state = link.state();
+            if state.commands_gated {
+                return Err(PushError::Offline);
+            }
+            state.commands_gated = true;
+        }
         let (acked, receiver) = oneshot::channel();
         let outbound = Outbound::Publish(Box::new(OutboundPublish {
             topic,
@@ -108,10 +116,17 @@ impl Platform {
         }));
         // A connection whose outbox stays full is not taking anything: treat it as away rather
         // than letting the caller (an API request, the scheduler) wait on it.
-        link.outbox
+        if link
+            .outbox
             .send_timeout(outbound, PUSH_TIMEOUT)
             .await
-            .map_err(|_| PushError::Offline)?;
+            .is_err()
+        {
+            if serial {
+                link.state().commands_gated = false;
+            }
+            return Err(PushError::Offline);
+        }
         Ok(receiver)
     }
 

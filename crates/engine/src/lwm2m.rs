@@ -194,6 +194,7 @@ impl Lwm2mHandler for Lwm2mAccess {
             .map_err(|_| ResponseType::ServiceUnavailable)?;
         // Everything for the device goes out confirmable, so its ACK makes a command DELIVERED.
         link.state().subscriptions = vec![(format!("$oc/devices/{}/sys/#", device.device_id), 1)];
+        link.state().serial_commands = true;
         if registration.queue_mode() {
             link.state().awake_until = Some(self.platform.now() + AWAKE_MS);
         }
@@ -324,8 +325,11 @@ impl EndpointTask {
         mut outbound: mpsc::Receiver<Outbound>,
     ) {
         let cause = loop {
-            self.send_next();
             let now = self.session.platform.now();
+            if self.gate_until != 0 && now >= self.gate_until {
+                self.open_gate(); // No answer in time: the next command may go.
+            }
+            self.send_next();
             let wake = (self.gate_until.max(now) - now).clamp(50, 1000) as u64;
             tokio::select! {
                 uplink = uplinks.recv() => match uplink {
@@ -361,7 +365,13 @@ impl EndpointTask {
         self.awake();
         self.session.platform.data_seen(&self.session.device).await;
         // The device's answer to the previous command usually comes with this data.
-        self.gate_until = 0;
+        let command_in_flight = self
+            .in_flight
+            .as_ref()
+            .is_some_and(|(_, _, topic)| topic.contains("/sys/commands/"));
+        if !command_in_flight {
+            self.open_gate();
+        }
         let topic = format!(
             "$oc/devices/{}/sys/properties/report",
             self.session.device.device_id
@@ -377,6 +387,27 @@ impl EndpointTask {
         };
         if let PublishVerdict::AcceptAfter(commit) = self.session.handle_uplink(publish).await {
             let _ = commit.await;
+        }
+    }
+
+    /// The previous command was answered, refused or had its time: PENDING commands may go now.
+    fn open_gate(&mut self) {
+        self.gate_until = 0;
+        let link = self.session.link.clone();
+        let was_gated = {
+            let mut state = link.state();
+            let gated = std::mem::replace(&mut state.commands_gated, false);
+            if gated {
+                state.queue_delivered = false;
+            }
+            gated
+        };
+        if was_gated {
+            self.session.platform.deliver_queued_later(
+                &self.session.device.device_id,
+                link,
+                std::time::Duration::ZERO,
+            );
         }
     }
 
@@ -460,6 +491,9 @@ impl EndpointTask {
                 self.gate_until = self.session.platform.now() + ANSWER_WAIT_MS;
             }
             return;
+        }
+        if topic.contains("/sys/commands/") {
+            self.open_gate(); // Refused or lost: the next command need not wait for an answer.
         }
         let detail = json!({ "topic": topic, "outcome": format!("{outcome:?}") });
         self.session.record("lwm2m_write_failed", detail).await;

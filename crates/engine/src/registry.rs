@@ -34,6 +34,11 @@ pub(crate) struct LinkState {
     /// A sleeping (LwM2M queue-mode) device is reachable only until this platform time after
     /// it last talked; pushes fail as for an offline device, so commands stay PENDING.
     pub awake_until: Option<i64>,
+    /// An LwM2M device takes one command at a time (`serial_commands`): from the moment one is
+    /// handed over until it is answered (`commands_gated`), the next stays PENDING (pushes of
+    /// commands fail as for an offline device).
+    pub serial_commands: bool,
+    pub commands_gated: bool,
 }
 
 /// The shadow of one service as the connection last saw it.

@@ -344,6 +344,11 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
     })
     .await;
     device.quiet(700).await; // The second command waits for the first one's answer.
+    assert_eq!(
+        command_status(&server, &device_id, &second).await["status"],
+        "PENDING",
+        "not sent before the first is answered"
+    );
 
     device.notify(&[0x02, mid[0], mid[1], 0x00, 0x01]).await;
     eventually("SUCCESSFUL on the response carrying the mid", || async {
