@@ -143,15 +143,27 @@ impl Definition {
     }
 }
 
+/// The `size` bytes of a field at `at`, or why the payload is too short.
+fn field_bytes_at<'p>(
+    field: &Field,
+    payload: &'p [u8],
+    at: usize,
+    size: usize,
+) -> Result<&'p [u8], CodecError> {
+    at.checked_add(size)
+        .and_then(|end| payload.get(at..end))
+        .ok_or_else(|| {
+            CodecError::Decode(format!(
+                "field {:?} needs {size} bytes at byte {at}; the payload has {}",
+                field.name,
+                payload.len()
+            ))
+        })
+}
+
 fn read_int(field: &Field, payload: &[u8], at: usize) -> Result<i64, CodecError> {
     let (size, signed) = field.ty.int().unwrap_or((1, false));
-    let bytes = payload.get(at..at + size).ok_or_else(|| {
-        CodecError::Decode(format!(
-            "field {:?} needs {size} bytes at byte {at}; the payload has {}",
-            field.name,
-            payload.len()
-        ))
-    })?;
+    let bytes = field_bytes_at(field, payload, at, size)?;
     let raw = bytes.iter().fold(0i64, |n, b| (n << 8) | i64::from(*b));
     let bits = size as u32 * 8;
     Ok(if signed && raw >> (bits - 1) == 1 {
@@ -185,14 +197,7 @@ fn read_fields(message: &Message, payload: &[u8]) -> Result<Map<String, Value>, 
             let raw = read_int(field, payload, at)?;
             scaled(raw, field.decimals)
         } else {
-            let bytes = payload.get(at..at + size).ok_or_else(|| {
-                CodecError::Decode(format!(
-                    "field {:?} needs {size} bytes at byte {at}; the payload has {}",
-                    field.name,
-                    payload.len()
-                ))
-            })?;
-            text_or_bytes(field, bytes)?
+            text_or_bytes(field, field_bytes_at(field, payload, at, size)?)?
         };
         values.insert(field.name.clone(), value);
         at += size;

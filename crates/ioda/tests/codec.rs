@@ -11,6 +11,16 @@ use common::*;
 use rumqttc::{Event, Packet, QoS};
 use serde_json::{Value, json};
 
+/// `ioda codec test --codec FILE ARGS…`, run as a user would.
+fn codec_cli(codec: &str, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .args(["codec", "test", "--codec", codec])
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn codecs_are_checked_kept_and_tested_through_the_api() {
     let server = server().await;
@@ -96,15 +106,7 @@ async fn codecs_are_checked_kept_and_tested_through_the_api() {
 async fn a_binary_mqtt_device_reports_and_answers_commands_through_its_codec() {
     let server = server().await;
     let product = binary_product(&server, "MQTT").await;
-    let set = server
-        .api
-        .call(
-            "PUT",
-            &format!("/products/{product}/codec"),
-            Some(&smoke_codec()),
-        )
-        .await
-        .unwrap();
+    let set = set_codec(&server, &product, &smoke_codec()).await;
     assert_eq!(
         set.status, 200,
         "a bare definition is a codec too: {}",
@@ -139,11 +141,9 @@ async fn a_binary_mqtt_device_reports_and_answers_commands_through_its_codec() {
         )
         .await
         .unwrap();
-    eventually("the decoded report reaches the shadow", || async {
-        let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
-        shadow["shadow"][0]["reported"]["properties"] == json!({"level": 2, "temperature": -20.0})
-    })
-    .await;
+    server
+        .wait_reported(&device_id, json!({"level": 2, "temperature": -20.0}))
+        .await;
 
     // Bytes the codec cannot read are traced with the reason, and the shadow keeps its values.
     client
@@ -163,19 +163,12 @@ async fn a_binary_mqtt_device_reports_and_answers_commands_through_its_codec() {
     })
     .await;
 
-    let api = server.api.clone();
-    let path = format!("/devices/{device_id}/commands");
-    let call = tokio::spawn(async move {
-        api.call(
-            "POST",
-            &path,
-            Some(
-                &json!({"service_id": "Smoke", "command_name": "SET_ALARM", "paras": {"value": 1}}),
-            ),
-        )
-        .await
-        .unwrap()
-    });
+    let call = spawn_call(
+        &server,
+        "POST",
+        format!("/devices/{device_id}/commands"),
+        json!({"service_id": "Smoke", "command_name": "SET_ALARM", "paras": {"value": 1}}),
+    );
     let (topic, bytes) = tokio::time::timeout(Duration::from_secs(5), downlinks.recv())
         .await
         .unwrap()
@@ -219,14 +212,7 @@ fn the_codec_test_command_decodes_encodes_and_explains_errors() {
         env!("CARGO_MANIFEST_DIR"),
         "/../codec/golden/smoke.codec.json"
     );
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ioda"))
-            .args(["codec", "test", "--codec", codec])
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| codec_cli(codec, args);
     let decoded = run(&["--decode", "0001013A"]);
     assert!(decoded.status.success(), "{decoded:?}");
     let json: Value = serde_json::from_slice(&decoded.stdout).unwrap();
@@ -254,14 +240,7 @@ fn the_codec_test_command_decodes_encodes_and_explains_errors() {
 #[test]
 fn the_codec_test_command_runs_javascript_codecs() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../codec/golden/smoke.js");
-    let run = |args: &[&str]| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_ioda"))
-            .args(["codec", "test", "--codec", script])
-            .args(args)
-            .env("RUST_BACKTRACE", "0")
-            .output()
-            .unwrap()
-    };
+    let run = |args: &[&str]| codec_cli(script, args);
     let decoded = run(&[
         "--decode",
         "00 01 01 3A",
@@ -299,26 +278,19 @@ async fn a_javascript_codec_decodes_a_binary_mqtt_devices_reports() {
         "/../codec/golden/smoke.js"
     ))
     .unwrap();
-    let path = format!("/products/{product}/codec");
-    let set = server
-        .api
-        .call(
-            "PUT",
-            &path,
-            Some(&json!({"type": "javascript", "script": script})),
-        )
-        .await
-        .unwrap();
+    let set = set_codec(
+        &server,
+        &product,
+        &json!({"type": "javascript", "script": script}),
+    )
+    .await;
     assert_eq!(set.status, 200, "{}", set.body);
-    let broken = server
-        .api
-        .call(
-            "PUT",
-            &path,
-            Some(&json!({"type": "javascript", "script": "function decode( {"})),
-        )
-        .await
-        .unwrap();
+    let broken = set_codec(
+        &server,
+        &product,
+        &json!({"type": "javascript", "script": "function decode( {"}),
+    )
+    .await;
     assert_eq!(broken.status, 400, "{}", broken.body);
     let (device_id, secret) = server.device(&product, "smoke-js").await;
     let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
@@ -335,11 +307,9 @@ async fn a_javascript_codec_decodes_a_binary_mqtt_devices_reports() {
         )
         .await
         .unwrap();
-    eventually("the script's report reaches the shadow", || async {
-        let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
-        shadow["shadow"][0]["reported"]["properties"] == json!({"level": 4, "temperature": 10})
-    })
-    .await;
+    server
+        .wait_reported(&device_id, json!({"level": 4, "temperature": 10}))
+        .await;
     client
         .publish(&report, QoS::AtLeastOnce, false, vec![0x09])
         .await

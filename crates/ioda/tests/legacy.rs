@@ -199,17 +199,12 @@ async fn legacy_subscriptions_push_every_notify_type() {
     assert_eq!(together[0]["services"].as_array().unwrap().len(), 2);
     assert_eq!(together[0]["requestId"], per_service[0]["requestId"]);
 
-    let api = server.api.clone();
-    let path = format!("/devices/{device_id}/commands");
-    let call = tokio::spawn(async move {
-        api.call(
-            "POST",
-            &path,
-            Some(&json!({"command_name": "SET_MODE", "paras": {"mode": "auto"}})),
-        )
-        .await
-        .unwrap()
-    });
+    let call = spawn_call(
+        &server,
+        "POST",
+        format!("/devices/{device_id}/commands"),
+        json!({"command_name": "SET_MODE", "paras": {"mode": "auto"}}),
+    );
     let (topic, _) = device.next().await;
     device
         .reply(

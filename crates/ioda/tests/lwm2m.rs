@@ -250,17 +250,18 @@ fn coap_addr(server: &TestServer) -> SocketAddr {
 
 async fn nb_product(server: &TestServer) -> String {
     let product = binary_product(server, "CoAP").await;
-    let set = server
-        .api
-        .call(
-            "PUT",
-            &format!("/products/{product}/codec"),
-            Some(&smoke_codec()),
-        )
-        .await
-        .unwrap();
+    let set = set_codec(server, &product, &smoke_codec()).await;
     assert_eq!(set.status, 200, "{}", set.body);
     product
+}
+
+/// A server with the smoke detector's NB-IoT product, one device of it, and a scripted module.
+async fn nb_setup(node: &str) -> (TestServer, String, NbDevice) {
+    let server = server().await;
+    let product = nb_product(&server).await;
+    let (device_id, _) = server.device(&product, node).await;
+    let device = NbDevice::new(coap_addr(&server)).await;
+    (server, device_id, device)
 }
 
 async fn command_status(server: &TestServer, device_id: &str, command_id: &str) -> Value {
@@ -282,10 +283,7 @@ async fn create_command(server: &TestServer, device_id: &str, value: i64) -> Str
 
 #[tokio::test]
 async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time() {
-    let server = server().await;
-    let product = nb_product(&server).await;
-    let (device_id, _) = server.device(&product, "863000000000001").await;
-    let mut device = NbDevice::new(coap_addr(&server)).await;
+    let (server, device_id, mut device) = nb_setup("863000000000001").await;
 
     let created = device.register("urn:imei:863000000000001", 300, "U").await;
     assert_eq!(
@@ -310,11 +308,9 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
         "the codec's report response"
     );
     device.ack_write(&answer).await;
-    eventually("the decoded data reaches the shadow", || async {
-        let shadow = server.get(&format!("/devices/{device_id}/shadow")).await;
-        shadow["shadow"][0]["reported"]["properties"] == json!({"level": 2, "temperature": -20.0})
-    })
-    .await;
+    server
+        .wait_reported(&device_id, json!({"level": 2, "temperature": -20.0}))
+        .await;
     device.notify(&[0x55]).await;
     eventually("undecodable data is traced with the reason", || async {
         server
@@ -375,10 +371,7 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
         deleted.header.code,
         MessageClass::Response(ResponseType::Deleted)
     );
-    eventually("OFFLINE after de-registration", || async {
-        server.status(&device_id).await == "OFFLINE"
-    })
-    .await;
+    server.wait_status(&device_id, "OFFLINE").await;
     server.stop().await;
 }
 
@@ -463,19 +456,13 @@ async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire()
     );
     device.accept_observe().await;
     device.notify(&[0x00, 0x01, 0x00, 0x10]).await;
-    eventually("ONLINE with data again", || async {
-        server.status(&device_id).await == "ONLINE"
-    })
-    .await;
+    server.wait_status(&device_id, "ONLINE").await;
     server.stop().await;
 }
 
 #[tokio::test]
 async fn bad_datagrams_and_unknown_endpoints_are_refused() {
-    let server = server().await;
-    let product = nb_product(&server).await;
-    let (device_id, _) = server.device(&product, "863000000000003").await;
-    let mut device = NbDevice::new(coap_addr(&server)).await;
+    let (server, device_id, mut device) = nb_setup("863000000000003").await;
 
     let unknown = device.register("999999999999999", 300, "U").await;
     assert_eq!(
@@ -547,6 +534,25 @@ async fn bad_datagrams_and_unknown_endpoints_are_refused() {
     server.stop().await;
 }
 
+/// Registers with libcoap's `coap-client` (`POST url` with an object list), with a PSK identity
+/// and key for `coaps://`.
+async fn coap_client_register(
+    client: &'static str,
+    url: String,
+    psk: Option<(&'static str, &'static str)>,
+) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(client);
+        command.args(["-m", "post", "-B", "5", "-e", "</19/0>,</19/1>"]);
+        if let Some((identity, key)) = psk {
+            command.args(["-u", identity, "-k", key]);
+        }
+        command.arg(&url).output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
 /// libcoap's command-line client, a real peer that is not ours.
 fn coap_client() -> Option<&'static str> {
     let found = ["coap-client-notls", "coap-client-openssl", "coap-client"]
@@ -568,27 +574,7 @@ async fn libcoap_coap_client_registers_and_is_refused_when_unknown() {
     let port = coap_addr(&server).port();
     let run = |ep: &str| {
         let url = format!("coap://127.0.0.1:{port}/rd?ep={ep}&lt=300&b=U");
-        let client = client.to_owned();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                std::process::Command::new(client)
-                    .args([
-                        "-m",
-                        "post",
-                        "-B",
-                        "5",
-                        "-t",
-                        "40",
-                        "-e",
-                        "</19/0>,</19/1>",
-                        &url,
-                    ])
-                    .output()
-                    .unwrap()
-            })
-            .await
-            .unwrap()
-        }
+        coap_client_register(client, url, None)
     };
     let registered = run("863000000000004").await;
     assert!(registered.status.success(), "{registered:?}");
@@ -712,27 +698,8 @@ async fn libcoap_registers_over_dtls_with_each_suite_and_secure_devices_may_not_
         assert!(std::env::var("CI").is_err(), "CI installs libcoap3-bin");
         return;
     }
-    let run = |url: String, key: &'static str| async move {
-        tokio::task::spawn_blocking(move || {
-            std::process::Command::new("coap-client-openssl")
-                .args([
-                    "-m",
-                    "post",
-                    "-B",
-                    "5",
-                    "-u",
-                    "863000000000006",
-                    "-k",
-                    key,
-                    "-e",
-                    "</19/0>,</19/1>",
-                    &url,
-                ])
-                .output()
-                .unwrap()
-        })
-        .await
-        .unwrap()
+    let run = |url: String, key: &'static str| {
+        coap_client_register("coap-client-openssl", url, Some(("863000000000006", key)))
     };
     for (suite, other) in [
         ("PSK-AES128-CCM8", "PSK-AES128-CBC-SHA256"),
@@ -799,10 +766,7 @@ async fn libcoap_registers_over_dtls_with_each_suite_and_secure_devices_may_not_
 
 #[tokio::test]
 async fn large_payloads_go_block_wise_both_ways() {
-    let server = server().await;
-    let product = nb_product(&server).await;
-    let (device_id, _) = server.device(&product, "863000000000007").await;
-    let mut device = NbDevice::new(coap_addr(&server)).await;
+    let (server, device_id, mut device) = nb_setup("863000000000007").await;
 
     // A registration whose object list needs two blocks (Block1).
     let links: String = (0..120).map(|i| format!("</{}/0>,", 3000 + i)).collect();

@@ -401,3 +401,46 @@ pub async fn binary_product(server: &TestServer, protocol: &str) -> String {
     assert_eq!(r.status, 201, "{}", r.body);
     r.body["product_id"].as_str().unwrap().to_owned()
 }
+
+/// Sets a product's codec through the API.
+pub async fn set_codec(
+    server: &TestServer,
+    product: &str,
+    codec: &Value,
+) -> ioda::client::ApiResponse {
+    server
+        .api
+        .call("PUT", &format!("/products/{product}/codec"), Some(codec))
+        .await
+        .unwrap()
+}
+
+/// Starts an API call that waits for a device (a synchronous command, say) without waiting for it.
+pub fn spawn_call(
+    server: &TestServer,
+    method: &'static str,
+    path: String,
+    body: Value,
+) -> tokio::task::JoinHandle<ioda::client::ApiResponse> {
+    let api = server.api.clone();
+    tokio::spawn(async move { api.call(method, &path, Some(&body)).await.unwrap() })
+}
+
+impl TestServer {
+    /// Waits (up to 5 s) for a device's status.
+    pub async fn wait_status(&self, device_id: &str, status: &str) {
+        eventually(&format!("status {status}"), || async {
+            self.status(device_id).await == status
+        })
+        .await;
+    }
+
+    /// Waits (up to 5 s) until the device's first shadow service reports exactly `properties`.
+    pub async fn wait_reported(&self, device_id: &str, properties: Value) {
+        eventually(&format!("reported {properties}"), || async {
+            let shadow = self.get(&format!("/devices/{device_id}/shadow")).await;
+            shadow["shadow"][0]["reported"]["properties"] == properties
+        })
+        .await;
+    }
+}
