@@ -10,6 +10,8 @@ use coap_lite::{CoapOption, MessageClass, Packet, ResponseType};
 pub const SZX: u8 = 6;
 /// Largest body reassembled from blocks.
 pub const MAX_BODY: usize = 64 * 1024;
+/// Requests being reassembled at once, at most (beyond, new ones are refused with 5.03).
+const MAX_PARTIAL: usize = 1024;
 /// A reassembly nobody continued for this long is forgotten.
 const STALE_MS: i64 = 120_000;
 
@@ -115,6 +117,12 @@ impl Reassembly {
             .map(|p| p.iter().cloned().collect())
             .unwrap_or_default();
         let key = (from, path);
+        if block.num == 0 {
+            self.partial.remove(&key); // A peer starting over.
+            if self.partial.len() >= MAX_PARTIAL {
+                return Step::Refuse(ResponseType::ServiceUnavailable);
+            }
+        }
         let expected = self.partial.get(&key).map_or(0, |p| p.next);
         if block.num != expected {
             self.partial.remove(&key);

@@ -156,11 +156,15 @@ impl Endpoint {
         let token = outgoing.token;
         let event = if packet.header.get_type() == MessageType::Reset {
             Event::Rejected { to: from, token }
-        } else if packet.header.code == MessageClass::Empty {
-            Event::Delivered { to: from, token }
-        } else {
+        } else if matches!(packet.header.code, MessageClass::Response(_))
+            && packet.get_token() == token.as_slice()
+        {
             // Piggybacked: the answer is the acknowledgement.
             Event::Response { from, packet }
+        } else {
+            // An empty ACK, or one whose token or code does not fit: the message arrived, and
+            // nothing may wait for an answer that cannot be matched.
+            Event::Delivered { to: from, token }
         };
         (vec![event], Vec::new())
     }
@@ -188,6 +192,25 @@ impl Endpoint {
             *slot = Some(bytes.clone());
         }
         bytes
+    }
+
+    /// Forgets a message id without answering it, so the peer's retransmission is taken as new
+    /// (for a message dropped because the layer above had no room for it).
+    pub fn forget(&mut self, from: SocketAddr, mid: u16) {
+        self.seen.remove(&(from, mid));
+    }
+
+    /// A reset for a confirmable message nobody can take (a notification for no observation).
+    pub fn reject(&mut self, to: SocketAddr, packet: &Packet) -> Option<Vec<u8>> {
+        if packet.header.get_type() != MessageType::Confirmable {
+            return None;
+        }
+        let mid = packet.header.message_id;
+        let reset = empty(MessageType::Reset, mid);
+        if let Some(slot) = self.seen.get_mut(&(to, mid)) {
+            *slot = Some(reset.clone());
+        }
+        Some(reset)
     }
 
     /// The empty ACK of a confirmable response or notification, once its data is safe.

@@ -229,3 +229,33 @@ fn confirmable_notifications_wait_for_an_explicit_ack() {
     );
     assert_eq!(out, vec![(peer(), ack)]);
 }
+
+#[test]
+fn an_ack_whose_token_does_not_fit_still_settles_the_request() {
+    let mut e = endpoint();
+    let (token, bytes) = e.request(peer(), Packet::new(), 0);
+    let mid = Packet::from_bytes(&bytes).unwrap().header.message_id;
+    let odd = packet(
+        MessageType::Acknowledgement,
+        MessageClass::Response(ResponseType::Changed),
+        mid,
+        b"other",
+    );
+    let (events, _) = e.handle(peer(), &odd.to_bytes().unwrap(), 10);
+    assert!(
+        matches!(&events[..], [Event::Delivered { token: t, .. }] if *t == token),
+        "{events:?}"
+    );
+    let (events, out) = e.poll(200_000);
+    assert!(events.is_empty() && out.is_empty(), "nothing left waiting");
+}
+
+#[test]
+fn a_forgotten_message_is_taken_again() {
+    let mut e = endpoint();
+    let (events, _) = e.handle(peer(), &register(40), 0);
+    assert_eq!(events.len(), 1);
+    e.forget(peer(), 40);
+    let (events, _) = e.handle(peer(), &register(40), 10);
+    assert_eq!(events.len(), 1, "the retransmission is new again");
+}

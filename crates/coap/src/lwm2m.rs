@@ -44,6 +44,9 @@ pub enum RdRequest {
     },
 }
 
+/// The longest lifetime accepted (ten years): beyond, milliseconds would not fit the clock.
+pub const MAX_LIFETIME_S: u64 = 10 * 365 * 86_400;
+
 /// LwM2M's default lifetime when a registration gives none.
 pub const DEFAULT_LIFETIME_S: u64 = 86_400;
 
@@ -87,7 +90,7 @@ pub fn parse_rd(packet: &Packet) -> Result<RdRequest, String> {
         v.map(|v| {
             v.parse::<u64>()
                 .ok()
-                .filter(|l| *l > 0)
+                .filter(|l| (1..=MAX_LIFETIME_S).contains(l))
                 .ok_or_else(|| format!("lt={v} is not a lifetime in seconds"))
         })
         .transpose()

@@ -24,16 +24,23 @@ pub trait Lwm2mHandler: Send + Sync + 'static {
         peer: SocketAddr,
         registration: Registration,
     ) -> impl Future<Output = Result<(), ResponseType>> + Send;
-    /// A registration update (`POST /rd/{endpoint}`), possibly from a new address.
+    /// A registration update (`POST /rd/{endpoint}`), possibly from a new address; `identity`
+    /// is the sender's DTLS identity (none over plain CoAP).
     fn update(
         &self,
         peer: SocketAddr,
+        identity: Option<String>,
         endpoint: String,
         lifetime_s: Option<u64>,
         binding: Option<String>,
     ) -> impl Future<Output = Result<(), ResponseType>> + Send;
-    /// `DELETE /rd/{endpoint}`.
-    fn deregister(&self, peer: SocketAddr, endpoint: String) -> impl Future<Output = ()> + Send;
+    /// `DELETE /rd/{endpoint}`; an error is the CoAP code to refuse it with.
+    fn deregister(
+        &self,
+        peer: SocketAddr,
+        identity: Option<String>,
+        endpoint: String,
+    ) -> impl Future<Output = Result<(), ResponseType>> + Send;
     /// Data the device sent on `/19/0/0`; returns once the data is safe (a confirmable
     /// notification is acknowledged then).
     fn data(
@@ -113,7 +120,8 @@ impl CoapHandle {
             piece.payload = part.to_vec();
             block.set(&mut piece, CoapOption::Block1);
             last = self.request_once(to, piece).await;
-            let continued = last.code() == Some(ResponseType::Continue);
+            // Atomic servers answer 2.31 Continue, others 2.04 per block (RFC 7959 §2.3).
+            let continued = last.code().is_some_and(|c| !c.is_error());
             if block.more && !continued {
                 return last; // Refused or lost midway: the device did not take it all.
             }
@@ -131,14 +139,19 @@ impl CoapHandle {
     ) -> Option<Vec<u8>> {
         let mut body = first.payload.clone();
         let mut block = Block::of(first, CoapOption::Block2)?;
-        while block.more {
+        let most = blockwise::MAX_BODY / block.size() + 1;
+        for _ in 0..most {
+            if !block.more {
+                return Some(body);
+            }
+            let wanted = block.num + 1;
             let mut get = Packet::new();
             get.header.code = MessageClass::Request(coap_lite::RequestType::Get);
             for part in path {
                 get.add_option(CoapOption::UriPath, part.as_bytes().to_vec());
             }
             Block {
-                num: block.num + 1,
+                num: wanted,
                 more: false,
                 szx: block.szx,
             }
@@ -147,12 +160,17 @@ impl CoapHandle {
                 return None;
             };
             block = Block::of(&answer, CoapOption::Block2)?;
+            let content = answer.header.code == MessageClass::Response(ResponseType::Content);
+            // The block asked for, with something in it: anything else would never end.
+            if !content || block.num != wanted || answer.payload.is_empty() {
+                return None;
+            }
             body.extend_from_slice(&answer.payload);
             if body.len() > blockwise::MAX_BODY {
                 return None;
             }
         }
-        Some(body)
+        None
     }
 
     async fn request_once(&self, to: SocketAddr, packet: Packet) -> Outcome {
@@ -265,7 +283,7 @@ impl CoapServer {
         let mut driver = Driver {
             endpoint: Endpoint::new(self.timing, seed),
             transport: self.transport,
-            identities: HashMap::new(),
+            identity: None,
             reassembly: Reassembly::default(),
             handle: self.handle,
             handler,
@@ -286,9 +304,8 @@ impl CoapServer {
             tokio::select! {
                 received = driver.transport.recv(&mut buf) => {
                     if let Some((from, identity, datagram)) = received {
-                        if let Some(identity) = identity {
-                            driver.identities.insert(from, identity);
-                        }
+                        // The identity of the datagram being handled (DTLS), for the requests in it.
+                        driver.identity = identity;
                         let now = started.elapsed().as_millis() as i64;
                         let (events, replies) = driver.endpoint.handle(from, &datagram, now);
                         driver.send_all(replies).await;
@@ -318,8 +335,8 @@ impl CoapServer {
 struct Driver<H> {
     endpoint: Endpoint,
     transport: Transport,
-    /// The DTLS identity each peer proved.
-    identities: HashMap<SocketAddr, String>,
+    /// The DTLS identity the peer of the datagram being handled proved.
+    identity: Option<String>,
     /// Requests arriving in blocks.
     reassembly: Reassembly,
     handle: CoapHandle,
@@ -371,6 +388,10 @@ impl<H: Lwm2mHandler> Driver<H> {
     async fn on_event(&mut self, event: Event, now: i64) {
         match event {
             Event::Request { from, packet } => match Block::of(&packet, CoapOption::Block1) {
+                // Only registrations are large enough to come in blocks.
+                Some(_) if lwm2m::path(&packet).first().map(String::as_str) != Some("rd") => {
+                    self.on_request(from, packet)
+                }
                 None => self.on_request(from, packet),
                 Some(block) => match self.reassembly.push(from, packet.clone(), block, now) {
                     Step::Complete(whole) => self.on_request(from, whole),
@@ -386,7 +407,7 @@ impl<H: Lwm2mHandler> Driver<H> {
                     }
                 },
             },
-            Event::Response { from, packet } => self.on_response(from, packet),
+            Event::Response { from, packet } => self.on_response(from, packet).await,
             Event::Delivered { token, .. } => {
                 if let Some(done) = self.pending.remove(&token) {
                     let _ = done.send(Outcome::Acknowledged);
@@ -409,7 +430,7 @@ impl<H: Lwm2mHandler> Driver<H> {
         }
     }
 
-    fn on_response(&mut self, from: SocketAddr, packet: Packet) {
+    async fn on_response(&mut self, from: SocketAddr, packet: Packet) {
         let token = packet.get_token().to_vec();
         if let MessageClass::Response(_) = packet.header.code
             && let Some(done) = self.pending.remove(&token)
@@ -418,17 +439,27 @@ impl<H: Lwm2mHandler> Driver<H> {
             return;
         }
         let Some(endpoint) = self.observations.get(&token).cloned() else {
-            return; // Nothing observes it (an old observation): let it be.
+            // Nothing observes it (an old observation): a reset tells the device to stop.
+            let reset = self.endpoint.reject(from, &packet);
+            self.send_all(reset.map(|r| (from, r)).into_iter().collect())
+                .await;
+            return;
         };
         if packet.payload.is_empty() {
-            return; // The observation's own acknowledgement, without data yet.
+            // The observation's own acknowledgement, or a notification without data.
+            let ack = self.endpoint.acknowledge(from, &packet);
+            self.send_all(ack.map(|a| (from, a)).into_iter().collect())
+                .await;
+            return;
         }
+        let mid = packet.header.message_id;
         let worker = self.workers.entry(endpoint.clone()).or_insert_with(|| {
             spawn_worker(self.handler.clone(), self.handle.clone(), endpoint.clone())
         });
         if worker.try_send((from, packet)).is_err() {
-            // Too much data from one device at once: a confirmable notification is resent by
-            // the device; a non-confirmable one is dropped, and said so.
+            // Too much data from one device at once: forgetting the message id lets a
+            // confirmable notification's retransmission in; a non-confirmable one is lost.
+            self.endpoint.forget(from, mid);
             self.handler.refused(
                 from,
                 format!("data from {endpoint} arrives faster than it is stored; dropped"),
@@ -439,7 +470,7 @@ impl<H: Lwm2mHandler> Driver<H> {
     fn on_request(&self, from: SocketAddr, request: Packet) {
         let handler = self.handler.clone();
         let handle = self.handle.clone();
-        let identity = self.identities.get(&from).cloned();
+        let identity = self.identity.clone();
         tokio::spawn(async move {
             let (response, observe) = answer_rd(&*handler, from, identity, &request).await;
             let _ = handle
@@ -495,13 +526,18 @@ async fn answer_rd<H: Lwm2mHandler>(
             location,
             lifetime_s,
             binding,
-        } => match handler.update(from, location, lifetime_s, binding).await {
+        } => match handler
+            .update(from, identity, location, lifetime_s, binding)
+            .await
+        {
             Ok(()) => (lwm2m::response(ResponseType::Changed, None), None),
             Err(code) => (lwm2m::response(code, None), None),
         },
         RdRequest::Deregister { location } => {
-            handler.deregister(from, location).await;
-            (lwm2m::response(ResponseType::Deleted, None), None)
+            match handler.deregister(from, identity, location).await {
+                Ok(()) => (lwm2m::response(ResponseType::Deleted, None), None),
+                Err(code) => (lwm2m::response(code, None), None),
+            }
         }
     }
 }
@@ -525,6 +561,10 @@ fn spawn_worker<H: Lwm2mHandler>(
                                 "the rest of a block-wise notification from {endpoint} did not arrive"
                             );
                             handler.refused(from, why);
+                            let _ = handle
+                                .commands
+                                .send(Command::Acknowledge { to: from, packet })
+                                .await;
                             continue;
                         }
                     }

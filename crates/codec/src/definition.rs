@@ -214,9 +214,17 @@ impl Field {
     }
 
     /// The default as an integer (integer fields) — the hex read as a big-endian number.
+    /// The default as the integer the field holds (sign-extended for signed types), so it
+    /// compares with what `read_int` reads.
     pub(crate) fn default_int(&self) -> Option<i64> {
         let bytes = hex_decode(self.default.as_deref()?).ok()?;
-        Some(bytes.iter().fold(0i64, |n, b| (n << 8) | i64::from(*b)))
+        let raw = bytes.iter().fold(0i64, |n, b| (n << 8) | i64::from(*b));
+        Some(match self.ty.int() {
+            Some((size, true)) if size < 8 && raw >> (size * 8 - 1) & 1 == 1 => {
+                raw - (1i64 << (size * 8))
+            }
+            _ => raw,
+        })
     }
 }
 
@@ -379,10 +387,10 @@ fn check_shape(message: &Message, index: usize, field: &Field) -> Result<(), Str
             };
             let earlier = message.fields[..index].iter().find(|f| &f.name == target);
             match earlier {
-                Some(f) if f.ty.int().is_some() && f.role.is_none() => {}
+                Some(f) if f.ty.int().is_some() && f.role.is_none() && f.decimals == 0 => {}
                 _ => {
                     return Err(format!(
-                        "length_field {target:?} must name an earlier integer field"
+                        "length_field {target:?} must name an earlier integer field without decimals"
                     ));
                 }
             }
@@ -412,6 +420,8 @@ fn check_shape(message: &Message, index: usize, field: &Field) -> Result<(), Str
         Some(Role::Mid) if message.kind == MessageKind::DataReport => {
             Err("only commands and command responses carry a mid".into())
         }
+        // The platform numbers commands 1 to 65535, as IoTDA does.
+        Some(Role::Mid) if field.ty != FieldType::Int16u => Err("a mid field is int16u".into()),
         Some(Role::Errcode) if message.kind != MessageKind::CommandResponse => {
             Err("only a command response carries an errcode".into())
         }

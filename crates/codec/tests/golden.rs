@@ -71,3 +71,21 @@ fn invalid_definitions_are_refused_with_the_reason() {
 fn the_seed_example_abc_is_three_ascii_bytes() {
     assert_eq!(bits(b"abc"), "011000010110001001100011");
 }
+
+#[test]
+fn a_signed_msgid_matches_what_is_read() {
+    let codec = Definition::from_json(&serde_json::json!({"messages": [
+        {"name": "a", "kind": "data_report", "service_id": "S", "fields": [
+            {"name": "messageId", "type": "int8s", "role": "msgid", "default": "FF"},
+            {"name": "v", "type": "int8u"}]},
+        {"name": "b", "kind": "data_report", "service_id": "S", "fields": [
+            {"name": "messageId", "type": "int8s", "role": "msgid", "default": "01"},
+            {"name": "w", "type": "int8u"}]}
+    ]}))
+    .unwrap();
+    let decoded = codec.decode(&[0xFF, 7]).unwrap();
+    assert_eq!(
+        decoded.json["services"][0]["properties"],
+        serde_json::json!({"v": 7})
+    );
+}

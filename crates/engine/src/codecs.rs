@@ -39,12 +39,17 @@ impl Platform {
     /// The product's compiled codec, if it has one.
     pub fn product_codec(&self, product: &Product) -> Option<Arc<Codec>> {
         let stored = product.codec.as_ref()?;
-        if let Some(codec) = read_lock(&self.codecs).get(&product.product_id) {
+        // The cache keeps the definition it compiled: a decode racing a codec change can never
+        // put an old codec back for the new definition.
+        if let Some((source, codec)) = read_lock(&self.codecs).get(&product.product_id)
+            && source == stored
+        {
             return Some(codec.clone());
         }
         // Stored codecs were checked when set; one that no longer reads is treated as absent.
         let codec = Arc::new(Codec::from_json(stored).ok()?);
-        write_lock(&self.codecs).insert(product.product_id.clone(), codec.clone());
+        write_lock(&self.codecs)
+            .insert(product.product_id.clone(), (stored.clone(), codec.clone()));
         Some(codec)
     }
 

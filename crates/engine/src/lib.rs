@@ -135,7 +135,7 @@ pub struct Platform {
     forward_stage: RwLock<Option<Arc<dyn ForwardStage>>>,
     products: RwLock<HashMap<String, Arc<Product>>>,
     /// Compiled codecs by product id (filled on first use, dropped when the product changes).
-    codecs: RwLock<HashMap<String, Arc<ioda_codec::Codec>>>,
+    codecs: RwLock<HashMap<String, (serde_json::Value, Arc<ioda_codec::Codec>)>>,
     keys: RwLock<HashMap<String, AccessKey>>,
     projects: RwLock<HashMap<String, Project>>,
 }

@@ -42,6 +42,8 @@ impl std::fmt::Debug for Lwm2mAccess {
 /// A registered endpoint: where it is, until when, and its connection task.
 struct EndpointLink {
     device_id: String,
+    /// The DTLS identity it registered with; updates and de-registration must prove the same.
+    identity: Option<String>,
     peer: Arc<Mutex<SocketAddr>>,
     expires_at: i64,
     lifetime_ms: i64,
@@ -92,9 +94,13 @@ impl Lwm2mAccess {
             gone.iter().filter_map(|e| links.remove(e)).collect()
         };
         for link in expired {
-            let _ = link
-                .uplink
-                .try_send(Uplink::Closed(CloseCause::KeepaliveTimeout));
+            let closed = Uplink::Closed(CloseCause::KeepaliveTimeout);
+            if let Err(mpsc::error::TrySendError::Full(closed)) = link.uplink.try_send(closed) {
+                // A busy task still has to hear it.
+                tokio::spawn(async move {
+                    let _ = link.uplink.send(closed).await;
+                });
+            }
         }
     }
 
@@ -146,21 +152,27 @@ impl Lwm2mAccess {
         Ok(device.clone())
     }
 
+    /// A registered endpoint talked from `peer`: it is reachable there, and its registration
+    /// lasts another lifetime. Over DTLS only its own identity may do so.
     fn touch(
         &self,
         endpoint: &str,
         peer: SocketAddr,
+        identity: Option<&str>,
         lifetime_s: Option<u64>,
-    ) -> Option<mpsc::Sender<Uplink>> {
+    ) -> Result<mpsc::Sender<Uplink>, ResponseType> {
         let now = self.platform.now();
         let mut links = lock(&self.links);
-        let link = links.get_mut(endpoint)?;
+        let link = links.get_mut(endpoint).ok_or(ResponseType::NotFound)?;
+        if link.identity.is_some() && link.identity.as_deref() != identity {
+            return Err(ResponseType::Forbidden);
+        }
         *lock(&link.peer) = peer;
         if let Some(lifetime) = lifetime_s {
             link.lifetime_ms = lifetime as i64 * 1000;
         }
         link.expires_at = now + link.lifetime_ms;
-        Some(link.uplink.clone())
+        Ok(link.uplink.clone())
     }
 }
 
@@ -209,6 +221,7 @@ impl Lwm2mHandler for Lwm2mAccess {
             registration.endpoint.clone(),
             EndpointLink {
                 device_id: device.device_id.clone(),
+                identity: registration.identity.clone(),
                 peer: peer_cell.clone(),
                 expires_at: now + lifetime_ms,
                 lifetime_ms,
@@ -240,18 +253,23 @@ impl Lwm2mHandler for Lwm2mAccess {
     async fn update(
         &self,
         peer: SocketAddr,
+        identity: Option<String>,
         endpoint: String,
         lifetime_s: Option<u64>,
         _binding: Option<String>,
     ) -> Result<(), ResponseType> {
-        let uplink = self
-            .touch(&endpoint, peer, lifetime_s)
-            .ok_or(ResponseType::NotFound)?;
+        let uplink = self.touch(&endpoint, peer, identity.as_deref(), lifetime_s)?;
         let _ = uplink.try_send(Uplink::Awake);
         Ok(())
     }
 
-    async fn deregister(&self, _peer: SocketAddr, endpoint: String) {
+    async fn deregister(
+        &self,
+        peer: SocketAddr,
+        identity: Option<String>,
+        endpoint: String,
+    ) -> Result<(), ResponseType> {
+        self.touch(&endpoint, peer, identity.as_deref(), None)?;
         let link = lock(&self.links).remove(&endpoint);
         if let Some(link) = link {
             tracing::debug!(device_id = %link.device_id, "LwM2M de-registration");
@@ -260,10 +278,16 @@ impl Lwm2mHandler for Lwm2mAccess {
                 .send(Uplink::Closed(CloseCause::ClientDisconnect))
                 .await;
         }
+        Ok(())
     }
 
     async fn data(&self, peer: SocketAddr, endpoint: String, payload: Vec<u8>) {
-        let Some(uplink) = self.touch(&endpoint, peer, None) else {
+        // Data comes on the observation the platform opened on the registered transport, so the
+        // registration's own identity applies.
+        let identity = lock(&self.links)
+            .get(&endpoint)
+            .and_then(|l| l.identity.clone());
+        let Ok(uplink) = self.touch(&endpoint, peer, identity.as_deref(), None) else {
             self.refused(
                 peer,
                 format!("data from {endpoint}, which is not registered"),
@@ -440,11 +464,14 @@ impl EndpointTask {
     /// Takes a downlink from the platform. A resend of what is already held or in flight (same
     /// topic, so same request) replaces nothing: CoAP retransmits on its own.
     fn hold(&mut self, publish: Box<OutboundPublish>) {
-        let repeated = self.held.iter().any(|h| h.topic == publish.topic)
-            || self
-                .in_flight
-                .as_ref()
-                .is_some_and(|(_, _, t)| *t == publish.topic);
+        // Only a command is resent under the same topic; messages and answers each count.
+        let is_command = publish.topic.contains("/sys/commands/");
+        let repeated = is_command
+            && (self.held.iter().any(|h| h.topic == publish.topic)
+                || self
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|(_, _, t)| *t == publish.topic));
         if !repeated {
             self.held.push_back(publish);
         }

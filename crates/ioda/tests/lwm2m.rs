@@ -515,6 +515,35 @@ async fn bad_datagrams_and_unknown_endpoints_are_refused() {
         .unwrap();
     device.quiet(300).await;
 
+    let huge = device
+        .call(
+            RequestType::Post,
+            &["rd"],
+            &["ep=863000000000003", "lt=18446744073709551615"],
+            &[],
+        )
+        .await;
+    assert_eq!(
+        huge.header.code,
+        MessageClass::Response(ResponseType::BadRequest),
+        "lifetimes are bounded"
+    );
+
+    // A confirmable notification for no observation is reset, so the device stops sending it.
+    device.mid += 1;
+    let mut stray = Packet::new();
+    stray.header.set_type(MessageType::Confirmable);
+    stray.header.code = MessageClass::Response(ResponseType::Content);
+    stray.header.message_id = device.mid;
+    stray.set_token(vec![9, 9, 9]);
+    stray.payload = vec![1, 2, 3];
+    device.send(&stray).await;
+    let reset = device.recv().await;
+    assert_eq!(
+        (reset.header.get_type(), reset.header.message_id),
+        (MessageType::Reset, device.mid)
+    );
+
     // Frozen devices may not register.
     let frozen = server
         .post(&format!("/devices/{device_id}/freeze"), json!({}))
@@ -747,6 +776,24 @@ async fn libcoap_registers_over_dtls_with_each_suite_and_secure_devices_may_not_
                 .any(|e| e["kind"] == "lwm2m_registered"),
             "{trace}"
         );
+
+        // Nobody without the DTLS identity may update or remove the registration.
+        let mut intruder = NbDevice::new(coap_addr(&server)).await;
+        let update = intruder
+            .call(RequestType::Post, &["rd", "863000000000006"], &[], &[])
+            .await;
+        assert_eq!(
+            update.header.code,
+            MessageClass::Response(ResponseType::Forbidden)
+        );
+        let delete = intruder
+            .call(RequestType::Delete, &["rd", "863000000000006"], &[], &[])
+            .await;
+        assert_eq!(
+            delete.header.code,
+            MessageClass::Response(ResponseType::Forbidden)
+        );
+        assert_eq!(server.status(&device_id).await, "ONLINE");
 
         let offered = tokio::task::spawn_blocking(move || {
             openssl_handshake(coaps, "863000000000006", "6162636465666768", suite)
