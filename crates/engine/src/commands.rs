@@ -144,6 +144,12 @@ impl Platform {
         timeout: Duration,
     ) -> Result<(String, Value), EngineError> {
         let (device, product) = self.device_and_product(project_id, device_id).await?;
+        if product.protocol_type == "CoAP" {
+            // As in IoTDA: an NB-IoT device sleeps and answers later, on its data channel.
+            return Err(invalid(
+                "LwM2M/CoAP devices take asynchronous commands only: use POST .../async-commands",
+            ));
+        }
         check_command(&product, &request)?;
         let payload = self.command_payload(&product, device_id, &request, None)?;
         let (command_id, response) = self

@@ -320,6 +320,20 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
     })
     .await;
 
+    let synchronous = server
+        .post(
+            &format!("/devices/{device_id}/commands"),
+            json!({"service_id": "Smoke", "command_name": "SET_ALARM", "paras": {"value": 1}}),
+        )
+        .await;
+    assert_eq!(synchronous.status, 400, "{}", synchronous.body);
+    assert!(
+        synchronous.body["error_msg"]
+            .as_str()
+            .unwrap()
+            .contains("asynchronous commands only")
+    );
+
     let first = create_command(&server, &device_id, 1).await;
     let second = create_command(&server, &device_id, 0).await;
     let put = device.next_write().await;
