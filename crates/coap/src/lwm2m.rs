@@ -134,6 +134,19 @@ pub fn parse_rd(packet: &Packet) -> Result<RdRequest, String> {
     }
 }
 
+/// Critical options (odd numbers, RFC 7252 §5.4.1) this server understands or safely ignores:
+/// If-Match, Uri-Host, If-None-Match, Uri-Port, Uri-Path, Uri-Query, Accept, Block2, Block1.
+const UNDERSTOOD_CRITICAL: &[u16] = &[1, 3, 5, 7, 11, 15, 17, 23, 27];
+
+/// A critical option the request carries that this server does not understand; such a request
+/// is answered 4.02 Bad Option rather than half understood.
+pub fn unknown_critical_option(packet: &Packet) -> Option<u16> {
+    packet
+        .options()
+        .map(|(number, _)| *number)
+        .find(|n| n % 2 == 1 && !UNDERSTOOD_CRITICAL.contains(n))
+}
+
 /// A response with a code and, for a registration, its location (`/rd/{endpoint}`).
 pub fn response(code: ResponseType, location: Option<&str>) -> Packet {
     let mut packet = Packet::new();

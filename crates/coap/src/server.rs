@@ -498,6 +498,10 @@ async fn answer_rd<H: Lwm2mHandler>(
     identity: Option<String>,
     request: &Packet,
 ) -> (Packet, Option<String>) {
+    if let Some(option) = lwm2m::unknown_critical_option(request) {
+        handler.refused(from, format!("critical option {option} is not understood"));
+        return (lwm2m::response(ResponseType::BadOption, None), None);
+    }
     let parsed = match lwm2m::parse_rd(request) {
         Ok(parsed) => parsed,
         Err(why) => {

@@ -529,6 +529,21 @@ async fn bad_datagrams_and_unknown_endpoints_are_refused() {
         .unwrap();
     device.quiet(300).await;
 
+    // A critical option the server does not know (Proxy-Uri here) is refused, not ignored.
+    device.mid += 1;
+    let mut proxied = Packet::new();
+    proxied.header.set_type(MessageType::Confirmable);
+    proxied.header.code = MessageClass::Request(RequestType::Post);
+    proxied.header.message_id = device.mid;
+    proxied.add_option(CoapOption::UriPath, b"rd".to_vec());
+    proxied.add_option(CoapOption::ProxyUri, b"coap://elsewhere/rd".to_vec());
+    device.send(&proxied).await;
+    let bad_option = device.recv().await;
+    assert_eq!(
+        bad_option.header.code,
+        MessageClass::Response(ResponseType::BadOption)
+    );
+
     let huge = device
         .call(
             RequestType::Post,
