@@ -2,6 +2,9 @@
 //! credentials and MQTT clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod nb;
+pub mod receiver;
+
 use std::time::Duration;
 
 use ioda::client::ApiClient;
