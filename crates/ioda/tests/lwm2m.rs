@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use common::nb::NbDevice;
 use common::*;
+use ioda_coap::blockwise::Block;
 use ioda_coap::{MessageClass, MessageType, Packet, ResponseType};
 use ioda_engine::ManualClock;
 use serde_json::{Value, json};
@@ -701,6 +702,63 @@ async fn large_payloads_go_block_wise_both_ways() {
         String::from_utf8_lossy(&body).contains(&content),
         "the whole message arrived"
     );
+
+    // Two short messages are two writes (only a command's resends share a topic).
+    for text in ["first", "second"] {
+        let sent = server
+            .post(
+                &format!("/devices/{device_id}/messages"),
+                json!({"message": text}),
+            )
+            .await;
+        assert!(sent.status < 300, "{}", sent.body);
+    }
+    for text in ["first", "second"] {
+        let write = device.next_write().await;
+        assert!(
+            String::from_utf8_lossy(&write.payload).contains(text),
+            "{write:?}"
+        );
+        device.ack_write(&write).await;
+    }
+
+    // A device that answers the platform's block fetch with empty "more" blocks forever is given
+    // up on after one answer, and its next data still arrives.
+    device.mid += 1;
+    let mut first = Packet::new();
+    first.header.set_type(MessageType::NonConfirmable);
+    first.header.code = MessageClass::Response(ResponseType::Content);
+    first.header.message_id = device.mid;
+    first.set_token(device.observe.clone().unwrap());
+    Block {
+        num: 0,
+        more: true,
+        szx: 6,
+    }
+    .set(&mut first, CoapOption::Block2);
+    first.payload = vec![0x03; 1024];
+    device.send(&first).await;
+    let get = device.recv().await;
+    assert_eq!(Block::of(&get, CoapOption::Block2).map(|b| b.num), Some(1));
+    let mut endless = Packet::new();
+    endless.header.set_type(MessageType::Acknowledgement);
+    endless.header.code = MessageClass::Response(ResponseType::Content);
+    endless.header.message_id = get.header.message_id;
+    endless.set_token(get.get_token().to_vec());
+    Block {
+        num: 1,
+        more: true,
+        szx: 6,
+    }
+    .set(&mut endless, CoapOption::Block2);
+    device.send(&endless).await;
+    device.quiet(500).await;
+    device.notify(&[0x00, 0x05, 0x00, 0x0A]).await;
+    let answer = device.next_write().await;
+    device.ack_write(&answer).await;
+    server
+        .wait_reported(&device_id, json!({"level": 5, "temperature": 1.0}))
+        .await;
     server.stop().await;
 }
 
