@@ -56,6 +56,10 @@ pub struct BenchArgs {
     /// Extra flags for the server, e.g. `--durability normal`.
     #[arg(long, allow_hyphen_values = true)]
     pub server_args: Vec<String>,
+    /// Environment for the server only, `KEY=VALUE` (repeatable), e.g. an allocator setting
+    /// measured without it also applying to the load generator.
+    #[arg(long)]
+    pub server_env: Vec<String>,
     /// Print only one JSON line with the results.
     #[arg(long)]
     pub json: bool,
@@ -80,7 +84,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Scenario::Reference => Some(reference::mosquitto(&args).await?),
         _ => None,
     };
-    let server = ServerProcess::start(&extra)?;
+    let env: Vec<(String, String)> = args
+        .server_env
+        .iter()
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--server-env {kv:?} is not KEY=VALUE"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let server = ServerProcess::start(&extra, &env)?;
     let result = match args.scenario {
         Scenario::Connect => connect_scenario(&server, &args).await?,
         Scenario::Report => report::run(&server, &args, false).await?,

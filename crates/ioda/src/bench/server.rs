@@ -82,7 +82,7 @@ pub fn usage(pid: u32) -> Usage {
 
 impl ServerProcess {
     /// Starts `ioda serve` (this very binary) with the given extra flags and waits until it is ready.
-    pub fn start(extra: &[&str]) -> anyhow::Result<ServerProcess> {
+    pub fn start(extra: &[&str], env: &[(String, String)]) -> anyhow::Result<ServerProcess> {
         let dir = tempfile_dir::TempDir::new()?;
         let exe: PathBuf = std::env::current_exe().context("locating the ioda binary")?;
         let child = Command::new(exe)
@@ -101,6 +101,7 @@ impl ServerProcess {
                 "0",
             ])
             .args(extra)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("IODA_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
