@@ -151,13 +151,15 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
     })
     .await;
 
-    let deleted = device
-        .call(RequestType::Delete, &["rd", "863000000000001"], &[], &[])
+    device
+        .call_expecting(
+            ResponseType::Deleted,
+            RequestType::Delete,
+            &["rd", "863000000000001"],
+            &[],
+            &[],
+        )
         .await;
-    assert_eq!(
-        deleted.header.code,
-        MessageClass::Response(ResponseType::Deleted)
-    );
     server.wait_status(&device_id, "OFFLINE").await;
     server.stop().await;
 }
@@ -189,13 +191,15 @@ async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire()
         "PENDING",
         "not sent while the device sleeps"
     );
-    let updated = device
-        .call(RequestType::Post, &["rd", "863000000000002"], &[], &[])
+    device
+        .call_expecting(
+            ResponseType::Changed,
+            RequestType::Post,
+            &["rd", "863000000000002"],
+            &[],
+            &[],
+        )
         .await;
-    assert_eq!(
-        updated.header.code,
-        MessageClass::Response(ResponseType::Changed)
-    );
     let put = device.next_write().await;
     device.ack_write(&put).await;
     eventually("DELIVERED once the awake device acknowledged", || async {
@@ -256,32 +260,33 @@ async fn bad_datagrams_and_unknown_endpoints_are_refused() {
         unknown.header.code,
         MessageClass::Response(ResponseType::Forbidden)
     );
-    let no_ep = device
-        .call(RequestType::Post, &["rd"], &["lt=300"], &[])
+    device
+        .call_expecting(
+            ResponseType::BadRequest,
+            RequestType::Post,
+            &["rd"],
+            &["lt=300"],
+            &[],
+        )
         .await;
-    assert_eq!(
-        no_ep.header.code,
-        MessageClass::Response(ResponseType::BadRequest)
-    );
-    let bad_lifetime = device
-        .call(
+    device
+        .call_expecting(
+            ResponseType::BadRequest,
             RequestType::Post,
             &["rd"],
             &["ep=863000000000003", "lt=soon"],
             &[],
         )
         .await;
-    assert_eq!(
-        bad_lifetime.header.code,
-        MessageClass::Response(ResponseType::BadRequest)
-    );
-    let elsewhere = device
-        .call(RequestType::Get, &["nothing", "here"], &[], &[])
+    device
+        .call_expecting(
+            ResponseType::NotFound,
+            RequestType::Get,
+            &["nothing", "here"],
+            &[],
+            &[],
+        )
         .await;
-    assert_eq!(
-        elsewhere.header.code,
-        MessageClass::Response(ResponseType::NotFound)
-    );
 
     // A confirmable header with a reserved token length is reset; what is not CoAP version 1
     // gets no answer at all.
@@ -581,20 +586,24 @@ async fn libcoap_registers_over_dtls_with_each_suite_and_secure_devices_may_not_
 
         // Nobody without the DTLS identity may update or remove the registration.
         let mut intruder = NbDevice::new(coap_addr(&server)).await;
-        let update = intruder
-            .call(RequestType::Post, &["rd", "863000000000006"], &[], &[])
+        intruder
+            .call_expecting(
+                ResponseType::Forbidden,
+                RequestType::Post,
+                &["rd", "863000000000006"],
+                &[],
+                &[],
+            )
             .await;
-        assert_eq!(
-            update.header.code,
-            MessageClass::Response(ResponseType::Forbidden)
-        );
-        let delete = intruder
-            .call(RequestType::Delete, &["rd", "863000000000006"], &[], &[])
+        intruder
+            .call_expecting(
+                ResponseType::Forbidden,
+                RequestType::Delete,
+                &["rd", "863000000000006"],
+                &[],
+                &[],
+            )
             .await;
-        assert_eq!(
-            delete.header.code,
-            MessageClass::Response(ResponseType::Forbidden)
-        );
         assert_eq!(server.status(&device_id).await, "ONLINE");
 
         let offered = tokio::task::spawn_blocking(move || {

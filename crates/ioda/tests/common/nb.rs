@@ -96,6 +96,24 @@ impl NbDevice {
         }
     }
 
+    /// `call`, asserting the answer's code.
+    pub async fn call_expecting(
+        &mut self,
+        code: ResponseType,
+        method: RequestType,
+        path: &[&str],
+        query: &[&str],
+        payload: &[u8],
+    ) -> Packet {
+        let answer = self.call(method, path, query, payload).await;
+        assert_eq!(
+            answer.header.code,
+            MessageClass::Response(code),
+            "{path:?} {query:?}"
+        );
+        answer
+    }
+
     pub async fn register(&mut self, ep: &str, lifetime: u32, binding: &str) -> Packet {
         let (ep, lt, b) = (
             format!("ep={ep}"),
