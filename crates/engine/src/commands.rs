@@ -494,6 +494,9 @@ impl Platform {
             };
             let next = AsyncCommand {
                 status,
+                // A fast device can answer before the SENT step is recorded: it was sent all the same.
+                sent_at: command.sent_at.or(Some(now)),
+                sends: command.sends.max(1),
                 delivered_at: command.delivered_at.or(Some(now)),
                 response_at: Some(now),
                 result: Some(result.clone()),
