@@ -55,6 +55,16 @@ impl Codec {
         }
     }
 
+    /// Whether decoding may take long (a script, up to its operation budget), so a caller on an
+    /// async thread should move it off.
+    pub fn may_run_long(&self) -> bool {
+        match self {
+            Codec::Declarative(_) => false,
+            #[cfg(feature = "javascript")]
+            Codec::Script(_) => true,
+        }
+    }
+
     /// Device bytes → platform JSON; `topic` is the MQTT topic they came on (none for LwM2M).
     pub fn decode(&self, payload: &[u8], topic: Option<&str>) -> Result<Decoded, CodecError> {
         match self {

@@ -209,14 +209,16 @@ impl DeviceSession {
     ) -> PublishVerdict {
         // Scripts get the MQTT topic; NB-IoT data has none (as in IoTDA).
         let topic = (!self.is_coap()).then_some(topic);
-        // A script may run for a while (up to its operation budget): off the async threads.
-        let (bytes, topic_owned) = (payload.to_vec(), topic.map(str::to_owned));
-        let decoded =
+        // A script may run for a while (up to its operation budget): off the async threads. A
+        // declarative codec is quick and decodes right here.
+        let decoded = if codec.may_run_long() {
+            let (bytes, topic_owned) = (payload.to_vec(), topic.map(str::to_owned));
             tokio::task::spawn_blocking(move || codec.decode(&bytes, topic_owned.as_deref()))
                 .await
-                .unwrap_or_else(|_| {
-                    Err(ioda_codec::CodecError::Decode("the codec stopped".into()))
-                });
+                .unwrap_or_else(|_| Err(ioda_codec::CodecError::Decode("the codec stopped".into())))
+        } else {
+            codec.decode(payload, topic)
+        };
         let decoded = match decoded {
             Ok(decoded) => decoded,
             Err(error) => {

@@ -27,19 +27,11 @@ fn getrandom_fill(bytes: &mut [u8]) {
 }
 
 async fn active_rule(server: &TestServer, select: &str) -> String {
-    let rule = server.post("/routing-rule/rules", json!({"subject": {"resource": "device.property", "event": "report"}, "select": select})).await;
-    let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
-    let r = server
-        .api
-        .call(
-            "PUT",
-            &format!("/routing-rule/rules/{rule_id}"),
-            Some(&json!({"active": true})),
-        )
-        .await
-        .unwrap();
-    assert_eq!(r.status, 200, "{}", r.body);
-    rule_id
+    activated_rule(
+        server,
+        json!({"subject": {"resource": "device.property", "event": "report"}, "select": select}),
+    )
+    .await
 }
 
 async fn add_action(server: &TestServer, rule_id: &str, channel: &str, detail: Value) -> String {

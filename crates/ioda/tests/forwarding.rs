@@ -484,22 +484,11 @@ async fn every_subject_is_pushed_with_its_envelope() {
         ("product", "update"),
     ];
     for (resource, event) in subjects {
-        let rule = server
-            .post(
-                "/routing-rule/rules",
-                json!({"subject": {"resource": resource, "event": event}}),
-            )
-            .await;
-        let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
-        server
-            .api
-            .call(
-                "PUT",
-                &format!("/routing-rule/rules/{rule_id}"),
-                Some(&json!({"active": true})),
-            )
-            .await
-            .unwrap();
+        let rule_id = activated_rule(
+            &server,
+            json!({"subject": {"resource": resource, "event": event}}),
+        )
+        .await;
         server.post("/routing-rule/actions", json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}})).await;
     }
     let product = server.product().await;
@@ -700,17 +689,7 @@ async fn https_push_verifies_the_receiver_against_a_custom_ca() {
     let server = server().await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "tls-1").await;
-    let rule = server.post("/routing-rule/rules", json!({"subject": {"resource": "device.property", "event": "report"}, "select": "notify_data.header.device_id AS id"})).await;
-    let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
-    server
-        .api
-        .call(
-            "PUT",
-            &format!("/routing-rule/rules/{rule_id}"),
-            Some(&json!({"active": true})),
-        )
-        .await
-        .unwrap();
+    let rule_id = activated_rule(&server, json!({"subject": {"resource": "device.property", "event": "report"}, "select": "notify_data.header.device_id AS id"})).await;
     let trusted = json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url, "ca_pem": ca_pem}}});
     assert_eq!(
         server.post("/routing-rule/actions", trusted).await.status,

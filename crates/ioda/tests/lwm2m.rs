@@ -85,13 +85,7 @@ async fn an_nb_iot_device_registers_reports_and_answers_commands_one_at_a_time()
         .wait_reported(&device_id, json!({"level": 2, "temperature": -20.0}))
         .await;
     device.notify(&[0x55]).await;
-    eventually("undecodable data is traced with the reason", || async {
-        server
-            .trace_kinds(&device_id)
-            .await
-            .contains(&"codec_failed".to_owned())
-    })
-    .await;
+    server.wait_trace(&device_id, "codec_failed").await;
 
     let synchronous = server
         .post(
@@ -209,13 +203,9 @@ async fn queue_mode_holds_commands_until_the_device_talks_and_lifetimes_expire()
 
     clock.advance(121_000); // No update within the lifetime.
     server.running.as_ref().unwrap().lwm2m.sweep();
-    eventually("the registration lapsed", || async {
-        server
-            .trace_kinds(&device_id)
-            .await
-            .contains(&"lwm2m_lifetime_expired".to_owned())
-    })
-    .await;
+    server
+        .wait_trace(&device_id, "lwm2m_lifetime_expired")
+        .await;
     let stale = device
         .call(RequestType::Post, &["rd", "863000000000002"], &[], &[])
         .await;

@@ -438,6 +438,14 @@ impl TestServer {
         .await;
     }
 
+    /// Waits (up to 5 s) until the device's trace holds an entry of `kind`.
+    pub async fn wait_trace(&self, device_id: &str, kind: &str) {
+        eventually(&format!("a {kind} trace entry"), || async {
+            self.trace_kinds(device_id).await.iter().any(|k| k == kind)
+        })
+        .await;
+    }
+
     /// Waits (up to 5 s) until the device's first shadow service reports exactly `properties`.
     pub async fn wait_reported(&self, device_id: &str, properties: Value) {
         eventually(&format!("reported {properties}"), || async {
@@ -446,4 +454,22 @@ impl TestServer {
         })
         .await;
     }
+}
+
+/// Creates a routing rule from `body` and activates it; returns its id.
+pub async fn activated_rule(server: &TestServer, body: Value) -> String {
+    let rule = server.post("/routing-rule/rules", body).await;
+    assert_eq!(rule.status, 201, "{}", rule.body);
+    let rule_id = rule.body["rule_id"].as_str().unwrap().to_owned();
+    let r = server
+        .api
+        .call(
+            "PUT",
+            &format!("/routing-rule/rules/{rule_id}"),
+            Some(&json!({"active": true})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.body);
+    rule_id
 }
