@@ -215,8 +215,10 @@ impl Store {
 
     /// Deletes a device with its shadow, history and trace.
     pub async fn delete_device(&self, device_id: String) -> Result<Device, StoreError> {
+        let pending_trace = self.pending_trace().clone();
         self.write(move |c| {
             let device = load(c, &device_id)?.ok_or(StoreError::NotFound)?;
+            crate::trace::lock(&pending_trace).forget_device(&device_id);
             for table in [
                 "devices",
                 "shadows",

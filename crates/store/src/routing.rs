@@ -243,11 +243,8 @@ impl Store {
         trace: Vec<crate::TraceEntry>,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.write(move |c| {
-            insert_forwards(c, &items, now)?;
-            crate::trace::insert_trace(c, &trace)
-        })
-        .await
+        self.write_traced(move |c| insert_forwards(c, &items, now), trace)
+            .await
     }
 
     /// The oldest queued messages of an action, in order (forwarding keeps order: nothing
@@ -286,13 +283,16 @@ impl Store {
         ids: Vec<i64>,
         trace: Vec<crate::TraceEntry>,
     ) -> Result<(), StoreError> {
-        self.write(move |c| {
-            let mut delete = c.prepare_cached("DELETE FROM forward_queue WHERE id = ?1")?;
-            for id in &ids {
-                delete.execute([id])?;
-            }
-            crate::trace::insert_trace(c, &trace)
-        })
+        self.write_traced(
+            move |c| {
+                let mut delete = c.prepare_cached("DELETE FROM forward_queue WHERE id = ?1")?;
+                for id in &ids {
+                    delete.execute([id])?;
+                }
+                Ok(())
+            },
+            trace,
+        )
         .await
     }
 

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use crate::routing::{NewForward, insert_forwards};
-use crate::trace::{TraceEntry, insert_trace};
+use crate::trace::TraceEntry;
 use crate::{Store, StoreError};
 
 /// A property report that passed validation: what to merge into the shadow and keep as history.
@@ -92,11 +92,13 @@ impl Store {
         trace: Vec<TraceEntry>,
         forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.submit(move |c| {
-            write_report(c, &report)?;
-            insert_forwards(c, &forwards, report.received_at)?;
-            insert_trace(c, &trace)
-        })
+        self.submit_traced(
+            move |c| {
+                write_report(c, &report)?;
+                insert_forwards(c, &forwards, report.received_at)
+            },
+            trace,
+        )
         .await
     }
 
@@ -107,14 +109,14 @@ impl Store {
         trace: Vec<TraceEntry>,
         forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.submit(move |c| {
+        self.submit_traced(move |c| {
             insert_forwards(c, &forwards, message.received_at)?;
             c.prepare_cached(
                 "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![message.device_id, message.topic, message.payload, message.received_at, message.request_id])?;
-            insert_trace(c, &trace)
-        })
+            Ok(())
+        }, trace)
         .await
     }
 

@@ -1,12 +1,14 @@
 //! The store handle: a group-committing writer thread and a read connection.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::trace::{self, PendingTrace, SharedPendingTrace, TraceEntry};
 use crate::{StoreError, schema};
 
 /// How hard a commit works to survive a crash.
@@ -24,7 +26,10 @@ type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
 type Job = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
 
 enum Command {
-    Run(Job),
+    /// A job and the trace entries that become visible if it commits.
+    Run(Job, Vec<TraceEntry>),
+    /// Writes the waiting trace entries out (sent by the checkpointer's tick).
+    FlushTrace,
     Stop,
 }
 
@@ -33,11 +38,18 @@ const MAX_BATCH: usize = 2048;
 /// Queue depth in front of the writer; producers wait (backpressure) when it is full.
 const QUEUE_DEPTH: usize = 8192;
 
+/// How often the checkpointer moves committed pages from the WAL into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+/// Pages the writer keeps in memory (negative: KiB), so hot index pages are not read back.
+const WRITER_CACHE_KIB: i64 = 32 * 1024;
+
 /// The durable store.
 pub struct Store {
     jobs: mpsc::Sender<Command>,
     reader: Arc<Mutex<Connection>>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    checkpointer: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
+    pending_trace: SharedPendingTrace,
 }
 
 impl std::fmt::Debug for Store {
@@ -67,23 +79,44 @@ impl Store {
     pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
         let mut write_conn = open_connection(path, durability)?;
         schema::migrate(&mut write_conn)?;
+        // Checkpoints run beside the writer, not inside its commits, so no commit waits for one.
+        write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+        let pending_trace = Arc::new(Mutex::new(PendingTrace::after(&write_conn)?));
         let reader = open_connection(path, durability)?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
-        let writer = std::thread::Builder::new()
-            .name("ioda-store-writer".into())
-            .spawn(move || write_loop(write_conn, queue))?;
+        let checkpointer = start_checkpointer(
+            open_connection(path, durability)?,
+            jobs.clone(),
+            pending_trace.clone(),
+        )?;
+        let writer = {
+            let pending_trace = pending_trace.clone();
+            std::thread::Builder::new()
+                .name("ioda-store-writer".into())
+                .spawn(move || write_loop(write_conn, queue, pending_trace))?
+        };
         Ok(Store {
             jobs,
             reader: Arc::new(Mutex::new(reader)),
             writer: Mutex::new(Some(writer)),
+            checkpointer: Mutex::new(Some(checkpointer)),
+            pending_trace,
         })
     }
 
+    /// Trace entries committed but not yet written to their table.
+    pub(crate) fn pending_trace(&self) -> &SharedPendingTrace {
+        &self.pending_trace
+    }
+
     /// Queues `f`; the returned receiver yields its result once its transaction has committed.
-    /// Waits only while the writer's queue is full.
-    pub(crate) async fn submit<T, F>(
+    /// Waits only while the writer's queue is full. The trace entries are recorded if and only if
+    /// `f` commits.
+    pub(crate) async fn submit_traced<T, F>(
         &self,
         f: F,
+        trace: Vec<TraceEntry>,
     ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
     where
         T: Send + 'static,
@@ -103,7 +136,7 @@ impl Store {
             (ok, finish)
         });
         self.jobs
-            .send(Command::Run(job))
+            .send(Command::Run(job, trace))
             .await
             .map_err(|_| StoreError::Closed)?;
         Ok(rx)
@@ -115,7 +148,20 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        self.submit(f)
+        self.write_traced(f, Vec::new()).await
+    }
+
+    /// Like `write`, with trace entries that are recorded if and only if `f` commits.
+    pub(crate) async fn write_traced<T, F>(
+        &self,
+        f: F,
+        trace: Vec<TraceEntry>,
+    ) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.submit_traced(f, trace)
             .await?
             .await
             .map_err(|_| StoreError::Closed)?
@@ -153,6 +199,16 @@ impl Store {
 
     /// Commits everything queued so far and stops the writer. Blocks until it has finished.
     pub async fn close(&self) {
+        let checkpointer = self
+            .checkpointer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((stop, handle)) = checkpointer {
+            stop.store(true, Ordering::Relaxed);
+            handle.thread().unpark();
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
         let _ = self.jobs.send(Command::Stop).await;
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(handle) = handle {
@@ -161,13 +217,45 @@ impl Store {
     }
 }
 
-fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<Command>) {
-    let mut batch = Vec::with_capacity(64);
+/// Runs passive checkpoints until told to stop, and asks the writer to flush waiting trace
+/// entries on the same tick. A passive checkpoint never blocks the writer; what it cannot copy yet
+/// (pages a reader still needs) it copies next time.
+fn start_checkpointer(
+    conn: Connection,
+    jobs: mpsc::Sender<Command>,
+    pending_trace: SharedPendingTrace,
+) -> Result<(Arc<AtomicBool>, JoinHandle<()>), StoreError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let stopped = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("ioda-store-checkpoint".into())
+        .spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::park_timeout(CHECKPOINT_EVERY);
+                if trace::lock(&pending_trace).len() > 0 {
+                    // A full queue means the writer is busy and flushes with its next batch.
+                    let _ = jobs.try_send(Command::FlushTrace);
+                }
+                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::warn!(%error, "checkpoint failed");
+                }
+            }
+        })?;
+    Ok((stop, handle))
+}
+
+/// The jobs of one transaction, with the trace entries each brings.
+type Batch = Vec<(Job, Vec<TraceEntry>)>;
+
+fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<Command>, pending: SharedPendingTrace) {
+    let mut batch: Batch = Vec::with_capacity(64);
     while let Some(first) = queue.blocking_recv() {
         let mut stop = false;
+        let mut flush = false;
         for command in std::iter::once(first).chain(std::iter::from_fn(|| queue.try_recv().ok())) {
             match command {
-                Command::Run(job) => batch.push(job),
+                Command::Run(job, trace) => batch.push((job, trace)),
+                Command::FlushTrace => flush = true,
                 Command::Stop => {
                     stop = true;
                     break;
@@ -177,8 +265,13 @@ fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<Command>) {
                 break;
             }
         }
-        run_batch(&mut conn, &mut batch);
+        run_batch(&mut conn, &mut batch, &pending, flush || stop);
         if stop {
+            // Everything still waiting goes out before the store closes.
+            let chunks = trace::lock(&pending).len().div_ceil(trace::FLUSH_CHUNK);
+            for _ in 0..chunks {
+                run_batch(&mut conn, &mut batch, &pending, true);
+            }
             break;
         }
     }
@@ -187,11 +280,14 @@ fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<Command>) {
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
-    if batch.is_empty() {
+fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTrace, flush: bool) {
+    let flush = flush || trace::lock(pending).len() >= trace::FLUSH_CHUNK;
+    if batch.is_empty() && !flush {
         return;
     }
     let mut finishes = Vec::with_capacity(batch.len());
+    let mut committed_trace = Vec::new();
+    let began_at = std::time::Instant::now();
     let began = conn.execute_batch("BEGIN IMMEDIATE");
     if let Err(error) = began {
         // Dropping the jobs drops their reply channels: every caller sees the failure.
@@ -199,10 +295,11 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
         batch.clear();
         return;
     }
-    for job in batch.drain(..) {
+    for (job, trace) in batch.drain(..) {
         let _ = conn.execute_batch("SAVEPOINT job");
         let (ok, finish) = job(conn);
         let undo = if ok {
+            committed_trace.extend(trace);
             "RELEASE job"
         } else {
             "ROLLBACK TO job; RELEASE job"
@@ -210,12 +307,40 @@ fn run_batch(conn: &mut Connection, batch: &mut Vec<Job>) {
         let _ = conn.execute_batch(undo);
         finishes.push(finish);
     }
+    let flushed = if flush { flush_trace(conn, pending) } else { None };
+    let ran = began_at.elapsed();
     let outcome = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
+    tracing::debug!(jobs = finishes.len(), ?flushed, ?ran, took = ?began_at.elapsed(), "group commit");
     if outcome.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
         tracing::error!(error = ?outcome, "store commit failed");
+    } else {
+        let mut pending = trace::lock(pending);
+        if let Some(last_id) = flushed {
+            pending.forget_through(last_id);
+        }
+        pending.add(committed_trace);
     }
     for finish in finishes {
         finish(outcome.clone());
+    }
+}
+
+/// Writes the waiting trace entries in their own savepoint (a failure keeps them waiting and
+/// takes nothing else down); returns the newest id written.
+fn flush_trace(conn: &Connection, pending: &SharedPendingTrace) -> Option<i64> {
+    let entries = trace::lock(pending).oldest();
+    let last_id = entries.last()?.id;
+    let _ = conn.execute_batch("SAVEPOINT trace");
+    match trace::write_entries(conn, &entries) {
+        Ok(()) => {
+            let _ = conn.execute_batch("RELEASE trace");
+            Some(last_id)
+        }
+        Err(error) => {
+            tracing::warn!(%error, "trace entries could not be written; they wait for the next flush");
+            let _ = conn.execute_batch("ROLLBACK TO trace; RELEASE trace");
+            None
+        }
     }
 }

@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// Unacknowledged reports each device may have outstanding (flat-out mode).
     #[arg(long, default_value_t = 16)]
     pub window: usize,
+    /// Paced devices all publish in the same instant instead of at evenly spread phases
+    /// (the worst case for latency: every device's report lands in one burst).
+    #[arg(long)]
+    pub burst: bool,
     /// Extra flags for the server, e.g. `--durability normal`.
     #[arg(long, allow_hyphen_values = true)]
     pub server_args: Vec<String>,

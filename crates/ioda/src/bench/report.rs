@@ -90,10 +90,15 @@ struct Sent {
     offered: AtomicU64,
     acked: AtomicU64,
     refused: AtomicU64,
+    /// Publish → PUBACK, in microseconds: the ingest half of the latency (commit included).
+    ack_latencies_us: Mutex<Vec<u32>>,
 }
 
+/// Drives one device. Paced devices start at evenly spread phases (`phase` of 1 apart), as a
+/// fleet's devices do, rather than all publishing in the same instant.
 async fn drive(
     mut device: Device,
+    phase: f64,
     args: BenchArgs,
     until: Instant,
     sent: Arc<Sent>,
@@ -101,8 +106,10 @@ async fn drive(
     let topic = format!("$oc/devices/{}/sys/properties/report", device.device_id);
     let pad = "x".repeat(90);
     let interval = (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate));
-    let mut next_at = Instant::now();
-    let mut inflight = 0usize;
+    let mut next_at = Instant::now() + interval.map_or(Duration::ZERO, |i| i.mul_f64(phase));
+    // PUBACKs come back in publish order, so the oldest send time answers the next one.
+    let mut inflight = std::collections::VecDeque::new();
+    let mut ack_latencies = Vec::new();
     let mut seq = 0u64;
     loop {
         let open = Instant::now() < until;
@@ -111,26 +118,32 @@ async fn drive(
         } else {
             args.window.max(1)
         };
-        while open && inflight < window && Instant::now() >= next_at {
+        while open && inflight.len() < window && Instant::now() >= next_at {
             seq += 1;
             let report = json!({"services": [{"service_id": "Bench", "properties": {"seq": seq, "sent_at": now_ms(), "pad": pad}}]});
             device.publish(&topic, report.to_string().as_bytes(), QoS::AtLeastOnce);
-            inflight += 1;
+            inflight.push_back(Instant::now());
             sent.offered.fetch_add(1, Ordering::Relaxed);
             if let Some(interval) = interval {
                 next_at += interval;
             }
         }
         device.send().await?;
-        if inflight == 0 {
+        if inflight.is_empty() {
             if !open {
+                sent.ack_latencies_us
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .append(&mut ack_latencies);
                 return Ok(());
             }
             tokio::time::sleep_until(next_at.into()).await;
             continue;
         }
         if let ServerPacket::PubAck { reason, .. } = device.next().await? {
-            inflight -= 1;
+            if let Some(published) = inflight.pop_front() {
+                ack_latencies.push(published.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+            }
             if reason == 0 {
                 sent.acked.fetch_add(1, Ordering::Relaxed);
             } else {
@@ -179,8 +192,10 @@ pub async fn run(
     let started = Instant::now();
     let until = started + Duration::from_secs(args.duration.max(1));
     let mut tasks = tokio::task::JoinSet::new();
-    for device in devices {
-        tasks.spawn(drive(device, args.clone(), until, sent.clone()));
+    let count = devices.len().max(1) as f64;
+    for (n, device) in devices.into_iter().enumerate() {
+        let phase = if args.burst { 0.0 } else { n as f64 / count };
+        tasks.spawn(drive(device, phase, args.clone(), until, sent.clone()));
     }
     let peak_rss = Arc::new(AtomicU64::new(0));
     let reporter = {
@@ -226,6 +241,14 @@ pub async fn run(
             .unwrap_or_else(|p| p.into_inner()),
     );
     latencies.sort_unstable();
+    let mut ack_latencies = std::mem::take(
+        &mut *sent
+            .ack_latencies_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    ack_latencies.sort_unstable();
+    let ms = |us: u32| round(f64::from(us) / 1000.0);
     Ok(json!({
         "scenario": if overload { "overload" } else { "report" },
         "devices": args.devices,
@@ -240,6 +263,7 @@ pub async fn run(
         "acked_per_second": round(acked as f64 / load_seconds),
         "delivered_per_second": round(delivered as f64 / total_seconds),
         "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
+        "ack_latency_ms": { "p50": ms(percentile(&ack_latencies, 0.5)), "p99": ms(percentile(&ack_latencies, 0.99)), "max": ms(ack_latencies.last().copied().unwrap_or(0)) },
         "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
         "server_rss_bytes": after.rss_bytes,
         "server_rss_peak_bytes": peak_rss.load(Ordering::Relaxed).max(after.rss_bytes),

@@ -101,8 +101,9 @@ impl ServerProcess {
                 "0",
             ])
             .args(extra)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+            // The bench's quiet default first, so `--server-env IODA_LOG=...` can override it.
             .env("IODA_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
