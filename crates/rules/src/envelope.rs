@@ -3,7 +3,7 @@
 
 use ioda_types::event::DeviceRef;
 use ioda_types::{PlatformEvent, time};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 /// A rule subject: which resource and which event on it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -171,15 +171,24 @@ pub fn envelope(event: &PlatformEvent, detail: Option<Value>, request_id: &str) 
             at,
             ..
         } => {
+            // Built as values, not through `json!`: that would run the properties through serde's
+            // serializer, the costliest step of forwarding a report.
             let services: Vec<Value> = services
                 .iter()
-                .map(|s| json!({ "service_id": s.service_id, "properties": s.properties, "event_time": time::format_compact(s.event_time) }))
+                .map(|s| {
+                    let mut service = Map::with_capacity(3);
+                    service.insert("service_id".into(), Value::String(s.service_id.clone()));
+                    service.insert("properties".into(), Value::Object(s.properties.clone()));
+                    service.insert(
+                        "event_time".into(),
+                        Value::String(time::format_compact(s.event_time)),
+                    );
+                    Value::Object(service)
+                })
                 .collect();
-            (
-                *at,
-                Some(header(device)),
-                Some(json!({ "services": services })),
-            )
+            let mut body = Map::with_capacity(1);
+            body.insert("services".into(), Value::Array(services));
+            (*at, Some(header(device)), Some(Value::Object(body)))
         }
         PlatformEvent::MessageReported {
             device,
@@ -252,14 +261,16 @@ pub fn envelope(event: &PlatformEvent, detail: Option<Value>, request_id: &str) 
     if let Some(body) = body {
         notify_data["body"] = body;
     }
-    Some(json!({
+    let mut envelope = json!({
         "resource": subject.resource,
         "event": subject.event,
         "event_time": time::format_compact(at),
         "event_time_ms": time::format_iso_millis(at),
         "request_id": request_id,
-        "notify_data": notify_data,
-    }))
+    });
+    // Moved in, not passed to `json!`, which would copy the body through serde's serializer.
+    envelope["notify_data"] = notify_data;
+    Some(envelope)
 }
 
 #[cfg(test)]

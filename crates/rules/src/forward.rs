@@ -420,8 +420,14 @@ impl Forwarder {
             .into_iter()
             .partition(|(_, compiled)| compiled.matches(&envelope, now));
         let first = batch.items.len();
+        // Rules that forward the whole envelope share one serialisation of it.
+        let mut whole: Option<String> = None;
         for (rule, compiled) in &matched {
-            let payload = compiled.project(&envelope, now).to_string();
+            let payload = if compiled.selects_all() {
+                whole.get_or_insert_with(|| envelope.to_string()).clone()
+            } else {
+                compiled.project(&envelope, now).to_string()
+            };
             self.queue_for_rule(&rule.rule_id, &payload, &request_id, now, batch);
         }
         // The device trace says which rules took the data and which let it pass.

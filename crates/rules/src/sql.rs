@@ -632,6 +632,11 @@ impl Rule {
             .is_none_or(|c| truthy(&eval(c, envelope, now_ms)))
     }
 
+    /// Whether the rule forwards the envelope as it is (`SELECT *` or no select).
+    pub fn selects_all(&self) -> bool {
+        matches!(self.select.as_slice(), [SelectItem::All])
+    }
+
     /// The selected object.
     pub fn project(&self, envelope: &Value, now_ms: i64) -> Value {
         let mut out = Map::new();

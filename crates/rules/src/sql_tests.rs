@@ -31,9 +31,19 @@ fn golden_cases() {
         match &case["output"] {
             Value::Null => {}
             Value::String(s) if s == "@envelope" => {
-                assert_eq!(rule.project(&envelope, NOW), envelope, "{name}")
+                assert_eq!(rule.project(&envelope, NOW), envelope, "{name}");
+                // Forwarding sends such rules the envelope's own text without projecting.
+                assert!(rule.selects_all(), "{name}");
+                assert_eq!(
+                    rule.project(&envelope, NOW).to_string(),
+                    envelope.to_string(),
+                    "{name}"
+                );
             }
-            expected => assert_eq!(&rule.project(&envelope, NOW), expected, "{name}"),
+            expected => {
+                assert_eq!(&rule.project(&envelope, NOW), expected, "{name}");
+                assert!(!rule.selects_all(), "{name}");
+            }
         }
     }
 }
