@@ -3,13 +3,14 @@
 //! device's messages arrive in the order they were produced while different devices' messages
 //! overlap their round trips.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ioda_store::{QueuedMessage, RoutingAction, TraceEntry};
 use serde_json::json;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, oneshot};
 
 use crate::connector::{Connector, Spec};
 use crate::forward::{ActionStats, Forwarder, fnv};
@@ -34,6 +35,7 @@ impl Forwarder {
             self.config.lanes
         };
         let mut lanes: Vec<Option<Connector>> = (0..lane_count.max(1)).map(|_| None).collect();
+        let mut settling = Settling::default();
         let mut shutdown = self.shutdown.clone();
         let mut last_trim = i64::MIN;
         loop {
@@ -45,15 +47,23 @@ impl Forwarder {
                 self.trim(&action.action_id, &stats, now).await;
                 last_trim = now;
             }
-            let wait = match self
+            settling.settle();
+            settling.bound().await;
+            let front = self
                 .platform
                 .store()
-                .queue_front(action.action_id.clone(), BATCH)
+                .queue_front(action.action_id.clone(), BATCH + settling.len() as i64)
                 .await
-            {
+                .map(|front| settling.unsettled(front));
+            let wait = match front {
                 Ok(front) if front.first().is_some_and(|m| m.next_at <= now) => {
-                    self.deliver_front(&spec, &mut lanes, front, &stats, now)
+                    self.deliver_front(&spec, &mut lanes, front, &stats, &mut settling, now)
                         .await;
+                    continue;
+                }
+                Ok(front) if front.is_empty() && settling.len() > 0 => {
+                    // Only removals in flight: once the oldest commits, look again.
+                    settling.wait_oldest().await;
                     continue;
                 }
                 Ok(front) => match front.first() {
@@ -116,6 +126,7 @@ impl Forwarder {
         lanes: &mut [Option<Connector>],
         front: Vec<QueuedMessage>,
         stats: &ActionStats,
+        settling: &mut Settling,
         now: i64,
     ) {
         let mut per_lane: Vec<Vec<&QueuedMessage>> = vec![Vec::new(); lanes.len()];
@@ -145,7 +156,12 @@ impl Forwarder {
             stats.failing.store(false, Ordering::Relaxed);
         }
         let store = self.platform.store();
-        let _ = store.dequeue_forwards(done, trace).await;
+        if !done.is_empty() || !trace.is_empty() {
+            // Not awaited: the next round goes on while the removal commits (see `Settling`).
+            if let Ok(removal) = store.submit_dequeue(done.clone(), trace).await {
+                settling.track(removal, done);
+            }
+        }
         if failures.is_empty() {
             return;
         }
@@ -245,6 +261,80 @@ impl Forwarder {
         })
     }
 }
+
+/// Delivered messages whose removal from the queue has not committed yet. The worker goes on
+/// delivering meanwhile, skipping these when it reads the queue, instead of waiting for a commit
+/// each round behind the devices' reports. A removal that fails leaves its messages queued: they
+/// are delivered again (at least once, never lost).
+#[derive(Default)]
+struct Settling {
+    ids: HashSet<i64>,
+    removals: VecDeque<(Removal, Vec<i64>)>,
+}
+
+type Removal = oneshot::Receiver<Result<(), ioda_store::StoreError>>;
+
+impl Settling {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn track(&mut self, removal: Removal, ids: Vec<i64>) {
+        self.ids.extend(ids.iter().copied());
+        self.removals.push_back((removal, ids));
+    }
+
+    /// The queue's front without the messages already delivered, at most `BATCH` of them.
+    fn unsettled(&self, mut front: Vec<QueuedMessage>) -> Vec<QueuedMessage> {
+        front.retain(|m| !self.ids.contains(&m.id));
+        front.truncate(BATCH as usize);
+        front
+    }
+
+    /// Forgets the removals that have finished.
+    fn settle(&mut self) {
+        while let Some((removal, _)) = self.removals.front_mut() {
+            let outcome = match removal.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => return,
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                Err(oneshot::error::TryRecvError::Closed) => Err("the store closed".into()),
+            };
+            self.forget_oldest(outcome);
+        }
+    }
+
+    /// Waits for the oldest removal to finish.
+    async fn wait_oldest(&mut self) {
+        if let Some((removal, _)) = self.removals.front_mut() {
+            let outcome = match removal.await {
+                Ok(outcome) => outcome.map_err(|e| e.to_string()),
+                Err(_) => Err("the store closed".into()),
+            };
+            self.forget_oldest(outcome);
+        }
+    }
+
+    /// Keeps the delivered-but-unremoved messages bounded (the writer is far behind).
+    async fn bound(&mut self) {
+        while self.ids.len() > MAX_SETTLING {
+            self.wait_oldest().await;
+        }
+    }
+
+    fn forget_oldest(&mut self, outcome: Result<(), String>) {
+        if let Some((_, ids)) = self.removals.pop_front() {
+            if let Err(error) = outcome {
+                tracing::warn!(%error, messages = ids.len(), "forwarded messages could not be removed from the queue; they will be delivered again");
+            }
+            for id in ids {
+                self.ids.remove(&id);
+            }
+        }
+    }
+}
+
+/// Most delivered messages whose removal may be in flight at once.
+const MAX_SETTLING: usize = 8 * BATCH as usize;
 
 /// What one lane did with its share of a queue's front.
 #[derive(Default)]

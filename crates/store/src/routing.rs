@@ -68,6 +68,14 @@ pub struct QueueDepth {
     pub bytes: i64,
 }
 
+fn delete_forwards(c: &Connection, ids: &[i64]) -> Result<(), StoreError> {
+    let mut delete = c.prepare_cached("DELETE FROM forward_queue WHERE id = ?1")?;
+    for id in ids {
+        delete.execute([id])?;
+    }
+    Ok(())
+}
+
 /// Appends messages to their actions' queues (inside the caller's transaction).
 pub(crate) fn insert_forwards(
     c: &Connection,
@@ -277,23 +285,25 @@ impl Store {
         .await
     }
 
+    /// Queues the removal of forwarded messages (and their trace entries) without waiting for its
+    /// commit; the receiver says when it is durable.
+    pub async fn submit_dequeue(
+        &self,
+        ids: Vec<i64>,
+        trace: Vec<crate::TraceEntry>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        self.submit_traced(move |c| delete_forwards(c, &ids), trace)
+            .await
+    }
+
     /// Removes forwarded messages and records their trace entries, in one transaction.
     pub async fn dequeue_forwards(
         &self,
         ids: Vec<i64>,
         trace: Vec<crate::TraceEntry>,
     ) -> Result<(), StoreError> {
-        self.write_traced(
-            move |c| {
-                let mut delete = c.prepare_cached("DELETE FROM forward_queue WHERE id = ?1")?;
-                for id in &ids {
-                    delete.execute([id])?;
-                }
-                Ok(())
-            },
-            trace,
-        )
-        .await
+        self.write_traced(move |c| delete_forwards(c, &ids), trace)
+            .await
     }
 
     /// Records a failed attempt and when to try again.

@@ -60,7 +60,10 @@ impl PendingTrace {
         if self.entries.len() > MAX_PENDING {
             let excess = self.entries.len() - MAX_PENDING;
             self.entries.drain(..excess);
-            tracing::warn!(dropped = excess, "trace entries could not be written and were dropped");
+            tracing::warn!(
+                dropped = excess,
+                "trace entries could not be written and were dropped"
+            );
         }
     }
 

@@ -236,7 +236,8 @@ fn start_checkpointer(
                     // A full queue means the writer is busy and flushes with its next batch.
                     let _ = jobs.try_send(Command::FlushTrace);
                 }
-                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                {
                     tracing::warn!(%error, "checkpoint failed");
                 }
             }
@@ -247,7 +248,11 @@ fn start_checkpointer(
 /// The jobs of one transaction, with the trace entries each brings.
 type Batch = Vec<(Job, Vec<TraceEntry>)>;
 
-fn write_loop(mut conn: Connection, mut queue: mpsc::Receiver<Command>, pending: SharedPendingTrace) {
+fn write_loop(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<Command>,
+    pending: SharedPendingTrace,
+) {
     let mut batch: Batch = Vec::with_capacity(64);
     while let Some(first) = queue.blocking_recv() {
         let mut stop = false;
@@ -307,7 +312,11 @@ fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTr
         let _ = conn.execute_batch(undo);
         finishes.push(finish);
     }
-    let flushed = if flush { flush_trace(conn, pending) } else { None };
+    let flushed = if flush {
+        flush_trace(conn, pending)
+    } else {
+        None
+    };
     let ran = began_at.elapsed();
     let outcome = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
     tracing::debug!(jobs = finishes.len(), ?flushed, ?ran, took = ?began_at.elapsed(), "group commit");

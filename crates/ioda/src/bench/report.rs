@@ -142,7 +142,8 @@ async fn drive(
         }
         if let ServerPacket::PubAck { reason, .. } = device.next().await? {
             if let Some(published) = inflight.pop_front() {
-                ack_latencies.push(published.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                ack_latencies
+                    .push(published.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }
             if reason == 0 {
                 sent.acked.fetch_add(1, Ordering::Relaxed);
