@@ -509,7 +509,22 @@ where
         let Some((pkid, _)) = self.pending.pop_front() else {
             return Flow::Continue;
         };
-        self.acknowledge(pkid, code)
+        let mut flow = self.acknowledge(pkid, code);
+        // Commits finish in groups (one transaction holds many publishes): acknowledge every one
+        // that is already done, so their PUBACKs leave in one write instead of one write each.
+        while matches!(flow, Flow::Continue) {
+            let Some((pkid, commit)) = self.pending.front_mut() else {
+                break;
+            };
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let std::task::Poll::Ready(code) = commit.as_mut().poll(&mut cx) else {
+                break;
+            };
+            let pkid = *pkid;
+            self.pending.pop_front();
+            flow = self.acknowledge(pkid, code);
+        }
+        flow
     }
 
     fn acknowledge(&mut self, pkid: u16, code: u8) -> Flow {

@@ -296,16 +296,6 @@ impl Store {
             .await
     }
 
-    /// Removes forwarded messages and records their trace entries, in one transaction.
-    pub async fn dequeue_forwards(
-        &self,
-        ids: Vec<i64>,
-        trace: Vec<crate::TraceEntry>,
-    ) -> Result<(), StoreError> {
-        self.write_traced(move |c| delete_forwards(c, &ids), trace)
-            .await
-    }
-
     /// Records a failed attempt and when to try again.
     pub async fn retry_forward(
         &self,
