@@ -81,6 +81,8 @@ impl Store {
         schema::migrate(&mut write_conn)?;
         // Checkpoints run beside the writer, not inside its commits, so no commit waits for one.
         write_conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // A log that a burst grew is cut back to this when it starts over.
+        write_conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let pending_trace = Arc::new(Mutex::new(PendingTrace::after(&write_conn)?));
         let reader = open_connection(path, durability)?;
@@ -236,14 +238,28 @@ fn start_checkpointer(
                     // A full queue means the writer is busy and flushes with its next batch.
                     let _ = jobs.try_send(Command::FlushTrace);
                 }
-                if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-                {
+                if let Err(error) = checkpoint(&conn) {
                     tracing::warn!(%error, "checkpoint failed");
                 }
             }
         })?;
     Ok((stop, handle))
 }
+
+/// A passive checkpoint, then a restarting one once the log has grown past `RESTART_AFTER_FRAMES`.
+/// Passive checkpoints alone never let a busy log start over (the writer appends while they
+/// copy), so it would grow without end; a restart waits for the writer between two commits,
+/// copies the little the passive one left, and lets the next commit write from the log's start.
+fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
+    let frames: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+    if frames > RESTART_AFTER_FRAMES {
+        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
+    }
+    Ok(())
+}
+
+/// Log frames (pages) beyond which the checkpointer restarts the log: 16 MiB of 4 KiB pages.
+const RESTART_AFTER_FRAMES: i64 = 4096;
 
 /// The jobs of one transaction, with the trace entries each brings.
 type Batch = Vec<(Job, Vec<TraceEntry>)>;
