@@ -258,8 +258,8 @@ fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-/// Log frames (pages) beyond which the checkpointer restarts the log: 16 MiB of 4 KiB pages.
-const RESTART_AFTER_FRAMES: i64 = 4096;
+/// Log frames (pages) beyond which the checkpointer restarts the log: 64 MiB of 4 KiB pages.
+const RESTART_AFTER_FRAMES: i64 = 16384;
 
 /// The jobs of one transaction, with the trace entries each brings.
 type Batch = Vec<(Job, Vec<TraceEntry>)>;
