@@ -154,6 +154,13 @@ async fn drive(
     }
 }
 
+/// Takes the samples collected so far, sorted.
+fn sorted(samples: &Mutex<Vec<u32>>) -> Vec<u32> {
+    let mut taken = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
+    taken.sort_unstable();
+    taken
+}
+
 fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
@@ -235,20 +242,8 @@ pub async fn run(
     reporter.abort();
     let total_seconds = started.elapsed().as_secs_f64();
     let delivered = received.delivered.load(Ordering::Relaxed);
-    let mut latencies = std::mem::take(
-        &mut *received
-            .latencies_ms
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
-    latencies.sort_unstable();
-    let mut ack_latencies = std::mem::take(
-        &mut *sent
-            .ack_latencies_us
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()),
-    );
-    ack_latencies.sort_unstable();
+    let latencies = sorted(&received.latencies_ms);
+    let ack_latencies = sorted(&sent.ack_latencies_us);
     let ms = |us: u32| round(f64::from(us) / 1000.0);
     Ok(json!({
         "scenario": if overload { "overload" } else { "report" },
