@@ -151,6 +151,37 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
 }
 
 #[tokio::test]
+async fn trace_entries_are_readable_at_once_and_kept_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry = |device: &str, i: i64| ioda_store::TraceEntry {
+        id: 0,
+        device_id: device.into(),
+        at: i,
+        kind: "k".into(),
+        detail: json!({ "i": i }),
+    };
+    let store = open(dir.path()).await;
+    store
+        .record_trace(vec![entry("d1", 1), entry("d2", 2), entry("d1", 3)])
+        .await
+        .unwrap();
+    // Still waiting to be written out, yet visible, numbered in commit order.
+    let before = store.trace("d1".into(), 10).await.unwrap();
+    let seen = |entries: &[ioda_store::TraceEntry]| -> Vec<(i64, serde_json::Value)> {
+        entries.iter().map(|e| (e.id, e.detail.clone())).collect()
+    };
+    assert_eq!(seen(&before), vec![(3, json!({"i": 3})), (1, json!({"i": 1}))]);
+    store.close().await;
+    // Closing wrote them out; a reopened store reads the same entries and numbers on after them.
+    let store = open(dir.path()).await;
+    assert_eq!(seen(&store.trace("d1".into(), 10).await.unwrap()), seen(&before));
+    store.record_trace(vec![entry("d1", 4)]).await.unwrap();
+    let after = store.trace("d1".into(), 2).await.unwrap();
+    assert_eq!(seen(&after), vec![(4, json!({"i": 4})), (3, json!({"i": 3}))]);
+    store.close().await;
+}
+
+#[tokio::test]
 async fn the_trace_stays_bounded_per_device() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
