@@ -170,14 +170,23 @@ async fn trace_entries_are_readable_at_once_and_kept_across_a_restart() {
     let seen = |entries: &[ioda_store::TraceEntry]| -> Vec<(i64, serde_json::Value)> {
         entries.iter().map(|e| (e.id, e.detail.clone())).collect()
     };
-    assert_eq!(seen(&before), vec![(3, json!({"i": 3})), (1, json!({"i": 1}))]);
+    assert_eq!(
+        seen(&before),
+        vec![(3, json!({"i": 3})), (1, json!({"i": 1}))]
+    );
     store.close().await;
     // Closing wrote them out; a reopened store reads the same entries and numbers on after them.
     let store = open(dir.path()).await;
-    assert_eq!(seen(&store.trace("d1".into(), 10).await.unwrap()), seen(&before));
+    assert_eq!(
+        seen(&store.trace("d1".into(), 10).await.unwrap()),
+        seen(&before)
+    );
     store.record_trace(vec![entry("d1", 4)]).await.unwrap();
     let after = store.trace("d1".into(), 2).await.unwrap();
-    assert_eq!(seen(&after), vec![(4, json!({"i": 4})), (3, json!({"i": 3}))]);
+    assert_eq!(
+        seen(&after),
+        vec![(4, json!({"i": 4})), (3, json!({"i": 3}))]
+    );
     store.close().await;
 }
 
