@@ -30,6 +30,8 @@ enum Command {
     Run(Job, Vec<TraceEntry>),
     /// Writes the waiting trace entries out (sent by the checkpointer's tick).
     FlushTrace,
+    /// Starts the log over (sent by the checkpointer once the log has grown too long).
+    RestartLog,
     Stop,
 }
 
@@ -38,8 +40,6 @@ const MAX_BATCH: usize = 2048;
 /// Queue depth in front of the writer; producers wait (backpressure) when it is full.
 const QUEUE_DEPTH: usize = 8192;
 
-/// How often the checkpointer moves committed pages from the WAL into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
 /// Pages the writer keeps in memory (negative: KiB), so hot index pages are not read back.
 const WRITER_CACHE_KIB: i64 = 32 * 1024;
 
@@ -77,6 +77,14 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
 impl Store {
     /// Opens (creating if needed) the database at `path` and starts the writer thread.
     pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
+        Store::open_tuned(path, durability, Checkpoints::default())
+    }
+
+    pub(crate) fn open_tuned(
+        path: &Path,
+        durability: Durability,
+        checkpoints: Checkpoints,
+    ) -> Result<Store, StoreError> {
         let mut write_conn = open_connection(path, durability)?;
         schema::migrate(&mut write_conn)?;
         // Checkpoints run beside the writer, not inside its commits, so no commit waits for one.
@@ -91,6 +99,7 @@ impl Store {
             open_connection(path, durability)?,
             jobs.clone(),
             pending_trace.clone(),
+            checkpoints,
         )?;
         let writer = {
             let pending_trace = pending_trace.clone();
@@ -226,6 +235,7 @@ fn start_checkpointer(
     conn: Connection,
     jobs: mpsc::Sender<Command>,
     pending_trace: SharedPendingTrace,
+    checkpoints: Checkpoints,
 ) -> Result<(Arc<AtomicBool>, JoinHandle<()>), StoreError> {
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = stop.clone();
@@ -233,33 +243,45 @@ fn start_checkpointer(
         .name("ioda-store-checkpoint".into())
         .spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
-                std::thread::park_timeout(CHECKPOINT_EVERY);
+                std::thread::park_timeout(checkpoints.every);
                 if trace::lock(&pending_trace).len() > 0 {
                     // A full queue means the writer is busy and flushes with its next batch.
                     let _ = jobs.try_send(Command::FlushTrace);
                 }
-                if let Err(error) = checkpoint(&conn) {
-                    tracing::warn!(%error, "checkpoint failed");
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
+                    // Passive checkpoints alone never let a busy log start over (the writer
+                    // appends while they copy), and a restart from here would have to win the
+                    // write lock from a writer that takes it back at once; so the writer restarts
+                    // the log itself, between two commits, copying the little left to copy.
+                    Ok(frames) if frames > checkpoints.restart_after_frames => {
+                        let _ = jobs.try_send(Command::RestartLog);
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::warn!(%error, "checkpoint failed"),
                 }
             }
         })?;
     Ok((stop, handle))
 }
 
-/// A passive checkpoint, then a restarting one once the log has grown past `RESTART_AFTER_FRAMES`.
-/// Passive checkpoints alone never let a busy log start over (the writer appends while they
-/// copy), so it would grow without end; a restart waits for the writer between two commits,
-/// copies the little the passive one left, and lets the next commit write from the log's start.
-fn checkpoint(conn: &Connection) -> rusqlite::Result<()> {
-    let frames: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
-    if frames > RESTART_AFTER_FRAMES {
-        conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))?;
-    }
-    Ok(())
+/// When checkpoints run and when the log starts over.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Checkpoints {
+    /// How often the checkpointer moves committed pages from the log into the database file.
+    pub every: std::time::Duration,
+    /// Log frames (pages) beyond which the writer starts the log over.
+    pub restart_after_frames: i64,
 }
 
-/// Log frames (pages) beyond which the checkpointer restarts the log: 64 MiB of 4 KiB pages.
-const RESTART_AFTER_FRAMES: i64 = 16384;
+impl Default for Checkpoints {
+    fn default() -> Self {
+        Checkpoints {
+            every: std::time::Duration::from_millis(250),
+            // 64 MiB of 4 KiB pages.
+            restart_after_frames: 16384,
+        }
+    }
+}
 
 /// The jobs of one transaction, with the trace entries each brings.
 type Batch = Vec<(Job, Vec<TraceEntry>)>;
@@ -278,6 +300,7 @@ const GATHER_US: u64 = 200;
 #[derive(Default)]
 struct Signals {
     flush: bool,
+    restart_log: bool,
     stop: bool,
 }
 
@@ -295,6 +318,7 @@ fn take_queued(
         match command {
             Command::Run(job, trace) => batch.push((job, trace)),
             Command::FlushTrace => signals.flush = true,
+            Command::RestartLog => signals.restart_log = true,
             Command::Stop => {
                 signals.stop = true;
                 return;
@@ -326,6 +350,13 @@ fn write_loop(
             &pending,
             signals.flush || signals.stop,
         );
+        if signals.restart_log {
+            // Copies what the checkpointer has not yet, then lets the next commit write from the
+            // log's start (and cuts the file back to `journal_size_limit`).
+            if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
+                tracing::warn!(%error, "the log could not start over");
+            }
+        }
         last_commit = std::time::Instant::now();
         if signals.stop {
             // Everything still waiting goes out before the store closes.
@@ -407,5 +438,54 @@ fn flush_trace(conn: &Connection, pending: &SharedPendingTrace) -> Option<i64> {
             let _ = conn.execute_batch("ROLLBACK TO trace; RELEASE trace");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::{Checkpoints, Durability, Store};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_written_to_without_pause_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = Checkpoints {
+            every: std::time::Duration::from_millis(5),
+            restart_after_frames: 200,
+        };
+        let store = std::sync::Arc::new(
+            Store::open_tuned(&dir.path().join("t.db"), Durability::Normal, checkpoints).unwrap(),
+        );
+        // Eight writers committing 4 KB rows back to back: the writer never pauses.
+        let mut writers = Vec::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            writers.push(tokio::spawn(async move {
+                for _ in 0..400 {
+                    store
+                        .write(|c| {
+                            c.execute(
+                                "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) \
+                                 VALUES ('d', 't', zeroblob(4000), 0, 'r')",
+                                [],
+                            )?;
+                            Ok(())
+                        })
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for writer in writers {
+            writer.await.unwrap();
+        }
+        let log = std::fs::metadata(dir.path().join("t.db-wal"))
+            .unwrap()
+            .len();
+        let written: u64 = 8 * 400 * 4096;
+        // Passive checkpoints alone leave the log holding everything written since the start.
+        assert!(log < written / 4, "log {log} bytes after {written} written");
+        store.close().await;
     }
 }
