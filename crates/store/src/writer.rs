@@ -80,6 +80,7 @@ impl Store {
         Store::open_tuned(path, durability, Checkpoints::default())
     }
 
+    /// `open` with chosen checkpoint timings (tests use short ones).
     pub(crate) fn open_tuned(
         path: &Path,
         durability: Durability,
@@ -97,7 +98,7 @@ impl Store {
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let checkpointer = start_checkpointer(
             open_connection(path, durability)?,
-            jobs.clone(),
+            jobs.downgrade(),
             pending_trace.clone(),
             checkpoints,
         )?;
@@ -233,7 +234,7 @@ impl Store {
 /// (pages a reader still needs) it copies next time.
 fn start_checkpointer(
     conn: Connection,
-    jobs: mpsc::Sender<Command>,
+    jobs: mpsc::WeakSender<Command>,
     pending_trace: SharedPendingTrace,
     checkpoints: Checkpoints,
 ) -> Result<(Arc<AtomicBool>, JoinHandle<()>), StoreError> {
@@ -244,6 +245,10 @@ fn start_checkpointer(
         .spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 std::thread::park_timeout(checkpoints.every);
+                // A weak handle: a store dropped without `close` ends its writer, and this with it.
+                let Some(jobs) = jobs.upgrade() else {
+                    return;
+                };
                 if trace::lock(&pending_trace).len() > 0 {
                     // A full queue means the writer is busy and flushes with its next batch.
                     let _ = jobs.try_send(Command::FlushTrace);
@@ -359,13 +364,13 @@ fn write_loop(
         }
         last_commit = std::time::Instant::now();
         if signals.stop {
-            // Everything still waiting goes out before the store closes.
-            let chunks = trace::lock(&pending).len().div_ceil(trace::FLUSH_CHUNK);
-            for _ in 0..chunks {
-                run_batch(&mut conn, &mut batch, &pending, true);
-            }
             break;
         }
+    }
+    // Closed or dropped: every trace entry still waiting goes out before the store ends.
+    let chunks = trace::lock(&pending).len().div_ceil(trace::FLUSH_CHUNK);
+    for _ in 0..chunks {
+        run_batch(&mut conn, &mut batch, &pending, true);
     }
     if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
         tracing::warn!(%error, "final checkpoint failed");

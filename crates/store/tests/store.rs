@@ -191,6 +191,47 @@ async fn trace_entries_are_readable_at_once_and_kept_across_a_restart() {
 }
 
 #[tokio::test]
+async fn a_store_dropped_without_closing_still_writes_its_waiting_trace() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store
+        .record_trace(vec![ioda_store::TraceEntry {
+            id: 0,
+            device_id: "d1".into(),
+            at: 1,
+            kind: "k".into(),
+            detail: json!({}),
+        }])
+        .await
+        .unwrap();
+    drop(store);
+    // Its writer ends by itself (nothing keeps it waiting) and writes the entry out as it goes.
+    let path = dir.path().join("t.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let written: i64 = conn
+            .query_row(
+                "SELECT COUNT(*) FROM device_trace WHERE device_id = 'd1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        drop(conn);
+        // The writer's last act is truncating the log: an empty (or removed) log means it ended.
+        let log = std::fs::metadata(dir.path().join("t.db-wal")).map_or(0, |m| m.len());
+        if written == 1 && log == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "written {written}, log {log} bytes: the writer did not end"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn the_trace_stays_bounded_per_device() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
