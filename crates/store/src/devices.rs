@@ -215,27 +215,29 @@ impl Store {
 
     /// Deletes a device with its shadow, history and trace.
     pub async fn delete_device(&self, device_id: String) -> Result<Device, StoreError> {
-        let pending_trace = self.pending_trace().clone();
-        self.write(move |c| {
-            let device = load(c, &device_id)?.ok_or(StoreError::NotFound)?;
-            crate::trace::lock(&pending_trace).forget_device(&device_id);
-            for table in [
-                "devices",
-                "shadows",
-                "property_history",
-                "message_history",
-                "device_trace",
-                "async_commands",
-                "device_messages",
-            ] {
-                c.execute(
-                    &format!("DELETE FROM {table} WHERE device_id = ?1"),
-                    [&device_id],
-                )?;
-            }
-            Ok(device)
-        })
-        .await
+        let forgotten = device_id.clone();
+        let device = self
+            .write(move |c| {
+                let device = load(c, &device_id)?.ok_or(StoreError::NotFound)?;
+                for table in [
+                    "devices",
+                    "shadows",
+                    "property_history",
+                    "message_history",
+                    "async_commands",
+                    "device_messages",
+                ] {
+                    c.execute(
+                        &format!("DELETE FROM {table} WHERE device_id = ?1"),
+                        [&device_id],
+                    )?;
+                }
+                Ok(device)
+            })
+            .await?;
+        // After the commit, so entries of jobs committed with the deletion are forgotten too.
+        crate::trace::lock(self.pending_trace()).forget_device(&forgotten);
+        Ok(device)
     }
 
     /// Replaces the primary or secondary secret.

@@ -15,6 +15,7 @@ mod routing;
 mod schema;
 mod shadow;
 mod trace;
+mod trace_log;
 mod writer;
 
 pub use commands::{AsyncCommand, CommandFilter};

@@ -3,12 +3,12 @@
 
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, params};
+use rusqlite::Connection;
 
 use crate::{Store, StoreError};
 
 /// Entries kept per device; older ones are pruned.
-const KEEP_PER_DEVICE: i64 = 1000;
+pub(crate) const KEEP_PER_DEVICE: i64 = 1000;
 
 /// One trace entry.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,31 +22,30 @@ pub struct TraceEntry {
 }
 
 /// Trace entries of work that has committed but that are not in `device_trace` yet. The writer
-/// adds a job's entries once its transaction commits and writes them out together now and then
-/// (`flush`), so a busy device's trace costs one page write per flush rather than one per report
-/// (page writes were the largest cost of a commit). Reads merge them in, so nothing is hidden; a
-/// crash loses at most the entries of the last quarter second, never the data they describe.
+/// adds a job's entries once its transaction commits; the trace log's thread writes them out
+/// together now and then (see `trace_log`). Reads merge them in, so nothing is hidden; a crash
+/// loses at most the entries of the last quarter second, never the data they describe.
 #[derive(Debug, Default)]
 pub(crate) struct PendingTrace {
     entries: Vec<Arc<TraceEntry>>,
     next_id: i64,
+    /// Deleted devices whose stored entries, up to the id given, are still to be removed.
+    forgotten: Vec<(String, i64)>,
 }
 
-/// Entries kept waiting at most; beyond it the oldest go (a store that cannot write at all).
-const MAX_PENDING: usize = 100_000;
-/// Entries one flush writes at most, and the number that makes the writer flush without waiting
-/// for the next tick: small enough that a flush adds about a millisecond to its commit.
-pub(crate) const FLUSH_CHUNK: usize = 256;
+/// Entries kept waiting at most; beyond it the oldest go (a trace file that cannot be written).
+const MAX_PENDING: usize = 200_000;
 
 impl PendingTrace {
     /// Starts numbering after the newest stored entry.
     pub(crate) fn after(c: &Connection) -> Result<PendingTrace, StoreError> {
-        let last: i64 = c.query_row("SELECT COALESCE(MAX(id), 0) FROM device_trace", [], |r| {
+        let last: i64 = c.query_row("SELECT COALESCE(MAX(id), 0) FROM trace_blocks", [], |r| {
             r.get(0)
         })?;
         Ok(PendingTrace {
             entries: Vec::new(),
             next_id: last + 1,
+            forgotten: Vec::new(),
         })
     }
 
@@ -71,9 +70,9 @@ impl PendingTrace {
         self.entries.len()
     }
 
-    /// The oldest entries, which a flush writes (they stay visible here until it has committed).
-    pub(crate) fn oldest(&self) -> Vec<Arc<TraceEntry>> {
-        self.entries[..self.entries.len().min(FLUSH_CHUNK)].to_vec()
+    /// The oldest `n` entries, which a flush writes (they stay visible here until it has committed).
+    pub(crate) fn oldest(&self, n: usize) -> Vec<Arc<TraceEntry>> {
+        self.entries[..self.entries.len().min(n)].to_vec()
     }
 
     /// Forgets the entries a committed flush wrote (ids grow, so they are those up to `last_id`).
@@ -81,9 +80,32 @@ impl PendingTrace {
         self.entries.retain(|e| e.id > last_id);
     }
 
-    /// Forgets a deleted device's entries.
+    /// Forgets a deleted device's entries, waiting and stored.
     pub(crate) fn forget_device(&mut self, device_id: &str) {
         self.entries.retain(|e| e.device_id != device_id);
+        self.forgotten
+            .push((device_id.to_owned(), self.next_id.saturating_sub(1)));
+    }
+
+    /// The deleted devices whose stored entries (up to the id given) are to be removed now. They
+    /// stay hidden from reads until `removed` says the removal has committed.
+    pub(crate) fn forgotten(&self) -> Vec<(String, i64)> {
+        self.forgotten.clone()
+    }
+
+    /// Drops the first `n` forgotten devices, whose stored entries are gone now.
+    pub(crate) fn removed(&mut self, n: usize) {
+        self.forgotten.drain(..n.min(self.forgotten.len()));
+    }
+
+    /// The newest id of a device's stored entries that a pending deletion hides.
+    fn hidden_through(&self, device_id: &str) -> i64 {
+        self.forgotten
+            .iter()
+            .filter(|(d, _)| d == device_id)
+            .map(|(_, through)| *through)
+            .max()
+            .unwrap_or(i64::MIN)
     }
 
     /// A device's waiting entries, newest first.
@@ -101,31 +123,6 @@ pub(crate) type SharedPendingTrace = Arc<Mutex<PendingTrace>>;
 
 pub(crate) fn lock(pending: &SharedPendingTrace) -> std::sync::MutexGuard<'_, PendingTrace> {
     pending.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Writes waiting entries (inside the caller's transaction), keeping each device's trace bounded.
-pub(crate) fn write_entries(c: &Connection, entries: &[Arc<TraceEntry>]) -> Result<(), StoreError> {
-    let mut insert = c.prepare_cached(
-        "INSERT INTO device_trace (id, device_id, at, kind, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    for entry in entries {
-        insert.execute(params![
-            entry.id,
-            entry.device_id,
-            entry.at,
-            entry.kind,
-            entry.detail.to_string()
-        ])?;
-        // Prune now and then rather than on every insert; the bound is KEEP_PER_DEVICE plus a little.
-        if entry.id % 64 == 0 {
-            c.prepare_cached(
-                "DELETE FROM device_trace WHERE device_id = ?1 AND id <= \
-                 (SELECT id FROM device_trace WHERE device_id = ?1 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
-            )?
-            .execute(params![entry.device_id, KEEP_PER_DEVICE])?;
-        }
-    }
-    Ok(())
 }
 
 impl Store {
@@ -150,27 +147,20 @@ impl Store {
     ) -> Result<Vec<TraceEntry>, StoreError> {
         let limit = limit.clamp(0, KEEP_PER_DEVICE);
         // Waiting entries first: one flushed meanwhile is then found in the table instead.
-        let mut entries = lock(self.pending_trace()).of_device(&device_id);
-        let stored = self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT id, device_id, at, kind, detail FROM device_trace WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
-            )?;
-            let rows = stmt.query_map(params![device_id, limit], |r| {
-                let detail: String = r.get(4)?;
-                Ok(TraceEntry {
-                    id: r.get(0)?,
-                    device_id: r.get(1)?,
-                    at: r.get(2)?,
-                    kind: r.get(3)?,
-                    detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::String(detail)),
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await?;
+        let (mut entries, hidden_through) = {
+            let pending = lock(self.pending_trace());
+            (
+                pending.of_device(&device_id),
+                pending.hidden_through(&device_id),
+            )
+        };
+        let stored = self
+            .trace_log()
+            .read(move |c| crate::trace_log::stored_entries(c, &device_id, limit))
+            .await?;
         let newest_stored = stored.first().map_or(i64::MIN, |e| e.id);
         entries.retain(|e| e.id > newest_stored);
-        entries.extend(stored);
+        entries.extend(stored.into_iter().filter(|e| e.id > hidden_through));
         entries.truncate(limit as usize);
         Ok(entries)
     }

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::trace::{self, PendingTrace, SharedPendingTrace, TraceEntry};
+use crate::trace::{self, SharedPendingTrace, TraceEntry};
+use crate::trace_log::TraceLog;
 use crate::{StoreError, schema};
 
 /// How hard a commit works to survive a crash.
@@ -28,8 +29,6 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
 enum Command {
     /// A job and the trace entries that become visible if it commits.
     Run(Job, Vec<TraceEntry>),
-    /// Writes the waiting trace entries out (sent by the checkpointer's tick).
-    FlushTrace,
     /// Starts the log over (sent by the checkpointer once the log has grown too long).
     RestartLog,
     Stop,
@@ -50,6 +49,7 @@ pub struct Store {
     writer: Mutex<Option<JoinHandle<()>>>,
     checkpointer: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
     pending_trace: SharedPendingTrace,
+    trace_log: TraceLog,
 }
 
 impl std::fmt::Debug for Store {
@@ -93,13 +93,12 @@ impl Store {
         // A log that a burst grew is cut back to this when it starts over.
         write_conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-        let pending_trace = Arc::new(Mutex::new(PendingTrace::after(&write_conn)?));
+        let (trace_log, pending_trace) = TraceLog::open(&write_conn, path)?;
         let reader = open_connection(path, durability)?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let checkpointer = start_checkpointer(
             open_connection(path, durability)?,
             jobs.downgrade(),
-            pending_trace.clone(),
             checkpoints,
         )?;
         let writer = {
@@ -114,12 +113,18 @@ impl Store {
             writer: Mutex::new(Some(writer)),
             checkpointer: Mutex::new(Some(checkpointer)),
             pending_trace,
+            trace_log,
         })
     }
 
     /// Trace entries committed but not yet written to their table.
     pub(crate) fn pending_trace(&self) -> &SharedPendingTrace {
         &self.pending_trace
+    }
+
+    /// The trace file.
+    pub(crate) fn trace_log(&self) -> &TraceLog {
+        &self.trace_log
     }
 
     /// Queues `f`; the returned receiver yields its result once its transaction has committed.
@@ -226,16 +231,15 @@ impl Store {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+        self.trace_log.close().await;
     }
 }
 
-/// Runs passive checkpoints until told to stop, and asks the writer to flush waiting trace
-/// entries on the same tick. A passive checkpoint never blocks the writer; what it cannot copy yet
-/// (pages a reader still needs) it copies next time.
+/// Runs passive checkpoints until told to stop. A passive checkpoint never blocks the writer;
+/// what it cannot copy yet (pages a reader still needs) it copies next time.
 fn start_checkpointer(
     conn: Connection,
     jobs: mpsc::WeakSender<Command>,
-    pending_trace: SharedPendingTrace,
     checkpoints: Checkpoints,
 ) -> Result<(Arc<AtomicBool>, JoinHandle<()>), StoreError> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -249,10 +253,6 @@ fn start_checkpointer(
                 let Some(jobs) = jobs.upgrade() else {
                     return;
                 };
-                if trace::lock(&pending_trace).len() > 0 {
-                    // A full queue means the writer is busy and flushes with its next batch.
-                    let _ = jobs.try_send(Command::FlushTrace);
-                }
                 match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
                     // Passive checkpoints alone never let a busy log start over (the writer
                     // appends while they copy), and a restart from here would have to win the
@@ -304,7 +304,6 @@ const GATHER_US: u64 = 200;
 /// What the writer was told besides its jobs.
 #[derive(Default)]
 struct Signals {
-    flush: bool,
     restart_log: bool,
     stop: bool,
 }
@@ -322,7 +321,6 @@ fn take_queued(
     {
         match command {
             Command::Run(job, trace) => batch.push((job, trace)),
-            Command::FlushTrace => signals.flush = true,
             Command::RestartLog => signals.restart_log = true,
             Command::Stop => {
                 signals.stop = true;
@@ -349,12 +347,7 @@ fn write_loop(
             std::thread::sleep(GATHER_FOR);
             take_queued(&mut queue, &mut batch, &mut signals, None);
         }
-        run_batch(
-            &mut conn,
-            &mut batch,
-            &pending,
-            signals.flush || signals.stop,
-        );
+        run_batch(&mut conn, &mut batch, &pending);
         if signals.restart_log {
             // Copies what the checkpointer has not yet, then lets the next commit write from the
             // log's start (and cuts the file back to `journal_size_limit`).
@@ -367,19 +360,13 @@ fn write_loop(
             break;
         }
     }
-    // Closed or dropped: every trace entry still waiting goes out before the store ends.
-    let chunks = trace::lock(&pending).len().div_ceil(trace::FLUSH_CHUNK);
-    for _ in 0..chunks {
-        run_batch(&mut conn, &mut batch, &pending, true);
-    }
     if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
         tracing::warn!(%error, "final checkpoint failed");
     }
 }
 
-fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTrace, flush: bool) {
-    let flush = flush || trace::lock(pending).len() >= trace::FLUSH_CHUNK;
-    if batch.is_empty() && !flush {
+fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTrace) {
+    if batch.is_empty() {
         return;
     }
     let mut finishes = Vec::with_capacity(batch.len());
@@ -404,45 +391,17 @@ fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTr
         let _ = conn.execute_batch(undo);
         finishes.push(finish);
     }
-    let flushed = if flush {
-        flush_trace(conn, pending)
-    } else {
-        None
-    };
     let ran = began_at.elapsed();
     let outcome = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-    tracing::debug!(jobs = finishes.len(), ?flushed, ?ran, took = ?began_at.elapsed(), "group commit");
+    tracing::debug!(jobs = finishes.len(), ?ran, took = ?began_at.elapsed(), "group commit");
     if outcome.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
         tracing::error!(error = ?outcome, "store commit failed");
     } else {
-        let mut pending = trace::lock(pending);
-        if let Some(last_id) = flushed {
-            pending.forget_through(last_id);
-        }
-        pending.add(committed_trace);
+        trace::lock(pending).add(committed_trace);
     }
     for finish in finishes {
         finish(outcome.clone());
-    }
-}
-
-/// Writes the waiting trace entries in their own savepoint (a failure keeps them waiting and
-/// takes nothing else down); returns the newest id written.
-fn flush_trace(conn: &Connection, pending: &SharedPendingTrace) -> Option<i64> {
-    let entries = trace::lock(pending).oldest();
-    let last_id = entries.last()?.id;
-    let _ = conn.execute_batch("SAVEPOINT trace");
-    match trace::write_entries(conn, &entries) {
-        Ok(()) => {
-            let _ = conn.execute_batch("RELEASE trace");
-            Some(last_id)
-        }
-        Err(error) => {
-            tracing::warn!(%error, "trace entries could not be written; they wait for the next flush");
-            let _ = conn.execute_batch("ROLLBACK TO trace; RELEASE trace");
-            None
-        }
     }
 }
 

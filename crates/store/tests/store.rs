@@ -195,65 +195,157 @@ async fn a_store_dropped_without_closing_still_writes_its_waiting_trace() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
     store
-        .record_trace(vec![ioda_store::TraceEntry {
-            id: 0,
-            device_id: "d1".into(),
-            at: 1,
-            kind: "k".into(),
-            detail: json!({}),
-        }])
+        .record_trace(vec![trace_entry("d1", 1)])
         .await
         .unwrap();
     drop(store);
-    // Its writer ends by itself (nothing keeps it waiting) and writes the entry out as it goes.
-    let path = dir.path().join("t.db");
+    // Its threads end by themselves (nothing keeps them waiting); the trace thread writes the
+    // entry out as it goes.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     loop {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        let written: i64 = conn
-            .query_row(
-                "SELECT COUNT(*) FROM device_trace WHERE device_id = 'd1'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        drop(conn);
-        // The writer's last act is truncating the log: an empty (or removed) log means it ended.
-        let log = std::fs::metadata(dir.path().join("t.db-wal")).map_or(0, |m| m.len());
-        if written == 1 && log == 0 {
+        let written = trace_rows(dir.path(), "d1");
+        // Each thread's last act is truncating its log: empty (or removed) logs mean both ended.
+        let log = |name: &str| std::fs::metadata(dir.path().join(name)).map_or(0, |m| m.len());
+        let (main_log, trace_log) = (log("t.db-wal"), log("t-trace.db-wal"));
+        if written == 1 && main_log == 0 && trace_log == 0 {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "written {written}, log {log} bytes: the writer did not end"
+            "written {written}, logs {main_log} and {trace_log} bytes: the threads did not end"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+fn trace_entry(device: &str, i: i64) -> ioda_store::TraceEntry {
+    ioda_store::TraceEntry {
+        id: 0,
+        device_id: device.into(),
+        at: i,
+        kind: "k".into(),
+        detail: json!({ "i": i }),
+    }
+}
+
+/// Rows of a device in the trace file, read with a connection of its own.
+fn trace_rows(dir: &std::path::Path, device: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("t-trace.db")).unwrap();
+    conn.query_row(
+        "SELECT COALESCE(SUM(entries), 0) FROM trace_blocks WHERE device_id = ?1",
+        [device],
+        |r| r.get(0),
+    )
+    .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_deleted_devices_trace_goes_with_it_stored_or_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store
+        .insert_device(device("d1", "n1"), vec![])
+        .await
+        .unwrap();
+    store
+        .record_trace(vec![trace_entry("d1", 1), trace_entry("d2", 2)])
+        .await
+        .unwrap();
+    // The trace thread writes waiting entries out within a quarter of a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while trace_rows(dir.path(), "d1") == 0 {
+        assert!(std::time::Instant::now() < deadline, "never written out");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // One stored, one still waiting: the deletion takes both.
+    store
+        .record_trace(vec![trace_entry("d1", 3)])
+        .await
+        .unwrap();
+    store.delete_device("d1".into()).await.unwrap();
+    assert!(store.trace("d1".into(), 10).await.unwrap().is_empty());
+    store.close().await;
+    assert_eq!(trace_rows(dir.path(), "d1"), 0);
+    assert_eq!(trace_rows(dir.path(), "d2"), 1, "other devices keep theirs");
+}
+
+#[tokio::test]
+async fn trace_an_older_version_kept_in_the_main_database_moves_to_the_trace_file() {
+    let dir = tempfile::tempdir().unwrap();
+    open(dir.path()).await.close().await;
+    // The layout of earlier versions: the trace in the main database.
+    let main = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    main.execute_batch(
+        "CREATE TABLE device_trace (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, at INTEGER NOT NULL, \
+         kind TEXT NOT NULL, detail TEXT NOT NULL); \
+         INSERT INTO device_trace VALUES (5, 'd1', 1, 'old', '{\"i\":5}'), (7, 'd1', 2, 'old', '{\"i\":7}');",
+    )
+    .unwrap();
+    drop(main);
+    let store = open(dir.path()).await;
+    store
+        .record_trace(vec![trace_entry("d1", 8)])
+        .await
+        .unwrap();
+    let ids: Vec<(i64, serde_json::Value)> = store
+        .trace("d1".into(), 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.id, e.detail))
+        .collect();
+    assert_eq!(
+        ids,
+        vec![
+            (8, json!({"i": 8})),
+            (7, json!({"i": 7})),
+            (5, json!({"i": 5}))
+        ],
+        "moved over, and numbering goes on after them"
+    );
+    store.close().await;
+    let main = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    let left: i64 = main
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name = 'device_trace'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(left, 0, "the old table is gone from the main database");
 }
 
 #[tokio::test]
 async fn the_trace_stays_bounded_per_device() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
-    let entry = |i: i64| ioda_store::TraceEntry {
-        id: 0,
-        device_id: "d1".into(),
-        at: i,
-        kind: "k".into(),
-        detail: json!({ "i": i }),
-    };
-    for chunk in 0..12 {
+    for round in 0..12 {
         store
-            .record_trace((0..100).map(|i| entry(chunk * 100 + i)).collect())
+            .record_trace(
+                (0..100)
+                    .map(|i| trace_entry("d1", round * 100 + i))
+                    .collect(),
+            )
             .await
             .unwrap();
+        // Let the trace thread write this round out, so the file holds several blocks.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while trace_rows(dir.path(), "d1") < ((round + 1) * 100).min(1000) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round} never written out"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
+    store.close().await;
+    // Whole blocks go: between the 1 000 kept and one block more.
+    let stored = trace_rows(dir.path(), "d1");
+    assert!((1000..1100).contains(&stored), "stored {stored}");
+    let store = open(dir.path()).await;
     let kept = store.trace("d1".into(), 5000).await.unwrap();
-    assert!(kept.len() <= 1000 + 64, "kept {}", kept.len());
-    assert_eq!(
-        kept[0].detail,
-        json!({ "i": 1199 }),
-        "the newest entries are kept"
-    );
+    assert_eq!(kept.len(), 1000, "reads return at most the 1 000 kept");
+    assert_eq!(kept[0].detail, json!({ "i": 1199 }), "the newest first");
+    assert_eq!(kept[999].detail, json!({ "i": 200 }));
     store.close().await;
 }

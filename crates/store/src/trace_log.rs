@@ -1,0 +1,316 @@
+//! The trace log's own database file and the thread that writes it.
+//!
+//! Trace entries describe data; they are not data. Written in the main database, one row each,
+//! they cost the device-data writer half its time (each flush dirtied a leaf of the per-device
+//! index for nearly every device and held up the reports committing with it). Here they have a
+//! file of their own, written by their own thread a few times a second, so they never delay a
+//! report's commit; and each flush stores one row per device (a block of that device's entries),
+//! so a busy device costs one row and one index entry per flush, not one per entry.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::StoreError;
+use crate::trace::{self, KEEP_PER_DEVICE, PendingTrace, SharedPendingTrace, TraceEntry};
+
+/// A block is numbered by its newest entry; `body` is a JSON array of the entries, oldest first,
+/// each `{"id", "at", "kind", "detail"}`.
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS trace_blocks (
+    id INTEGER PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    entries INTEGER NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS trace_blocks_by_device ON trace_blocks(device_id, id, entries);
+";
+
+/// How often waiting entries are written out (a crash loses at most this much trace).
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
+/// Entries one transaction writes at most, so a reader never waits long for the file.
+const ENTRIES_PER_TRANSACTION: usize = 8192;
+
+/// The trace file that belongs to the database at `path`: `ioda.db` keeps its trace in
+/// `ioda-trace.db` beside it.
+pub(crate) fn trace_path(path: &Path) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map_or_else(|| "ioda".into(), |s| s.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-trace.db"))
+}
+
+fn open_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // Losing the last moments of trace to a power cut is acceptable; an fsync per flush is not.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// The trace file: its reader, and the thread writing waiting entries into it.
+pub(crate) struct TraceLog {
+    reader: Arc<Mutex<Connection>>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl TraceLog {
+    /// Opens the trace file of the database `main` (at `path`), moves over any entries an older
+    /// version kept in the main database, and starts the thread. Returns the waiting entries,
+    /// numbered after the newest stored one.
+    pub(crate) fn open(
+        main: &Connection,
+        path: &Path,
+    ) -> Result<(TraceLog, SharedPendingTrace), StoreError> {
+        let file = trace_path(path);
+        let writer = open_connection(&file)?;
+        writer.execute_batch(SCHEMA)?;
+        adopt_old_entries(main, &file)?;
+        let pending: SharedPendingTrace = Arc::new(Mutex::new(PendingTrace::after(&writer)?));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let pending = pending.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("ioda-store-trace".into())
+                .spawn(move || write_loop(writer, pending, stop))?
+        };
+        let log = TraceLog {
+            reader: Arc::new(Mutex::new(open_connection(&file)?)),
+            stop,
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok((log, pending))
+    }
+
+    /// Runs `f` on the trace file's read connection, off the async threads.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let reader = self.reader.clone();
+        tokio::task::spawn_blocking(move || f(&reader.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(|_| StoreError::Closed)?
+    }
+
+    /// Writes out everything waiting and stops the thread (after the main writer has stopped, so
+    /// its last entries are among them).
+    pub(crate) async fn close(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = handle {
+            handle.thread().unpark();
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+/// Copies the entries an older version kept in the main database into the trace file, then
+/// drops them there (once; later opens find no such table).
+fn adopt_old_entries(main: &Connection, file: &Path) -> Result<(), StoreError> {
+    let old: i64 = main.query_row(
+        "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = 'device_trace'",
+        [],
+        |r| r.get(0),
+    )?;
+    if old == 0 {
+        return Ok(());
+    }
+    main.execute(
+        "ATTACH DATABASE ?1 AS trace_log",
+        [file.to_string_lossy().as_ref()],
+    )?;
+    let moved = main.execute_batch(
+        "BEGIN IMMEDIATE; \
+         INSERT OR IGNORE INTO trace_log.trace_blocks (id, device_id, entries, body) \
+         SELECT id, device_id, 1, json_array(json_object('id', id, 'at', at, 'kind', kind, 'detail', json(detail))) \
+         FROM main.device_trace; \
+         DROP TABLE main.device_trace; \
+         COMMIT;",
+    );
+    if moved.is_err() {
+        let _ = main.execute_batch("ROLLBACK");
+    }
+    main.execute_batch("DETACH DATABASE trace_log")?;
+    Ok(moved?)
+}
+
+/// Writes waiting entries every `FLUSH_EVERY` (sooner when many wait), until told to stop or until
+/// nobody else holds the waiting entries (a store dropped without `close`, whose writer has ended).
+fn write_loop(mut conn: Connection, pending: SharedPendingTrace, stop: Arc<AtomicBool>) {
+    loop {
+        std::thread::park_timeout(FLUSH_EVERY);
+        let last_round = stop.load(Ordering::Relaxed) || Arc::strong_count(&pending) == 1;
+        forget_deleted_devices(&conn, &pending);
+        while write_waiting(&mut conn, &pending) {}
+        if last_round {
+            break;
+        }
+    }
+    if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
+        tracing::warn!(%error, "final trace checkpoint failed");
+    }
+}
+
+/// Deletes the stored entries of devices deleted since the last round (only those numbered before
+/// the deletion: later ones belong to a device created again under the same id).
+fn forget_deleted_devices(conn: &Connection, pending: &SharedPendingTrace) {
+    let devices = trace::lock(pending).forgotten();
+    let mut removed = 0;
+    for (device_id, through) in &devices {
+        let deleted = conn.execute(
+            "DELETE FROM trace_blocks WHERE device_id = ?1 AND id <= ?2",
+            rusqlite::params![device_id, through],
+        );
+        if let Err(error) = deleted {
+            // Still hidden from reads; tried again next round.
+            tracing::warn!(%error, device_id, "a deleted device's trace could not be removed");
+            break;
+        }
+        removed += 1;
+    }
+    trace::lock(pending).removed(removed);
+}
+
+/// Writes up to `ENTRIES_PER_TRANSACTION` waiting entries; says whether more are waiting.
+fn write_waiting(conn: &mut Connection, pending: &SharedPendingTrace) -> bool {
+    let entries = trace::lock(pending).oldest(ENTRIES_PER_TRANSACTION);
+    let Some(last_id) = entries.last().map(|e| e.id) else {
+        return false;
+    };
+    let written = conn.transaction().map_err(StoreError::from).and_then(|tx| {
+        write_blocks(&tx, &entries)?;
+        tx.commit().map_err(StoreError::from)
+    });
+    match written {
+        Ok(()) => {
+            let mut pending = trace::lock(pending);
+            pending.forget_through(last_id);
+            pending.len() > 0
+        }
+        Err(error) => {
+            // They stay waiting (and visible) for the next round.
+            tracing::warn!(%error, "trace entries could not be written; they wait for the next round");
+            false
+        }
+    }
+}
+
+/// Writes entries as one block per device (inside the caller's transaction), then keeps each of
+/// those devices' trace bounded.
+fn write_blocks(c: &Connection, entries: &[Arc<TraceEntry>]) -> Result<(), StoreError> {
+    let mut blocks: Vec<(&str, Vec<&TraceEntry>)> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for entry in entries {
+        let slot = *index.entry(&entry.device_id).or_insert_with(|| {
+            blocks.push((&entry.device_id, Vec::new()));
+            blocks.len() - 1
+        });
+        blocks[slot].1.push(entry);
+    }
+    let mut insert = c.prepare_cached(
+        "INSERT INTO trace_blocks (id, device_id, entries, body) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for (device_id, entries) in &blocks {
+        let newest = entries.last().map_or(0, |e| e.id);
+        insert.execute(rusqlite::params![
+            newest,
+            device_id,
+            entries.len() as i64,
+            block_body(entries)?
+        ])?;
+        prune(c, device_id)?;
+    }
+    Ok(())
+}
+
+fn block_body(entries: &[&TraceEntry]) -> Result<String, StoreError> {
+    let mut body = String::with_capacity(entries.len() * 160);
+    body.push('[');
+    for (i, e) in entries.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        let kind = serde_json::to_string(&e.kind)?;
+        body.push_str(&format!(
+            r#"{{"id":{},"at":{},"kind":{kind},"detail":{}}}"#,
+            e.id, e.at, e.detail
+        ));
+    }
+    body.push(']');
+    Ok(body)
+}
+
+/// Deletes a device's blocks older than the newest `KEEP_PER_DEVICE` entries need.
+fn prune(c: &Connection, device_id: &str) -> Result<(), StoreError> {
+    let mut newest_first = c.prepare_cached(
+        "SELECT id, entries FROM trace_blocks WHERE device_id = ?1 ORDER BY id DESC",
+    )?;
+    let mut rows = newest_first.query([device_id])?;
+    let mut kept = 0;
+    let mut oldest_needed = None;
+    while let Some(row) = rows.next()? {
+        if oldest_needed.is_some() {
+            // Something older than what is kept exists: delete it.
+            drop(rows);
+            c.prepare_cached("DELETE FROM trace_blocks WHERE device_id = ?1 AND id < ?2")?
+                .execute(rusqlite::params![device_id, oldest_needed])?;
+            return Ok(());
+        }
+        kept += row.get::<_, i64>(1)?;
+        if kept >= KEEP_PER_DEVICE {
+            oldest_needed = Some(row.get::<_, i64>(0)?);
+        }
+    }
+    Ok(())
+}
+
+/// A device's newest `limit` stored entries, newest first.
+pub(crate) fn stored_entries(
+    c: &Connection,
+    device_id: &str,
+    limit: i64,
+) -> Result<Vec<TraceEntry>, StoreError> {
+    let mut newest_first =
+        c.prepare_cached("SELECT body FROM trace_blocks WHERE device_id = ?1 ORDER BY id DESC")?;
+    let mut rows = newest_first.query([device_id])?;
+    let mut out = Vec::new();
+    while out.len() < limit as usize
+        && let Some(row) = rows.next()?
+    {
+        let body: String = row.get(0)?;
+        let block: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+        for mut entry in block.into_iter().rev() {
+            let field = |name: &str| entry.get(name).and_then(serde_json::Value::as_i64);
+            let (Some(id), Some(at)) = (field("id"), field("at")) else {
+                continue;
+            };
+            let kind = entry
+                .get("kind")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            out.push(TraceEntry {
+                id,
+                device_id: device_id.to_owned(),
+                at,
+                kind,
+                detail: entry
+                    .get_mut("detail")
+                    .map(serde_json::Value::take)
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    out.truncate(limit as usize);
+    Ok(out)
+}
