@@ -6,6 +6,7 @@
 //! savepoint, so one failing job (a unique-key conflict, say) never takes its batch-mates down.
 //! Reads use a separate connection; WAL mode lets them run beside the writer.
 
+mod batch;
 mod commands;
 mod devices;
 mod messages;

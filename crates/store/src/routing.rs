@@ -292,7 +292,7 @@ impl Store {
         ids: Vec<i64>,
         trace: Vec<crate::TraceEntry>,
     ) -> Result<tokio::sync::oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.submit_traced(move |c| delete_forwards(c, &ids), trace)
+        self.submit_repeatable(move |c| delete_forwards(c, &ids), trace)
             .await
     }
 

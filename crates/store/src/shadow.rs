@@ -92,7 +92,7 @@ impl Store {
         trace: Vec<TraceEntry>,
         forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.submit_traced(
+        self.submit_repeatable(
             move |c| {
                 write_report(c, &report)?;
                 insert_forwards(c, &forwards, report.received_at)
@@ -109,7 +109,7 @@ impl Store {
         trace: Vec<TraceEntry>,
         forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        self.submit_traced(move |c| {
+        self.submit_repeatable(move |c| {
             insert_forwards(c, &forwards, message.received_at)?;
             c.prepare_cached(
                 "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -129,12 +129,15 @@ impl Store {
     /// Writes trace entries with the next group commit and waits for it, so that once a refusal
     /// has been answered its trace entry is visible.
     pub async fn record_trace(&self, entries: Vec<TraceEntry>) -> Result<(), StoreError> {
-        self.write_traced(|_| Ok(()), entries).await
+        self.submit_repeatable(|_| Ok(()), entries)
+            .await?
+            .await
+            .map_err(|_| StoreError::Closed)?
     }
 
     /// Queues trace entries without waiting for their commit (for paths that must not slow down).
     pub async fn append_trace(&self, entries: Vec<TraceEntry>) -> Result<(), StoreError> {
-        let _commit = self.submit_traced(|_| Ok(()), entries).await?;
+        let _commit = self.submit_repeatable(|_| Ok(()), entries).await?;
         Ok(())
     }
 

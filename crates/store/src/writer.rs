@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::trace::{self, SharedPendingTrace, TraceEntry};
+use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, run_batch};
+use crate::trace::{SharedPendingTrace, TraceEntry};
 use crate::trace_log::TraceLog;
 use crate::{StoreError, schema};
 
@@ -20,11 +21,6 @@ pub enum Durability {
     /// Survives a process crash (`kill -9`) but not power loss (`synchronous = NORMAL` in WAL mode).
     Normal,
 }
-
-/// Called with the outcome of the transaction a job ran in.
-type Finish = Box<dyn FnOnce(Result<(), String>) + Send>;
-/// A unit of write work: runs inside its own savepoint, says whether it succeeded.
-type Job = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
 
 enum Command {
     /// A job and the trace entries that become visible if it commits.
@@ -140,7 +136,7 @@ impl Store {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
+        let job: OnceJob = Box::new(move |conn| {
             let result = f(conn);
             let ok = result.is_ok();
             let finish: Finish = Box::new(move |commit| {
@@ -152,6 +148,26 @@ impl Store {
             });
             (ok, finish)
         });
+        self.jobs
+            .send(Command::Run(Job::Once(job), trace))
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Like `submit_traced`, for work that may run more than once: device-data writes that fail
+    /// only with the disk. They run without a savepoint of their own (see `batch`).
+    pub(crate) async fn submit_repeatable<T, F>(
+        &self,
+        f: F,
+        trace: Vec<TraceEntry>,
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job = Job::Repeatable(Box::new(Repeat::new(f, tx)));
         self.jobs
             .send(Command::Run(job, trace))
             .await
@@ -288,9 +304,6 @@ impl Default for Checkpoints {
     }
 }
 
-/// The jobs of one transaction, with the trace entries each brings.
-type Batch = Vec<(Job, Vec<TraceEntry>)>;
-
 /// While commits follow each other this closely, the writer is under steady load...
 const BUSY_WITHIN: std::time::Duration = std::time::Duration::from_millis(2);
 /// ...and a batch smaller than this waits a moment for company before committing:
@@ -362,46 +375,6 @@ fn write_loop(
     }
     if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
         tracing::warn!(%error, "final checkpoint failed");
-    }
-}
-
-fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTrace) {
-    if batch.is_empty() {
-        return;
-    }
-    let mut finishes = Vec::with_capacity(batch.len());
-    let mut committed_trace = Vec::new();
-    let began_at = std::time::Instant::now();
-    let began = conn.execute_batch("BEGIN IMMEDIATE");
-    if let Err(error) = began {
-        // Dropping the jobs drops their reply channels: every caller sees the failure.
-        tracing::error!(%error, "store could not begin a transaction");
-        batch.clear();
-        return;
-    }
-    for (job, trace) in batch.drain(..) {
-        let _ = conn.execute_batch("SAVEPOINT job");
-        let (ok, finish) = job(conn);
-        let undo = if ok {
-            committed_trace.extend(trace);
-            "RELEASE job"
-        } else {
-            "ROLLBACK TO job; RELEASE job"
-        };
-        let _ = conn.execute_batch(undo);
-        finishes.push(finish);
-    }
-    let ran = began_at.elapsed();
-    let outcome = conn.execute_batch("COMMIT").map_err(|e| e.to_string());
-    tracing::debug!(jobs = finishes.len(), ?ran, took = ?began_at.elapsed(), "group commit");
-    if outcome.is_err() {
-        let _ = conn.execute_batch("ROLLBACK");
-        tracing::error!(error = ?outcome, "store commit failed");
-    } else {
-        trace::lock(pending).add(committed_trace);
-    }
-    for finish in finishes {
-        finish(outcome.clone());
     }
 }
 
