@@ -30,6 +30,9 @@ enum Command {
     Stop,
 }
 
+/// How long a connection waits for a lock another holds.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Largest number of jobs folded into one transaction.
 const MAX_BATCH: usize = 2048;
 /// Queue depth in front of the writer; producers wait (backpressure) when it is full.
@@ -66,7 +69,7 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
     // The group commit runs each job in a savepoint; keep their sub-journals in memory, not in a
     // temporary file (they are small and die with the transaction).
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
     Ok(conn)
 }
 
@@ -269,11 +272,12 @@ fn start_checkpointer(
                 let Some(jobs) = jobs.upgrade() else {
                     return;
                 };
-                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
-                    // Passive checkpoints alone never let a busy log start over (the writer
-                    // appends while they copy), and a restart from here would have to win the
-                    // write lock from a writer that takes it back at once; so the writer restarts
-                    // the log itself, between two commits, copying the little left to copy.
+                // Passive checkpoints alone never let a busy log start over (the writer appends
+                // while they copy), and a restart from here would have to win the write lock from
+                // a writer that takes it back at once; so the writer restarts the log itself,
+                // between two commits. Copy until little is left first, so that the restart
+                // copies (and stalls the writer for) next to nothing.
+                match catch_up(&conn) {
                     Ok(frames) if frames > checkpoints.restart_after_frames => {
                         let _ = jobs.try_send(Command::RestartLog);
                     }
@@ -283,6 +287,23 @@ fn start_checkpointer(
             }
         })?;
     Ok((stop, handle))
+}
+
+/// Runs passive checkpoints until at most `LEFT_BEHIND` frames are left to copy (a few rounds at
+/// most); returns the frames in the log.
+fn catch_up(conn: &Connection) -> Result<i64, rusqlite::Error> {
+    const LEFT_BEHIND: i64 = 256;
+    let mut frames = 0;
+    for _ in 0..4 {
+        let (log, copied) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        frames = log;
+        if log - copied <= LEFT_BEHIND {
+            break;
+        }
+    }
+    Ok(frames)
 }
 
 /// When checkpoints run and when the log starts over.
@@ -353,6 +374,7 @@ fn write_loop(
 ) {
     let mut batch: Batch = Vec::with_capacity(64);
     let mut last_commit = std::time::Instant::now();
+    let mut restart_wanted = false;
     while let Some(first) = queue.blocking_recv() {
         let mut signals = Signals::default();
         take_queued(&mut queue, &mut batch, &mut signals, Some(first));
@@ -361,12 +383,9 @@ fn write_loop(
             take_queued(&mut queue, &mut batch, &mut signals, None);
         }
         run_batch(&mut conn, &mut batch, &pending);
-        if signals.restart_log {
-            // Copies what the checkpointer has not yet, then lets the next commit write from the
-            // log's start (and cuts the file back to `journal_size_limit`).
-            if let Err(error) = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-                tracing::warn!(%error, "the log could not start over");
-            }
+        restart_wanted |= signals.restart_log;
+        if restart_wanted {
+            restart_wanted = !restart_log(&conn);
         }
         last_commit = std::time::Instant::now();
         if signals.stop {
@@ -375,6 +394,31 @@ fn write_loop(
     }
     if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
         tracing::warn!(%error, "final checkpoint failed");
+    }
+}
+
+/// Copies what the checkpointer has not yet, then lets the next commit write from the log's start
+/// (and cuts the file back to `journal_size_limit`). Never waits for readers: the busy handler
+/// sleeps 1, 2, 5 ms... while every commit queues behind it; while a reader is still on the log
+/// this gives up at once and says so, and the writer tries again after its next commit.
+fn restart_log(conn: &Connection) -> bool {
+    let started = std::time::Instant::now();
+    let _ = conn.busy_timeout(std::time::Duration::ZERO);
+    let restarted = conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0));
+    let _ = conn.busy_timeout(BUSY_TIMEOUT);
+    match restarted {
+        Ok(0) => {
+            tracing::debug!(took = ?started.elapsed(), "the log started over");
+            true
+        }
+        Ok(_) => {
+            tracing::debug!(took = ?started.elapsed(), "the log could not start over yet");
+            false
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the log could not start over");
+            true
+        }
     }
 }
 
