@@ -176,6 +176,61 @@ async fn devices_are_delivered_side_by_side_each_in_order() {
 }
 
 #[tokio::test]
+async fn a_hanging_delivery_holds_up_only_its_own_lane() {
+    let server = server().await;
+    let product = server.product().await;
+    let (receiver, url) = Receiver::start().await;
+    rule_with_action(
+        &server,
+        "notify_data.header.device_id AS d, notify_data.body.services[0].properties.count AS n",
+        "",
+        &url,
+    )
+    .await;
+    let mut devices = Vec::new();
+    for node in ["slow", "b1", "b2", "b3", "b4", "b5", "b6"] {
+        let (device_id, secret) = server.device(&product, node).await;
+        let device =
+            SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+        devices.push((device_id, device));
+    }
+    // The first delivery gets no answer (the action's timeout is 15 s).
+    receiver.plan(&[Answer::Hang]);
+    let (slow_id, slow) = &devices[0];
+    report(slow, slow_id, 20.0, 1).await;
+    eventually("the slow device's report reaches the receiver", || async {
+        !receiver.seen.lock().unwrap().is_empty()
+    })
+    .await;
+    for n in 1..=3 {
+        for (device_id, device) in &devices[1..] {
+            report(device, device_id, 20.0, n).await;
+        }
+    }
+    // Devices on other lanes go on while it hangs (those sharing its lane wait behind it, in
+    // order); six devices over 16 lanes all sharing the slow one's lane is a 1-in-16^6 chance.
+    eventually("another device's reports are all delivered", || async {
+        let accepted = receiver.accepted();
+        devices[1..].iter().any(|(device_id, _)| {
+            accepted
+                .iter()
+                .filter(|b| b["d"] == device_id.as_str())
+                .count()
+                == 3
+        })
+    })
+    .await;
+    assert!(
+        receiver
+            .accepted()
+            .iter()
+            .all(|b| b["d"] != slow_id.as_str()),
+        "the slow delivery is still hanging"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn failures_are_retried_in_order_with_stable_message_ids() {
     let clock = Arc::new(ManualClock::new(1_764_150_000_000));
     let server = server_on(

@@ -1,7 +1,7 @@
-//! Delivery: each action's worker takes the front of its durable queue and delivers it over
-//! several lanes at once, each with its own connection. A device always uses the same lane, so one
-//! device's messages arrive in the order they were produced while different devices' messages
-//! overlap their round trips.
+//! Delivery: each action's worker reads the front of its durable queue and hands it out to
+//! several lanes, each with its own connection and task (`lanes`). A device always uses the same
+//! lane, so one device's messages arrive in the order they were produced while different devices'
+//! messages overlap their round trips; lanes do not wait for each other.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -10,10 +10,45 @@ use std::time::Duration;
 
 use ioda_store::{QueuedMessage, RoutingAction, TraceEntry};
 use serde_json::json;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::connector::{Connector, Spec};
 use crate::forward::{ActionStats, Forwarder, fnv};
+use crate::lanes::{Lane, Outcome};
+
+/// A worker's state besides its lanes: what is out for delivery, what was delivered and waits to
+/// be removed from the queue, and the removals in flight.
+#[derive(Default)]
+struct Dispatch {
+    /// Handed to a lane and not reported back yet, or delivered and not yet submitted for removal.
+    out: HashSet<i64>,
+    delivered: Vec<i64>,
+    trace: Vec<TraceEntry>,
+    settling: Settling,
+    /// Lanes the last read found without room: read again once one has room.
+    waiting_lanes: Vec<bool>,
+    /// The last read reached its limit: read again once the lanes are half empty.
+    more_behind: bool,
+    /// Every message numbered up to here is taken care of (out, settling, or removed): reads
+    /// start after it instead of reading past what the lanes hold again.
+    cursor: i64,
+}
+
+impl Dispatch {
+    /// Whether a lane the last read found full has room again (clearing the note).
+    fn lane_has_room(&mut self, index: usize, lane: &Lane) -> bool {
+        let room = self.waiting_lanes[index] && !lane.halted && lane.in_flight <= LANE_DEPTH / 2;
+        if room {
+            self.waiting_lanes[index] = false;
+        }
+        room
+    }
+
+    /// Messages taken from the queue and not yet settled (read past them).
+    fn taken(&self) -> usize {
+        self.out.len() + self.settling.len()
+    }
+}
 
 impl Forwarder {
     pub(crate) async fn worker(
@@ -34,10 +69,21 @@ impl Forwarder {
         } else {
             self.config.lanes
         };
-        let mut lanes: Vec<Option<Connector>> = (0..lane_count.max(1)).map(|_| None).collect();
-        let mut settling = Settling::default();
+        let (outcome_tx, mut outcomes) = mpsc::unbounded_channel();
+        let mut lanes: Vec<Lane> = (0..lane_count.max(1))
+            .map(|i| Lane::start(i, self.clone(), spec.clone(), outcome_tx.clone()))
+            .collect();
+        drop(outcome_tx);
+        let mut state = Dispatch {
+            waiting_lanes: vec![false; lanes.len()],
+            cursor: i64::MIN,
+            ..Dispatch::default()
+        };
+        let half_full = lanes.len() * LANE_DEPTH / 2;
         let mut shutdown = self.shutdown.clone();
         let mut last_trim = i64::MIN;
+        let mut read_wanted = true;
+        let mut next_due: Option<i64> = None;
         loop {
             if *shutdown.borrow() {
                 return;
@@ -47,41 +93,202 @@ impl Forwarder {
                 self.trim(&action.action_id, &stats, now).await;
                 last_trim = now;
             }
-            settling.settle();
-            settling.bound().await;
-            let front = self
-                .platform
-                .store()
-                .queue_front(action.action_id.clone(), BATCH + settling.len() as i64)
-                .await
-                .map(|front| settling.unsettled(front));
-            let wait = match front {
-                Ok(front) if front.first().is_some_and(|m| m.next_at <= now) => {
-                    self.deliver_front(&spec, &mut lanes, front, &stats, &mut settling, now)
-                        .await;
-                    continue;
-                }
-                Ok(front) if front.is_empty() && settling.len() > 0 => {
-                    // Only removals in flight: once the oldest commits, look again.
-                    settling.wait_oldest().await;
-                    continue;
-                }
-                Ok(front) => match front.first() {
-                    Some(head) => {
-                        Duration::from_millis((head.next_at - now).clamp(10, 1000) as u64)
-                    }
-                    None => Duration::from_secs(1),
-                },
-                Err(error) => {
-                    tracing::warn!(%error, "forward queue unreadable");
-                    Duration::from_secs(1)
-                }
-            };
+            // Reading skips past what the lanes hold, so it waits while they hold a lot.
+            if read_wanted && in_flight(&lanes) <= half_full {
+                self.submit_removals(&mut state).await;
+                state.settling.settle();
+                state.settling.bound().await;
+                next_due = self
+                    .read_and_hand_out(&action.action_id, &mut lanes, &mut state, now)
+                    .await;
+                read_wanted = false;
+            }
+            let wait = next_due.map_or(Duration::from_secs(1), |due| {
+                Duration::from_millis((due - now).clamp(10, 1000) as u64)
+            });
             tokio::select! {
-                _ = wake.notified() => {}
-                _ = tokio::time::sleep(wait) => {}
+                _ = wake.notified() => read_wanted = true,
+                outcome = outcomes.recv() => {
+                    let Some(outcome) = outcome else { return };
+                    read_wanted |= self.settle_outcome(outcome, &mut lanes, &mut state, &stats).await;
+                    while let Ok(outcome) = outcomes.try_recv() {
+                        read_wanted |= self.settle_outcome(outcome, &mut lanes, &mut state, &stats).await;
+                    }
+                    if state.more_behind && in_flight(&lanes) <= half_full {
+                        state.more_behind = false;
+                        read_wanted = true;
+                    }
+                    if state.delivered.len() >= REMOVE_IN_GROUPS_OF || in_flight(&lanes) == 0 {
+                        self.submit_removals(&mut state).await;
+                    }
+                }
+                _ = tokio::time::sleep(wait) => read_wanted = true,
                 _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
             }
+        }
+    }
+
+    /// Reads the queue's front past what is already taken and hands it out to the lanes; notes the
+    /// lanes that had no room. Returns the earliest time a message held back for a retry is due.
+    async fn read_and_hand_out(
+        &self,
+        action_id: &str,
+        lanes: &mut [Lane],
+        state: &mut Dispatch,
+        now: i64,
+    ) -> Option<i64> {
+        if state.settling.lost_removal {
+            // A removal failed: its messages are queued again, behind the cursor.
+            state.settling.lost_removal = false;
+            state.cursor = i64::MIN;
+        }
+        let limit = BATCH + state.taken() as i64;
+        let front = self
+            .platform
+            .store()
+            .queue_after(action_id.to_owned(), state.cursor, limit)
+            .await;
+        let front = match front {
+            Ok(front) => front,
+            Err(error) => {
+                tracing::warn!(%error, "forward queue unreadable");
+                return Some(now + 1000);
+            }
+        };
+        state.more_behind = front.len() as i64 >= limit;
+        let mut blocked = vec![false; lanes.len()];
+        let mut next_due: Option<i64> = None;
+        let mut first_skipped: Option<i64> = None;
+        let mut last_seen = state.cursor;
+        for message in front {
+            last_seen = message.id;
+            if state.out.contains(&message.id) || state.settling.ids.contains(&message.id) {
+                continue;
+            }
+            let index = lane_of(message.device_id.as_deref(), lanes.len());
+            if blocked[index] {
+                continue;
+            }
+            // The lane's earlier messages go first: a message that is not due, or that finds its
+            // lane halted or full, holds back everything after it on that lane.
+            let lane = &mut lanes[index];
+            if message.next_at > now {
+                next_due = Some(next_due.map_or(message.next_at, |d| d.min(message.next_at)));
+                blocked[index] = true;
+                first_skipped.get_or_insert(message.id);
+            } else if lane.halted || lane.in_flight >= LANE_DEPTH {
+                state.waiting_lanes[index] = true;
+                blocked[index] = true;
+                first_skipped.get_or_insert(message.id);
+            } else {
+                state.out.insert(message.id);
+                lane.hand(message);
+            }
+        }
+        // A message held back (and those after it on its lane) is read again next time.
+        state.cursor = first_skipped.map_or(last_seen, |id| id - 1);
+        next_due
+    }
+
+    /// Books what a lane reported; says whether to read the queue again (a lane that had no room
+    /// is half empty, or a lane resumed after a failure).
+    async fn settle_outcome(
+        &self,
+        outcome: Outcome,
+        lanes: &mut [Lane],
+        state: &mut Dispatch,
+        stats: &ActionStats,
+    ) -> bool {
+        match outcome {
+            Outcome::Delivered(index, message) => {
+                lanes[index].in_flight = lanes[index].in_flight.saturating_sub(1);
+                for lane in lanes.iter_mut() {
+                    lane.failures_in_a_row = 0;
+                }
+                stats.delivered.fetch_add(1, Ordering::Relaxed);
+                stats.consecutive_failures.store(0, Ordering::Relaxed);
+                stats.failing.store(false, Ordering::Relaxed);
+                state.trace.extend(self.attempt_entry(&message, None));
+                state.delivered.push(message.id);
+                state.lane_has_room(index, &lanes[index])
+            }
+            Outcome::Released(index, id) => {
+                lanes[index].in_flight = lanes[index].in_flight.saturating_sub(1);
+                state.out.remove(&id);
+                state.cursor = state.cursor.min(id - 1);
+                state.lane_has_room(index, &lanes[index])
+            }
+            Outcome::Failed(index, message, error) => {
+                lanes[index].in_flight = lanes[index].in_flight.saturating_sub(1);
+                lanes[index].halted = true;
+                self.record_failure(&mut lanes[index], &message, &error, state, stats)
+                    .await;
+                state.out.remove(&message.id);
+                state.cursor = state.cursor.min(message.id - 1);
+                lanes[index].resume();
+                true
+            }
+        }
+    }
+
+    /// Counts a failed attempt and schedules the message's retry (before its lane resumes, so the
+    /// next read finds it not yet due and holds the device's later messages behind it).
+    async fn record_failure(
+        &self,
+        lane: &mut Lane,
+        message: &QueuedMessage,
+        error: &str,
+        state: &mut Dispatch,
+        stats: &ActionStats,
+    ) {
+        lane.failures_in_a_row += 1;
+        // The target counts as failing once one connection has failed `failing_after` times in
+        // a row with no success anywhere: lanes failing together are one outage, not many.
+        let in_a_row = lane.failures_in_a_row;
+        if in_a_row > stats.consecutive_failures.load(Ordering::Relaxed) {
+            stats
+                .consecutive_failures
+                .store(in_a_row, Ordering::Relaxed);
+        }
+        stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
+        let failing =
+            stats.consecutive_failures.load(Ordering::Relaxed) >= self.config.failing_after;
+        stats.failing.store(failing, Ordering::Relaxed);
+        let delay = if failing {
+            self.config.probe_interval_ms
+        } else {
+            backoff_ms(message.attempts)
+        };
+        tracing::debug!(action_id = %message.action_id, %error, in_a_row, "forwarding attempt failed");
+        *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
+        state
+            .trace
+            .extend(self.attempt_entry(message, Some(&error.to_owned())));
+        let _ = self
+            .platform
+            .store()
+            .retry_forward(message.id, self.platform.now() + delay, error.to_owned())
+            .await;
+    }
+
+    /// Submits the removal of what was delivered (with the trace entries gathered meanwhile)
+    /// without waiting for its commit (see `Settling`).
+    async fn submit_removals(&self, state: &mut Dispatch) {
+        if state.delivered.is_empty() && state.trace.is_empty() {
+            return;
+        }
+        let delivered = std::mem::take(&mut state.delivered);
+        let trace = std::mem::take(&mut state.trace);
+        for id in &delivered {
+            state.out.remove(id);
+        }
+        if let Ok(removal) = self
+            .platform
+            .store()
+            .submit_dequeue(delivered.clone(), trace)
+            .await
+        {
+            state.settling.track(removal, delivered);
         }
     }
 
@@ -116,109 +323,7 @@ impl Forwarder {
         }
     }
 
-    /// Delivers the front of a queue over the lanes at once. Each lane goes in order and stops at
-    /// its first failure (or at a message not yet due), so a device's later messages wait behind
-    /// its earlier ones; successes are removed (with their trace entries) in one write, failures
-    /// are scheduled for retry.
-    async fn deliver_front(
-        &self,
-        spec: &Spec,
-        lanes: &mut [Option<Connector>],
-        front: Vec<QueuedMessage>,
-        stats: &ActionStats,
-        settling: &mut Settling,
-        now: i64,
-    ) {
-        let mut per_lane: Vec<Vec<&QueuedMessage>> = vec![Vec::new(); lanes.len()];
-        for message in &front {
-            per_lane[lane_of(message.device_id.as_deref(), lanes.len())].push(message);
-        }
-        let outcomes = futures_util::future::join_all(
-            lanes
-                .iter_mut()
-                .zip(per_lane)
-                .map(|(connector, messages)| self.deliver_lane(spec, connector, messages, now)),
-        )
-        .await;
-        let mut done = Vec::new();
-        let mut trace = Vec::new();
-        let mut failures = Vec::new();
-        for outcome in outcomes {
-            done.extend(outcome.done);
-            trace.extend(outcome.trace);
-            failures.extend(outcome.failure);
-        }
-        if !done.is_empty() {
-            stats
-                .delivered
-                .fetch_add(done.len() as u64, Ordering::Relaxed);
-            stats.consecutive_failures.store(0, Ordering::Relaxed);
-            stats.failing.store(false, Ordering::Relaxed);
-        }
-        let store = self.platform.store();
-        if !done.is_empty() || !trace.is_empty() {
-            // Not awaited: the next round goes on while the removal commits (see `Settling`).
-            if let Ok(removal) = store.submit_dequeue(done.clone(), trace).await {
-                settling.track(removal, done);
-            }
-        }
-        if failures.is_empty() {
-            return;
-        }
-        // A round counts as one failure in a row however many lanes failed in it, so a
-        // target is marked failing after `failing_after` rounds, not after one bad burst.
-        let in_a_row = stats.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
-        stats
-            .failed_attempts
-            .fetch_add(failures.len() as u64, Ordering::Relaxed);
-        let failing = in_a_row >= self.config.failing_after;
-        stats.failing.store(failing, Ordering::Relaxed);
-        for (message, error) in failures {
-            let delay = if failing {
-                self.config.probe_interval_ms
-            } else {
-                backoff_ms(message.attempts)
-            };
-            tracing::debug!(action_id = %message.action_id, %error, in_a_row, "forwarding attempt failed");
-            *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-            let _ = store
-                .retry_forward(message.id, self.platform.now() + delay, error)
-                .await;
-        }
-    }
-
-    /// Delivers one lane's messages in order, stopping at the first failure or the first message
-    /// that is not due yet.
-    async fn deliver_lane<'m>(
-        &self,
-        spec: &Spec,
-        connector: &mut Option<Connector>,
-        messages: Vec<&'m QueuedMessage>,
-        now: i64,
-    ) -> LaneOutcome<'m> {
-        let mut outcome = LaneOutcome::default();
-        for message in messages {
-            if message.next_at > now {
-                break;
-            }
-            match self.deliver_one(spec, connector, message).await {
-                Ok(()) => {
-                    outcome.done.push(message.id);
-                    outcome.trace.extend(self.attempt_entry(message, None));
-                }
-                Err(error) => {
-                    outcome
-                        .trace
-                        .extend(self.attempt_entry(message, Some(&error)));
-                    outcome.failure = Some((message, error));
-                    break;
-                }
-            }
-        }
-        outcome
-    }
-
-    async fn deliver_one(
+    pub(crate) async fn deliver_one(
         &self,
         spec: &Spec,
         connector: &mut Option<Connector>,
@@ -270,6 +375,8 @@ impl Forwarder {
 struct Settling {
     ids: HashSet<i64>,
     removals: VecDeque<(Removal, Vec<i64>)>,
+    /// A removal failed since the worker last looked: its messages wait in the queue again.
+    lost_removal: bool,
 }
 
 type Removal = oneshot::Receiver<Result<(), ioda_store::StoreError>>;
@@ -282,13 +389,6 @@ impl Settling {
     fn track(&mut self, removal: Removal, ids: Vec<i64>) {
         self.ids.extend(ids.iter().copied());
         self.removals.push_back((removal, ids));
-    }
-
-    /// The queue's front without the messages already delivered, at most `BATCH` of them.
-    fn unsettled(&self, mut front: Vec<QueuedMessage>) -> Vec<QueuedMessage> {
-        front.retain(|m| !self.ids.contains(&m.id));
-        front.truncate(BATCH as usize);
-        front
     }
 
     /// Forgets the removals that have finished.
@@ -324,6 +424,7 @@ impl Settling {
     fn forget_oldest(&mut self, outcome: Result<(), String>) {
         if let Some((_, ids)) = self.removals.pop_front() {
             if let Err(error) = outcome {
+                self.lost_removal = true;
                 tracing::warn!(%error, messages = ids.len(), "forwarded messages could not be removed from the queue; they will be delivered again");
             }
             for id in ids {
@@ -336,12 +437,9 @@ impl Settling {
 /// Most delivered messages whose removal may be in flight at once.
 const MAX_SETTLING: usize = 8 * BATCH as usize;
 
-/// What one lane did with its share of a queue's front.
-#[derive(Default)]
-struct LaneOutcome<'m> {
-    done: Vec<i64>,
-    trace: Vec<TraceEntry>,
-    failure: Option<(&'m QueuedMessage, String)>,
+/// Messages handed to the lanes and not reported back yet.
+fn in_flight(lanes: &[Lane]) -> usize {
+    lanes.iter().map(|l| l.in_flight).sum()
 }
 
 /// The lane a device's messages always take (messages of no device share lane 0).
@@ -352,8 +450,12 @@ fn lane_of(device_id: Option<&str>, lanes: usize) -> usize {
     }
 }
 
-/// Messages a worker takes from its queue at a time (shared out over its lanes).
+/// Messages a worker reads from its queue at a time (shared out over its lanes).
 const BATCH: i64 = 512;
+/// Messages a lane holds at most (handed over, not reported back).
+const LANE_DEPTH: usize = 64;
+/// Delivered messages removed from the queue in one job at most (fewer when the lanes go idle).
+const REMOVE_IN_GROUPS_OF: usize = 128;
 
 /// Most connections a broker or database action opens.
 const BROKER_LANES: usize = 4;

@@ -10,6 +10,7 @@ pub mod envelope;
 pub mod forward;
 #[cfg(feature = "http")]
 pub mod http;
+mod lanes;
 pub mod legacy;
 #[cfg(feature = "mqtt")]
 pub mod mqtt;

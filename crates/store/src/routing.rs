@@ -1,5 +1,8 @@
 //! Data-forwarding rules and actions, and the durable per-action queue of messages to forward.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+
 use rusqlite::{Connection, Row, params};
 use serde_json::Value;
 
@@ -76,9 +79,30 @@ fn delete_forwards(c: &Connection, ids: &[i64]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Numbers queued messages: ids only ever grow while the store is open, even when the newest
+/// rows have been removed (SQLite would hand out the highest id again), so a forwarding worker
+/// can read on from the last id it has seen and never miss a message.
+#[derive(Debug, Clone)]
+pub(crate) struct ForwardIds(Arc<AtomicI64>);
+
+impl ForwardIds {
+    pub(crate) fn after_newest(c: &Connection) -> Result<ForwardIds, StoreError> {
+        let newest: i64 =
+            c.query_row("SELECT COALESCE(MAX(id), 0) FROM forward_queue", [], |r| {
+                r.get(0)
+            })?;
+        Ok(ForwardIds(Arc::new(AtomicI64::new(newest))))
+    }
+
+    fn next(&self) -> i64 {
+        self.0.fetch_add(1, Ordering::Relaxed) + 1
+    }
+}
+
 /// Appends messages to their actions' queues (inside the caller's transaction).
 pub(crate) fn insert_forwards(
     c: &Connection,
+    ids: &ForwardIds,
     items: &[NewForward],
     now: i64,
 ) -> Result<(), StoreError> {
@@ -86,8 +110,8 @@ pub(crate) fn insert_forwards(
         return Ok(());
     }
     let mut insert = c.prepare_cached(
-        "INSERT INTO forward_queue (action_id, message_id, payload, bytes, enqueued_at, next_at, device_id, request_id) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
+        "INSERT INTO forward_queue (id, action_id, message_id, payload, bytes, enqueued_at, next_at, device_id, request_id) \
+         VALUES (?8, ?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
     )?;
     for item in items {
         let bytes = item.payload.len() as i64;
@@ -98,7 +122,8 @@ pub(crate) fn insert_forwards(
             bytes,
             now,
             item.device_id,
-            item.request_id
+            item.request_id,
+            ids.next()
         ])?;
     }
     Ok(())
@@ -251,7 +276,8 @@ impl Store {
         trace: Vec<crate::TraceEntry>,
         now: i64,
     ) -> Result<(), StoreError> {
-        self.write_traced(move |c| insert_forwards(c, &items, now), trace)
+        let ids = self.forward_ids().clone();
+        self.write_traced(move |c| insert_forwards(c, &ids, &items, now), trace)
             .await
     }
 
@@ -262,12 +288,22 @@ impl Store {
         action_id: String,
         limit: i64,
     ) -> Result<Vec<QueuedMessage>, StoreError> {
+        self.queue_after(action_id, i64::MIN, limit).await
+    }
+
+    /// The oldest `limit` messages of an action's queue numbered after `after`, oldest first.
+    pub async fn queue_after(
+        &self,
+        action_id: String,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
         self.read(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT id, action_id, message_id, payload, enqueued_at, attempts, next_at, device_id, request_id \
-                 FROM forward_queue WHERE action_id = ?1 ORDER BY id LIMIT ?2",
+                 FROM forward_queue WHERE action_id = ?1 AND id > ?3 ORDER BY id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![action_id, limit], |r| {
+            let rows = stmt.query_map(params![action_id, limit, after], |r| {
                 Ok(QueuedMessage {
                     id: r.get(0)?,
                     action_id: r.get(1)?,

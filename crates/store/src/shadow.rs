@@ -92,10 +92,11 @@ impl Store {
         trace: Vec<TraceEntry>,
         forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let ids = self.forward_ids().clone();
         self.submit_repeatable(
             move |c| {
                 write_report(c, &report)?;
-                insert_forwards(c, &forwards, report.received_at)
+                insert_forwards(c, &ids, &forwards, report.received_at)
             },
             trace,
         )
@@ -109,8 +110,9 @@ impl Store {
         trace: Vec<TraceEntry>,
         forwards: Vec<NewForward>,
     ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let ids = self.forward_ids().clone();
         self.submit_repeatable(move |c| {
-            insert_forwards(c, &forwards, message.received_at)?;
+            insert_forwards(c, &ids, &forwards, message.received_at)?;
             c.prepare_cached(
                 "INSERT INTO message_history (device_id, topic, payload, received_at, request_id) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?

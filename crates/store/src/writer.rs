@@ -9,6 +9,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, run_batch};
+use crate::routing::ForwardIds;
 use crate::trace::{SharedPendingTrace, TraceEntry};
 use crate::trace_log::TraceLog;
 use crate::{StoreError, schema};
@@ -49,6 +50,7 @@ pub struct Store {
     checkpointer: Mutex<Option<(Arc<AtomicBool>, JoinHandle<()>)>>,
     pending_trace: SharedPendingTrace,
     trace_log: TraceLog,
+    forward_ids: ForwardIds,
 }
 
 impl std::fmt::Debug for Store {
@@ -93,6 +95,7 @@ impl Store {
         write_conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let (trace_log, pending_trace) = TraceLog::open(&write_conn, path)?;
+        let forward_ids = ForwardIds::after_newest(&write_conn)?;
         let reader = open_connection(path, durability)?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let checkpointer = start_checkpointer(
@@ -113,12 +116,18 @@ impl Store {
             checkpointer: Mutex::new(Some(checkpointer)),
             pending_trace,
             trace_log,
+            forward_ids,
         })
     }
 
     /// Trace entries committed but not yet written to their table.
     pub(crate) fn pending_trace(&self) -> &SharedPendingTrace {
         &self.pending_trace
+    }
+
+    /// Numbers for queued forwarding messages.
+    pub(crate) fn forward_ids(&self) -> &ForwardIds {
+        &self.forward_ids
     }
 
     /// The trace file.

@@ -349,3 +349,37 @@ async fn the_trace_stays_bounded_per_device() {
     assert_eq!(kept[999].detail, json!({ "i": 200 }));
     store.close().await;
 }
+
+#[tokio::test]
+async fn queued_messages_are_numbered_on_after_the_newest_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store
+        .enqueue_forward(vec![forward("r1"), forward("r2")], vec![], 1)
+        .await
+        .unwrap();
+    let first = store.queue_front("a1".into(), 10).await.unwrap();
+    let ids: Vec<i64> = first.iter().map(|m| m.id).collect();
+    // Both delivered and removed: the table is empty again.
+    store
+        .submit_dequeue(ids.clone(), vec![])
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    store
+        .enqueue_forward(vec![forward("r3")], vec![], 2)
+        .await
+        .unwrap();
+    let after = store.queue_after("a1".into(), ids[1], 10).await.unwrap();
+    assert_eq!(
+        after
+            .iter()
+            .map(|m| m.request_id.as_deref())
+            .collect::<Vec<_>>(),
+        vec![Some("r3")],
+        "a worker reading on after the last id it saw finds the new message"
+    );
+    store.close().await;
+}

@@ -1,0 +1,104 @@
+//! A delivery lane: one connection to the target and a task delivering, in order, what the
+//! worker hands it. Lanes run on their own, so a message committed while one lane is busy goes out
+//! on its own lane at once instead of waiting for every lane to finish a round.
+
+use std::sync::Arc;
+
+use ioda_store::QueuedMessage;
+use tokio::sync::mpsc;
+
+use crate::connector::{Connector, Spec};
+use crate::forward::Forwarder;
+
+/// What the worker hands a lane.
+pub(crate) enum LaneInput {
+    Deliver(QueuedMessage),
+    /// The worker has recorded the lane's failure; deliver again.
+    Resume,
+}
+
+/// What a lane reports back, with its index.
+pub(crate) enum Outcome {
+    Delivered(usize, QueuedMessage),
+    /// The attempt failed; the lane hands back everything after it (`Released`) until `Resume`,
+    /// so a device's later messages never overtake the one that failed.
+    Failed(usize, QueuedMessage, String),
+    Released(usize, i64),
+}
+
+/// The worker's handle on a lane.
+pub(crate) struct Lane {
+    input: mpsc::UnboundedSender<LaneInput>,
+    /// Messages handed over and not reported back yet.
+    pub(crate) in_flight: usize,
+    /// Failed and not resumed yet: nothing more is handed over.
+    pub(crate) halted: bool,
+    /// Attempts failing in a row on this lane, with no success on any lane since.
+    pub(crate) failures_in_a_row: u64,
+}
+
+impl Lane {
+    /// Starts lane `index`; it ends when the worker drops its handle.
+    pub(crate) fn start(
+        index: usize,
+        forwarder: Arc<Forwarder>,
+        spec: Spec,
+        outcomes: mpsc::UnboundedSender<Outcome>,
+    ) -> Lane {
+        let (input, inbox) = mpsc::unbounded_channel();
+        tokio::spawn(run(index, forwarder, spec, inbox, outcomes));
+        Lane {
+            input,
+            in_flight: 0,
+            halted: false,
+            failures_in_a_row: 0,
+        }
+    }
+
+    pub(crate) fn hand(&mut self, message: QueuedMessage) {
+        if self.input.send(LaneInput::Deliver(message)).is_ok() {
+            self.in_flight += 1;
+        }
+    }
+
+    pub(crate) fn resume(&mut self) {
+        self.halted = false;
+        let _ = self.input.send(LaneInput::Resume);
+    }
+}
+
+async fn run(
+    index: usize,
+    forwarder: Arc<Forwarder>,
+    spec: Spec,
+    mut inbox: mpsc::UnboundedReceiver<LaneInput>,
+    outcomes: mpsc::UnboundedSender<Outcome>,
+) {
+    let mut connector: Option<Connector> = None;
+    let mut halted = false;
+    while let Some(input) = inbox.recv().await {
+        // The worker has ended (its action changed or went): deliver nothing more.
+        if outcomes.is_closed() {
+            return;
+        }
+        let outcome = match input {
+            LaneInput::Resume => {
+                halted = false;
+                continue;
+            }
+            LaneInput::Deliver(message) if halted => Outcome::Released(index, message.id),
+            LaneInput::Deliver(message) => {
+                match forwarder.deliver_one(&spec, &mut connector, &message).await {
+                    Ok(()) => Outcome::Delivered(index, message),
+                    Err(error) => {
+                        halted = true;
+                        Outcome::Failed(index, message, error)
+                    }
+                }
+            }
+        };
+        if outcomes.send(outcome).is_err() {
+            return;
+        }
+    }
+}
