@@ -231,6 +231,41 @@ async fn a_hanging_delivery_holds_up_only_its_own_lane() {
 }
 
 #[tokio::test]
+async fn a_busy_devices_backlog_arrives_in_order_across_a_failure() {
+    // Above the default 50 messages a second per device.
+    let server = server_with(|c| c.engine.rate_limit = 1000).await;
+    let product = server.product().await;
+    let (receiver, url) = Receiver::start().await;
+    rule_with_action(
+        &server,
+        "notify_data.body.services[0].properties.count AS n",
+        "",
+        &url,
+    )
+    .await;
+    let (device_id, secret) = server.device(&product, "busy").await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    // More than a lane holds at once (64), so most wait for room; the 70th attempt fails while
+    // messages after it are on the lane or waiting for it.
+    let mut plan = vec![Answer::Ok; 69];
+    plan.push(Answer::Status(500));
+    receiver.plan(&plan);
+    for n in 1..=150 {
+        report(&device, &device_id, 20.0, n).await;
+    }
+    let accepted = wait_accepted(&receiver, 150, 20).await;
+    let counts: Vec<i64> = accepted.iter().map(|b| b["n"].as_i64().unwrap()).collect();
+    assert_eq!(counts, (1..=150).collect::<Vec<_>>());
+    let attempts = receiver.seen.lock().unwrap().len();
+    assert!(
+        attempts > 150,
+        "the failed one was tried again ({attempts} attempts)"
+    );
+    device.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn failures_are_retried_in_order_with_stable_message_ids() {
     let clock = Arc::new(ManualClock::new(1_764_150_000_000));
     let server = server_on(

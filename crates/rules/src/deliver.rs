@@ -20,28 +20,46 @@ use crate::lanes::{Lane, Outcome};
 /// be removed from the queue, and the removals in flight.
 #[derive(Default)]
 struct Dispatch {
-    /// Handed to a lane and not reported back yet, or delivered and not yet submitted for removal.
+    /// Read and not yet delivered (waiting for its lane, or on it), or delivered and not yet
+    /// submitted for removal.
     out: HashSet<i64>,
+    /// Per lane, what was read and waits for room on the lane, in queue order.
+    waiting: Vec<VecDeque<QueuedMessage>>,
     delivered: Vec<i64>,
     trace: Vec<TraceEntry>,
     settling: Settling,
-    /// Lanes the last read found without room: read again once one has room.
-    waiting_lanes: Vec<bool>,
     /// The last read reached its limit: read again once the lanes are half empty.
     more_behind: bool,
     /// Every message numbered up to here is taken care of (out, settling, or removed): reads
-    /// start after it instead of reading past what the lanes hold again.
+    /// start after it instead of reading what is already held again.
     cursor: i64,
 }
 
 impl Dispatch {
-    /// Whether a lane the last read found full has room again (clearing the note).
-    fn lane_has_room(&mut self, index: usize, lane: &Lane) -> bool {
-        let room = self.waiting_lanes[index] && !lane.halted && lane.in_flight <= LANE_DEPTH / 2;
-        if room {
-            self.waiting_lanes[index] = false;
+    /// Messages held for the lanes: handed over, or waiting for room.
+    fn held(&self, lanes: &[Lane]) -> usize {
+        lanes.iter().map(|l| l.in_flight).sum::<usize>()
+            + self.waiting.iter().map(VecDeque::len).sum::<usize>()
+    }
+
+    /// Hands a lane what waits for it, as far as it has room.
+    fn feed(&mut self, index: usize, lane: &mut Lane) {
+        if lane.halted {
+            return;
         }
-        room
+        let room = LANE_DEPTH.saturating_sub(lane.in_flight);
+        let waiting = &mut self.waiting[index];
+        let batch: Vec<QueuedMessage> = waiting.drain(..room.min(waiting.len())).collect();
+        lane.hand(batch);
+    }
+
+    /// Forgets what was read for a lane that failed: it is read again, after the failure's
+    /// retry is scheduled, so nothing overtakes the message that failed.
+    fn put_back(&mut self, index: usize) {
+        for message in std::mem::take(&mut self.waiting[index]) {
+            self.out.remove(&message.id);
+            self.cursor = self.cursor.min(message.id - 1);
+        }
     }
 
     /// Messages taken from the queue and not yet settled (read past them).
@@ -75,7 +93,7 @@ impl Forwarder {
             .collect();
         drop(outcome_tx);
         let mut state = Dispatch {
-            waiting_lanes: vec![false; lanes.len()],
+            waiting: vec![VecDeque::new(); lanes.len()],
             cursor: i64::MIN,
             ..Dispatch::default()
         };
@@ -94,7 +112,7 @@ impl Forwarder {
                 last_trim = now;
             }
             // Reading skips past what the lanes hold, so it waits while they hold a lot.
-            if read_wanted && in_flight(&lanes) <= half_full {
+            if read_wanted && state.held(&lanes) <= half_full {
                 self.submit_removals(&mut state).await;
                 state.settling.settle();
                 state.settling.bound().await;
@@ -114,11 +132,11 @@ impl Forwarder {
                     while let Ok(outcome) = outcomes.try_recv() {
                         read_wanted |= self.settle_outcome(outcome, &mut lanes, &mut state, &stats).await;
                     }
-                    if state.more_behind && in_flight(&lanes) <= half_full {
+                    if state.more_behind && state.held(&lanes) <= half_full {
                         state.more_behind = false;
                         read_wanted = true;
                     }
-                    if state.delivered.len() >= REMOVE_IN_GROUPS_OF || in_flight(&lanes) == 0 {
+                    if state.delivered.len() >= REMOVE_IN_GROUPS_OF || state.held(&lanes) == 0 {
                         self.submit_removals(&mut state).await;
                     }
                 }
@@ -128,8 +146,9 @@ impl Forwarder {
         }
     }
 
-    /// Reads the queue's front past what is already taken and hands it out to the lanes; notes the
-    /// lanes that had no room. Returns the earliest time a message held back for a retry is due.
+    /// Reads the queue on from the cursor and hands what it finds out to the lanes (what finds no
+    /// room waits in memory for its lane). Returns the earliest time a message held back for a
+    /// retry is due.
     async fn read_and_hand_out(
         &self,
         action_id: &str,
@@ -142,12 +161,16 @@ impl Forwarder {
             state.settling.lost_removal = false;
             state.cursor = i64::MIN;
         }
-        let limit = BATCH + state.taken() as i64;
-        let front = self
-            .platform
-            .store()
-            .queue_after(action_id.to_owned(), state.cursor, limit)
-            .await;
+        let store = self.platform.store();
+        let front = if state.cursor == i64::MIN {
+            let limit = BATCH + state.taken() as i64;
+            // From the start: possibly many rows, off the async threads.
+            store
+                .queue_after(action_id.to_owned(), state.cursor, limit)
+                .await
+        } else {
+            store.queue_after_now(action_id, state.cursor, BATCH)
+        };
         let front = match front {
             Ok(front) => front,
             Err(error) => {
@@ -155,7 +178,7 @@ impl Forwarder {
                 return Some(now + 1000);
             }
         };
-        state.more_behind = front.len() as i64 >= limit;
+        state.more_behind = front.len() as i64 >= BATCH;
         let mut blocked = vec![false; lanes.len()];
         let mut next_due: Option<i64> = None;
         let mut first_skipped: Option<i64> = None;
@@ -169,29 +192,27 @@ impl Forwarder {
             if blocked[index] {
                 continue;
             }
-            // The lane's earlier messages go first: a message that is not due, or that finds its
-            // lane halted or full, holds back everything after it on that lane.
-            let lane = &mut lanes[index];
+            // The lane's earlier messages go first: a message that is not due holds back
+            // everything after it on its lane.
             if message.next_at > now {
                 next_due = Some(next_due.map_or(message.next_at, |d| d.min(message.next_at)));
                 blocked[index] = true;
                 first_skipped.get_or_insert(message.id);
-            } else if lane.halted || lane.in_flight >= LANE_DEPTH {
-                state.waiting_lanes[index] = true;
-                blocked[index] = true;
-                first_skipped.get_or_insert(message.id);
             } else {
                 state.out.insert(message.id);
-                lane.hand(message);
+                state.waiting[index].push_back(message);
             }
+        }
+        for (index, lane) in lanes.iter_mut().enumerate() {
+            state.feed(index, lane);
         }
         // A message held back (and those after it on its lane) is read again next time.
         state.cursor = first_skipped.map_or(last_seen, |id| id - 1);
         next_due
     }
 
-    /// Books what a lane reported; says whether to read the queue again (a lane that had no room
-    /// is half empty, or a lane resumed after a failure).
+    /// Books what a lane did with a batch and feeds it more; says whether to read the queue again
+    /// (a lane resumed after a failure).
     async fn settle_outcome(
         &self,
         outcome: Outcome,
@@ -199,36 +220,38 @@ impl Forwarder {
         state: &mut Dispatch,
         stats: &ActionStats,
     ) -> bool {
-        match outcome {
-            Outcome::Delivered(index, message) => {
-                lanes[index].in_flight = lanes[index].in_flight.saturating_sub(1);
-                for lane in lanes.iter_mut() {
-                    lane.failures_in_a_row = 0;
-                }
-                stats.delivered.fetch_add(1, Ordering::Relaxed);
-                stats.consecutive_failures.store(0, Ordering::Relaxed);
-                stats.failing.store(false, Ordering::Relaxed);
-                state.trace.extend(self.attempt_entry(&message, None));
-                state.delivered.push(message.id);
-                state.lane_has_room(index, &lanes[index])
+        let index = outcome.lane;
+        lanes[index].in_flight = lanes[index].in_flight.saturating_sub(outcome.len());
+        if !outcome.delivered.is_empty() {
+            for lane in lanes.iter_mut() {
+                lane.failures_in_a_row = 0;
             }
-            Outcome::Released(index, id) => {
-                lanes[index].in_flight = lanes[index].in_flight.saturating_sub(1);
-                state.out.remove(&id);
-                state.cursor = state.cursor.min(id - 1);
-                state.lane_has_room(index, &lanes[index])
-            }
-            Outcome::Failed(index, message, error) => {
-                lanes[index].in_flight = lanes[index].in_flight.saturating_sub(1);
-                lanes[index].halted = true;
-                self.record_failure(&mut lanes[index], &message, &error, state, stats)
-                    .await;
-                state.out.remove(&message.id);
-                state.cursor = state.cursor.min(message.id - 1);
-                lanes[index].resume();
-                true
-            }
+            stats
+                .delivered
+                .fetch_add(outcome.delivered.len() as u64, Ordering::Relaxed);
+            stats.consecutive_failures.store(0, Ordering::Relaxed);
+            stats.failing.store(false, Ordering::Relaxed);
         }
+        for message in outcome.delivered {
+            state.trace.extend(self.attempt_entry(&message, None));
+            state.delivered.push(message.id);
+        }
+        for id in outcome.released {
+            state.out.remove(&id);
+            state.cursor = state.cursor.min(id - 1);
+        }
+        if let Some((message, error)) = outcome.failed {
+            lanes[index].halted = true;
+            self.record_failure(&mut lanes[index], &message, &error, state, stats)
+                .await;
+            state.out.remove(&message.id);
+            state.cursor = state.cursor.min(message.id - 1);
+            state.put_back(index);
+            lanes[index].resume();
+            return true;
+        }
+        state.feed(index, &mut lanes[index]);
+        false
     }
 
     /// Counts a failed attempt and schedules the message's retry (before its lane resumes, so the
@@ -436,11 +459,6 @@ impl Settling {
 
 /// Most delivered messages whose removal may be in flight at once.
 const MAX_SETTLING: usize = 8 * BATCH as usize;
-
-/// Messages handed to the lanes and not reported back yet.
-fn in_flight(lanes: &[Lane]) -> usize {
-    lanes.iter().map(|l| l.in_flight).sum()
-}
 
 /// The lane a device's messages always take (messages of no device share lane 0).
 fn lane_of(device_id: Option<&str>, lanes: usize) -> usize {
