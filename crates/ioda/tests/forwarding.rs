@@ -134,12 +134,13 @@ async fn reports_are_pushed_as_iotda_envelopes_through_filters_and_projections()
     server.stop().await;
 }
 
-#[tokio::test]
-async fn devices_are_delivered_side_by_side_each_in_order() {
+/// A server forwarding each report's device and count to a receiver, and connected devices.
+async fn devices_forwarding_to_a_receiver(
+    nodes: &[&str],
+) -> (TestServer, Receiver, Vec<(String, SimDevice)>) {
     let server = server().await;
     let product = server.product().await;
     let (receiver, url) = Receiver::start().await;
-    receiver.delay_ms.store(20, Ordering::SeqCst);
     rule_with_action(
         &server,
         "notify_data.header.device_id AS d, notify_data.body.services[0].properties.count AS n",
@@ -148,12 +149,22 @@ async fn devices_are_delivered_side_by_side_each_in_order() {
     )
     .await;
     let mut devices = Vec::new();
-    for node in ["lane-a", "lane-b", "lane-c", "lane-d", "lane-e", "lane-f"] {
+    for node in nodes {
         let (device_id, secret) = server.device(&product, node).await;
         let device =
             SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
         devices.push((device_id, device));
     }
+    (server, receiver, devices)
+}
+
+#[tokio::test]
+async fn devices_are_delivered_side_by_side_each_in_order() {
+    let (server, receiver, devices) = devices_forwarding_to_a_receiver(&[
+        "lane-a", "lane-b", "lane-c", "lane-d", "lane-e", "lane-f",
+    ])
+    .await;
+    receiver.delay_ms.store(20, Ordering::SeqCst);
     for n in 1..=8 {
         for (device_id, device) in &devices {
             report(device, device_id, 20.0, n).await;
@@ -177,23 +188,8 @@ async fn devices_are_delivered_side_by_side_each_in_order() {
 
 #[tokio::test]
 async fn a_hanging_delivery_holds_up_only_its_own_lane() {
-    let server = server().await;
-    let product = server.product().await;
-    let (receiver, url) = Receiver::start().await;
-    rule_with_action(
-        &server,
-        "notify_data.header.device_id AS d, notify_data.body.services[0].properties.count AS n",
-        "",
-        &url,
-    )
-    .await;
-    let mut devices = Vec::new();
-    for node in ["slow", "b1", "b2", "b3", "b4", "b5", "b6"] {
-        let (device_id, secret) = server.device(&product, node).await;
-        let device =
-            SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
-        devices.push((device_id, device));
-    }
+    let (server, receiver, devices) =
+        devices_forwarding_to_a_receiver(&["slow", "b1", "b2", "b3", "b4", "b5", "b6"]).await;
     // The first delivery gets no answer (the action's timeout is 15 s).
     receiver.plan(&[Answer::Hang]);
     let (slow_id, slow) = &devices[0];

@@ -163,10 +163,7 @@ impl Store {
             });
             (ok, finish)
         });
-        self.jobs
-            .send(Command::Run(Job::Once(job), trace))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.queue(Job::Once(job), trace).await?;
         Ok(rx)
     }
 
@@ -182,12 +179,17 @@ impl Store {
         F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        let job = Job::Repeatable(Box::new(Repeat::new(f, tx)));
+        self.queue(Job::Repeatable(Box::new(Repeat::new(f, tx))), trace)
+            .await?;
+        Ok(rx)
+    }
+
+    /// Puts a job in the writer's queue, waiting only while the queue is full.
+    async fn queue(&self, job: Job, trace: Vec<TraceEntry>) -> Result<(), StoreError> {
         self.jobs
             .send(Command::Run(job, trace))
             .await
-            .map_err(|_| StoreError::Closed)?;
-        Ok(rx)
+            .map_err(|_| StoreError::Closed)
     }
 
     /// Runs `f` in the writer and returns its result after commit.
