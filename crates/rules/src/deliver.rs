@@ -392,7 +392,7 @@ impl Forwarder {
 
 /// Delivered messages whose removal from the queue has not committed yet. The worker goes on
 /// delivering meanwhile, skipping these when it reads the queue, instead of waiting for a commit
-/// each round behind the devices' reports. A removal that fails leaves its messages queued: they
+/// behind the devices' reports. A removal that fails leaves its messages queued: they
 /// are delivered again (at least once, never lost).
 #[derive(Default)]
 struct Settling {

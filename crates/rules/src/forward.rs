@@ -1,8 +1,9 @@
 //! The forwarding runtime: a dispatcher that turns platform events into queued messages for the
 //! actions of matching rules, and one worker per action that delivers its queue (`deliver.rs`).
 //!
-//! Queues are durable (SQLite) and bounded by size and age; every drop is counted. A target that
-//! fails ten rounds in a row is marked failing and probed every three minutes; a success clears it.
+//! Queues are durable (SQLite) and bounded by size and age; every drop is counted. A target on
+//! which one connection fails ten times in a row, with no success on any, is marked failing and
+//! probed every three minutes; a success clears it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -28,7 +29,8 @@ pub struct ForwardConfig {
     pub max_queue_bytes: i64,
     /// Oldest message a queue keeps, in milliseconds.
     pub max_age_ms: i64,
-    /// Delivery rounds failing in a row (with no success) after which a target counts as failing.
+    /// Attempts failing in a row on one connection (with no success on any) after which a target
+    /// counts as failing.
     pub failing_after: u64,
     /// How often a failing target is probed, in milliseconds.
     pub probe_interval_ms: i64,
