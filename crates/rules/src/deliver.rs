@@ -44,9 +44,6 @@ impl Dispatch {
 
     /// Hands a lane what waits for it, as far as it has room.
     fn feed(&mut self, index: usize, lane: &mut Lane) {
-        if lane.halted {
-            return;
-        }
         let room = LANE_DEPTH.saturating_sub(lane.in_flight);
         let waiting = &mut self.waiting[index];
         let batch: Vec<QueuedMessage> = waiting.drain(..room.min(waiting.len())).collect();
@@ -111,7 +108,7 @@ impl Forwarder {
                 self.trim(&action.action_id, &stats, now).await;
                 last_trim = now;
             }
-            // Reading skips past what the lanes hold, so it waits while they hold a lot.
+            // A read brings more into memory, so it waits while the lanes hold a lot.
             if read_wanted && state.held(&lanes) <= half_full {
                 self.submit_removals(&mut state).await;
                 state.settling.settle();
@@ -162,14 +159,20 @@ impl Forwarder {
             state.cursor = i64::MIN;
         }
         let store = self.platform.store();
-        let front = if state.cursor == i64::MIN {
-            let limit = BATCH + state.taken() as i64;
-            // From the start: possibly many rows, off the async threads.
+        let from_start = state.cursor == i64::MIN;
+        // From the start the read passes what is already taken, so it reads that much more.
+        let limit = if from_start {
+            BATCH + state.taken() as i64
+        } else {
+            BATCH
+        };
+        let front = if from_start {
+            // Possibly many rows: off the async threads.
             store
                 .queue_after(action_id.to_owned(), state.cursor, limit)
                 .await
         } else {
-            store.queue_after_now(action_id, state.cursor, BATCH)
+            store.queue_after_now(action_id, state.cursor, limit)
         };
         let front = match front {
             Ok(front) => front,
@@ -178,7 +181,7 @@ impl Forwarder {
                 return Some(now + 1000);
             }
         };
-        state.more_behind = front.len() as i64 >= BATCH;
+        state.more_behind = front.len() as i64 >= limit;
         let mut blocked = vec![false; lanes.len()];
         let mut next_due: Option<i64> = None;
         let mut first_skipped: Option<i64> = None;
@@ -241,7 +244,8 @@ impl Forwarder {
             state.cursor = state.cursor.min(id - 1);
         }
         if let Some((message, error)) = outcome.failed {
-            lanes[index].halted = true;
+            // The lane hands back what it holds until it is resumed, and what waits for it is
+            // put back, so the device's later messages are read again behind the retry.
             self.record_failure(&mut lanes[index], &message, &error, state, stats)
                 .await;
             state.out.remove(&message.id);

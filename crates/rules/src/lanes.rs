@@ -11,7 +11,7 @@ use crate::connector::{Connector, Spec};
 use crate::forward::Forwarder;
 
 /// What the worker hands a lane: messages go in batches (one hop between tasks per batch, not per
-/// message, which flat out cost a twentieth of the deliveries).
+/// message).
 pub(crate) enum LaneInput {
     Deliver(Vec<QueuedMessage>),
     /// The worker has recorded the lane's failure; deliver again.
@@ -40,8 +40,6 @@ pub(crate) struct Lane {
     input: mpsc::UnboundedSender<LaneInput>,
     /// Messages handed over and not reported back yet.
     pub(crate) in_flight: usize,
-    /// Failed and not resumed yet: nothing more is handed over.
-    pub(crate) halted: bool,
     /// Attempts failing in a row on this lane, with no success on any lane since.
     pub(crate) failures_in_a_row: u64,
 }
@@ -59,7 +57,6 @@ impl Lane {
         Lane {
             input,
             in_flight: 0,
-            halted: false,
             failures_in_a_row: 0,
         }
     }
@@ -72,7 +69,6 @@ impl Lane {
     }
 
     pub(crate) fn resume(&mut self) {
-        self.halted = false;
         let _ = self.input.send(LaneInput::Resume);
     }
 }

@@ -307,16 +307,6 @@ impl Store {
             .await
     }
 
-    /// The oldest queued messages of an action, in order (forwarding keeps order: nothing
-    /// overtakes the head).
-    pub async fn queue_front(
-        &self,
-        action_id: String,
-        limit: i64,
-    ) -> Result<Vec<QueuedMessage>, StoreError> {
-        self.queue_after(action_id, i64::MIN, limit).await
-    }
-
     /// The oldest `limit` messages of an action's queue numbered after `after`, oldest first.
     pub async fn queue_after(
         &self,

@@ -96,10 +96,7 @@ impl TraceLog {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || f(&reader.lock().unwrap_or_else(|p| p.into_inner())))
-            .await
-            .map_err(|_| StoreError::Closed)?
+        crate::writer::read_blocking(self.reader.clone(), f).await
     }
 
     /// Writes out everything waiting and stops the thread (after the main writer has stopped, so
@@ -144,7 +141,8 @@ fn adopt_old_entries(main: &Connection, file: &Path) -> Result<(), StoreError> {
     Ok(moved?)
 }
 
-/// Writes waiting entries every `FLUSH_EVERY` (sooner when many wait), until told to stop or until
+/// Writes waiting entries every `FLUSH_EVERY` (all of them, in transactions of at most
+/// `ENTRIES_PER_TRANSACTION`), until told to stop or until
 /// nobody else holds the waiting entries (a store dropped without `close`, whose writer has ended).
 fn write_loop(mut conn: Connection, pending: SharedPendingTrace, stop: Arc<AtomicBool>) {
     loop {

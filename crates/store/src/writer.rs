@@ -223,15 +223,7 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let reader = self.reader.clone();
-        tokio::task::spawn_blocking(move || {
-            let conn = reader
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&conn)
-        })
-        .await
-        .map_err(|_| StoreError::Closed)?
+        read_blocking(self.reader.clone(), f).await
     }
 
     /// Runs `f` on the read connection on the calling thread. Only for short indexed reads from
@@ -278,6 +270,17 @@ impl Store {
     }
 }
 
+/// Runs `f` on `conn` on a blocking thread, off the async threads.
+pub(crate) async fn read_blocking<T, F>(conn: Arc<Mutex<Connection>>, f: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || f(&conn.lock().unwrap_or_else(|p| p.into_inner())))
+        .await
+        .map_err(|_| StoreError::Closed)?
+}
+
 /// Runs passive checkpoints until told to stop. A passive checkpoint never blocks the writer;
 /// what it cannot copy yet (pages a reader still needs) it copies next time.
 fn start_checkpointer(
@@ -299,9 +302,8 @@ fn start_checkpointer(
                 // Passive checkpoints alone never let a busy log start over (the writer appends
                 // while they copy), and a restart from here would have to win the write lock from
                 // a writer that takes it back at once; so the writer restarts the log itself,
-                // between two commits. Copy until little is left first, so that the restart
-                // copies (and stalls the writer for) next to nothing.
-                match catch_up(&conn) {
+                // between two commits, copying the little left to copy.
+                match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get::<_, i64>(1)) {
                     Ok(frames) if frames > checkpoints.restart_after_frames => {
                         let _ = jobs.try_send(Command::RestartLog);
                     }
@@ -311,23 +313,6 @@ fn start_checkpointer(
             }
         })?;
     Ok((stop, handle))
-}
-
-/// Runs passive checkpoints until at most `LEFT_BEHIND` frames are left to copy (a few rounds at
-/// most); returns the frames in the log.
-fn catch_up(conn: &Connection) -> Result<i64, rusqlite::Error> {
-    const LEFT_BEHIND: i64 = 256;
-    let mut frames = 0;
-    for _ in 0..4 {
-        let (log, copied) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
-            Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
-        })?;
-        frames = log;
-        if log - copied <= LEFT_BEHIND {
-            break;
-        }
-    }
-    Ok(frames)
 }
 
 /// When checkpoints run and when the log starts over.

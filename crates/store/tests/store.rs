@@ -131,7 +131,7 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
     let history = store.property_history("d1".into(), 10).await.unwrap();
     // The forwarding staged with the first report was committed with it.
     let queued = store
-        .queue_front("a1".into(), 1)
+        .queue_after("a1".into(), i64::MIN, 1)
         .await
         .unwrap()
         .pop()
@@ -358,7 +358,7 @@ async fn queued_messages_are_numbered_on_after_the_newest_is_removed() {
         .enqueue_forward(vec![forward("r1"), forward("r2")], vec![], 1)
         .await
         .unwrap();
-    let first = store.queue_front("a1".into(), 10).await.unwrap();
+    let first = store.queue_after("a1".into(), i64::MIN, 10).await.unwrap();
     let ids: Vec<i64> = first.iter().map(|m| m.id).collect();
     // Both delivered and removed: the table is empty again.
     store
