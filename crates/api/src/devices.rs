@@ -367,7 +367,7 @@ pub async fn trace(
         .await?;
     let entries: Vec<Value> = entries
         .into_iter()
-        .map(|e| json!({ "id": e.id, "time": time::format_iso_millis(e.at), "kind": e.kind, "detail": e.detail }))
+        .map(|e| json!({ "id": e.id, "time": time::format_iso_millis(e.at), "kind": e.kind, "detail": e.detail.to_value() }))
         .collect();
     Ok(Json(
         json!({ "device_id": path.device_id, "entries": entries }),

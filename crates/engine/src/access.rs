@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use ioda_mqtt::codec::{Connect, Publish, SubscribeFilter, reason};
 use ioda_mqtt::server::{Broker, CloseCause, Outbox, PublishVerdict, Refusal, Session};
-use ioda_store::TraceEntry;
+use ioda_store::{TraceDetail, TraceEntry};
 use ioda_types::event::DeviceRef;
 use ioda_types::{Device, DeviceStatus, PlatformEvent, StatusCause, time};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::Platform;
 use crate::auth::{parse_client_id, password_matches};
@@ -45,13 +45,13 @@ pub struct DeviceSession {
     suppressed_traces: u64,
 }
 
-fn trace_entry(device_id: &str, at: i64, kind: &str, detail: Value) -> TraceEntry {
+fn trace_entry(device_id: &str, at: i64, kind: &str, detail: impl Into<TraceDetail>) -> TraceEntry {
     TraceEntry {
         id: 0,
         device_id: device_id.to_owned(),
         at,
         kind: kind.to_owned(),
-        detail,
+        detail: detail.into(),
     }
 }
 
@@ -77,7 +77,12 @@ impl Platform {
     }
 
     /// Records one trace entry for a device now (outside any session).
-    pub(crate) async fn trace_now(&self, device_id: &str, kind: &str, detail: Value) {
+    pub(crate) async fn trace_now(
+        &self,
+        device_id: &str,
+        kind: &str,
+        detail: impl Into<TraceDetail>,
+    ) {
         let entry = trace_entry(device_id, self.now(), kind, detail);
         let _ = self.store.record_trace(vec![entry]).await;
     }
@@ -256,26 +261,31 @@ impl DeviceSession {
 
     /// Builds a trace entry unless this session has been tracing too much this second; the next
     /// entry that passes says how many were suppressed, so nothing disappears without a count.
-    pub(crate) fn trace(&mut self, kind: &str, mut detail: Value) -> Option<TraceEntry> {
+    pub(crate) fn trace(
+        &mut self,
+        kind: &str,
+        detail: impl Into<TraceDetail>,
+    ) -> Option<TraceEntry> {
         let now = self.platform.now();
         if !self.trace_budget.try_take(now) {
             self.suppressed_traces += 1;
             return None;
         }
+        let mut detail = detail.into();
         if self.suppressed_traces > 0 {
-            detail["suppressed_before"] = json!(self.suppressed_traces);
+            detail = detail.with_first("suppressed_before", self.suppressed_traces as i64);
             self.suppressed_traces = 0;
         }
         Some(trace_entry(&self.device.device_id, now, kind, detail))
     }
 
     /// A stage record of a message's way through the platform; never throttled.
-    pub(crate) fn stage(&self, kind: &str, detail: Value) -> TraceEntry {
+    pub(crate) fn stage(&self, kind: &str, detail: impl Into<TraceDetail>) -> TraceEntry {
         trace_entry(&self.device.device_id, self.platform.now(), kind, detail)
     }
 
     /// Records a trace entry from a synchronous context, without waiting for it.
-    fn trace_later(&mut self, kind: &str, detail: Value) {
+    fn trace_later(&mut self, kind: &str, detail: impl Into<TraceDetail>) {
         if let Some(entry) = self.trace(kind, detail) {
             let platform = self.platform.clone();
             tokio::spawn(async move {
@@ -284,7 +294,7 @@ impl DeviceSession {
         }
     }
 
-    pub(crate) async fn record(&mut self, kind: &str, detail: Value) {
+    pub(crate) async fn record(&mut self, kind: &str, detail: impl Into<TraceDetail>) {
         if let Some(entry) = self.trace(kind, detail) {
             let _ = self.platform.store.record_trace(vec![entry]).await;
         }

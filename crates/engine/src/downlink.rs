@@ -188,7 +188,7 @@ impl Platform {
             device_id: device_id.to_owned(),
             at: self.now(),
             kind: kind.to_owned(),
-            detail,
+            detail: detail.into(),
         };
         let _ = self.store.append_trace(vec![entry]).await;
     }

@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use ioda_mqtt::codec::{Publish, reason};
 use ioda_mqtt::server::PublishVerdict;
-use ioda_store::{MessageRecord, ReportRecord};
+use ioda_store::{MessageRecord, ReportRecord, TraceDetail};
 use ioda_types::event::ReportedService;
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
@@ -393,8 +393,14 @@ impl DeviceSession {
             .collect();
         // The stage record of this report: received, authenticated, validated, stored (shadow and
         // history are written in the same transaction).
-        let applied: Vec<&str> = services.iter().map(|(id, _, _)| id.as_str()).collect();
-        let stage = json!({ "request_id": request_id, "applied_services": applied, "rejected_properties": rejected.len() });
+        let stage = TraceDetail::object()
+            .str("request_id", &request_id)
+            .strs(
+                "applied_services",
+                services.iter().map(|(id, _, _)| id.as_str()),
+            )
+            .int("rejected_properties", rejected.len() as i64)
+            .finish();
         traces.push(self.stage("report_stored", stage));
         let record = ReportRecord {
             device_id: self.device.device_id.clone(),

@@ -8,8 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use ioda_store::{QueuedMessage, RoutingAction, TraceEntry};
-use serde_json::json;
+use ioda_store::{QueuedMessage, RoutingAction, TraceDetail, TraceEntry};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::connector::{Connector, Spec};
@@ -383,13 +382,13 @@ impl Forwarder {
                 "forwarded"
             }
             .to_owned(),
-            detail: json!({
-                "request_id": message.request_id,
-                "action_id": message.action_id,
-                "message_id": message.message_id,
-                "attempt": message.attempts + 1,
-                "error": error,
-            }),
+            detail: TraceDetail::object()
+                .opt_str("request_id", message.request_id.as_deref())
+                .str("action_id", &message.action_id)
+                .str("message_id", &message.message_id)
+                .int("attempt", message.attempts + 1)
+                .opt_str("error", error.map(String::as_str))
+                .finish(),
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ioda_engine::{ForwardStage, Platform};
-use ioda_store::{NewForward, RoutingAction, RoutingRule, TraceEntry};
+use ioda_store::{NewForward, RoutingAction, RoutingRule, TraceDetail, TraceEntry};
 use ioda_types::{PlatformEvent, ids};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
@@ -434,14 +434,22 @@ impl Forwarder {
         }
         // The device trace says which rules took the data and which let it pass.
         if let Some(device_id) = batch.device_id.clone() {
-            let queued: Vec<&String> = batch.items[first..].iter().map(|i| &i.action_id).collect();
-            let detail = json!({
-                "request_id": request_id,
-                "subject": format!("{}/{}", subject.resource, subject.event),
-                "matched": matched.iter().map(|(r, _)| &r.rule_id).collect::<Vec<_>>(),
-                "not_matched": unmatched.iter().map(|(r, _)| &r.rule_id).collect::<Vec<_>>(),
-                "queued_for": queued,
-            });
+            let detail = TraceDetail::object()
+                .str("request_id", &request_id)
+                .str(
+                    "subject",
+                    &format!("{}/{}", subject.resource, subject.event),
+                )
+                .strs("matched", matched.iter().map(|(r, _)| r.rule_id.as_str()))
+                .strs(
+                    "not_matched",
+                    unmatched.iter().map(|(r, _)| r.rule_id.as_str()),
+                )
+                .strs(
+                    "queued_for",
+                    batch.items[first..].iter().map(|i| i.action_id.as_str()),
+                )
+                .finish();
             let kind = if matched.is_empty() {
                 "rules_not_matched"
             } else {

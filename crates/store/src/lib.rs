@@ -2,8 +2,8 @@
 //!
 //! One writer thread owns the SQLite write connection and commits whatever has queued up in a single
 //! transaction (group commit): every caller's future resolves only after the transaction holding its
-//! change is durable, so the MQTT layer can send PUBACK on that signal. Each job runs inside its own
-//! savepoint, so one failing job (a unique-key conflict, say) never takes its batch-mates down.
+//! change is durable, so the MQTT layer can send PUBACK on that signal. One failing job (a
+//! unique-key conflict, say) never takes its batch-mates down (see `batch`).
 //! Reads use a separate connection; WAL mode lets them run beside the writer.
 
 mod batch;
@@ -16,6 +16,7 @@ mod routing;
 mod schema;
 mod shadow;
 mod trace;
+mod trace_detail;
 mod trace_log;
 mod writer;
 
@@ -27,6 +28,7 @@ pub use projects::{AccessKey, Project};
 pub use routing::{NewForward, QueueDepth, QueuedMessage, RoutingAction, RoutingRule};
 pub use shadow::{DesiredUpdate, HistoryRow, MessageRecord, ReportRecord, ShadowRow};
 pub use trace::TraceEntry;
+pub use trace_detail::{DetailWriter, TraceDetail};
 pub use writer::{Durability, Store};
 
 /// Errors of the storage layer.

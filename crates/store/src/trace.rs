@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::Connection;
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, TraceDetail};
 
 /// Entries kept per device; older ones are pruned.
 pub(crate) const KEEP_PER_DEVICE: i64 = 1000;
@@ -18,7 +18,7 @@ pub struct TraceEntry {
     pub at: i64,
     /// A short machine-readable kind, such as `property_rejected` or `publish_denied`.
     pub kind: String,
-    pub detail: serde_json::Value,
+    pub detail: TraceDetail,
 }
 
 /// Trace entries of work that has committed but that are not in `device_trace` yet. The writer

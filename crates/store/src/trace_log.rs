@@ -7,6 +7,7 @@
 //! report's commit; and each flush stores one row per device (a block of that device's entries),
 //! so a busy device costs one row and one index entry per flush, not one per entry.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,6 +18,7 @@ use rusqlite::Connection;
 
 use crate::StoreError;
 use crate::trace::{self, KEEP_PER_DEVICE, PendingTrace, SharedPendingTrace, TraceEntry};
+use crate::trace_detail::push_string;
 
 /// A block is numbered by its newest entry; `body` is a JSON array of the entries, oldest first,
 /// each `{"id", "at", "kind", "detail"}`.
@@ -224,28 +226,29 @@ fn write_blocks(c: &Connection, entries: &[Arc<TraceEntry>]) -> Result<(), Store
             newest,
             device_id,
             entries.len() as i64,
-            block_body(entries)?
+            block_body(entries)
         ])?;
         prune(c, device_id)?;
     }
     Ok(())
 }
 
-fn block_body(entries: &[&TraceEntry]) -> Result<String, StoreError> {
+fn block_body(entries: &[&TraceEntry]) -> String {
     let mut body = String::with_capacity(entries.len() * 160);
     body.push('[');
     for (i, e) in entries.iter().enumerate() {
         if i > 0 {
             body.push(',');
         }
-        let kind = serde_json::to_string(&e.kind)?;
-        body.push_str(&format!(
-            r#"{{"id":{},"at":{},"kind":{kind},"detail":{}}}"#,
-            e.id, e.at, e.detail
-        ));
+        // Written by hand: the detail is JSON text already.
+        let _ = write!(body, r#"{{"id":{},"at":{},"kind":"#, e.id, e.at);
+        push_string(&mut body, &e.kind);
+        body.push_str(r#","detail":"#);
+        body.push_str(e.detail.as_json());
+        body.push('}');
     }
     body.push(']');
-    Ok(body)
+    body
 }
 
 /// Deletes a device's blocks older than the newest `KEEP_PER_DEVICE` entries need.
@@ -305,7 +308,8 @@ pub(crate) fn stored_entries(
                 detail: entry
                     .get_mut("detail")
                     .map(serde_json::Value::take)
-                    .unwrap_or_default(),
+                    .unwrap_or_default()
+                    .into(),
             });
         }
     }

@@ -158,7 +158,7 @@ async fn trace_entries_are_readable_at_once_and_kept_across_a_restart() {
         device_id: device.into(),
         at: i,
         kind: "k".into(),
-        detail: json!({ "i": i }),
+        detail: json!({ "i": i }).into(),
     };
     let store = open(dir.path()).await;
     store
@@ -168,7 +168,10 @@ async fn trace_entries_are_readable_at_once_and_kept_across_a_restart() {
     // Still waiting to be written out, yet visible, numbered in commit order.
     let before = store.trace("d1".into(), 10).await.unwrap();
     let seen = |entries: &[ioda_store::TraceEntry]| -> Vec<(i64, serde_json::Value)> {
-        entries.iter().map(|e| (e.id, e.detail.clone())).collect()
+        entries
+            .iter()
+            .map(|e| (e.id, e.detail.to_value()))
+            .collect()
     };
     assert_eq!(
         seen(&before),
@@ -224,7 +227,7 @@ fn trace_entry(device: &str, i: i64) -> ioda_store::TraceEntry {
         device_id: device.into(),
         at: i,
         kind: "k".into(),
-        detail: json!({ "i": i }),
+        detail: json!({ "i": i }).into(),
     }
 }
 
@@ -292,7 +295,7 @@ async fn trace_an_older_version_kept_in_the_main_database_moves_to_the_trace_fil
         .await
         .unwrap()
         .into_iter()
-        .map(|e| (e.id, e.detail))
+        .map(|e| (e.id, e.detail.to_value()))
         .collect();
     assert_eq!(
         ids,
@@ -345,8 +348,12 @@ async fn the_trace_stays_bounded_per_device() {
     let store = open(dir.path()).await;
     let kept = store.trace("d1".into(), 5000).await.unwrap();
     assert_eq!(kept.len(), 1000, "reads return at most the 1 000 kept");
-    assert_eq!(kept[0].detail, json!({ "i": 1199 }), "the newest first");
-    assert_eq!(kept[999].detail, json!({ "i": 200 }));
+    assert_eq!(
+        kept[0].detail.to_value(),
+        json!({ "i": 1199 }),
+        "the newest first"
+    );
+    assert_eq!(kept[999].detail.to_value(), json!({ "i": 200 }));
     store.close().await;
 }
 
