@@ -62,7 +62,7 @@ impl Drop for WaiterGuard<'_> {
 
 /// A fresh request id: 24 hex digits, unique and sortable by time.
 pub(crate) fn new_request_id(now: i64) -> String {
-    ioda_types::ids::object_id(now, crate::random_bytes())
+    ioda_types::ids::object_id(now, crate::id_bytes())
 }
 
 impl Platform {

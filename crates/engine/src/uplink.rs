@@ -12,7 +12,6 @@ use serde_json::{Map, Value, json};
 
 use crate::access::DeviceSession;
 use crate::downlink::ReplyKind;
-use crate::random_bytes;
 use crate::topic::{Uplink, classify_uplink, split_query};
 
 /// MQTT 5 "payload format invalid".
@@ -78,7 +77,7 @@ fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
 }
 
 fn new_request_id(now: i64) -> String {
-    ids::object_id(now, random_bytes())
+    ids::object_id(now, crate::id_bytes())
 }
 
 impl DeviceSession {

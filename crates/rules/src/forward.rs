@@ -584,11 +584,5 @@ pub(crate) fn fnv(bytes: &[u8]) -> u64 {
 }
 
 fn rand8() -> [u8; 8] {
-    let mut bytes = [0u8; 8];
-    // Ids only need to be unique; the time prefix and a counter fallback keep them so.
-    if getrandom::fill(&mut bytes).is_err() {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        bytes = COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
-    }
-    bytes
+    ioda_engine::id_bytes()
 }

@@ -56,16 +56,25 @@ pub fn default_device_id(product_id: &str, node_id: &str) -> String {
 /// A 24-hex id like IoTDA's: 4 bytes of seconds then 8 random bytes, so ids sort by creation.
 pub fn object_id(unix_ms: i64, random: [u8; 8]) -> String {
     let secs = (unix_ms / 1000) as u32;
-    let mut out = format!("{secs:08x}");
-    for b in random {
-        out.push_str(&format!("{b:02x}"));
-    }
+    let mut out = String::with_capacity(24);
+    push_hex(&mut out, &secs.to_be_bytes());
+    push_hex(&mut out, &random);
     out
 }
 
 /// Lower-case hex of arbitrary bytes.
 pub fn hex_lower(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let mut out = String::with_capacity(bytes.len() * 2);
+    push_hex(&mut out, bytes);
+    out
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
 }
 
 /// The cursor form of a record sequence number: 24 hex digits, so string order is record order.
@@ -109,5 +118,7 @@ mod tests {
             object_id(1_000, [1, 2, 3, 4, 5, 6, 7, 8]),
             "000000010102030405060708"
         );
+        assert_eq!(hex_lower(&[0x00, 0xab, 0xff, 0x10]), "00abff10");
+        assert_eq!(object_id(-1_000, [0xfe; 8]), "fffffffffefefefefefefefe");
     }
 }
