@@ -31,6 +31,27 @@ fn report_scenario_accounts_for_every_report() {
         "2",
         "--server-args=--durability=normal",
     ]);
+    assert_eq!(result["channel"], "HTTP_FORWARDING", "{result}");
+    assert_accounted(&result);
+}
+
+#[test]
+fn report_scenario_over_nats_accounts_for_every_report() {
+    let result = bench(&[
+        "report",
+        "--devices",
+        "8",
+        "--duration",
+        "2",
+        "--channel",
+        "nats",
+        "--server-args=--durability=normal",
+    ]);
+    assert_eq!(result["channel"], "NATS_FORWARDING", "{result}");
+    assert_accounted(&result);
+}
+
+fn assert_accounted(result: &Value) {
     let offered = result["offered"].as_u64().unwrap();
     assert!(offered > 0, "{result}");
     assert_eq!(

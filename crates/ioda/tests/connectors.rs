@@ -167,16 +167,29 @@ async fn forwards_to_nats_and_jetstream() {
         serde_json::from_slice::<Value>(&message).unwrap(),
         json!({"id": device_id, "temp": 19.0})
     );
+    // Reports sent back to back are published in batches, one confirmation each: all of them
+    // arrive, in the order the device sent them (40: within the device's rate limit).
+    for i in 0..40 {
+        report(&device, &device_id, f64::from(i)).await;
+    }
+    for i in 0..40 {
+        let message =
+            tokio::time::timeout(Duration::from_secs(10), futures_next(&mut subscription))
+                .await
+                .unwrap();
+        let body: Value = serde_json::from_slice(&message).unwrap();
+        assert_eq!(body["temp"], f64::from(i), "message {i} in order");
+    }
     let mut stored = 0;
     for _ in 0..100 {
         let mut stream = jetstream.get_stream(&stream_name).await.unwrap();
         stored = stream.info().await.unwrap().state.messages;
-        if stored == 1 {
+        if stored == 41 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(stored, 1, "JetStream stored the forwarded message");
+    assert_eq!(stored, 41, "JetStream stored every forwarded message");
     jetstream.delete_stream(&stream_name).await.unwrap();
     device.close().await;
     server.stop().await;

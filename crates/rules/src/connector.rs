@@ -142,3 +142,34 @@ impl Connector {
         }
     }
 }
+
+/// What a batch delivery confirmed before it failed: the first `confirmed` messages arrived, the
+/// next one failed with `error`, and those after it count as not delivered.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BatchFailure {
+    pub confirmed: usize,
+    pub error: String,
+}
+
+impl Connector {
+    /// Delivers messages in order. A NATS connection sends them all and waits for one
+    /// confirmation (a round trip per batch instead of per message); the other channels deliver
+    /// them one by one, each confirmed before the next.
+    pub async fn deliver_all(
+        &mut self,
+        messages: &[QueuedMessage],
+        timeout: Duration,
+    ) -> Result<(), BatchFailure> {
+        #[cfg(feature = "nats")]
+        if let Connector::Nats(sink) = self {
+            let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
+            return sink.publish_all(&payloads, timeout).await;
+        }
+        for (confirmed, message) in messages.iter().enumerate() {
+            self.deliver(message, timeout)
+                .await
+                .map_err(|error| BatchFailure { confirmed, error })?;
+        }
+        Ok(())
+    }
+}

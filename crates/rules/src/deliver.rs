@@ -11,7 +11,7 @@ use std::time::Duration;
 use ioda_store::{QueuedMessage, RoutingAction, TraceDetail, TraceEntry};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::connector::{Connector, Spec};
+use crate::connector::{BatchFailure, Connector, Spec};
 use crate::forward::{ActionStats, Forwarder, fnv};
 use crate::lanes::{Lane, Outcome};
 
@@ -349,19 +349,27 @@ impl Forwarder {
         }
     }
 
-    pub(crate) async fn deliver_one(
+    /// Delivers a lane's batch in order over the lane's connection (opened if need be).
+    pub(crate) async fn deliver_batch(
         &self,
         spec: &Spec,
         connector: &mut Option<Connector>,
-        message: &QueuedMessage,
-    ) -> Result<(), String> {
+        messages: &[QueuedMessage],
+    ) -> Result<(), BatchFailure> {
         if connector.is_none() {
-            *connector = Some(Connector::open(spec, self.config.timeout).await?);
+            let open = Connector::open(spec, self.config.timeout).await;
+            *connector = Some(open.map_err(|error| BatchFailure {
+                confirmed: 0,
+                error,
+            })?);
         }
         let Some(open) = connector.as_mut() else {
-            return Err("no connection".into());
+            return Err(BatchFailure {
+                confirmed: 0,
+                error: "no connection".into(),
+            });
         };
-        let outcome = open.deliver(message, self.config.timeout).await;
+        let outcome = open.deliver_all(messages, self.config.timeout).await;
         if outcome.is_err() {
             // Reconnect on the next attempt: a broken connection must not stick.
             *connector = None;

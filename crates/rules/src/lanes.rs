@@ -7,7 +7,7 @@ use std::sync::Arc;
 use ioda_store::QueuedMessage;
 use tokio::sync::mpsc;
 
-use crate::connector::{Connector, Spec};
+use crate::connector::{BatchFailure, Connector, Spec};
 use crate::forward::Forwarder;
 
 /// What the worker hands a lane: messages go in batches (one hop between tasks per batch, not per
@@ -100,16 +100,17 @@ async fn run(
             failed: None,
             released: Vec::new(),
         };
-        for message in batch {
-            if halted {
-                outcome.released.push(message.id);
-                continue;
-            }
-            match forwarder.deliver_one(&spec, &mut connector, &message).await {
-                Ok(()) => outcome.delivered.push(message),
-                Err(error) => {
-                    halted = true;
-                    outcome.failed = Some((message, error));
+        if halted {
+            outcome.released = batch.iter().map(|m| m.id).collect();
+        } else {
+            match forwarder.deliver_batch(&spec, &mut connector, &batch).await {
+                Ok(()) => outcome.delivered = batch,
+                Err(BatchFailure { confirmed, error }) => {
+                    let mut rest = batch.into_iter();
+                    outcome.delivered = rest.by_ref().take(confirmed).collect();
+                    outcome.failed = rest.next().map(|message| (message, error));
+                    outcome.released = rest.map(|m| m.id).collect();
+                    halted = outcome.failed.is_some();
                 }
             }
         }

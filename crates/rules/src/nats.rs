@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use crate::connector::BatchFailure;
+
 /// Where and how to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NatsSpec {
@@ -59,6 +61,72 @@ impl NatsSink {
         Ok(NatsSink {
             spec: spec.clone(),
             client,
+        })
+    }
+
+    /// Publishes messages in order and confirms them together: core NATS by one flush (a
+    /// failure confirms none of them: they are delivered again, at least once), JetStream by
+    /// each message's acknowledgement (the ones before the first failure count).
+    pub async fn publish_all(
+        &mut self,
+        payloads: &[&str],
+        timeout: Duration,
+    ) -> Result<(), BatchFailure> {
+        let late = || BatchFailure {
+            confirmed: 0,
+            error: "NATS did not confirm in time".to_owned(),
+        };
+        if self.spec.jetstream {
+            return tokio::time::timeout(timeout, self.publish_all_stored(payloads))
+                .await
+                .map_err(|_| late())?;
+        }
+        let work = async {
+            for payload in payloads {
+                let data = bytes::Bytes::copy_from_slice(payload.as_bytes());
+                self.client
+                    .publish(self.spec.subject.clone(), data)
+                    .await
+                    .map_err(|e| format!("NATS: {e}"))?;
+            }
+            self.client.flush().await.map_err(|e| format!("NATS: {e}"))
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| late())?
+            .map_err(|error| BatchFailure {
+                confirmed: 0,
+                error,
+            })
+    }
+
+    async fn publish_all_stored(&mut self, payloads: &[&str]) -> Result<(), BatchFailure> {
+        let stream = async_nats::jetstream::new(self.client.clone());
+        let mut acks = Vec::with_capacity(payloads.len());
+        let mut sent = Ok(());
+        for payload in payloads {
+            let data = bytes::Bytes::copy_from_slice(payload.as_bytes());
+            match stream.publish(self.spec.subject.clone(), data).await {
+                Ok(ack) => acks.push(ack),
+                Err(e) => {
+                    sent = Err(format!("JetStream: {e}"));
+                    break;
+                }
+            }
+        }
+        // What was sent counts as far as the stream acknowledges it, in order.
+        let sent_count = acks.len();
+        for (confirmed, ack) in acks.into_iter().enumerate() {
+            if let Err(e) = ack.await {
+                return Err(BatchFailure {
+                    confirmed,
+                    error: format!("JetStream did not store the message: {e}"),
+                });
+            }
+        }
+        sent.map_err(|error| BatchFailure {
+            confirmed: sent_count,
+            error,
         })
     }
 

@@ -36,6 +36,15 @@ pub enum Scenario {
     Reference,
 }
 
+/// How the application receives the devices' reports (report, overload and reference).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Channel {
+    /// HTTP push to a receiver in the bench: one POST per message, as IoTDA pushes.
+    Http,
+    /// NATS forwarding to a subscriber in the bench, through a `nats-server` the bench starts.
+    Nats,
+}
+
 /// Flags of `ioda bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -64,6 +73,9 @@ pub struct BenchArgs {
     /// measured without it also applying to the load generator.
     #[arg(long)]
     pub server_env: Vec<String>,
+    /// How the application receives the reports.
+    #[arg(long, value_enum, default_value_t = Channel::Http)]
+    pub channel: Channel,
     /// Print only one JSON line with the results.
     #[arg(long)]
     pub json: bool,

@@ -15,40 +15,49 @@ use serde_json::{Value, json};
 use super::device::Device;
 use super::{BenchArgs, round};
 
-struct Mosquitto(Child);
+/// A broker the bench started; stopped when dropped.
+pub(super) struct Helper(Child);
 
-impl Drop for Mosquitto {
+impl Drop for Helper {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(super) fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
-fn start_mosquitto(port: u16) -> anyhow::Result<Mosquitto> {
-    let binary = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+fn start_mosquitto(port: u16) -> anyhow::Result<Helper> {
+    start_helper("mosquitto", &["-p", &port.to_string()], port)
+}
+
+/// Starts the Debian-packaged broker `name` (found in /usr/sbin, /usr/bin or on the path) with
+/// `args`, and waits until it listens on `port`.
+pub(super) fn start_helper(name: &str, args: &[&str], port: u16) -> anyhow::Result<Helper> {
+    let binary = ["/usr/sbin", "/usr/bin"]
         .into_iter()
+        .map(|dir| format!("{dir}/{name}"))
         .find(|p| std::path::Path::new(p).exists())
-        .unwrap_or("mosquitto");
+        .unwrap_or_else(|| name.to_owned());
     let child = Command::new(binary)
-        .args(["-p", &port.to_string()])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .context("starting mosquitto (apt-get install mosquitto)")?;
+        .with_context(|| format!("starting {name} (apt-get install {name})"))?;
+    let helper = Helper(child);
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         if started.elapsed() > Duration::from_secs(10) {
-            bail!("mosquitto did not start");
+            bail!("{name} did not start");
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Ok(Mosquitto(child))
+    Ok(helper)
 }
 
 /// One fan-in run: `publishers` clients publish flat out for `seconds`; one subscriber counts.

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use axum::Router;
 use axum::routing::post;
+use futures_util::StreamExt;
 use ioda_mqtt::QoS;
 use ioda_mqtt::client::ServerPacket;
 use serde_json::{Value, json};
 
 use super::device::Device;
+use super::reference::{Helper, free_port, start_helper};
 use super::server::ServerProcess;
-use super::{BenchArgs, connect_all, progress, register, round};
+use super::{BenchArgs, Channel, connect_all, progress, register, round};
 
 /// What the receiver has seen.
 #[derive(Default)]
@@ -63,22 +65,47 @@ fn sent_at(body: &[u8]) -> Option<i64> {
     pushed.notify_data.body.services.first()?.properties.sent_at
 }
 
+impl Received {
+    /// Counts a delivered report and its latency.
+    fn record(&self, body: &[u8]) {
+        if let Some(sent) = sent_at(body) {
+            self.delivered.fetch_add(1, Ordering::Relaxed);
+            let latency = (now_ms() - sent).clamp(0, i64::from(u32::MAX)) as u32;
+            self.latencies_ms
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(latency);
+        }
+    }
+}
+
+/// The application side: the channel a rule forwards over, and what keeps its far end running.
+struct Consumer {
+    channel: &'static str,
+    detail: Value,
+    _broker: Option<Helper>,
+}
+
+async fn start_consumer(channel: Channel, received: Arc<Received>) -> anyhow::Result<Consumer> {
+    match channel {
+        Channel::Http => {
+            let url = start_receiver(received).await?;
+            Ok(Consumer {
+                channel: "HTTP_FORWARDING",
+                detail: json!({"http_forwarding": {"url": url}}),
+                _broker: None,
+            })
+        }
+        Channel::Nats => start_nats_subscriber(received).await,
+    }
+}
+
 async fn start_receiver(received: Arc<Received>) -> anyhow::Result<String> {
     let app = Router::new().route(
         "/push",
         post(move |body: axum::body::Bytes| {
             let received = received.clone();
-            async move {
-                if let Some(sent) = sent_at(&body) {
-                    received.delivered.fetch_add(1, Ordering::Relaxed);
-                    let latency = (now_ms() - sent).clamp(0, i64::from(u32::MAX)) as u32;
-                    received
-                        .latencies_ms
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(latency);
-                }
-            }
+            async move { received.record(&body) }
         }),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -89,7 +116,34 @@ async fn start_receiver(received: Arc<Received>) -> anyhow::Result<String> {
     Ok(url)
 }
 
-async fn forward_to(api: &crate::client::ApiClient, url: &str) -> anyhow::Result<()> {
+/// A `nats-server` of the bench's own on a free port, and a subscriber to the reports' subject.
+async fn start_nats_subscriber(received: Arc<Received>) -> anyhow::Result<Consumer> {
+    let port = free_port()?;
+    let broker = start_helper(
+        "nats-server",
+        &["-a", "127.0.0.1", "-p", &port.to_string()],
+        port,
+    )?;
+    let url = format!("nats://127.0.0.1:{port}");
+    let client = async_nats::connect(url.as_str()).await?;
+    let mut subscription = client.subscribe(NATS_SUBJECT).await?;
+    client.flush().await?;
+    tokio::spawn(async move {
+        let _client = client;
+        while let Some(message) = subscription.next().await {
+            received.record(&message.payload);
+        }
+    });
+    Ok(Consumer {
+        channel: "NATS_FORWARDING",
+        detail: json!({"nats_forwarding": {"url": url, "subject": NATS_SUBJECT}}),
+        _broker: Some(broker),
+    })
+}
+
+const NATS_SUBJECT: &str = "bench.reports";
+
+async fn forward_to(api: &crate::client::ApiClient, consumer: &Consumer) -> anyhow::Result<()> {
     let rule = api
         .call(
             "POST",
@@ -107,7 +161,8 @@ async fn forward_to(api: &crate::client::ApiClient, url: &str) -> anyhow::Result
         Some(&json!({"active": true})),
     )
     .await?;
-    let action = json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}});
+    let action =
+        json!({"rule_id": rule_id, "channel": consumer.channel, "channel_detail": consumer.detail});
     api.call("POST", "/routing-rule/actions", Some(&action))
         .await?;
     Ok(())
@@ -214,9 +269,9 @@ pub async fn run(
         ..args.clone()
     };
     let received = Arc::new(Received::default());
-    let url = start_receiver(received.clone()).await?;
+    let consumer = start_consumer(args.channel, received.clone()).await?;
     let (_, ids) = register(&server.api, args.devices, args.json).await?;
-    forward_to(&server.api, &url).await?;
+    forward_to(&server.api, &consumer).await?;
     let devices = connect_all(
         server,
         &ids,
@@ -276,6 +331,7 @@ pub async fn run(
     let ms = |us: u32| round(f64::from(us) / 1000.0);
     Ok(json!({
         "scenario": if overload { "overload" } else { "report" },
+        "channel": consumer.channel,
         "devices": args.devices,
         "rate_per_device": args.rate,
         "window": args.window,
