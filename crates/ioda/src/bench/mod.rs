@@ -24,7 +24,8 @@ use server::ServerProcess;
 pub enum Scenario {
     /// N devices connect and stay idle: connection rate and server memory per connection.
     Connect,
-    /// N devices send property reports through the whole pipeline to an HTTP receiver.
+    /// N devices send property reports through the whole pipeline to the application (an HTTP
+    /// receiver, or a NATS subscriber with `--channel nats`).
     Report,
     /// More than the server can take: acknowledgements must still mean committed and delivered,
     /// and the server's memory must stay bounded.
