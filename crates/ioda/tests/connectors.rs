@@ -301,7 +301,11 @@ async fn publishes_to_rabbitmq_with_confirms_and_refuses_unroutable_messages() {
         .await
         .unwrap();
 
-    let rule_id = active_rule(&server, "notify_data.header.device_id AS id").await;
+    let rule_id = active_rule(
+        &server,
+        "notify_data.header.device_id AS id, notify_data.body.services[0].properties.temp AS temp",
+    )
+    .await;
     add_action(
         &server,
         &rule_id,
@@ -328,7 +332,7 @@ async fn publishes_to_rabbitmq_with_confirms_and_refuses_unroutable_messages() {
     let message = got.expect("a message in the queue");
     assert_eq!(
         serde_json::from_slice::<Value>(&message.delivery.data).unwrap(),
-        json!({"id": device_id})
+        json!({"id": device_id, "temp": 18.0})
     );
     assert!(
         message.delivery.properties.message_id().is_some(),
@@ -350,6 +354,29 @@ async fn publishes_to_rabbitmq_with_confirms_and_refuses_unroutable_messages() {
         "{status}"
     );
     assert_eq!(status["queued_messages"], 1);
+
+    // Reports sent back to back are published in batches and confirmed together: all of them
+    // arrive, in order (40: within the device's rate limit).
+    for i in 0..40 {
+        report(&device, &device_id, f64::from(i)).await;
+    }
+    let mut temps = Vec::new();
+    for _ in 0..200 {
+        match channel
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
+            .await
+            .unwrap()
+        {
+            Some(message) => {
+                let body: Value = serde_json::from_slice(&message.delivery.data).unwrap();
+                temps.push(body["temp"].as_f64().unwrap());
+            }
+            None if temps.len() == 40 => break,
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    let expected: Vec<f64> = (0..40).map(f64::from).collect();
+    assert_eq!(temps, expected, "every report once, in order");
     channel
         .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
         .await

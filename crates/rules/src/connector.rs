@@ -152,8 +152,8 @@ pub struct BatchFailure {
 }
 
 impl Connector {
-    /// Delivers messages in order. A NATS connection sends them all and waits for one
-    /// confirmation (a round trip per batch instead of per message); the other channels deliver
+    /// Delivers messages in order. NATS and RabbitMQ send them all, then take their
+    /// confirmations (a round trip per batch instead of per message); the other channels deliver
     /// them one by one, each confirmed before the next.
     pub async fn deliver_all(
         &mut self,
@@ -164,6 +164,14 @@ impl Connector {
         if let Connector::Nats(sink) = self {
             let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
             return sink.publish_all(&payloads, timeout).await;
+        }
+        #[cfg(feature = "rabbitmq")]
+        if let Connector::Rabbit(sink) = self {
+            let messages: Vec<(&str, &str)> = messages
+                .iter()
+                .map(|m| (m.message_id.as_str(), m.payload.as_str()))
+                .collect();
+            return sink.publish_all(&messages, timeout).await;
         }
         for (confirmed, message) in messages.iter().enumerate() {
             self.deliver(message, timeout)

@@ -5,8 +5,12 @@
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
+};
 use serde_json::Value;
+
+use crate::connector::BatchFailure;
 
 /// Where to publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,12 +84,48 @@ impl RabbitSink {
             .map_err(|_| format!("RabbitMQ at {} did not answer", spec.url))?
     }
 
-    pub async fn publish(
+    /// Publishes messages in order and then waits for their confirms, so a batch costs one
+    /// round trip instead of one per message; the messages before the first one the broker
+    /// refuses (or that a failure leaves unconfirmed) count as delivered.
+    pub async fn publish_all(
         &mut self,
-        message_id: &str,
-        payload: &str,
+        messages: &[(&str, &str)],
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), BatchFailure> {
+        let work = async {
+            let mut confirms = Vec::with_capacity(messages.len());
+            let mut sent = Ok(());
+            for (message_id, payload) in messages {
+                match self.send(message_id, payload).await {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(error) => {
+                        sent = Err(error);
+                        break;
+                    }
+                }
+            }
+            let sent_count = confirms.len();
+            for (confirmed, confirm) in confirms.into_iter().enumerate() {
+                let outcome = confirm.await.map_err(|e| format!("RabbitMQ: {e}"));
+                if let Err(error) = outcome.and_then(accepted) {
+                    return Err(BatchFailure { confirmed, error });
+                }
+            }
+            sent.map_err(|error| BatchFailure {
+                confirmed: sent_count,
+                error,
+            })
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| BatchFailure {
+                confirmed: 0,
+                error: "RabbitMQ did not confirm in time".to_owned(),
+            })?
+    }
+
+    /// Sends one message; the returned future resolves with the broker's confirm.
+    async fn send(&self, message_id: &str, payload: &str) -> Result<PublisherConfirm, String> {
         let options = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -94,33 +134,48 @@ impl RabbitSink {
             .with_content_type("application/json".into())
             .with_message_id(message_id.into())
             .with_delivery_mode(2);
+        self.channel
+            .basic_publish(
+                self.spec.exchange.as_str().into(),
+                self.spec.routing_key.as_str().into(),
+                options,
+                payload.as_bytes(),
+                properties,
+            )
+            .await
+            .map_err(|e| format!("RabbitMQ: {e}"))
+    }
+
+    pub async fn publish(
+        &mut self,
+        message_id: &str,
+        payload: &str,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let work = async {
             let confirm = self
-                .channel
-                .basic_publish(
-                    self.spec.exchange.as_str().into(),
-                    self.spec.routing_key.as_str().into(),
-                    options,
-                    payload.as_bytes(),
-                    properties,
-                )
-                .await
-                .map_err(|e| format!("RabbitMQ: {e}"))?
+                .send(message_id, payload)
+                .await?
                 .await
                 .map_err(|e| format!("RabbitMQ: {e}"))?;
-            if !confirm.is_ack() {
-                return Err("RabbitMQ refused the message (nack)".to_owned());
-            }
-            if let Some(returned) = confirm.take_message() {
-                return Err(format!(
-                    "RabbitMQ could not route the message: {}",
-                    returned.reply_text
-                ));
-            }
-            Ok(())
+            accepted(confirm)
         };
         tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| "RabbitMQ did not confirm in time".to_owned())?
     }
+}
+
+/// A confirm that means the message is in a queue: acknowledged, and not returned as unroutable.
+fn accepted(confirm: Confirmation) -> Result<(), String> {
+    if !confirm.is_ack() {
+        return Err("RabbitMQ refused the message (nack)".to_owned());
+    }
+    if let Some(returned) = confirm.take_message() {
+        return Err(format!(
+            "RabbitMQ could not route the message: {}",
+            returned.reply_text
+        ));
+    }
+    Ok(())
 }
