@@ -23,32 +23,30 @@ fn bench(args: &[&str]) -> Value {
 
 #[test]
 fn report_scenario_accounts_for_every_report() {
-    let result = bench(&[
-        "report",
-        "--devices",
-        "8",
-        "--duration",
-        "2",
-        "--server-args=--durability=normal",
-    ]);
+    let result = short_report("http");
     assert_eq!(result["channel"], "HTTP_FORWARDING", "{result}");
     assert_accounted(&result);
 }
 
 #[test]
 fn report_scenario_over_nats_accounts_for_every_report() {
-    let result = bench(&[
+    let result = short_report("nats");
+    assert_eq!(result["channel"], "NATS_FORWARDING", "{result}");
+    assert_accounted(&result);
+}
+
+/// Two seconds of 8 devices reporting flat out, consumed over `channel`.
+fn short_report(channel: &str) -> Value {
+    bench(&[
         "report",
         "--devices",
         "8",
         "--duration",
         "2",
         "--channel",
-        "nats",
+        channel,
         "--server-args=--durability=normal",
-    ]);
-    assert_eq!(result["channel"], "NATS_FORWARDING", "{result}");
-    assert_accounted(&result);
+    ])
 }
 
 fn assert_accounted(result: &Value) {
