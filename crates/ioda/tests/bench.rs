@@ -35,6 +35,13 @@ fn report_scenario_over_nats_accounts_for_every_report() {
     assert_accounted(&result);
 }
 
+#[test]
+fn report_scenario_over_mqtt_accounts_for_every_report() {
+    let result = short_report("mqtt");
+    assert_eq!(result["channel"], "MQTT_FORWARDING", "{result}");
+    assert_accounted(&result);
+}
+
 /// Two seconds of 8 devices reporting flat out, consumed over `channel`.
 fn short_report(channel: &str) -> Value {
     bench(&[

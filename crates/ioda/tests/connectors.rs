@@ -111,6 +111,26 @@ async fn forwards_to_an_mqtt_broker() {
         22.5
     );
 
+    // Reports sent back to back all arrive, in order (40: within the device's rate limit).
+    for i in 0..40 {
+        report(&device, &device_id, f64::from(i)).await;
+    }
+    for i in 0..40 {
+        let Event::Incoming(Packet::Publish(publish)) = drive(&mut events, 10, |e| {
+            matches!(e, Event::Incoming(Packet::Publish(_)))
+        })
+        .await
+        .unwrap() else {
+            unreachable!()
+        };
+        let envelope: Value = serde_json::from_slice(&publish.payload).unwrap();
+        assert_eq!(
+            envelope["notify_data"]["body"]["services"][0]["properties"]["temp"],
+            f64::from(i),
+            "message {i} in order"
+        );
+    }
+
     let unreachable = server.post("/routing-rule/actions", json!({"rule_id": rule_id, "channel": "MQTT_FORWARDING", "channel_detail": {"mqtt_forwarding": {"host": "127.0.0.1", "port": 1, "topic": "x"}}})).await;
     assert_eq!(unreachable.status, 400, "{}", unreachable.body);
     assert!(

@@ -153,8 +153,8 @@ pub struct BatchFailure {
 
 impl Connector {
     /// Delivers messages in order. NATS and RabbitMQ send them all, then take their
-    /// confirmations (a round trip per batch instead of per message); the other channels deliver
-    /// them one by one, each confirmed before the next.
+    /// confirmations (a round trip per batch instead of per message); HTTP, MQTT and PostgreSQL
+    /// deliver them one by one, each confirmed before the next.
     pub async fn deliver_all(
         &mut self,
         messages: &[QueuedMessage],

@@ -44,6 +44,8 @@ pub enum Channel {
     Http,
     /// NATS forwarding to a subscriber in the bench, through a `nats-server` the bench starts.
     Nats,
+    /// MQTT forwarding (QoS 1) to a subscriber in the bench, through a Mosquitto the bench starts.
+    Mqtt,
 }
 
 /// Flags of `ioda bench`.

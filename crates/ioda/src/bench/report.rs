@@ -97,8 +97,34 @@ async fn start_consumer(channel: Channel, received: Arc<Received>) -> anyhow::Re
             })
         }
         Channel::Nats => start_nats_subscriber(received).await,
+        Channel::Mqtt => start_mqtt_subscriber(received).await,
     }
 }
+
+/// A Mosquitto of the bench's own on a free port, and a QoS 1 subscriber to the reports' topic.
+async fn start_mqtt_subscriber(received: Arc<Received>) -> anyhow::Result<Consumer> {
+    let port = free_port()?;
+    let broker = start_helper("mosquitto", &["-p", &port.to_string()], port)?;
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let mut subscriber = Device::connect(0, addr, "bench-consumer", "x", 1200).await?;
+    subscriber.subscribe(MQTT_TOPIC, QoS::AtLeastOnce);
+    subscriber.send().await?;
+    while !matches!(subscriber.next().await?, ServerPacket::SubAck { .. }) {}
+    tokio::spawn(async move {
+        while let Ok(packet) = subscriber.next().await {
+            if let ServerPacket::Publish { payload, .. } = packet {
+                received.record(&payload);
+            }
+        }
+    });
+    Ok(Consumer {
+        channel: "MQTT_FORWARDING",
+        detail: json!({"mqtt_forwarding": {"host": "127.0.0.1", "port": port, "topic": MQTT_TOPIC, "qos": 1}}),
+        _broker: Some(broker),
+    })
+}
+
+const MQTT_TOPIC: &str = "bench/reports";
 
 async fn start_receiver(received: Arc<Received>) -> anyhow::Result<String> {
     let app = Router::new().route(
