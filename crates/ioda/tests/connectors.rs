@@ -93,14 +93,7 @@ async fn forwards_to_an_mqtt_broker() {
     .await;
     let (device_id, device) = reporting_device(&server, "mq-1").await;
     report(&device, &device_id, 22.5).await;
-    let Event::Incoming(Packet::Publish(publish)) = drive(&mut events, 10, |e| {
-        matches!(e, Event::Incoming(Packet::Publish(_)))
-    })
-    .await
-    .unwrap() else {
-        unreachable!()
-    };
-    let envelope: Value = serde_json::from_slice(&publish.payload).unwrap();
+    let envelope = next_envelope(&mut events).await;
     assert_eq!(envelope["resource"], "device.property");
     assert_eq!(
         envelope["notify_data"]["header"]["device_id"],
@@ -116,14 +109,7 @@ async fn forwards_to_an_mqtt_broker() {
         report(&device, &device_id, f64::from(i)).await;
     }
     for i in 0..40 {
-        let Event::Incoming(Packet::Publish(publish)) = drive(&mut events, 10, |e| {
-            matches!(e, Event::Incoming(Packet::Publish(_)))
-        })
-        .await
-        .unwrap() else {
-            unreachable!()
-        };
-        let envelope: Value = serde_json::from_slice(&publish.payload).unwrap();
+        let envelope = next_envelope(&mut events).await;
         assert_eq!(
             envelope["notify_data"]["body"]["services"][0]["properties"]["temp"],
             f64::from(i),
@@ -143,6 +129,18 @@ async fn forwards_to_an_mqtt_broker() {
     );
     device.close().await;
     server.stop().await;
+}
+
+/// The next envelope the subscriber receives.
+async fn next_envelope(events: &mut rumqttc::EventLoop) -> Value {
+    let Event::Incoming(Packet::Publish(publish)) = drive(events, 10, |e| {
+        matches!(e, Event::Incoming(Packet::Publish(_)))
+    })
+    .await
+    .unwrap() else {
+        unreachable!()
+    };
+    serde_json::from_slice(&publish.payload).unwrap()
 }
 
 #[tokio::test]

@@ -131,14 +131,17 @@ impl Connector {
             #[cfg(feature = "mqtt")]
             Connector::Mqtt(sink) => sink.publish(&message.payload, timeout).await,
             #[cfg(feature = "nats")]
-            Connector::Nats(sink) => sink.publish(&message.payload, timeout).await,
+            Connector::Nats(sink) => sink
+                .publish_all(&[&message.payload], timeout)
+                .await
+                .map_err(|failure| failure.error),
             #[cfg(feature = "postgres")]
             Connector::Postgres(sink) => sink.insert(&message.payload, timeout).await,
             #[cfg(feature = "rabbitmq")]
-            Connector::Rabbit(sink) => {
-                sink.publish(&message.message_id, &message.payload, timeout)
-                    .await
-            }
+            Connector::Rabbit(sink) => sink
+                .publish_all(&[(&message.message_id, &message.payload)], timeout)
+                .await
+                .map_err(|failure| failure.error),
         }
     }
 }

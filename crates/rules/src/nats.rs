@@ -129,32 +129,4 @@ impl NatsSink {
             error,
         })
     }
-
-    pub async fn publish(&mut self, payload: &str, timeout: Duration) -> Result<(), String> {
-        let data = bytes::Bytes::from(payload.to_owned());
-        let work = async {
-            if self.spec.jetstream {
-                let stream = async_nats::jetstream::new(self.client.clone());
-                let ack = stream
-                    .publish(self.spec.subject.clone(), data)
-                    .await
-                    .map_err(|e| format!("JetStream: {e}"))?;
-                ack.await
-                    .map_err(|e| format!("JetStream did not store the message: {e}"))?;
-            } else {
-                self.client
-                    .publish(self.spec.subject.clone(), data)
-                    .await
-                    .map_err(|e| format!("NATS: {e}"))?;
-                self.client
-                    .flush()
-                    .await
-                    .map_err(|e| format!("NATS: {e}"))?;
-            }
-            Ok::<_, String>(())
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| "NATS did not confirm in time".to_owned())?
-    }
 }

@@ -145,25 +145,6 @@ impl RabbitSink {
             .await
             .map_err(|e| format!("RabbitMQ: {e}"))
     }
-
-    pub async fn publish(
-        &mut self,
-        message_id: &str,
-        payload: &str,
-        timeout: Duration,
-    ) -> Result<(), String> {
-        let work = async {
-            let confirm = self
-                .send(message_id, payload)
-                .await?
-                .await
-                .map_err(|e| format!("RabbitMQ: {e}"))?;
-            accepted(confirm)
-        };
-        tokio::time::timeout(timeout, work)
-            .await
-            .map_err(|_| "RabbitMQ did not confirm in time".to_owned())?
-    }
 }
 
 /// A confirm that means the message is in a queue: acknowledged, and not returned as unroutable.
