@@ -116,12 +116,8 @@ impl Connector {
         })
     }
 
-    /// Delivers one message.
-    pub async fn deliver(
-        &mut self,
-        message: &QueuedMessage,
-        timeout: Duration,
-    ) -> Result<(), String> {
+    /// Delivers one message (for NATS and RabbitMQ, a batch of one).
+    async fn deliver(&mut self, message: &QueuedMessage, timeout: Duration) -> Result<(), String> {
         match self {
             #[cfg(feature = "http")]
             Connector::Http(sink) => {

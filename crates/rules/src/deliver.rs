@@ -287,9 +287,7 @@ impl Forwarder {
         };
         tracing::debug!(action_id = %message.action_id, %error, in_a_row, "forwarding attempt failed");
         *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
-        state
-            .trace
-            .extend(self.attempt_entry(message, Some(&error.to_owned())));
+        state.trace.extend(self.attempt_entry(message, Some(error)));
         let _ = self
             .platform
             .store()
@@ -378,7 +376,7 @@ impl Forwarder {
     }
 
     /// The trace entry of a delivery attempt, for the device the message came from.
-    fn attempt_entry(&self, message: &QueuedMessage, error: Option<&String>) -> Option<TraceEntry> {
+    fn attempt_entry(&self, message: &QueuedMessage, error: Option<&str>) -> Option<TraceEntry> {
         let device_id = message.device_id.clone()?;
         Some(TraceEntry {
             id: 0,
@@ -395,7 +393,7 @@ impl Forwarder {
                 .str("action_id", &message.action_id)
                 .str("message_id", &message.message_id)
                 .int("attempt", message.attempts + 1)
-                .opt_str("error", error.map(String::as_str))
+                .opt_str("error", error)
                 .finish(),
         })
     }
