@@ -105,14 +105,21 @@ impl Default for EngineConfig {
 /// here, before the commit, and written in the same transaction as the data itself, so a crash can
 /// never keep one without the other. Implemented by `ioda-rules`.
 pub trait ForwardStage: Send + Sync + 'static {
-    /// The queue items (and trace entries) an uplink event produces.
-    fn stage(
-        &self,
-        event: &ioda_types::PlatformEvent,
-        now: i64,
-    ) -> (Vec<ioda_store::NewForward>, Vec<TraceEntry>);
+    /// The forwarding (and trace entries) an uplink event produces.
+    fn stage(&self, event: &ioda_types::PlatformEvent, now: i64) -> StagedForwarding;
     /// Wakes the workers of these actions once their items are committed.
     fn wake(&self, action_ids: &[String]);
+}
+
+/// What data forwarding decided for one uplink event.
+#[derive(Default)]
+pub struct StagedForwarding {
+    /// Messages for actions that keep a queue table: written in the data's own transaction.
+    pub rows: Vec<ioda_store::NewForward>,
+    /// Hands a property report to the actions that read the report log, once it has committed.
+    pub after_commit: Option<ioda_store::AfterCommit>,
+    /// Which rules took the data, for the device trace.
+    pub trace: Vec<TraceEntry>,
 }
 
 /// The administrator credentials created on first start.
@@ -307,7 +314,7 @@ impl Platform {
         &self,
         event: &ioda_types::PlatformEvent,
         now: i64,
-    ) -> (Vec<ioda_store::NewForward>, Vec<TraceEntry>) {
+    ) -> StagedForwarding {
         let stage = read_lock(&self.forward_stage).clone();
         stage.map(|s| s.stage(event, now)).unwrap_or_default()
     }

@@ -10,6 +10,7 @@ use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
 use serde_json::{Map, Value, json};
 
+use crate::StagedForwarding;
 use crate::access::DeviceSession;
 use crate::downlink::ReplyKind;
 use crate::topic::{Uplink, classify_uplink, split_query};
@@ -425,17 +426,17 @@ impl DeviceSession {
         // Only when desired state is waiting does the report need comparing with it.
         let follow_up = self.wants_desired_check().then(|| record.services.clone());
         // Forwarding is decided now and committed with the report.
-        let (forwards, mut staged) = if applied {
+        let mut staged = if applied {
             self.platform.stage_forwarding(&event, now)
         } else {
-            Default::default()
+            StagedForwarding::default()
         };
-        traces.append(&mut staged);
-        let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
+        traces.append(&mut staged.trace);
+        let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
         let Ok(commit) = self
             .platform
             .store
-            .submit_report(record, traces, forwards)
+            .submit_report(record, traces, staged.rows, staged.after_commit)
             .await
         else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
@@ -487,7 +488,12 @@ impl DeviceSession {
             payload: payload.to_vec().into(),
             at: now,
         };
-        let (forwards, staged) = self.platform.stage_forwarding(&event, now);
+        // Only property reports are read back from their log; messages keep queue rows.
+        let StagedForwarding {
+            rows: forwards,
+            trace: staged,
+            ..
+        } = self.platform.stage_forwarding(&event, now);
         let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
         let mut trace = vec![self.stage(
             "message_stored",

@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::connector::{Connector, Spec};
 use crate::envelope::parse_subject;
 use crate::forward::{Forwarder, LEGACY_RESOURCE, live_rule, read, write};
+use crate::report_queue::Source;
 use crate::sql::compile;
 
 /// A new rule (`AddRuleReq`).
@@ -292,18 +293,34 @@ impl Forwarder {
         action_id: &str,
     ) -> Result<Value, EngineError> {
         self.action(project_id, action_id)?;
-        let stats = read(&self.actions)
+        let (stats, source) = read(&self.actions)
             .get(action_id)
-            .map(|a| a.stats.snapshot())
-            .unwrap_or_default();
-        let depth = self
-            .platform
-            .store()
-            .queue_depth(action_id.to_owned())
-            .await?;
+            .map(|a| (a.stats.snapshot(), a.source.clone()))
+            .unwrap_or((Value::Null, Source::Table));
         let mut status = stats;
-        status["queued_messages"] = depth.messages.into();
-        status["queued_bytes"] = depth.bytes.into();
+        match source {
+            Source::Reports(queue) => {
+                let (messages, bytes, spill_from) = queue.depth();
+                status["queued_messages"] = messages.into();
+                status["queued_bytes"] = bytes.into();
+                // Reports beyond memory wait in the stored history (an upper bound: the rule may
+                // let some pass).
+                let in_log = match spill_from {
+                    Some(from) => self.platform.store().logged_count_after(from - 1).await?,
+                    None => 0,
+                };
+                status["reports_in_history"] = in_log.into();
+            }
+            Source::Table => {
+                let depth = self
+                    .platform
+                    .store()
+                    .queue_depth(action_id.to_owned())
+                    .await?;
+                status["queued_messages"] = depth.messages.into();
+                status["queued_bytes"] = depth.bytes.into();
+            }
+        }
         // Events the dispatcher missed by falling behind the bus (device data is never among them:
         // it is staged in its own transaction).
         status["events_lost_by_dispatcher"] = self

@@ -14,6 +14,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::connector::{BatchFailure, Connector, Spec};
 use crate::forward::{ActionStats, Forwarder, fnv};
 use crate::lanes::{Lane, Outcome};
+use crate::report_queue::Source;
 
 /// A worker's state besides its lanes: what is out for delivery, what was delivered and waits to
 /// be removed from the queue, and the removals in flight.
@@ -70,6 +71,7 @@ impl Forwarder {
         action: RoutingAction,
         stats: Arc<ActionStats>,
         wake: Arc<Notify>,
+        source: Source,
     ) {
         let spec = match Spec::parse(&action.channel, &action.channel_detail) {
             Ok(spec) => spec,
@@ -93,6 +95,9 @@ impl Forwarder {
             cursor: i64::MIN,
             ..Dispatch::default()
         };
+        if let Source::Reports(queue) = &source {
+            self.start_reports(&action.action_id, queue).await;
+        }
         let half_full = lanes.len() * LANE_DEPTH / 2;
         let mut shutdown = self.shutdown.clone();
         let mut last_trim = i64::MIN;
@@ -104,16 +109,24 @@ impl Forwarder {
             }
             let now = self.platform.now();
             if now.saturating_sub(last_trim) >= 10_000 {
-                self.trim(&action.action_id, &stats, now).await;
+                self.trim(&action.action_id, &source, &stats, now).await;
                 last_trim = now;
             }
             // A read brings more into memory, so it waits while the lanes hold a lot.
             if read_wanted && state.held(&lanes) <= half_full {
-                self.submit_removals(&mut state).await;
+                self.submit_removals(&action.action_id, &source, &mut state)
+                    .await;
                 state.settling.settle();
                 state.settling.bound().await;
                 next_due = self
-                    .read_and_hand_out(&action.action_id, &mut lanes, &mut state, now)
+                    .read_and_hand_out(
+                        &action.action_id,
+                        &source,
+                        &stats,
+                        &mut lanes,
+                        &mut state,
+                        now,
+                    )
                     .await;
                 read_wanted = false;
             }
@@ -124,16 +137,16 @@ impl Forwarder {
                 _ = wake.notified() => read_wanted = true,
                 outcome = outcomes.recv() => {
                     let Some(outcome) = outcome else { return };
-                    read_wanted |= self.settle_outcome(outcome, &mut lanes, &mut state, &stats).await;
+                    read_wanted |= self.settle_outcome(outcome, &source, &mut lanes, &mut state, &stats).await;
                     while let Ok(outcome) = outcomes.try_recv() {
-                        read_wanted |= self.settle_outcome(outcome, &mut lanes, &mut state, &stats).await;
+                        read_wanted |= self.settle_outcome(outcome, &source, &mut lanes, &mut state, &stats).await;
                     }
                     if state.more_behind && state.held(&lanes) <= half_full {
                         state.more_behind = false;
                         read_wanted = true;
                     }
                     if state.delivered.len() >= REMOVE_IN_GROUPS_OF || state.held(&lanes) == 0 {
-                        self.submit_removals(&mut state).await;
+                        self.submit_removals(&action.action_id, &source, &mut state).await;
                     }
                 }
                 _ = tokio::time::sleep(wait) => read_wanted = true,
@@ -148,6 +161,8 @@ impl Forwarder {
     async fn read_and_hand_out(
         &self,
         action_id: &str,
+        source: &Source,
+        stats: &ActionStats,
         lanes: &mut [Lane],
         state: &mut Dispatch,
         now: i64,
@@ -165,13 +180,18 @@ impl Forwarder {
         } else {
             BATCH
         };
-        let front = if from_start {
+        let front = match source {
+            Source::Reports(queue) => {
+                self.read_reports(action_id, queue, state.cursor, limit as usize, stats)
+                    .await
+            }
             // Possibly many rows: off the async threads.
-            store
-                .queue_after(action_id.to_owned(), state.cursor, limit)
-                .await
-        } else {
-            store.queue_after_now(action_id, state.cursor, limit)
+            Source::Table if from_start => {
+                store
+                    .queue_after(action_id.to_owned(), state.cursor, limit)
+                    .await
+            }
+            Source::Table => store.queue_after_now(action_id, state.cursor, limit),
         };
         let front = match front {
             Ok(front) => front,
@@ -180,7 +200,9 @@ impl Forwarder {
                 return Some(now + 1000);
             }
         };
-        state.more_behind = front.len() as i64 >= limit;
+        // A report queue may have more in the stored history than its memory holds.
+        let in_log = matches!(source, Source::Reports(queue) if queue.spilled());
+        state.more_behind = front.len() as i64 >= limit || in_log;
         let mut blocked = vec![false; lanes.len()];
         let mut next_due: Option<i64> = None;
         let mut first_skipped: Option<i64> = None;
@@ -218,6 +240,7 @@ impl Forwarder {
     async fn settle_outcome(
         &self,
         outcome: Outcome,
+        source: &Source,
         lanes: &mut [Lane],
         state: &mut Dispatch,
         stats: &ActionStats,
@@ -245,7 +268,7 @@ impl Forwarder {
         if let Some((message, error)) = outcome.failed {
             // The lane hands back what it holds until it is resumed, and what waits for it is
             // put back, so the device's later messages are read again behind the retry.
-            self.record_failure(&mut lanes[index], &message, &error, state, stats)
+            self.record_failure(&mut lanes[index], source, &message, &error, state, stats)
                 .await;
             state.out.remove(&message.id);
             state.cursor = state.cursor.min(message.id - 1);
@@ -262,6 +285,7 @@ impl Forwarder {
     async fn record_failure(
         &self,
         lane: &mut Lane,
+        source: &Source,
         message: &QueuedMessage,
         error: &str,
         state: &mut Dispatch,
@@ -288,16 +312,22 @@ impl Forwarder {
         tracing::debug!(action_id = %message.action_id, %error, in_a_row, "forwarding attempt failed");
         *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
         state.trace.extend(self.attempt_entry(message, Some(error)));
-        let _ = self
-            .platform
-            .store()
-            .retry_forward(message.id, self.platform.now() + delay, error.to_owned())
-            .await;
+        let next_at = self.platform.now() + delay;
+        match source {
+            Source::Reports(queue) => Forwarder::retry_report(queue, message.id, next_at),
+            Source::Table => {
+                let _ = self
+                    .platform
+                    .store()
+                    .retry_forward(message.id, next_at, error.to_owned())
+                    .await;
+            }
+        }
     }
 
     /// Submits the removal of what was delivered (with the trace entries gathered meanwhile)
     /// without waiting for its commit (see `Settling`).
-    async fn submit_removals(&self, state: &mut Dispatch) {
+    async fn submit_removals(&self, action_id: &str, source: &Source, state: &mut Dispatch) {
         if state.delivered.is_empty() && state.trace.is_empty() {
             return;
         }
@@ -306,18 +336,28 @@ impl Forwarder {
         for id in &delivered {
             state.out.remove(id);
         }
-        if let Ok(removal) = self
-            .platform
-            .store()
-            .submit_dequeue(delivered.clone(), trace)
-            .await
-        {
+        let removal = match source {
+            Source::Reports(queue) => {
+                self.settle_reports(action_id, queue, &delivered, trace)
+                    .await
+            }
+            Source::Table => {
+                self.platform
+                    .store()
+                    .submit_dequeue(delivered.clone(), trace)
+                    .await
+            }
+        };
+        if let Ok(removal) = removal {
             state.settling.track(removal, delivered);
         }
     }
 
     /// Enforces the queue's age and size limits, counting what they drop.
-    async fn trim(&self, action_id: &str, stats: &ActionStats, now: i64) {
+    async fn trim(&self, action_id: &str, source: &Source, stats: &ActionStats, now: i64) {
+        if let Source::Reports(queue) = source {
+            return self.trim_reports(action_id, queue, stats, now).await;
+        }
         let store = self.platform.store();
         if let Ok(n) = store
             .drop_aged(action_id.to_owned(), now - self.config.max_age_ms)

@@ -10,14 +10,15 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ioda_engine::{ForwardStage, Platform};
-use ioda_store::{NewForward, RoutingAction, RoutingRule, TraceDetail, TraceEntry};
+use ioda_engine::{ForwardStage, Platform, StagedForwarding};
+use ioda_store::{AfterCommit, NewForward, RoutingAction, RoutingRule, TraceDetail, TraceEntry};
 use ioda_types::{PlatformEvent, ids};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
 use crate::envelope::{Subject, device_of, envelope, parse_subject, subject_of};
+use crate::report_queue::{ReportQueue, Source, report_message};
 use crate::sql::{Rule, compile};
 
 /// Limits and timings of forwarding.
@@ -37,6 +38,9 @@ pub struct ForwardConfig {
     /// Connections an HTTP action delivers over at once (at least one); a broker or database
     /// action uses at most `BROKER_LANES` of them, so it holds few connections per target.
     pub lanes: usize,
+    /// Bytes of messages an action forwarding property reports holds in memory; beyond it the
+    /// action reads the reports back from the stored history.
+    pub report_memory_bytes: usize,
 }
 
 impl Default for ForwardConfig {
@@ -48,6 +52,7 @@ impl Default for ForwardConfig {
             failing_after: 10,
             probe_interval_ms: 180_000,
             lanes: 16,
+            report_memory_bytes: 32 << 20,
         }
     }
 }
@@ -103,6 +108,7 @@ pub(crate) struct LiveAction {
     pub stats: Arc<ActionStats>,
     pub wake: Arc<Notify>,
     pub worker: JoinHandle<()>,
+    pub source: Source,
 }
 
 /// Data forwarding for a platform.
@@ -180,11 +186,30 @@ impl Forwarder {
     /// Starts (or restarts) the worker of an action.
     pub(crate) fn run_action(self: &Arc<Self>, action: RoutingAction) {
         let stats = Arc::new(ActionStats::default());
-        let wake = Arc::new(Notify::new());
-        let worker = tokio::spawn(
-            self.clone()
-                .worker(action.clone(), stats.clone(), wake.clone()),
-        );
+        // A restarted action keeps the reports its memory holds (they are not in a table).
+        let kept = read(&self.actions)
+            .get(&action.action_id)
+            .and_then(|live| match &live.source {
+                Source::Reports(queue) => Some(queue.clone()),
+                Source::Table => None,
+            });
+        let source = match kept {
+            Some(queue) => Source::Reports(queue),
+            None if self.reads_report_log(&action) => {
+                Source::Reports(Arc::new(ReportQueue::new(self.config.report_memory_bytes)))
+            }
+            None => Source::Table,
+        };
+        let wake = match &source {
+            Source::Reports(queue) => queue.wake.clone(),
+            Source::Table => Arc::new(Notify::new()),
+        };
+        let worker = tokio::spawn(self.clone().worker(
+            action.clone(),
+            stats.clone(),
+            wake.clone(),
+            source.clone(),
+        ));
         let previous = write(&self.actions).insert(
             action.action_id.clone(),
             LiveAction {
@@ -192,6 +217,7 @@ impl Forwarder {
                 stats,
                 wake,
                 worker,
+                source,
             },
         );
         if let Some(previous) = previous {
@@ -386,7 +412,7 @@ impl Forwarder {
         }
     }
 
-    fn evaluate_sql(
+    pub(crate) fn evaluate_sql(
         &self,
         event: &PlatformEvent,
         rules: &[Arc<LiveRule>],
@@ -544,17 +570,41 @@ fn is_staged(event: &PlatformEvent) -> bool {
 }
 
 impl ForwardStage for Forwarder {
-    fn stage(&self, event: &PlatformEvent, now: i64) -> (Vec<NewForward>, Vec<TraceEntry>) {
+    fn stage(&self, event: &PlatformEvent, now: i64) -> StagedForwarding {
         let rules = self.rules_for(event);
         if rules.is_empty() {
-            return (Vec::new(), Vec::new());
+            return StagedForwarding::default();
         }
         let mut batch = Batch {
             device_id: device_of(event).map(|d| d.device_id.clone()),
             ..Batch::default()
         };
         self.evaluate(event, &rules, None, None, now, &mut batch);
-        (batch.items, batch.trace)
+        // Actions that read the report log take the report in memory once it has committed;
+        // the others get queue rows in the report's transaction.
+        let mut rows = Vec::new();
+        let mut from_log = Vec::new();
+        {
+            let actions = read(&self.actions);
+            for item in batch.items {
+                match actions.get(&item.action_id).map(|live| &live.source) {
+                    Some(Source::Reports(queue)) => from_log.push((queue.clone(), item)),
+                    _ => rows.push(item),
+                }
+            }
+        }
+        let after_commit = (!from_log.is_empty()).then(|| {
+            Box::new(move |first_row: i64| {
+                for (queue, item) in from_log {
+                    queue.push(report_message(item, first_row, now));
+                }
+            }) as AfterCommit
+        });
+        StagedForwarding {
+            rows,
+            after_commit,
+            trace: batch.trace,
+        }
     }
 
     fn wake(&self, action_ids: &[String]) {
@@ -569,11 +619,11 @@ impl ForwardStage for Forwarder {
 
 /// What one event produced: messages to queue, actions to wake and trace entries.
 #[derive(Default)]
-struct Batch {
-    device_id: Option<String>,
-    items: Vec<NewForward>,
-    woken: Vec<Arc<Notify>>,
-    trace: Vec<TraceEntry>,
+pub(crate) struct Batch {
+    pub(crate) device_id: Option<String>,
+    pub(crate) items: Vec<NewForward>,
+    pub(crate) woken: Vec<Arc<Notify>>,
+    pub(crate) trace: Vec<TraceEntry>,
 }
 
 /// FNV-1a: a stable short name for a callback URL.

@@ -20,6 +20,7 @@ pub mod nats;
 pub mod postgres;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;
+mod report_queue;
 pub mod sql;
 
 pub use admin::{NewRule, RulePatch, Subscription};

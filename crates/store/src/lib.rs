@@ -12,6 +12,7 @@ mod devices;
 mod messages;
 mod products;
 mod projects;
+mod report_log;
 mod routing;
 mod schema;
 mod shadow;
@@ -25,6 +26,7 @@ pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, InitialDesired, Status
 pub use messages::DeviceMessage;
 pub use products::ProductPage;
 pub use projects::{AccessKey, Project};
+pub use report_log::{AfterCommit, LoggedService};
 pub use routing::{NewForward, QueueDepth, QueuedMessage, RoutingAction, RoutingRule};
 pub use shadow::{DesiredUpdate, HistoryRow, MessageRecord, ReportRecord, ShadowRow};
 pub use trace::TraceEntry;

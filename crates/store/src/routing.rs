@@ -228,6 +228,7 @@ impl Store {
     pub async fn delete_rule(&self, rule_id: String) -> Result<(), StoreError> {
         self.write(move |c| {
             c.execute("DELETE FROM forward_queue WHERE action_id IN (SELECT action_id FROM routing_actions WHERE rule_id = ?1)", [&rule_id])?;
+            c.execute("DELETE FROM forward_cursors WHERE action_id IN (SELECT action_id FROM routing_actions WHERE rule_id = ?1)", [&rule_id])?;
             c.execute("DELETE FROM routing_actions WHERE rule_id = ?1", [&rule_id])?;
             let changed = c.execute("DELETE FROM routing_rules WHERE rule_id = ?1", [&rule_id])?;
             if changed == 0 { Err(StoreError::NotFound) } else { Ok(()) }
@@ -267,6 +268,10 @@ impl Store {
         self.write(move |c| {
             c.execute(
                 "DELETE FROM forward_queue WHERE action_id = ?1",
+                [&action_id],
+            )?;
+            c.execute(
+                "DELETE FROM forward_cursors WHERE action_id = ?1",
                 [&action_id],
             )?;
             let changed = c.execute(

@@ -197,6 +197,12 @@ CREATE INDEX devices_by_node ON devices(node_id);
 ALTER TABLE devices ADD COLUMN data_seen_at INTEGER;
 CREATE INDEX devices_by_data_seen ON devices(data_seen_at) WHERE data_seen_at IS NOT NULL;
 "#,
+    r#"
+CREATE TABLE forward_cursors (
+    action_id TEXT PRIMARY KEY,
+    after_id INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Brings the database up to the newest schema.

@@ -4,6 +4,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
+use crate::report_log::HistoryIds;
 use crate::routing::{NewForward, insert_forwards};
 use crate::trace::TraceEntry;
 use crate::{Store, StoreError};
@@ -50,7 +51,13 @@ pub struct HistoryRow {
     pub request_id: String,
 }
 
-fn write_report(c: &Connection, report: &ReportRecord) -> Result<(), StoreError> {
+/// Writes a report's shadow merge and history rows; returns its first and last history row (none
+/// when no service applied).
+pub(crate) fn write_report(
+    c: &Connection,
+    report: &ReportRecord,
+    ids: &HistoryIds,
+) -> Result<Option<(i64, i64)>, StoreError> {
     let mut merge = c.prepare_cached(
         "INSERT INTO shadows (device_id, service_id, reported, reported_at, version) VALUES (?1, ?2, ?3, ?4, 1) \
          ON CONFLICT (device_id, service_id) DO UPDATE SET \
@@ -58,22 +65,26 @@ fn write_report(c: &Connection, report: &ReportRecord) -> Result<(), StoreError>
          reported_at = excluded.reported_at, version = version + 1",
     )?;
     let mut history = c.prepare_cached(
-        "INSERT INTO property_history (device_id, service_id, properties, event_time, received_at, request_id) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO property_history (id, device_id, service_id, properties, event_time, received_at, request_id) \
+         VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6)",
     )?;
+    let mut rows: Option<(i64, i64)> = None;
     for (service_id, properties, event_time) in &report.services {
         let json = serde_json::to_string(properties)?;
         merge.execute(params![report.device_id, service_id, json, event_time])?;
+        let id = ids.next();
         history.execute(params![
             report.device_id,
             service_id,
             json,
             event_time,
             report.received_at,
-            report.request_id
+            report.request_id,
+            id
         ])?;
+        rows = Some((rows.map_or(id, |(first, _)| first), id));
     }
-    Ok(())
+    Ok(rows)
 }
 
 fn parse_map(text: Option<String>) -> Result<Option<Map<String, Value>>, StoreError> {
@@ -83,26 +94,6 @@ fn parse_map(text: Option<String>) -> Result<Option<Map<String, Value>>, StoreEr
 }
 
 impl Store {
-    /// Queues a report (and any trace entries about it); the receiver resolves when it is durable.
-    /// With it, in the same transaction, go its trace entries and the messages data forwarding
-    /// queued for it, so a report is never stored without its forwarding, or forwarded unstored.
-    pub async fn submit_report(
-        &self,
-        report: ReportRecord,
-        trace: Vec<TraceEntry>,
-        forwards: Vec<NewForward>,
-    ) -> Result<oneshot::Receiver<Result<(), StoreError>>, StoreError> {
-        let ids = self.forward_ids().clone();
-        self.submit_repeatable(
-            move |c| {
-                write_report(c, &report)?;
-                insert_forwards(c, &ids, &forwards, report.received_at)
-            },
-            trace,
-        )
-        .await
-    }
-
     /// Queues a raw message report; the receiver resolves when it is durable.
     pub async fn submit_message(
         &self,

@@ -8,7 +8,8 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, run_batch};
+use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, RepeatableJob, run_batch};
+use crate::report_log::HistoryIds;
 use crate::routing::ForwardIds;
 use crate::trace::{SharedPendingTrace, TraceEntry};
 use crate::trace_log::TraceLog;
@@ -53,6 +54,7 @@ pub struct Store {
     pending_trace: SharedPendingTrace,
     trace_log: TraceLog,
     forward_ids: ForwardIds,
+    history_ids: HistoryIds,
 }
 
 impl std::fmt::Debug for Store {
@@ -98,6 +100,7 @@ impl Store {
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
         let (trace_log, pending_trace) = TraceLog::open(&write_conn, path)?;
         let forward_ids = ForwardIds::after_newest(&write_conn)?;
+        let history_ids = HistoryIds::after_newest(&write_conn)?;
         let reader = open_connection(path, durability)?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
         let checkpointer = start_checkpointer(
@@ -120,6 +123,7 @@ impl Store {
             pending_trace,
             trace_log,
             forward_ids,
+            history_ids,
         })
     }
 
@@ -131,6 +135,11 @@ impl Store {
     /// Numbers for queued forwarding messages.
     pub(crate) fn forward_ids(&self) -> &ForwardIds {
         &self.forward_ids
+    }
+
+    /// Numbers for property history rows.
+    pub(crate) fn history_ids(&self) -> &HistoryIds {
+        &self.history_ids
     }
 
     /// The trace file.
@@ -179,9 +188,18 @@ impl Store {
         F: FnMut(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        self.queue(Job::Repeatable(Box::new(Repeat::new(f, tx))), trace)
+        self.queue_repeatable(Box::new(Repeat::new(f, tx)), trace)
             .await?;
         Ok(rx)
+    }
+
+    /// Queues a repeatable job of a kind of its own.
+    pub(crate) async fn queue_repeatable(
+        &self,
+        job: Box<dyn RepeatableJob>,
+        trace: Vec<TraceEntry>,
+    ) -> Result<(), StoreError> {
+        self.queue(Job::Repeatable(job), trace).await
     }
 
     /// Puts a job in the writer's queue, waiting only while the queue is full.

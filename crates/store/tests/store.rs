@@ -104,20 +104,38 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
         received_at: t,
         services: vec![("S".into(), props.as_object().unwrap().clone(), t)],
     };
+    let (handed, handed_over) = std::sync::mpsc::channel();
+    let hand = move |tag: &'static str| -> Option<ioda_store::AfterCommit> {
+        let handed = handed.clone();
+        Some(Box::new(move |row: i64| handed.send((tag, row)).unwrap()))
+    };
     let first = store
         .submit_report(
             report(json!({"a": 1, "b": 2}), 10),
             vec![],
             vec![forward("r10")],
+            hand("r10"),
         )
         .await
         .unwrap();
     let second = store
-        .submit_report(report(json!({"b": 3}), 20), vec![], vec![])
+        .submit_report(report(json!({"b": 3}), 20), vec![], vec![], hand("r20"))
         .await
         .unwrap();
     first.await.unwrap().unwrap();
     second.await.unwrap().unwrap();
+    // Each report was handed over after its commit, in commit order, with its history row.
+    let rows: Vec<(&str, i64)> = handed_over.try_iter().collect();
+    assert_eq!(rows, vec![("r10", 1), ("r20", 2)]);
+    assert_eq!(store.history_committed(), 2);
+    let logged = store.logged_after(1, 10).await.unwrap();
+    assert_eq!(
+        logged
+            .iter()
+            .map(|l| (l.id, l.request_id.as_str(), l.properties.as_str()))
+            .collect::<Vec<_>>(),
+        vec![(2, "r20", r#"{"b":3}"#)]
+    );
     store.close().await;
 
     let store = open(dir.path()).await;
@@ -147,6 +165,16 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
             .collect::<Vec<_>>(),
         vec!["r20", "r10"]
     );
+    // Numbering goes on after a restart.
+    assert_eq!(store.history_committed(), 2);
+    store
+        .submit_report(report(json!({"c": 4}), 30), vec![], vec![], hand("r30"))
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(handed_over.try_iter().collect::<Vec<_>>(), vec![("r30", 3)]);
     store.close().await;
 }
 

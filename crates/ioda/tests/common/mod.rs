@@ -2,6 +2,7 @@
 //! credentials and MQTT clients.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod forwarding;
 pub mod nb;
 pub mod receiver;
 

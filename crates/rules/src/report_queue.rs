@@ -1,0 +1,477 @@
+//! The queue of an action that forwards property reports, without a row per message: the stored
+//! history is the log (`ioda_store::AfterCommit`), the action keeps a durable cursor in it, and the
+//! reports committed after the cursor wait in memory in commit order. After a restart, or while
+//! memory is full, the worker reads them back from the history and builds each message again with
+//! the same message id.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use ioda_store::{LoggedService, NewForward, QueuedMessage, RoutingAction, StoreError};
+use ioda_types::event::{DeviceRef, ReportedService};
+use ioda_types::{PlatformEvent, ids};
+use tokio::sync::Notify;
+
+use crate::forward::{ActionStats, Batch, Forwarder, Matcher, fnv, read};
+
+/// Stored report rows read back at a time.
+const LOG_READ_ROWS: i64 = 1024;
+/// Reads of the log one worker read may make while the rows it finds match nothing.
+const LOG_READS_PER_READ: usize = 8;
+
+/// The reports an action has yet to settle.
+pub(crate) struct ReportQueue {
+    inner: Mutex<Inner>,
+    pub(crate) wake: Arc<Notify>,
+    /// Bytes of messages held in memory before the queue reads the log instead.
+    memory_limit: usize,
+}
+
+#[derive(Default)]
+struct Inner {
+    messages: BTreeMap<i64, QueuedMessage>,
+    bytes: usize,
+    /// Reports numbered from here on are not (all) in memory: they are read back from the log.
+    spill_from: Option<i64>,
+    /// The newest report left out of memory while spilled.
+    dropped_up_to: i64,
+    /// Reports up to here are accounted for (read back from the log, or settled before the
+    /// worker started); a late hand-over of one of them is ignored.
+    floor: i64,
+    started: bool,
+    /// The cursor last submitted to the store.
+    saved: i64,
+}
+
+impl ReportQueue {
+    pub(crate) fn new(memory_limit: usize) -> ReportQueue {
+        ReportQueue {
+            inner: Mutex::new(Inner::default()),
+            wake: Arc::new(Notify::new()),
+            memory_limit,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a committed report's message (on the store's writer thread, in commit order).
+    pub(crate) fn push(&self, message: QueuedMessage) {
+        let mut inner = self.lock();
+        if message.id <= inner.floor {
+            return;
+        }
+        if inner.spill_from.is_some() || inner.bytes + message.payload.len() > self.memory_limit {
+            inner.spill_from.get_or_insert(message.id);
+            inner.dropped_up_to = inner.dropped_up_to.max(message.id);
+        } else {
+            inner.bytes += message.payload.len();
+            inner.messages.insert(message.id, message);
+        }
+        drop(inner);
+        self.wake.notify_one();
+    }
+
+    /// Starts from the action's saved cursor (once: a restarted worker keeps what memory holds).
+    /// Everything after it is read back from the log first.
+    fn start(&self, cursor: i64) -> bool {
+        let mut inner = self.lock();
+        if inner.started {
+            return false;
+        }
+        inner.started = true;
+        inner.floor = cursor;
+        inner.saved = cursor;
+        let kept = inner.messages.split_off(&(cursor + 1));
+        inner.messages = kept;
+        inner.bytes = inner.messages.values().map(|m| m.payload.len()).sum();
+        inner.spill_from = Some(cursor + 1);
+        true
+    }
+
+    /// Messages numbered after `after` that memory holds in order, and where the log takes over.
+    fn read_memory(&self, after: i64, limit: usize) -> (Vec<QueuedMessage>, Option<i64>) {
+        let inner = self.lock();
+        let upper = inner.spill_from.unwrap_or(i64::MAX);
+        let messages = if after.saturating_add(1) >= upper {
+            Vec::new()
+        } else {
+            inner
+                .messages
+                .range(after.saturating_add(1)..upper)
+                .take(limit)
+                .map(|(_, m)| m.clone())
+                .collect()
+        };
+        (messages, inner.spill_from)
+    }
+
+    /// Whether memory holds all it may.
+    fn full(&self) -> bool {
+        self.lock().bytes >= self.memory_limit
+    }
+
+    /// Whether reports wait in the log beyond memory.
+    pub(crate) fn spilled(&self) -> bool {
+        self.lock().spill_from.is_some()
+    }
+
+    /// Adds what was read back from the log up to `covered` (`complete`: up to the log's end), as
+    /// far as memory has room; the rest stays in the log. Memory takes over again once the log is
+    /// read to its end and nothing newer was left out meanwhile.
+    fn merge_from_log(&self, messages: Vec<QueuedMessage>, mut covered: i64, mut complete: bool) {
+        let mut inner = self.lock();
+        for message in messages {
+            if inner.bytes >= self.memory_limit {
+                // This report and everything after it are read again later.
+                covered = message.id - 1;
+                complete = false;
+                break;
+            }
+            let bytes = message.payload.len();
+            if let std::collections::btree_map::Entry::Vacant(slot) =
+                inner.messages.entry(message.id)
+            {
+                slot.insert(message);
+                inner.bytes += bytes;
+            }
+        }
+        inner.floor = inner.floor.max(covered);
+        inner.spill_from = if complete && inner.dropped_up_to <= covered {
+            None
+        } else {
+            Some(covered + 1)
+        };
+    }
+
+    pub(crate) fn remove(&self, ids: &[i64]) {
+        let mut inner = self.lock();
+        for id in ids {
+            if let Some(message) = inner.messages.remove(id) {
+                inner.bytes -= message.payload.len();
+            }
+        }
+    }
+
+    fn retry(&self, id: i64, next_at: i64) {
+        if let Some(message) = self.lock().messages.get_mut(&id) {
+            message.attempts += 1;
+            message.next_at = next_at;
+        }
+    }
+
+    /// The cursor: every report up to it is settled. `committed` must be read before the call, so
+    /// every report up to it has been pushed (or left out) already.
+    fn low_water(&self, committed: i64) -> i64 {
+        let inner = self.lock();
+        let mut low = committed;
+        if let Some(first) = inner.messages.keys().next() {
+            low = low.min(first - 1);
+        }
+        if let Some(from) = inner.spill_from {
+            low = low.min(from - 1);
+        }
+        low
+    }
+
+    /// The cursor to save, if it moved since the last save.
+    fn cursor_to_save(&self, committed: i64) -> Option<i64> {
+        let low = self.low_water(committed);
+        let mut inner = self.lock();
+        (low != inner.saved).then(|| {
+            inner.saved = low;
+            low
+        })
+    }
+
+    /// Drops messages received before `cutoff` and, oldest first, what exceeds `max_bytes`.
+    /// Returns (too old, over the size limit).
+    fn trim(&self, cutoff: i64, max_bytes: usize) -> (usize, usize) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        let mut counts = (0, 0);
+        while let Some(entry) = inner.messages.first_entry() {
+            let too_old = entry.get().enqueued_at < cutoff;
+            if !too_old && inner.bytes <= max_bytes {
+                break;
+            }
+            let message = entry.remove();
+            inner.bytes -= message.payload.len();
+            if too_old {
+                counts.0 += 1;
+            } else {
+                counts.1 += 1;
+            }
+        }
+        counts
+    }
+
+    /// Messages and bytes in memory, and where the log takes over.
+    pub(crate) fn depth(&self) -> (usize, usize, Option<i64>) {
+        let inner = self.lock();
+        (inner.messages.len(), inner.bytes, inner.spill_from)
+    }
+}
+
+/// A report's message for an action: its id is the report's first history row, and its message id
+/// is derived from that, so a message built again from the log carries the same one.
+pub(crate) fn report_message(item: NewForward, first_row: i64, received_at: i64) -> QueuedMessage {
+    let mut x = (first_row as u64) ^ fnv(item.action_id.as_bytes());
+    // splitmix64's finaliser: a bijection, so distinct reports of one action get distinct ids.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    QueuedMessage {
+        id: first_row,
+        message_id: ids::object_id(received_at, x.to_be_bytes()),
+        action_id: item.action_id,
+        device_id: item.device_id,
+        request_id: item.request_id,
+        payload: item.payload,
+        enqueued_at: received_at,
+        attempts: 0,
+        next_at: received_at,
+    }
+}
+
+/// Where an action's messages wait: rows of the queue table, or the report log.
+#[derive(Clone)]
+pub(crate) enum Source {
+    Table,
+    Reports(Arc<ReportQueue>),
+}
+
+impl Forwarder {
+    /// Whether an action forwards property reports (and so reads the report log).
+    pub(crate) fn reads_report_log(&self, action: &RoutingAction) -> bool {
+        read(&self.rules).iter().any(|r| {
+            r.rule.rule_id == action.rule_id
+                && matches!(&r.matcher, Matcher::Sql { subject, .. }
+                    if subject.resource == "device.property" && subject.event == "report")
+        })
+    }
+
+    /// Loads (or, for a new action, creates at the log's end) the cursor a report queue starts
+    /// from.
+    pub(crate) async fn start_reports(&self, action_id: &str, queue: &ReportQueue) {
+        let store = self.platform.store();
+        let cursor = loop {
+            match store.forward_cursor(action_id.to_owned()).await {
+                Ok(Some(cursor)) => break cursor,
+                Ok(None) => {
+                    // A new action forwards what arrives from now on, not the stored past.
+                    let cursor = store.history_committed();
+                    if let Ok(saved) = store
+                        .submit_cursor(action_id.to_owned(), cursor, Vec::new())
+                        .await
+                    {
+                        let _ = saved.await;
+                    }
+                    break cursor;
+                }
+                Err(error) => {
+                    tracing::warn!(action_id, %error, "could not read the forwarding cursor");
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                }
+            }
+        };
+        queue.start(cursor);
+    }
+
+    /// Up to `limit` messages numbered after `after`, oldest first: from memory, reading the log
+    /// on where memory ends.
+    pub(crate) async fn read_reports(
+        &self,
+        action_id: &str,
+        queue: &ReportQueue,
+        after: i64,
+        limit: usize,
+        stats: &ActionStats,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        for _ in 0..LOG_READS_PER_READ {
+            let (messages, spill_from) = queue.read_memory(after, limit);
+            match spill_from {
+                Some(from) if messages.len() < limit && !queue.full() => {
+                    self.read_log(action_id, queue, from - 1, stats).await?;
+                }
+                _ => return Ok(messages),
+            }
+        }
+        Ok(queue.read_memory(after, limit).0)
+    }
+
+    /// Reads the log after `from` and builds the action's messages of the reports found there.
+    async fn read_log(
+        &self,
+        action_id: &str,
+        queue: &ReportQueue,
+        from: i64,
+        stats: &ActionStats,
+    ) -> Result<(), StoreError> {
+        let store = self.platform.store();
+        let rows = store.logged_after(from, LOG_READ_ROWS).await?;
+        let complete = (rows.len() as i64) < LOG_READ_ROWS;
+        let reports = whole_reports(rows, complete);
+        let covered = reports.last().and_then(|r| r.last()).map_or(from, |s| s.id);
+        let cutoff = self.platform.now() - self.config.max_age_ms;
+        let mut devices: HashMap<String, Option<DeviceRef>> = HashMap::new();
+        let mut messages = Vec::new();
+        for report in reports {
+            let Some(first) = report.first() else {
+                continue;
+            };
+            let (first_row, received_at) = (first.id, first.received_at);
+            let device_id = first.device_id.clone();
+            if !devices.contains_key(&device_id) {
+                let found = store.device(device_id.clone()).await?;
+                devices.insert(device_id.clone(), found.map(|d| d.reference()));
+            }
+            // A deleted device's stored reports went with it.
+            let Some(Some(device)) = devices.get(&device_id) else {
+                continue;
+            };
+            for item in self.rebuild(action_id, device, report) {
+                if received_at < cutoff {
+                    stats.dropped_too_old.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    messages.push(report_message(item, first_row, received_at));
+                }
+            }
+        }
+        queue.merge_from_log(messages, covered, complete);
+        Ok(())
+    }
+
+    /// The action's message for one stored report, if its rule (still active) selects it.
+    fn rebuild(
+        &self,
+        action_id: &str,
+        device: &DeviceRef,
+        rows: Vec<LoggedService>,
+    ) -> Vec<NewForward> {
+        let Some(first) = rows.first() else {
+            return Vec::new();
+        };
+        let (request_id, at) = (first.request_id.clone(), first.received_at);
+        let rule = {
+            let actions = read(&self.actions);
+            let Some(live) = actions.get(action_id) else {
+                return Vec::new();
+            };
+            read(&self.rules)
+                .iter()
+                .find(|r| r.rule.rule_id == live.action.rule_id && r.rule.active)
+                .cloned()
+        };
+        let Some(rule) = rule else {
+            return Vec::new();
+        };
+        let services = rows
+            .into_iter()
+            .filter_map(|row| {
+                Some(ReportedService {
+                    properties: serde_json::from_str(&row.properties).ok()?,
+                    service_id: row.service_id,
+                    event_time: row.event_time,
+                })
+            })
+            .collect();
+        let event = PlatformEvent::PropertiesReported {
+            device: device.clone(),
+            request_id,
+            services,
+            at,
+        };
+        let mut batch = Batch {
+            device_id: Some(device.device_id.clone()),
+            ..Batch::default()
+        };
+        self.evaluate_sql(&event, &[rule], None, at, &mut batch);
+        batch
+            .items
+            .into_iter()
+            .filter(|item| item.action_id == action_id)
+            .collect()
+    }
+
+    /// Settles delivered messages: out of memory, and the cursor moved past them (with the trace
+    /// entries), without waiting for the commit.
+    pub(crate) async fn settle_reports(
+        &self,
+        action_id: &str,
+        queue: &ReportQueue,
+        delivered: &[i64],
+        trace: Vec<ioda_store::TraceEntry>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<(), StoreError>>, StoreError> {
+        let store = self.platform.store();
+        let committed = store.history_committed();
+        queue.remove(delivered);
+        let cursor = queue
+            .cursor_to_save(committed)
+            .unwrap_or_else(|| queue.low_water(committed));
+        store
+            .submit_cursor(action_id.to_owned(), cursor, trace)
+            .await
+    }
+
+    /// Applies the age and size limits to what memory holds, and saves a cursor that moved without
+    /// deliveries (reports the rule let pass).
+    pub(crate) async fn trim_reports(
+        &self,
+        action_id: &str,
+        queue: &ReportQueue,
+        stats: &ActionStats,
+        now: i64,
+    ) {
+        let max_bytes = usize::try_from(self.config.max_queue_bytes).unwrap_or(usize::MAX);
+        let (too_old, too_many) = queue.trim(now - self.config.max_age_ms, max_bytes);
+        stats
+            .dropped_too_old
+            .fetch_add(too_old as u64, Ordering::Relaxed);
+        stats
+            .dropped_queue_full
+            .fetch_add(too_many as u64, Ordering::Relaxed);
+        if too_old + too_many > 0 {
+            tracing::warn!(
+                action_id,
+                too_old,
+                too_many,
+                "forwarding messages were dropped by the queue's limits"
+            );
+        }
+        let store = self.platform.store();
+        if let Some(cursor) = queue.cursor_to_save(store.history_committed()) {
+            let _ = store
+                .submit_cursor(action_id.to_owned(), cursor, Vec::new())
+                .await;
+        }
+    }
+
+    pub(crate) fn retry_report(queue: &ReportQueue, id: i64, next_at: i64) {
+        queue.retry(id, next_at);
+    }
+}
+
+/// Groups stored rows into whole reports (a report's rows are adjacent). When the read stopped at
+/// its limit, the last report may be cut: it is left for the next read, unless it is all there is.
+fn whole_reports(rows: Vec<LoggedService>, complete: bool) -> Vec<Vec<LoggedService>> {
+    let mut reports: Vec<Vec<LoggedService>> = Vec::new();
+    for row in rows {
+        match reports.last_mut() {
+            Some(report)
+                if report.last().is_some_and(|last| {
+                    last.device_id == row.device_id && last.request_id == row.request_id
+                }) =>
+            {
+                report.push(row)
+            }
+            _ => reports.push(vec![row]),
+        }
+    }
+    if !complete && reports.len() > 1 {
+        reports.pop();
+    }
+    reports
+}
