@@ -139,3 +139,53 @@ async fn a_backlog_beyond_memory_is_read_back_from_the_history_in_order() {
     device.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn queue_rows_left_by_an_older_version_go_out_first() {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let adjust = |c: &mut ioda::config::ServeConfig| c.signature_window_ms = i64::MAX / 4;
+    let server = server_on(tempfile::tempdir().unwrap(), adjust, clock.clone()).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "log-3").await;
+    let (receiver, url) = Receiver::start().await;
+    let (_, action_id) = rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let dir = server.stop_keep_dir().await;
+    // An older version queued reports for this action as rows.
+    let store =
+        ioda_store::Store::open(&dir.path().join("ioda.db"), ioda_store::Durability::Normal)
+            .unwrap();
+    let row = |n: i64| ioda_store::NewForward {
+        action_id: action_id.clone(),
+        message_id: format!("old-{n}"),
+        payload: format!(r#"{{"n":{n}}}"#),
+        device_id: Some(device_id.clone()),
+        request_id: Some(format!("old-{n}")),
+    };
+    store
+        .enqueue_forward(vec![row(1), row(2)], vec![], 1_764_150_000_000)
+        .await
+        .unwrap();
+    store.close().await;
+
+    let server = server_on(dir, adjust, clock).await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    report(&device, &device_id, 21.0, 3).await;
+    assert_eq!(
+        counts(&wait_accepted(&receiver, 3, 10).await),
+        vec![1, 2, 3]
+    );
+    assert_eq!(ids_of(&receiver, 1), vec!["old-1"]);
+    let status = server
+        .get(&format!("/routing-rule/actions/{action_id}/status"))
+        .await;
+    assert_eq!(
+        (
+            status["delivered"].as_u64(),
+            status["queued_messages"].as_i64()
+        ),
+        (Some(3), Some(0)),
+        "{status}"
+    );
+    device.close().await;
+    server.stop().await;
+}

@@ -63,6 +63,16 @@ impl Dispatch {
     fn taken(&self) -> usize {
         self.out.len() + self.settling.len()
     }
+
+    /// Nothing read, nothing out, nothing waiting to be removed: the last read found the queue
+    /// empty.
+    fn drained(&self, lanes: &[Lane]) -> bool {
+        self.held(lanes) == 0
+            && self.taken() == 0
+            && self.delivered.is_empty()
+            && !self.more_behind
+            && self.settling.removals.is_empty()
+    }
 }
 
 impl Forwarder {
@@ -80,6 +90,33 @@ impl Forwarder {
                 return;
             }
         };
+        if let Source::Reports(queue) = &source {
+            // Rows queued before report actions read the history (an older version) go first.
+            let leftover = self
+                .platform
+                .store()
+                .queue_depth(action.action_id.clone())
+                .await;
+            if leftover.is_ok_and(|depth| depth.messages > 0) {
+                self.deliver_from(&action, &spec, &stats, &wake, &Source::Table, true)
+                    .await;
+            }
+            self.start_reports(&action.action_id, queue).await;
+        }
+        self.deliver_from(&action, &spec, &stats, &wake, &source, false)
+            .await;
+    }
+
+    /// Delivers what the source holds until shutdown (or, with `until_empty`, until it is empty).
+    async fn deliver_from(
+        self: &Arc<Self>,
+        action: &RoutingAction,
+        spec: &Spec,
+        stats: &ActionStats,
+        wake: &Notify,
+        source: &Source,
+        until_empty: bool,
+    ) {
         let lane_count = if spec.is_broker() {
             self.config.lanes.min(BROKER_LANES)
         } else {
@@ -95,9 +132,6 @@ impl Forwarder {
             cursor: i64::MIN,
             ..Dispatch::default()
         };
-        if let Source::Reports(queue) = &source {
-            self.start_reports(&action.action_id, queue).await;
-        }
         let half_full = lanes.len() * LANE_DEPTH / 2;
         let mut shutdown = self.shutdown.clone();
         let mut last_trim = i64::MIN;
@@ -109,26 +143,29 @@ impl Forwarder {
             }
             let now = self.platform.now();
             if now.saturating_sub(last_trim) >= 10_000 {
-                self.trim(&action.action_id, &source, &stats, now).await;
+                self.trim(&action.action_id, source, stats, now).await;
                 last_trim = now;
             }
             // A read brings more into memory, so it waits while the lanes hold a lot.
             if read_wanted && state.held(&lanes) <= half_full {
-                self.submit_removals(&action.action_id, &source, &mut state)
+                self.submit_removals(&action.action_id, source, &mut state)
                     .await;
                 state.settling.settle();
                 state.settling.bound().await;
                 next_due = self
                     .read_and_hand_out(
                         &action.action_id,
-                        &source,
-                        &stats,
+                        source,
+                        stats,
                         &mut lanes,
                         &mut state,
                         now,
                     )
                     .await;
                 read_wanted = false;
+                if until_empty && next_due.is_none() && state.drained(&lanes) {
+                    return;
+                }
             }
             let wait = next_due.map_or(Duration::from_secs(1), |due| {
                 Duration::from_millis((due - now).clamp(10, 1000) as u64)
@@ -137,16 +174,16 @@ impl Forwarder {
                 _ = wake.notified() => read_wanted = true,
                 outcome = outcomes.recv() => {
                     let Some(outcome) = outcome else { return };
-                    read_wanted |= self.settle_outcome(outcome, &source, &mut lanes, &mut state, &stats).await;
+                    read_wanted |= self.settle_outcome(outcome, source, &mut lanes, &mut state, stats).await;
                     while let Ok(outcome) = outcomes.try_recv() {
-                        read_wanted |= self.settle_outcome(outcome, &source, &mut lanes, &mut state, &stats).await;
+                        read_wanted |= self.settle_outcome(outcome, source, &mut lanes, &mut state, stats).await;
                     }
                     if state.more_behind && state.held(&lanes) <= half_full {
                         state.more_behind = false;
                         read_wanted = true;
                     }
                     if state.delivered.len() >= REMOVE_IN_GROUPS_OF || state.held(&lanes) == 0 {
-                        self.submit_removals(&action.action_id, &source, &mut state).await;
+                        self.submit_removals(&action.action_id, source, &mut state).await;
                     }
                 }
                 _ = tokio::time::sleep(wait) => read_wanted = true,
