@@ -82,6 +82,7 @@ impl Forwarder {
         stats: Arc<ActionStats>,
         wake: Arc<Notify>,
         source: Source,
+        new_cursor: i64,
     ) {
         let spec = match Spec::parse(&action.channel, &action.channel_detail) {
             Ok(spec) => spec,
@@ -101,7 +102,8 @@ impl Forwarder {
                 self.deliver_from(&action, &spec, &stats, &wake, &Source::Table, true)
                     .await;
             }
-            self.start_reports(&action.action_id, queue).await;
+            self.start_reports(&action.action_id, queue, new_cursor)
+                .await;
         }
         self.deliver_from(&action, &spec, &stats, &wake, &source, false)
             .await;

@@ -186,6 +186,8 @@ impl Forwarder {
     /// Starts (or restarts) the worker of an action.
     pub(crate) fn run_action(self: &Arc<Self>, action: RoutingAction) {
         let stats = Arc::new(ActionStats::default());
+        // Read before the action can take a report: every report staged for it is numbered after.
+        let new_cursor = self.platform.store().history_committed();
         // A restarted action keeps the reports its memory holds (they are not in a table).
         let kept = read(&self.actions)
             .get(&action.action_id)
@@ -209,6 +211,7 @@ impl Forwarder {
             stats.clone(),
             wake.clone(),
             source.clone(),
+            new_cursor,
         ));
         let previous = write(&self.actions).insert(
             action.action_id.clone(),

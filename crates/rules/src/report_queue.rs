@@ -30,7 +30,8 @@ pub(crate) struct ReportQueue {
 
 #[derive(Default)]
 struct Inner {
-    messages: BTreeMap<i64, QueuedMessage>,
+    /// Shared, so a read copies them after letting go of the lock the writer thread pushes under.
+    messages: BTreeMap<i64, Arc<QueuedMessage>>,
     bytes: usize,
     /// Reports numbered from here on are not (all) in memory: they are read back from the log.
     spill_from: Option<i64>,
@@ -68,7 +69,7 @@ impl ReportQueue {
             inner.dropped_up_to = inner.dropped_up_to.max(message.id);
         } else {
             inner.bytes += message.payload.len();
-            inner.messages.insert(message.id, message);
+            inner.messages.insert(message.id, Arc::new(message));
         }
         drop(inner);
         self.wake.notify_one();
@@ -94,8 +95,9 @@ impl ReportQueue {
     /// Messages numbered after `after` that memory holds in order, and where the log takes over.
     fn read_memory(&self, after: i64, limit: usize) -> (Vec<QueuedMessage>, Option<i64>) {
         let inner = self.lock();
-        let upper = inner.spill_from.unwrap_or(i64::MAX);
-        let messages = if after.saturating_add(1) >= upper {
+        let spill_from = inner.spill_from;
+        let upper = spill_from.unwrap_or(i64::MAX);
+        let shared: Vec<Arc<QueuedMessage>> = if after.saturating_add(1) >= upper {
             Vec::new()
         } else {
             inner
@@ -105,7 +107,9 @@ impl ReportQueue {
                 .map(|(_, m)| m.clone())
                 .collect()
         };
-        (messages, inner.spill_from)
+        drop(inner);
+        let messages = shared.iter().map(|m| QueuedMessage::clone(m)).collect();
+        (messages, spill_from)
     }
 
     /// Whether memory holds all it may.
@@ -120,23 +124,33 @@ impl ReportQueue {
 
     /// Adds what was read back from the log up to `covered` (`complete`: up to the log's end), as
     /// far as memory has room; the rest stays in the log. Memory takes over again once the log is
-    /// read to its end and nothing newer was left out meanwhile.
-    fn merge_from_log(&self, messages: Vec<QueuedMessage>, mut covered: i64, mut complete: bool) {
+    /// read to its end and nothing newer was left out meanwhile. Messages received before `cutoff`
+    /// are dropped; returns how many (one memory holds already is memory's to count).
+    fn merge_from_log(
+        &self,
+        messages: Vec<QueuedMessage>,
+        mut covered: i64,
+        mut complete: bool,
+        cutoff: i64,
+    ) -> usize {
         let mut inner = self.lock();
+        let mut too_old = 0;
         for message in messages {
+            if inner.messages.contains_key(&message.id) {
+                continue;
+            }
+            if message.enqueued_at < cutoff {
+                too_old += 1;
+                continue;
+            }
             if inner.bytes >= self.memory_limit {
                 // This report and everything after it are read again later.
                 covered = message.id - 1;
                 complete = false;
                 break;
             }
-            let bytes = message.payload.len();
-            if let std::collections::btree_map::Entry::Vacant(slot) =
-                inner.messages.entry(message.id)
-            {
-                slot.insert(message);
-                inner.bytes += bytes;
-            }
+            inner.bytes += message.payload.len();
+            inner.messages.insert(message.id, Arc::new(message));
         }
         inner.floor = inner.floor.max(covered);
         inner.spill_from = if complete && inner.dropped_up_to <= covered {
@@ -144,6 +158,7 @@ impl ReportQueue {
         } else {
             Some(covered + 1)
         };
+        too_old
     }
 
     pub(crate) fn remove(&self, ids: &[i64]) {
@@ -157,6 +172,7 @@ impl ReportQueue {
 
     fn retry(&self, id: i64, next_at: i64) {
         if let Some(message) = self.lock().messages.get_mut(&id) {
+            let message = Arc::make_mut(message);
             message.attempts += 1;
             message.next_at = next_at;
         }
@@ -253,23 +269,27 @@ impl Forwarder {
         })
     }
 
-    /// Loads (or, for a new action, creates at the log's end) the cursor a report queue starts
-    /// from.
-    pub(crate) async fn start_reports(&self, action_id: &str, queue: &ReportQueue) {
+    /// Loads the cursor a report queue starts from; a new action's is `new_cursor` (the committed
+    /// mark read before the action could take its first report: it forwards what arrives from
+    /// then on, not the stored past).
+    pub(crate) async fn start_reports(
+        &self,
+        action_id: &str,
+        queue: &ReportQueue,
+        new_cursor: i64,
+    ) {
         let store = self.platform.store();
         let cursor = loop {
             match store.forward_cursor(action_id.to_owned()).await {
                 Ok(Some(cursor)) => break cursor,
                 Ok(None) => {
-                    // A new action forwards what arrives from now on, not the stored past.
-                    let cursor = store.history_committed();
                     if let Ok(saved) = store
-                        .submit_cursor(action_id.to_owned(), cursor, Vec::new())
+                        .submit_cursor(action_id.to_owned(), new_cursor, Vec::new())
                         .await
                     {
                         let _ = saved.await;
                     }
-                    break cursor;
+                    break new_cursor;
                 }
                 Err(error) => {
                     tracing::warn!(action_id, %error, "could not read the forwarding cursor");
@@ -333,14 +353,13 @@ impl Forwarder {
                 continue;
             };
             for item in self.rebuild(action_id, device, report) {
-                if received_at < cutoff {
-                    stats.dropped_too_old.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    messages.push(report_message(item, first_row, received_at));
-                }
+                messages.push(report_message(item, first_row, received_at));
             }
         }
-        queue.merge_from_log(messages, covered, complete);
+        let too_old = queue.merge_from_log(messages, covered, complete, cutoff);
+        stats
+            .dropped_too_old
+            .fetch_add(too_old as u64, Ordering::Relaxed);
         Ok(())
     }
 
