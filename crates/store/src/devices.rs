@@ -219,10 +219,18 @@ impl Store {
         let device = self
             .write(move |c| {
                 let device = load(c, &device_id)?.ok_or(StoreError::NotFound)?;
+                // The reports are found from the shadow (there is no index by device), so first.
+                c.execute(
+                    "WITH RECURSIVE chain(id) AS ( \
+                       SELECT last_history_id FROM shadows WHERE device_id = ?1 AND last_history_id IS NOT NULL \
+                       UNION ALL \
+                       SELECT h.prev_id FROM chain JOIN property_history h ON h.id = chain.id WHERE h.prev_id IS NOT NULL) \
+                     DELETE FROM property_history WHERE id IN (SELECT id FROM chain)",
+                    [&device_id],
+                )?;
                 for table in [
                     "devices",
                     "shadows",
-                    "property_history",
                     "message_history",
                     "async_commands",
                     "device_messages",

@@ -58,20 +58,22 @@ pub(crate) fn write_report(
     report: &ReportRecord,
     ids: &HistoryIds,
 ) -> Result<Option<(i64, i64)>, StoreError> {
+    // Each history row points at the service's previous one, and the shadow at the newest.
     let mut merge = c.prepare_cached(
-        "INSERT INTO shadows (device_id, service_id, reported, reported_at, version) VALUES (?1, ?2, ?3, ?4, 1) \
+        "INSERT INTO shadows (device_id, service_id, reported, reported_at, version, last_history_id) \
+         VALUES (?1, ?2, ?3, ?4, 1, ?5) \
          ON CONFLICT (device_id, service_id) DO UPDATE SET \
          reported = json_patch(COALESCE(reported, '{}'), excluded.reported), \
-         reported_at = excluded.reported_at, version = version + 1",
+         reported_at = excluded.reported_at, version = version + 1, last_history_id = excluded.last_history_id",
     )?;
     let mut history = c.prepare_cached(
-        "INSERT INTO property_history (id, device_id, service_id, properties, event_time, received_at, request_id) \
-         VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6)",
+        "INSERT INTO property_history (id, device_id, service_id, properties, event_time, received_at, request_id, prev_id) \
+         VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6, \
+         (SELECT last_history_id FROM shadows WHERE device_id = ?1 AND service_id = ?2))",
     )?;
     let mut rows: Option<(i64, i64)> = None;
     for (service_id, properties, event_time) in &report.services {
         let json = serde_json::to_string(properties)?;
-        merge.execute(params![report.device_id, service_id, json, event_time])?;
         let id = ids.next();
         history.execute(params![
             report.device_id,
@@ -82,6 +84,7 @@ pub(crate) fn write_report(
             report.request_id,
             id
         ])?;
+        merge.execute(params![report.device_id, service_id, json, event_time, id])?;
         rows = Some((rows.map_or(id, |(first, _)| first), id));
     }
     Ok(rows)
@@ -147,9 +150,15 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<HistoryRow>, StoreError> {
         self.read(move |c| {
+            // Up to `limit` steps back along each service's chain, then the newest of them all.
             let mut stmt = c.prepare_cached(
-                "SELECT id, service_id, properties, event_time, received_at, request_id FROM property_history \
-                 WHERE device_id = ?1 ORDER BY id DESC LIMIT ?2",
+                "WITH RECURSIVE chain(id, step) AS ( \
+                   SELECT last_history_id, 1 FROM shadows WHERE device_id = ?1 AND last_history_id IS NOT NULL \
+                   UNION ALL \
+                   SELECT h.prev_id, chain.step + 1 FROM chain JOIN property_history h ON h.id = chain.id \
+                   WHERE h.prev_id IS NOT NULL AND chain.step < ?2) \
+                 SELECT h.id, h.service_id, h.properties, h.event_time, h.received_at, h.request_id \
+                 FROM chain JOIN property_history h ON h.id = chain.id ORDER BY h.id DESC LIMIT ?2",
             )?;
             let rows = stmt.query_map(params![device_id, limit], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?, r.get(4)?, r.get(5)?))

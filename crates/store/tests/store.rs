@@ -418,3 +418,106 @@ async fn queued_messages_are_numbered_on_after_the_newest_is_removed() {
     );
     store.close().await;
 }
+
+/// Reports of two devices with two services each, interleaved; returns the store.
+async fn interleaved_history(dir: &std::path::Path) -> Store {
+    let store = open(dir).await;
+    let mut waits = Vec::new();
+    for i in 1..=6i64 {
+        for device_id in ["d1", "d2"] {
+            let service = if i % 2 == 0 { "A" } else { "B" };
+            let report = ReportRecord {
+                device_id: device_id.into(),
+                request_id: format!("{device_id}-{i}"),
+                received_at: i,
+                services: vec![(
+                    service.into(),
+                    json!({ "i": i }).as_object().unwrap().clone(),
+                    i,
+                )],
+            };
+            waits.push(
+                store
+                    .submit_report(report, vec![], vec![], None)
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for wait in waits {
+        wait.await.unwrap().unwrap();
+    }
+    store
+}
+
+fn request_ids(rows: &[ioda_store::HistoryRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.request_id.as_str()).collect()
+}
+
+#[tokio::test]
+async fn a_devices_history_is_found_through_its_services_chains_and_goes_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = interleaved_history(dir.path()).await;
+    let newest = store.property_history("d1".into(), 4).await.unwrap();
+    assert_eq!(request_ids(&newest), vec!["d1-6", "d1-5", "d1-4", "d1-3"]);
+    let all = store.property_history("d2".into(), 100).await.unwrap();
+    assert_eq!(
+        request_ids(&all),
+        vec!["d2-6", "d2-5", "d2-4", "d2-3", "d2-2", "d2-1"]
+    );
+    assert!(
+        store
+            .property_history("nobody".into(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    store
+        .insert_device(device("d1", "n1"), vec![])
+        .await
+        .unwrap();
+    store.delete_device("d1".into()).await.unwrap();
+    assert!(
+        store
+            .property_history("d1".into(), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let left: Vec<String> = store
+        .logged_after(0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.request_id)
+        .collect();
+    assert_eq!(
+        left,
+        vec!["d2-1", "d2-2", "d2-3", "d2-4", "d2-5", "d2-6"],
+        "only d1's rows went"
+    );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn history_stored_before_the_chains_is_chained_by_the_migration() {
+    let dir = tempfile::tempdir().unwrap();
+    interleaved_history(dir.path()).await.close().await;
+    // Back to the earlier schema: an index by device, no chain.
+    let c = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    c.execute_batch(
+        "CREATE INDEX property_history_by_device ON property_history(device_id, id); \
+         ALTER TABLE property_history DROP COLUMN prev_id; \
+         ALTER TABLE shadows DROP COLUMN last_history_id; PRAGMA user_version = 7;",
+    )
+    .unwrap();
+    drop(c);
+    let store = open(dir.path()).await;
+    let all = store.property_history("d1".into(), 100).await.unwrap();
+    assert_eq!(
+        request_ids(&all),
+        vec!["d1-6", "d1-5", "d1-4", "d1-3", "d1-2", "d1-1"]
+    );
+    store.close().await;
+}
