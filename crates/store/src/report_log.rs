@@ -35,9 +35,14 @@ struct HistoryCounters {
 }
 
 impl HistoryIds {
+    /// Starts after every id ever handed out that anything may still name: the newest row, and
+    /// the ids shadows and forwarding cursors hold (the newest rows may have gone with a deleted
+    /// device; an id used again would sit behind a cursor, or extend another device's chain).
     pub(crate) fn after_newest(c: &Connection) -> Result<HistoryIds, StoreError> {
         let newest: i64 = c.query_row(
-            "SELECT COALESCE(MAX(id), 0) FROM property_history",
+            "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM property_history), \
+                        (SELECT COALESCE(MAX(last_history_id), 0) FROM shadows), \
+                        (SELECT COALESCE(MAX(after_id), 0) FROM forward_cursors))",
             [],
             |r| r.get(0),
         )?;

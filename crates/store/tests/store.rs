@@ -521,3 +521,31 @@ async fn history_stored_before_the_chains_is_chained_by_the_migration() {
     );
     store.close().await;
 }
+
+#[tokio::test]
+async fn history_ids_are_not_handed_out_again_after_the_newest_rows_went() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = interleaved_history(dir.path()).await;
+    assert_eq!(store.history_committed(), 12);
+    store
+        .submit_cursor("a1".into(), 12, vec![])
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    // Both devices go, with every stored report.
+    for id in ["d1", "d2"] {
+        store.insert_device(device(id, id), vec![]).await.unwrap();
+        store.delete_device(id.into()).await.unwrap();
+    }
+    assert!(store.logged_after(0, 100).await.unwrap().is_empty());
+    store.close().await;
+    let store = open(dir.path()).await;
+    assert_eq!(
+        store.history_committed(),
+        12,
+        "numbering goes on after the cursor"
+    );
+    store.close().await;
+}
