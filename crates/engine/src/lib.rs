@@ -183,7 +183,8 @@ pub fn id_bytes() -> [u8; 8] {
     splitmix64(start.wrapping_add(n)).to_be_bytes()
 }
 
-fn splitmix64(x: u64) -> u64 {
+/// splitmix64: a bijection on `u64` that scatters neighbouring inputs.
+pub fn splitmix64(x: u64) -> u64 {
     let mut z = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

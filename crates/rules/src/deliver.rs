@@ -353,7 +353,7 @@ impl Forwarder {
         state.trace.extend(self.attempt_entry(message, Some(error)));
         let next_at = self.platform.now() + delay;
         match source {
-            Source::Reports(queue) => Forwarder::retry_report(queue, message.id, next_at),
+            Source::Reports(queue) => queue.retry(message.id, next_at),
             Source::Table => {
                 let _ = self
                     .platform

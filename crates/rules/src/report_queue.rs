@@ -13,7 +13,7 @@ use ioda_types::event::{DeviceRef, ReportedService};
 use ioda_types::{PlatformEvent, ids};
 use tokio::sync::Notify;
 
-use crate::forward::{ActionStats, Batch, Forwarder, Matcher, fnv, read};
+use crate::forward::{ActionStats, Batch, Forwarder, LiveRule, Matcher, fnv, read};
 
 /// Stored report rows read back at a time.
 const LOG_READ_ROWS: i64 = 1024;
@@ -77,10 +77,10 @@ impl ReportQueue {
 
     /// Starts from the action's saved cursor (once: a restarted worker keeps what memory holds).
     /// Everything after it is read back from the log first.
-    fn start(&self, cursor: i64) -> bool {
+    fn start(&self, cursor: i64) {
         let mut inner = self.lock();
         if inner.started {
-            return false;
+            return;
         }
         inner.started = true;
         inner.floor = cursor;
@@ -89,7 +89,6 @@ impl ReportQueue {
         inner.messages = kept;
         inner.bytes = inner.messages.values().map(|m| m.payload.len()).sum();
         inner.spill_from = Some(cursor + 1);
-        true
     }
 
     /// Messages numbered after `after` that memory holds in order, and where the log takes over.
@@ -170,7 +169,7 @@ impl ReportQueue {
         }
     }
 
-    fn retry(&self, id: i64, next_at: i64) {
+    pub(crate) fn retry(&self, id: i64, next_at: i64) {
         if let Some(message) = self.lock().messages.get_mut(&id) {
             let message = Arc::make_mut(message);
             message.attempts += 1;
@@ -178,10 +177,11 @@ impl ReportQueue {
         }
     }
 
-    /// The cursor: every report up to it is settled. `committed` must be read before the call, so
-    /// every report up to it has been pushed (or left out) already.
-    fn low_water(&self, committed: i64) -> i64 {
-        let inner = self.lock();
+    /// The cursor (every report up to it is settled) and whether it moved since the last call.
+    /// `committed` must be read before the call, so every report up to it has been pushed (or left
+    /// out) already.
+    fn cursor(&self, committed: i64) -> (i64, bool) {
+        let mut inner = self.lock();
         let mut low = committed;
         if let Some(first) = inner.messages.keys().next() {
             low = low.min(first - 1);
@@ -189,17 +189,9 @@ impl ReportQueue {
         if let Some(from) = inner.spill_from {
             low = low.min(from - 1);
         }
-        low
-    }
-
-    /// The cursor to save, if it moved since the last save.
-    fn cursor_to_save(&self, committed: i64) -> Option<i64> {
-        let low = self.low_water(committed);
-        let mut inner = self.lock();
-        (low != inner.saved).then(|| {
-            inner.saved = low;
-            low
-        })
+        let moved = low != inner.saved;
+        inner.saved = low;
+        (low, moved)
     }
 
     /// Drops messages received before `cutoff` and, oldest first, what exceeds `max_bytes`.
@@ -234,11 +226,8 @@ impl ReportQueue {
 /// A report's message for an action: its id is the report's first history row, and its message id
 /// is derived from that, so a message built again from the log carries the same one.
 pub(crate) fn report_message(item: NewForward, first_row: i64, received_at: i64) -> QueuedMessage {
-    let mut x = (first_row as u64) ^ fnv(item.action_id.as_bytes());
-    // splitmix64's finaliser: a bijection, so distinct reports of one action get distinct ids.
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^= x >> 31;
+    // A bijection of the row for a given action, so distinct reports of one action get distinct ids.
+    let x = ioda_engine::splitmix64((first_row as u64) ^ fnv(item.action_id.as_bytes()));
     QueuedMessage {
         id: first_row,
         message_id: ids::object_id(received_at, x.to_be_bytes()),
@@ -338,7 +327,9 @@ impl Forwarder {
         let cutoff = self.platform.now() - self.config.max_age_ms;
         let mut devices: HashMap<String, Option<DeviceRef>> = HashMap::new();
         let mut messages = Vec::new();
+        let rule = self.active_rule_of(action_id);
         for report in reports {
+            let Some(rule) = &rule else { break };
             let Some(first) = report.first() else {
                 continue;
             };
@@ -352,7 +343,7 @@ impl Forwarder {
             let Some(Some(device)) = devices.get(&device_id) else {
                 continue;
             };
-            for item in self.rebuild(action_id, device, report) {
+            for item in self.rebuild(action_id, rule, device, report) {
                 messages.push(report_message(item, first_row, received_at));
             }
         }
@@ -363,10 +354,21 @@ impl Forwarder {
         Ok(())
     }
 
-    /// The action's message for one stored report, if its rule (still active) selects it.
+    /// The action's rule, if it is active (an inactive rule forwards nothing, from the log either).
+    fn active_rule_of(&self, action_id: &str) -> Option<Arc<LiveRule>> {
+        let actions = read(&self.actions);
+        let rule_id = &actions.get(action_id)?.action.rule_id;
+        read(&self.rules)
+            .iter()
+            .find(|r| &r.rule.rule_id == rule_id && r.rule.active)
+            .cloned()
+    }
+
+    /// The action's message for one stored report, if its rule selects it.
     fn rebuild(
         &self,
         action_id: &str,
+        rule: &Arc<LiveRule>,
         device: &DeviceRef,
         rows: Vec<LoggedService>,
     ) -> Vec<NewForward> {
@@ -374,19 +376,6 @@ impl Forwarder {
             return Vec::new();
         };
         let (request_id, at) = (first.request_id.clone(), first.received_at);
-        let rule = {
-            let actions = read(&self.actions);
-            let Some(live) = actions.get(action_id) else {
-                return Vec::new();
-            };
-            read(&self.rules)
-                .iter()
-                .find(|r| r.rule.rule_id == live.action.rule_id && r.rule.active)
-                .cloned()
-        };
-        let Some(rule) = rule else {
-            return Vec::new();
-        };
         let services = rows
             .into_iter()
             .filter_map(|row| {
@@ -407,7 +396,7 @@ impl Forwarder {
             device_id: Some(device.device_id.clone()),
             ..Batch::default()
         };
-        self.evaluate_sql(&event, &[rule], None, at, &mut batch);
+        self.evaluate_sql(&event, std::slice::from_ref(rule), None, at, &mut batch);
         batch
             .items
             .into_iter()
@@ -427,9 +416,7 @@ impl Forwarder {
         let store = self.platform.store();
         let committed = store.history_committed();
         queue.remove(delivered);
-        let cursor = queue
-            .cursor_to_save(committed)
-            .unwrap_or_else(|| queue.low_water(committed));
+        let (cursor, _) = queue.cursor(committed);
         store
             .submit_cursor(action_id.to_owned(), cursor, trace)
             .await
@@ -461,15 +448,11 @@ impl Forwarder {
             );
         }
         let store = self.platform.store();
-        if let Some(cursor) = queue.cursor_to_save(store.history_committed()) {
+        if let (cursor, true) = queue.cursor(store.history_committed()) {
             let _ = store
                 .submit_cursor(action_id.to_owned(), cursor, Vec::new())
                 .await;
         }
-    }
-
-    pub(crate) fn retry_report(queue: &ReportQueue, id: i64, next_at: i64) {
-        queue.retry(id, next_at);
     }
 }
 
