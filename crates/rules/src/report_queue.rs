@@ -76,7 +76,9 @@ impl ReportQueue {
     }
 
     /// Starts from the action's saved cursor (once: a restarted worker keeps what memory holds).
-    /// Everything after it is read back from the log first.
+    /// Everything after it is read back from the log first, including what was pushed before the
+    /// start: memory then never holds a report beyond where the log takes over, so a report is
+    /// either in memory or in the log, never counted (or dropped) twice.
     fn start(&self, cursor: i64) {
         let mut inner = self.lock();
         if inner.started {
@@ -85,9 +87,8 @@ impl ReportQueue {
         inner.started = true;
         inner.floor = cursor;
         inner.saved = cursor;
-        let kept = inner.messages.split_off(&(cursor + 1));
-        inner.messages = kept;
-        inner.bytes = inner.messages.values().map(|m| m.payload.len()).sum();
+        inner.messages.clear();
+        inner.bytes = 0;
         inner.spill_from = Some(cursor + 1);
     }
 
@@ -124,7 +125,7 @@ impl ReportQueue {
     /// Adds what was read back from the log up to `covered` (`complete`: up to the log's end), as
     /// far as memory has room; the rest stays in the log. Memory takes over again once the log is
     /// read to its end and nothing newer was left out meanwhile. Messages received before `cutoff`
-    /// are dropped; returns how many (one memory holds already is memory's to count).
+    /// are dropped; returns how many.
     fn merge_from_log(
         &self,
         messages: Vec<QueuedMessage>,
@@ -135,9 +136,6 @@ impl ReportQueue {
         let mut inner = self.lock();
         let mut too_old = 0;
         for message in messages {
-            if inner.messages.contains_key(&message.id) {
-                continue;
-            }
             if message.enqueued_at < cutoff {
                 too_old += 1;
                 continue;
