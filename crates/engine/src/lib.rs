@@ -105,7 +105,7 @@ impl Default for EngineConfig {
 /// here, before the commit, and written in the same transaction as the data itself, so a crash can
 /// never keep one without the other. Implemented by `ioda-rules`.
 pub trait ForwardStage: Send + Sync + 'static {
-    /// The forwarding (and trace entries) an uplink event produces.
+    /// The forwarding an uplink event produces.
     fn stage(&self, event: &ioda_types::PlatformEvent, now: i64) -> StagedForwarding;
     /// Wakes the workers of these actions once their items are committed.
     fn wake(&self, action_ids: &[String]);
@@ -118,8 +118,9 @@ pub struct StagedForwarding {
     pub rows: Vec<ioda_store::NewForward>,
     /// Hands a property report to the actions that read the report log, once it has committed.
     pub after_commit: Option<ioda_store::AfterCommit>,
-    /// Which rules took the data, for the device trace.
-    pub trace: Vec<TraceEntry>,
+    /// Which rules took the data and which actions it was queued for (a detail the uplink puts
+    /// in the trace entry that records the data as stored); `None` when no rule has its subject.
+    pub routing: Option<ioda_store::TraceDetail>,
 }
 
 /// The administrator credentials created on first start.

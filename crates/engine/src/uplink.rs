@@ -4,7 +4,7 @@
 use bytes::Bytes;
 use ioda_mqtt::codec::{Publish, reason};
 use ioda_mqtt::server::PublishVerdict;
-use ioda_store::{MessageRecord, ReportRecord, TraceDetail};
+use ioda_store::{DetailWriter, MessageRecord, ReportRecord, TraceDetail};
 use ioda_types::event::ReportedService;
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
@@ -392,16 +392,14 @@ impl DeviceSession {
             })
             .collect();
         // The stage record of this report: received, authenticated, validated, stored (shadow and
-        // history are written in the same transaction).
+        // history are written in the same transaction), and where it is forwarded.
         let stage = TraceDetail::object()
             .str("request_id", &request_id)
             .strs(
                 "applied_services",
                 services.iter().map(|(id, _, _)| id.as_str()),
             )
-            .int("rejected_properties", rejected.len() as i64)
-            .finish();
-        traces.push(self.stage("report_stored", stage));
+            .int("rejected_properties", rejected.len() as i64);
         let record = ReportRecord {
             device_id: self.device.device_id.clone(),
             request_id: request_id.clone(),
@@ -426,12 +424,12 @@ impl DeviceSession {
         // Only when desired state is waiting does the report need comparing with it.
         let follow_up = self.wants_desired_check().then(|| record.services.clone());
         // Forwarding is decided now and committed with the report.
-        let mut staged = if applied {
+        let staged = if applied {
             self.platform.stage_forwarding(&event, now)
         } else {
             StagedForwarding::default()
         };
-        traces.append(&mut staged.trace);
+        traces.push(self.stage("report_stored", with_routing(stage, &staged)));
         let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
         let Ok(commit) = self
             .platform
@@ -489,17 +487,14 @@ impl DeviceSession {
             at: now,
         };
         // Only property reports are read back from their log; messages keep queue rows.
-        let StagedForwarding {
-            rows: forwards,
-            trace: staged,
-            ..
-        } = self.platform.stage_forwarding(&event, now);
+        let staged = self.platform.stage_forwarding(&event, now);
+        let stage = TraceDetail::object()
+            .str("request_id", &request_id)
+            .str("topic", &topic)
+            .int("bytes", payload.len() as i64);
+        let trace = vec![self.stage("message_stored", with_routing(stage, &staged))];
+        let StagedForwarding { rows: forwards, .. } = staged;
         let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
-        let mut trace = vec![self.stage(
-            "message_stored",
-            json!({ "request_id": request_id, "topic": topic, "bytes": payload.len() }),
-        )];
-        trace.extend(staged);
         let submitted = self
             .platform
             .store
@@ -531,5 +526,14 @@ impl DeviceSession {
                 _ => reason::UNSPECIFIED,
             }
         }))
+    }
+}
+
+/// A stored-data trace entry's detail with the rules the data matched and the actions it was
+/// queued for (`routing`), when a rule has the data's subject.
+fn with_routing(stage: DetailWriter, staged: &StagedForwarding) -> TraceDetail {
+    match &staged.routing {
+        Some(routing) => stage.nested("routing", routing).finish(),
+        None => stage.finish(),
     }
 }

@@ -227,7 +227,7 @@ async fn failures_are_retried_in_order_with_stable_message_ids() {
         Answer::Close,
         Answer::Status(503),
     ]);
-    let (_, action_id) = rule_with_action(
+    let (rule_id, action_id) = rule_with_action(
         &server,
         "notify_data.body.services[0].properties.count AS n",
         "",
@@ -276,7 +276,8 @@ async fn failures_are_retried_in_order_with_stable_message_ids() {
         (Some(3), Some(4), Some(0)),
         "{status}"
     );
-    // The device trace tells the whole story of report 1: stored, matched, failed (why), forwarded.
+    // The device trace tells the whole story of report 1: stored (with the rule it matched and
+    // the action it was queued for), failed (why), forwarded.
     let trace = server
         .get(&format!("/devices/{device_id}/trace?limit=200"))
         .await;
@@ -293,7 +294,6 @@ async fn failures_are_retried_in_order_with_stable_message_ids() {
         kinds,
         vec![
             "report_stored",
-            "rules_matched",
             "forward_failed",
             "forward_failed",
             "forward_failed",
@@ -302,13 +302,23 @@ async fn failures_are_retried_in_order_with_stable_message_ids() {
         ],
         "{trace}"
     );
-    assert!(
-        stages[2].1["error"].as_str().unwrap().contains("500"),
+    assert_eq!(
+        stages[0].1["routing"],
+        json!({"matched": [rule_id], "not_matched": [], "queued_for": [action_id]}),
         "{trace}"
     );
     assert!(
-        stages[3].1["error"].as_str().unwrap().contains("no answer"),
+        stages[1].1["error"].as_str().unwrap().contains("500"),
         "{trace}"
+    );
+    assert!(
+        stages[2].1["error"].as_str().unwrap().contains("no answer"),
+        "{trace}"
+    );
+    assert_eq!(
+        (stages[5].1["attempt"].as_i64(), stages[5].1.get("error")),
+        (Some(5), None),
+        "a success says which attempt it was, and no error: {trace}"
     );
     device.close().await;
     server.stop().await;

@@ -1,6 +1,7 @@
 //! Forwarding property reports from the stored history (no queue row per report): what waits for a
 //! target survives a restart with its message ids, a backlog beyond the action's memory is read
-//! back from the history in order, and a new action does not replay the past.
+//! back from the history in order, and a new action does not replay the past; and what the device
+//! trace says about where each uplink and event went.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -13,7 +14,7 @@ use common::receiver::{Answer, Receiver};
 use common::*;
 use ioda_engine::ManualClock;
 use rumqttc::QoS;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 const SELECT_COUNT: &str = "notify_data.body.services[0].properties.count AS n";
 
@@ -186,6 +187,100 @@ async fn queue_rows_left_by_an_older_version_go_out_first() {
         (Some(3), Some(0)),
         "{status}"
     );
+    device.close().await;
+    server.stop().await;
+}
+
+/// The device trace: one entry per uplink says it was stored and where it went (rules matched,
+/// rules passed, actions queued); events that are not the device's own data keep an entry of
+/// their own for their rules; a success says which attempt it was and carries no error.
+#[tokio::test]
+async fn the_trace_tells_where_each_uplink_and_event_went() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "trace-1").await;
+    let (receiver, url) = Receiver::start().await;
+    let action = |rule_id: &str| json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}});
+    let taken = activated_rule(
+        &server,
+        json!({"subject": {"resource": "device.message", "event": "report"}}),
+    )
+    .await;
+    let passed = activated_rule(
+        &server,
+        json!({"subject": {"resource": "device.message", "event": "report"}, "where": "notify_data.body.name = 'other'"}),
+    )
+    .await;
+    let status_rule = activated_rule(
+        &server,
+        json!({"subject": {"resource": "device.status", "event": "update"}}),
+    )
+    .await;
+    let mut action_ids = Vec::new();
+    for rule_id in [&taken, &passed, &status_rule] {
+        let r = server.post("/routing-rule/actions", action(rule_id)).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        action_ids.push(r.body["action_id"].as_str().unwrap().to_owned());
+    }
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    device
+        .client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/messages/up?request_id=m1"),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"content": {"a": 1}, "name": "m"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+    wait_accepted(&receiver, 2, 10).await;
+    let entries = || async {
+        let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+        trace["entries"].as_array().unwrap().clone()
+    };
+    let of_kind = |entries: &[Value], kind: &str| -> Vec<Value> {
+        entries
+            .iter()
+            .filter(|e| e["kind"] == kind)
+            .map(|e| e["detail"].clone())
+            .collect()
+    };
+    let seen = entries().await;
+    let stored = of_kind(&seen, "message_stored");
+    assert_eq!(stored.len(), 1, "{seen:?}");
+    assert_eq!(stored[0]["request_id"], "m1");
+    assert_eq!(
+        stored[0]["routing"],
+        json!({"matched": [taken], "not_matched": [passed], "queued_for": [action_ids[0]]}),
+        "{seen:?}"
+    );
+    assert!(
+        of_kind(&seen, "rules_matched")
+            .iter()
+            .chain(of_kind(&seen, "rules_not_matched").iter())
+            .all(|d| d["subject"] != "device.message/report"),
+        "the message's rules are in its stored entry, not in one of their own: {seen:?}"
+    );
+    let status_entries: Vec<Value> = of_kind(&seen, "rules_matched")
+        .into_iter()
+        .filter(|d| d["subject"] == "device.status/update")
+        .collect();
+    assert!(!status_entries.is_empty(), "{seen:?}");
+    assert_eq!(status_entries[0]["matched"], json!([status_rule]));
+    assert_eq!(status_entries[0]["queued_for"], json!([action_ids[2]]));
+    eventually("both deliveries are traced", || async {
+        of_kind(&entries().await, "forwarded").len() >= 2
+    })
+    .await;
+    let forwarded = of_kind(&entries().await, "forwarded");
+    let of_message: Vec<&Value> = forwarded
+        .iter()
+        .filter(|d| d["request_id"] == "m1")
+        .collect();
+    assert_eq!(of_message.len(), 1, "{forwarded:?}");
+    assert_eq!(of_message[0]["action_id"], action_ids[0].as_str());
+    assert_eq!(of_message[0]["attempt"], 1);
+    assert!(of_message[0].get("error").is_none(), "{forwarded:?}");
     device.close().await;
     server.stop().await;
 }

@@ -467,13 +467,18 @@ impl Forwarder {
                 "forwarded"
             }
             .to_owned(),
-            detail: TraceDetail::object()
-                .opt_str("request_id", message.request_id.as_deref())
-                .str("action_id", &message.action_id)
-                .str("message_id", &message.message_id)
-                .int("attempt", message.attempts + 1)
-                .opt_str("error", error)
-                .finish(),
+            detail: {
+                let detail = TraceDetail::object()
+                    .opt_str("request_id", message.request_id.as_deref())
+                    .str("action_id", &message.action_id)
+                    .str("message_id", &message.message_id)
+                    .int("attempt", message.attempts + 1);
+                // A success is the common case: its entry says no more than it must.
+                match error {
+                    Some(error) => detail.str("error", error).finish(),
+                    None => detail.finish(),
+                }
+            },
         })
     }
 }

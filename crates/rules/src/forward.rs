@@ -461,23 +461,30 @@ impl Forwarder {
             };
             self.queue_for_rule(&rule.rule_id, &payload, &request_id, now, batch);
         }
-        // The device trace says which rules took the data and which let it pass.
-        if let Some(device_id) = batch.device_id.clone() {
+        // The device trace says which rules took the data and which let it pass: inside the
+        // entry that says the data was stored, for a device's own uplink (one entry per message,
+        // not two: the trace is a third of the report path's work), else in an entry of its own.
+        let routing = TraceDetail::object()
+            .strs("matched", matched.iter().map(|(r, _)| r.rule_id.as_str()))
+            .strs(
+                "not_matched",
+                unmatched.iter().map(|(r, _)| r.rule_id.as_str()),
+            )
+            .strs(
+                "queued_for",
+                batch.items[first..].iter().map(|i| i.action_id.as_str()),
+            )
+            .finish();
+        if is_staged(event) {
+            batch.routing = Some(routing);
+        } else if let Some(device_id) = batch.device_id.clone() {
             let detail = TraceDetail::object()
                 .str("request_id", &request_id)
                 .str(
                     "subject",
                     &format!("{}/{}", subject.resource, subject.event),
                 )
-                .strs("matched", matched.iter().map(|(r, _)| r.rule_id.as_str()))
-                .strs(
-                    "not_matched",
-                    unmatched.iter().map(|(r, _)| r.rule_id.as_str()),
-                )
-                .strs(
-                    "queued_for",
-                    batch.items[first..].iter().map(|i| i.action_id.as_str()),
-                )
+                .fields_of(&routing)
                 .finish();
             let kind = if matched.is_empty() {
                 "rules_not_matched"
@@ -606,7 +613,7 @@ impl ForwardStage for Forwarder {
         StagedForwarding {
             rows,
             after_commit,
-            trace: batch.trace,
+            routing: batch.routing,
         }
     }
 
@@ -627,6 +634,8 @@ pub(crate) struct Batch {
     pub(crate) items: Vec<NewForward>,
     pub(crate) woken: Vec<Arc<Notify>>,
     pub(crate) trace: Vec<TraceEntry>,
+    /// Which rules took a device's own uplink, for the entry that records it as stored.
+    pub(crate) routing: Option<TraceDetail>,
 }
 
 /// FNV-1a: a stable short name for a callback URL.

@@ -36,6 +36,42 @@ CREATE INDEX IF NOT EXISTS trace_blocks_by_device ON trace_blocks(device_id, id,
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
 /// Entries one transaction writes at most, so a reader never waits long for the file.
 const ENTRIES_PER_TRANSACTION: usize = 8192;
+/// A device's old blocks are looked for once it has written this many entries since it was last
+/// pruned (so a device keeps between `KEEP_PER_DEVICE` and this many more, plus one block).
+/// Pruning at every flush read all of a busy device's blocks four times a second: a third of
+/// the trace thread's time.
+const PRUNE_EVERY: i64 = KEEP_PER_DEVICE / 4;
+/// Devices whose entries since their last pruning are counted at most; beyond it the count starts
+/// over (each device is then pruned at its next write).
+const MAX_COUNTED_DEVICES: usize = 1 << 20;
+
+/// Entries each device has written since its blocks were last pruned. A device not counted is
+/// pruned at its next write (so a restart leaves nobody unpruned for long).
+#[derive(Default)]
+struct Unpruned(std::collections::HashMap<String, i64>);
+
+impl Unpruned {
+    /// Counts a block of `entries` for the device; says whether its old blocks are due for pruning.
+    fn due(&mut self, device_id: &str, entries: i64) -> bool {
+        if self.0.len() >= MAX_COUNTED_DEVICES {
+            self.0.clear();
+        }
+        match self.0.get_mut(device_id) {
+            Some(count) if *count + entries < PRUNE_EVERY => {
+                *count += entries;
+                false
+            }
+            Some(count) => {
+                *count = 0;
+                true
+            }
+            None => {
+                self.0.insert(device_id.to_owned(), 0);
+                true
+            }
+        }
+    }
+}
 
 /// The trace file that belongs to the database at `path`: `ioda.db` keeps its trace in
 /// `ioda-trace.db` beside it.
@@ -147,11 +183,12 @@ fn adopt_old_entries(main: &Connection, file: &Path) -> Result<(), StoreError> {
 /// `ENTRIES_PER_TRANSACTION`), until told to stop or until
 /// nobody else holds the waiting entries (a store dropped without `close`, whose writer has ended).
 fn write_loop(mut conn: Connection, pending: SharedPendingTrace, stop: Arc<AtomicBool>) {
+    let mut unpruned = Unpruned::default();
     loop {
         std::thread::park_timeout(FLUSH_EVERY);
         let last_round = stop.load(Ordering::Relaxed) || Arc::strong_count(&pending) == 1;
         forget_deleted_devices(&conn, &pending);
-        while write_waiting(&mut conn, &pending) {}
+        while write_waiting(&mut conn, &pending, &mut unpruned) {}
         if last_round {
             break;
         }
@@ -182,13 +219,17 @@ fn forget_deleted_devices(conn: &Connection, pending: &SharedPendingTrace) {
 }
 
 /// Writes up to `ENTRIES_PER_TRANSACTION` waiting entries; says whether more are waiting.
-fn write_waiting(conn: &mut Connection, pending: &SharedPendingTrace) -> bool {
+fn write_waiting(
+    conn: &mut Connection,
+    pending: &SharedPendingTrace,
+    unpruned: &mut Unpruned,
+) -> bool {
     let entries = trace::lock(pending).oldest(ENTRIES_PER_TRANSACTION);
     let Some(last_id) = entries.last().map(|e| e.id) else {
         return false;
     };
     let written = conn.transaction().map_err(StoreError::from).and_then(|tx| {
-        write_blocks(&tx, &entries)?;
+        write_blocks(&tx, &entries, unpruned)?;
         tx.commit().map_err(StoreError::from)
     });
     match written {
@@ -207,7 +248,11 @@ fn write_waiting(conn: &mut Connection, pending: &SharedPendingTrace) -> bool {
 
 /// Writes entries as one block per device (inside the caller's transaction), then keeps each of
 /// those devices' trace bounded.
-fn write_blocks(c: &Connection, entries: &[Arc<TraceEntry>]) -> Result<(), StoreError> {
+fn write_blocks(
+    c: &Connection,
+    entries: &[Arc<TraceEntry>],
+    unpruned: &mut Unpruned,
+) -> Result<(), StoreError> {
     let mut blocks: Vec<(&str, Vec<&TraceEntry>)> = Vec::new();
     let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for entry in entries {
@@ -228,7 +273,9 @@ fn write_blocks(c: &Connection, entries: &[Arc<TraceEntry>]) -> Result<(), Store
             entries.len() as i64,
             block_body(entries)
         ])?;
-        prune(c, device_id)?;
+        if unpruned.due(device_id, entries.len() as i64) {
+            prune(c, device_id)?;
+        }
     }
     Ok(())
 }
