@@ -21,7 +21,8 @@ use crate::trace::{self, KEEP_PER_DEVICE, PendingTrace, SharedPendingTrace, Trac
 use crate::trace_detail::push_string;
 
 /// A block is numbered by its newest entry; `body` is a JSON array of the entries, oldest first,
-/// each `{"id", "at", "kind", "detail"}`.
+/// each `{"id", "at", "kind", "detail"}`: LZ4-compressed (a BLOB: its length as 4 bytes, little
+/// endian, then the compressed text), or plain text as versions before compression wrote it.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS trace_blocks (
     id INTEGER PRIMARY KEY,
@@ -271,7 +272,9 @@ fn write_blocks(
             newest,
             device_id,
             entries.len() as i64,
-            block_body(entries)
+            // Compressed: a block's entries repeat their keys, rule and action ids; stored plain,
+            // they were a third of the server's disk writes (BENCHMARKS.md).
+            lz4_flex::block::compress_prepend_size(block_body(entries).as_bytes())
         ])?;
         if unpruned.due(device_id, entries.len() as i64) {
             prune(c, device_id)?;
@@ -335,8 +338,18 @@ pub(crate) fn stored_entries(
     while out.len() < limit as usize
         && let Some(row) = rows.next()?
     {
-        let body: String = row.get(0)?;
-        let block: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+        let block = match read_block(row.get_ref(0)?) {
+            Ok(block) => block,
+            Err(why) => {
+                // One damaged block must not hide the rest of the device's trace.
+                tracing::warn!(
+                    device_id,
+                    why,
+                    "a stored trace block is damaged and was skipped"
+                );
+                continue;
+            }
+        };
         for mut entry in block.into_iter().rev() {
             let field = |name: &str| entry.get(name).and_then(serde_json::Value::as_i64);
             let (Some(id), Some(at)) = (field("id"), field("at")) else {
@@ -362,4 +375,30 @@ pub(crate) fn stored_entries(
     }
     out.truncate(limit as usize);
     Ok(out)
+}
+
+/// A block's body holds at most this much text (`ENTRIES_PER_TRANSACTION` entries of a few KB):
+/// a damaged length must not ask for more memory than that.
+const MAX_BLOCK_TEXT: usize = 64 << 20;
+
+/// The entries of a stored block, oldest first.
+fn read_block(body: rusqlite::types::ValueRef<'_>) -> Result<Vec<serde_json::Value>, String> {
+    use rusqlite::types::ValueRef;
+    let text = match body {
+        ValueRef::Text(text) => std::borrow::Cow::Borrowed(text),
+        ValueRef::Blob(blob) => {
+            let (length, compressed) = blob
+                .split_first_chunk::<4>()
+                .ok_or("shorter than its length")?;
+            let length = u32::from_le_bytes(*length) as usize;
+            if length > MAX_BLOCK_TEXT {
+                return Err(format!("says it holds {length} bytes"));
+            }
+            let text = lz4_flex::block::decompress(compressed, length)
+                .map_err(|e| format!("cannot be decompressed: {e}"))?;
+            std::borrow::Cow::Owned(text)
+        }
+        other => return Err(format!("is a {}", other.data_type())),
+    };
+    serde_json::from_slice(&text).map_err(|e| format!("is not a JSON array of entries: {e}"))
 }

@@ -347,6 +347,46 @@ async fn trace_an_older_version_kept_in_the_main_database_moves_to_the_trace_fil
 }
 
 #[tokio::test]
+async fn trace_blocks_are_stored_compressed_and_a_damaged_one_hides_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store
+        .record_trace(vec![trace_entry("d1", 1), trace_entry("d1", 2)])
+        .await
+        .unwrap();
+    store.close().await;
+    let file = rusqlite::Connection::open(dir.path().join("t-trace.db")).unwrap();
+    let kind: String = file
+        .query_row("SELECT typeof(body) FROM trace_blocks", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(kind, "blob", "written compressed");
+    // Damaged blocks, newer than the good one: bad JSON text, a blob too short to hold its
+    // length, one claiming 4 GiB, one whose bytes are not LZ4, one that is not text or a blob.
+    let huge = [0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+    let garbage = [16, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff];
+    let damaged: [(i64, rusqlite::types::Value); 5] = [
+        (10, "[{not json".to_owned().into()),
+        (11, vec![1u8, 2].into()),
+        (12, huge.to_vec().into()),
+        (13, garbage.to_vec().into()),
+        (14, 42i64.into()),
+    ];
+    for (id, body) in damaged {
+        file.execute(
+            "INSERT INTO trace_blocks (id, device_id, entries, body) VALUES (?1, 'd1', 1, ?2)",
+            rusqlite::params![id, body],
+        )
+        .unwrap();
+    }
+    drop(file);
+    let store = open(dir.path()).await;
+    let read = store.trace("d1".into(), 10).await.unwrap();
+    let details: Vec<serde_json::Value> = read.iter().map(|e| e.detail.to_value()).collect();
+    assert_eq!(details, vec![json!({"i": 2}), json!({"i": 1})]);
+    store.close().await;
+}
+
+#[tokio::test]
 async fn the_trace_stays_bounded_per_device() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
