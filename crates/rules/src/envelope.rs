@@ -273,6 +273,61 @@ pub fn envelope(event: &PlatformEvent, detail: Option<Value>, request_id: &str) 
     Some(envelope)
 }
 
+/// A property report's envelope as text, written straight from the report: the same text as
+/// `envelope(..).to_string()` (keys in the same sorted order), without building and dropping the
+/// value tree, which copied every property (the report path's costliest step in forwarding, for
+/// rules that forward the whole envelope and test nothing in it). `None` for other events.
+pub fn report_envelope_text(event: &PlatformEvent, request_id: &str) -> Option<String> {
+    let PlatformEvent::PropertiesReported {
+        device,
+        services,
+        at,
+        ..
+    } = event
+    else {
+        return None;
+    };
+    let mut out: Vec<u8> = Vec::with_capacity(512);
+    out.extend_from_slice(br#"{"event":"report","event_time":"#);
+    json_str(&mut out, &time::format_compact(*at));
+    out.extend_from_slice(br#","event_time_ms":"#);
+    json_str(&mut out, &time::format_iso_millis(*at));
+    out.extend_from_slice(br#","notify_data":{"body":{"services":["#);
+    for (i, service) in services.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(br#"{"event_time":"#);
+        json_str(&mut out, &time::format_compact(service.event_time));
+        out.extend_from_slice(br#","properties":"#);
+        serde_json::to_writer(&mut out, &service.properties).ok()?;
+        out.extend_from_slice(br#","service_id":"#);
+        json_str(&mut out, &service.service_id);
+        out.push(b'}');
+    }
+    out.extend_from_slice(br#"]},"header":{"app_id":"#);
+    let fields = [
+        (&device.app_id, r#","device_id":"#),
+        (&device.device_id, r#","gateway_id":"#),
+        (&device.gateway_id, r#","node_id":"#),
+        (&device.node_id, r#","product_id":"#),
+        (&device.product_id, r#","tags":[]}},"request_id":"#),
+    ];
+    for (value, next_key) in fields {
+        json_str(&mut out, value);
+        out.extend_from_slice(next_key.as_bytes());
+    }
+    json_str(&mut out, request_id);
+    out.extend_from_slice(br#","resource":"device.property"}"#);
+    String::from_utf8(out).ok()
+}
+
+/// Appends `value` as a JSON string, escaped as serde_json escapes it.
+fn json_str(out: &mut Vec<u8>, value: &str) {
+    // Writing a `str` into a `Vec` cannot fail.
+    let _ = serde_json::to_writer(&mut *out, value);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -287,6 +342,60 @@ mod tests {
             product_id: "prod".into(),
             gateway_id: "prod_n1".into(),
         }
+    }
+
+    #[test]
+    fn a_report_envelope_written_as_text_is_the_value_tree_rendered() {
+        let odd = DeviceRef {
+            app_id: "a\"pp\n".into(),
+            device_id: "d/é".into(),
+            node_id: "n\\1".into(),
+            gateway_id: String::new(),
+            ..device()
+        };
+        let props = |v: Value| v.as_object().cloned().unwrap_or_default();
+        let service = |id: &str, properties: Value, event_time: i64| ReportedService {
+            service_id: id.into(),
+            properties: props(properties),
+            event_time,
+        };
+        let cases: Vec<(DeviceRef, Vec<ReportedService>, i64, &str)> = vec![
+            (
+                device(),
+                vec![service("T", json!({"temp": 21.5}), 0)],
+                1_000,
+                "r1",
+            ),
+            (device(), vec![], 1_764_150_000_123, ""),
+            (
+                odd,
+                vec![
+                    service(
+                        "A",
+                        json!({"z": [1, {"b": null}], "a": "x\"y", "m": {"k": true}}),
+                        5,
+                    ),
+                    service("B\"", json!({}), 1_764_150_000_999),
+                ],
+                1_764_150_001_000,
+                "req\u{1}",
+            ),
+        ];
+        for (device, services, at, request_id) in cases {
+            let event = PlatformEvent::PropertiesReported {
+                device,
+                request_id: request_id.into(),
+                services,
+                at,
+            };
+            let tree = envelope(&event, None, request_id).unwrap().to_string();
+            assert_eq!(report_envelope_text(&event, request_id), Some(tree));
+        }
+        let other = PlatformEvent::DeviceDeleted {
+            device: device(),
+            at: 1,
+        };
+        assert_eq!(report_envelope_text(&other, "r"), None);
     }
 
     #[test]

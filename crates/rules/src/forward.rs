@@ -17,7 +17,9 @@ use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
 use tokio::task::JoinHandle;
 
-use crate::envelope::{Subject, device_of, envelope, parse_subject, subject_of};
+use crate::envelope::{
+    Subject, device_of, envelope, parse_subject, report_envelope_text, subject_of,
+};
 use crate::report_queue::{ReportQueue, Source, report_message};
 use crate::sql::{Rule, compile};
 
@@ -444,20 +446,30 @@ impl Forwarder {
             | PlatformEvent::MessageReported { request_id, .. } => request_id.clone(),
             _ => ids::object_id(now, rand8()),
         };
-        let Some(envelope) = envelope(event, detail, &request_id) else {
-            return;
+        // Rules that forward the whole envelope share one serialisation of it; when no rule tests
+        // or picks anything in it, a report's is written without building the value tree.
+        let mut whole: Option<String> = candidates
+            .iter()
+            .all(|(_, compiled)| compiled.condition.is_none() && compiled.selects_all())
+            .then(|| report_envelope_text(event, &request_id))
+            .flatten();
+        let tree = match &whole {
+            Some(_) => None,
+            None => match envelope(event, detail, &request_id) {
+                Some(tree) => Some(tree),
+                None => return,
+            },
         };
-        let (matched, unmatched): (Vec<_>, Vec<_>) = candidates
-            .into_iter()
-            .partition(|(_, compiled)| compiled.matches(&envelope, now));
+        let (matched, unmatched): (Vec<_>, Vec<_>) =
+            candidates.into_iter().partition(|(_, compiled)| {
+                tree.as_ref().is_none_or(|tree| compiled.matches(tree, now))
+            });
         let first = batch.items.len();
-        // Rules that forward the whole envelope share one serialisation of it.
-        let mut whole: Option<String> = None;
         for (rule, compiled) in &matched {
-            let payload = if compiled.selects_all() {
-                whole.get_or_insert_with(|| envelope.to_string()).clone()
-            } else {
-                compiled.project(&envelope, now).to_string()
+            let payload = match &tree {
+                Some(tree) if !compiled.selects_all() => compiled.project(tree, now).to_string(),
+                Some(tree) => whole.get_or_insert_with(|| tree.to_string()).clone(),
+                None => whole.clone().unwrap_or_default(),
             };
             self.queue_for_rule(&rule.rule_id, &payload, &request_id, now, batch);
         }
