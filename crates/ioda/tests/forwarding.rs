@@ -553,16 +553,7 @@ async fn every_subject_is_pushed_with_its_envelope() {
         .await
         .unwrap();
     let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
-    device
-        .client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/messages/up"),
-            QoS::AtLeastOnce,
-            false,
-            br#"{"content": {"a": 1}, "name": "m"}"#.to_vec(),
-        )
-        .await
-        .unwrap();
+    message_up(&device, &device_id, "").await;
     server
         .post(
             &format!("/devices/{device_id}/messages"),

@@ -223,16 +223,7 @@ async fn the_trace_tells_where_each_uplink_and_event_went() {
         action_ids.push(r.body["action_id"].as_str().unwrap().to_owned());
     }
     let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
-    device
-        .client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/messages/up?request_id=m1"),
-            QoS::AtLeastOnce,
-            false,
-            br#"{"content": {"a": 1}, "name": "m"}"#.to_vec(),
-        )
-        .await
-        .unwrap();
+    message_up(&device, &device_id, "?request_id=m1").await;
     wait_accepted(&receiver, 2, 10).await;
     let entries = || async {
         let trace = server.get(&format!("/devices/{device_id}/trace")).await;

@@ -57,6 +57,21 @@ pub async fn report(device: &SimDevice, device_id: &str, temp: f64, count: i64) 
         .unwrap();
 }
 
+/// Publishes a device message in IoTDA's system format (`query` goes after the topic, say
+/// `?request_id=m1`, or is empty).
+pub async fn message_up(device: &SimDevice, device_id: &str, query: &str) {
+    device
+        .client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/messages/up{query}"),
+            QoS::AtLeastOnce,
+            false,
+            br#"{"content": {"a": 1}, "name": "m"}"#.to_vec(),
+        )
+        .await
+        .unwrap();
+}
+
 /// Waits until the receiver has accepted `n` bodies.
 pub async fn wait_accepted(receiver: &Receiver, n: usize, secs: u64) -> Vec<Value> {
     for _ in 0..secs * 20 {
