@@ -475,7 +475,7 @@ impl Forwarder {
         }
         // The device trace says which rules took the data and which let it pass: inside the
         // entry that says the data was stored, for a device's own uplink (one entry per message,
-        // not two: the trace is a third of the report path's work), else in an entry of its own.
+        // not two: the trace was a fifth of the server's time), else in an entry of its own.
         let routing = TraceDetail::object()
             .strs("matched", matched.iter().map(|(r, _)| r.rule_id.as_str()))
             .strs(
