@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use ioda_engine::{ForwardStage, Platform, StagedForwarding};
-use ioda_store::{AfterCommit, NewForward, RoutingAction, RoutingRule, TraceDetail, TraceEntry};
+use ioda_store::{
+    AfterCommit, DetailWriter, NewForward, RoutingAction, RoutingRule, TraceDetail, TraceEntry,
+};
 use ioda_types::{PlatformEvent, ids};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, broadcast, watch};
@@ -476,28 +478,26 @@ impl Forwarder {
         // The device trace says which rules took the data and which let it pass: inside the
         // entry that says the data was stored, for a device's own uplink (one entry per message,
         // not two: the trace was a fifth of the server's time), else in an entry of its own.
-        let routing = TraceDetail::object()
-            .strs("matched", matched.iter().map(|(r, _)| r.rule_id.as_str()))
-            .strs(
-                "not_matched",
-                unmatched.iter().map(|(r, _)| r.rule_id.as_str()),
-            )
-            .strs(
-                "queued_for",
-                batch.items[first..].iter().map(|i| i.action_id.as_str()),
-            )
-            .finish();
-        if is_staged(event) {
-            batch.routing = Some(routing);
-        } else if let Some(device_id) = batch.device_id.clone() {
-            let detail = TraceDetail::object()
-                .str("request_id", &request_id)
-                .str(
-                    "subject",
-                    &format!("{}/{}", subject.resource, subject.event),
+        let rules = |detail: DetailWriter| {
+            detail
+                .strs("matched", matched.iter().map(|(r, _)| r.rule_id.as_str()))
+                .strs(
+                    "not_matched",
+                    unmatched.iter().map(|(r, _)| r.rule_id.as_str()),
                 )
-                .fields_of(&routing)
-                .finish();
+                .strs(
+                    "queued_for",
+                    batch.items[first..].iter().map(|i| i.action_id.as_str()),
+                )
+                .finish()
+        };
+        if is_staged(event) {
+            batch.routing = Some(rules(TraceDetail::object()));
+        } else if let Some(device_id) = batch.device_id.clone() {
+            let detail = rules(TraceDetail::object().str("request_id", &request_id).str(
+                "subject",
+                &format!("{}/{}", subject.resource, subject.event),
+            ));
             let kind = if matched.is_empty() {
                 "rules_not_matched"
             } else {

@@ -117,22 +117,6 @@ impl DetailWriter {
         self
     }
 
-    /// The fields of another object, appended to this one's (nothing if it is not an object).
-    pub fn fields_of(mut self, other: &TraceDetail) -> DetailWriter {
-        let inner = other
-            .0
-            .trim()
-            .strip_prefix('{')
-            .and_then(|rest| rest.strip_suffix('}'))
-            .map(str::trim)
-            .unwrap_or_default();
-        if !inner.is_empty() {
-            self.out.push(if self.out.is_empty() { '{' } else { ',' });
-            self.out.push_str(inner);
-        }
-        self
-    }
-
     pub fn finish(mut self) -> TraceDetail {
         if self.out.is_empty() {
             self.out.push('{');
@@ -194,40 +178,20 @@ mod tests {
     }
 
     #[test]
-    fn other_details_are_nested_or_appended() {
-        let routing = TraceDetail::object().strs("rules_matched", ["r1"]).finish();
+    fn another_detail_nests_as_a_value() {
+        let routing = TraceDetail::object().strs("matched", ["r1"]).finish();
         let cases: Vec<(TraceDetail, Value)> = vec![
             (
+                TraceDetail::object().nested("routing", &routing).finish(),
+                json!({"routing": {"matched": ["r1"]}}),
+            ),
+            (
                 TraceDetail::object()
                     .str("a", "x")
-                    .fields_of(&routing)
-                    .finish(),
-                json!({"a": "x", "rules_matched": ["r1"]}),
-            ),
-            (
-                TraceDetail::object().nested("routing", &routing).finish(),
-                json!({"routing": {"rules_matched": ["r1"]}}),
-            ),
-            (
-                TraceDetail::object()
-                    .fields_of(&routing)
+                    .nested("routing", &routing)
                     .int("n", 1)
                     .finish(),
-                json!({"rules_matched": ["r1"], "n": 1}),
-            ),
-            (
-                TraceDetail::object()
-                    .str("a", "x")
-                    .fields_of(&TraceDetail::object().finish())
-                    .finish(),
-                json!({"a": "x"}),
-            ),
-            (
-                TraceDetail::object()
-                    .str("a", "x")
-                    .fields_of(&TraceDetail::from(json!([1])))
-                    .finish(),
-                json!({"a": "x"}),
+                json!({"a": "x", "routing": {"matched": ["r1"]}, "n": 1}),
             ),
         ];
         for (detail, expected) in cases {
