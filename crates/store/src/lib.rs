@@ -18,6 +18,7 @@ mod schema;
 mod shadow;
 mod trace;
 mod trace_detail;
+mod trace_file;
 mod trace_log;
 mod writer;
 

@@ -19,19 +19,7 @@ use rusqlite::Connection;
 use crate::StoreError;
 use crate::trace::{self, KEEP_PER_DEVICE, PendingTrace, SharedPendingTrace, TraceEntry};
 use crate::trace_detail::push_string;
-
-/// A block is numbered by its newest entry; `body` is a JSON array of the entries, oldest first,
-/// each `{"id", "at", "kind", "detail"}`: LZ4-compressed (a BLOB: its length as 4 bytes, little
-/// endian, then the compressed text), or plain text as versions before compression wrote it.
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS trace_blocks (
-    id INTEGER PRIMARY KEY,
-    device_id TEXT NOT NULL,
-    entries INTEGER NOT NULL,
-    body TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS trace_blocks_by_device ON trace_blocks(device_id, id, entries);
-";
+use crate::trace_file;
 
 /// How often waiting entries are written out (a crash loses at most this much trace).
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -83,16 +71,6 @@ pub(crate) fn trace_path(path: &Path) -> PathBuf {
     path.with_file_name(format!("{stem}-trace.db"))
 }
 
-fn open_connection(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open(path)?;
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    // Losing the last moments of trace to a power cut is acceptable; an fsync per flush is not.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    conn.pragma_update(None, "journal_size_limit", 16 << 20)?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
-}
-
 /// The trace file: its reader, and the thread writing waiting entries into it.
 pub(crate) struct TraceLog {
     reader: Arc<Mutex<Connection>>,
@@ -107,10 +85,10 @@ impl TraceLog {
     pub(crate) fn open(
         main: &Connection,
         path: &Path,
+        boot: Option<&str>,
     ) -> Result<(TraceLog, SharedPendingTrace), StoreError> {
         let file = trace_path(path);
-        let writer = open_connection(&file)?;
-        writer.execute_batch(SCHEMA)?;
+        let writer = trace_file::open_for_writing(&file, boot)?;
         adopt_old_entries(main, &file)?;
         let pending: SharedPendingTrace = Arc::new(Mutex::new(PendingTrace::after(&writer)?));
         let stop = Arc::new(AtomicBool::new(false));
@@ -122,7 +100,7 @@ impl TraceLog {
                 .spawn(move || write_loop(writer, pending, stop))?
         };
         let log = TraceLog {
-            reader: Arc::new(Mutex::new(open_connection(&file)?)),
+            reader: Arc::new(Mutex::new(trace_file::open_connection(&file)?)),
             stop,
             thread: Mutex::new(Some(thread)),
         };
@@ -194,9 +172,7 @@ fn write_loop(mut conn: Connection, pending: SharedPendingTrace, stop: Arc<Atomi
             break;
         }
     }
-    if let Err(error) = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE") {
-        tracing::warn!(%error, "final trace checkpoint failed");
-    }
+    trace_file::close_synced(&conn);
 }
 
 /// Deletes the stored entries of devices deleted since the last round (only those numbered before

@@ -82,7 +82,8 @@ fn open_connection(path: &Path, durability: Durability) -> Result<Connection, St
 impl Store {
     /// Opens (creating if needed) the database at `path` and starts the writer thread.
     pub fn open(path: &Path, durability: Durability) -> Result<Store, StoreError> {
-        Store::open_tuned(path, durability, Checkpoints::default())
+        let boot = crate::trace_file::machine_boot_id();
+        Store::open_tuned(path, durability, Checkpoints::default(), boot.as_deref())
     }
 
     /// `open` with chosen checkpoint timings (tests use short ones).
@@ -90,6 +91,7 @@ impl Store {
         path: &Path,
         durability: Durability,
         checkpoints: Checkpoints,
+        boot: Option<&str>,
     ) -> Result<Store, StoreError> {
         let mut write_conn = open_connection(path, durability)?;
         schema::migrate(&mut write_conn)?;
@@ -98,7 +100,7 @@ impl Store {
         // A log that a burst grew is cut back to this when it starts over.
         write_conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
-        let (trace_log, pending_trace) = TraceLog::open(&write_conn, path)?;
+        let (trace_log, pending_trace) = TraceLog::open(&write_conn, path, boot)?;
         let forward_ids = ForwardIds::after_newest(&write_conn)?;
         let history_ids = HistoryIds::after_newest(&write_conn)?;
         let reader = open_connection(path, durability)?;
@@ -463,7 +465,13 @@ mod tests {
             restart_after_frames: 200,
         };
         let store = std::sync::Arc::new(
-            Store::open_tuned(&dir.path().join("t.db"), Durability::Normal, checkpoints).unwrap(),
+            Store::open_tuned(
+                &dir.path().join("t.db"),
+                Durability::Normal,
+                checkpoints,
+                None,
+            )
+            .unwrap(),
         );
         // Eight writers committing 4 KB rows back to back: the writer never pauses.
         let mut writers = Vec::new();
