@@ -347,7 +347,10 @@ pub(crate) struct Checkpoints {
 impl Default for Checkpoints {
     fn default() -> Self {
         Checkpoints {
-            every: std::time::Duration::from_millis(250),
+            // Each checkpoint ends in a sync of the database file, and a commit's own sync waits
+            // behind it: small, frequent ones hold a commit up less than large ones (at 30 000
+            // reports/s, 50 ms rather than 250 ms: ack p99 −0.5 ms; 1 s and 4 s were worse).
+            every: std::time::Duration::from_millis(50),
             // 64 MiB of 4 KiB pages.
             restart_after_frames: 16384,
         }
