@@ -179,6 +179,52 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
 }
 
 #[tokio::test]
+async fn a_reported_state_stored_as_text_by_an_older_version_merges_and_reads_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    submit_and_wait(&store, json!({"a": 1, "s": "x\"y", "n": 1.50}), 10).await;
+    store.close().await;
+    // As versions before binary JSON left it: the reported state as text.
+    let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
+    conn.execute(
+        "UPDATE shadows SET reported = '{\"a\":1,\"old\":[1,{\"k\":null}],\"gone\":true}'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    let store = open(dir.path()).await;
+    assert_eq!(
+        reported(&store).await,
+        json!({"a": 1, "old": [1, {"k": null}], "gone": true})
+    );
+    // A null in a report removes the key (JSON merge patch), as it did over text.
+    submit_and_wait(&store, json!({"a": 2, "gone": null, "new": "é"}), 20).await;
+    assert_eq!(
+        reported(&store).await,
+        json!({"a": 2, "old": [1, {"k": null}], "new": "é"})
+    );
+    store.close().await;
+}
+
+/// Stores a report of service `S` of device `d1` and waits for its commit.
+async fn submit_and_wait(store: &Store, properties: serde_json::Value, t: i64) {
+    let report = ReportRecord {
+        device_id: "d1".into(),
+        request_id: format!("r{t}"),
+        received_at: t,
+        services: vec![("S".into(), properties.as_object().unwrap().clone(), t)],
+    };
+    let committed = store.submit_report(report, vec![], vec![], None).await;
+    committed.unwrap().await.unwrap().unwrap();
+}
+
+/// The reported state of service `S` of device `d1`.
+async fn reported(store: &Store) -> serde_json::Value {
+    let shadow = store.shadow("d1".into()).await.unwrap();
+    serde_json::Value::Object(shadow[0].reported.clone().unwrap())
+}
+
+#[tokio::test]
 async fn trace_entries_are_readable_at_once_and_kept_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let entry = |device: &str, i: i64| ioda_store::TraceEntry {
