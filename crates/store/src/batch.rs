@@ -12,6 +12,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::StoreError;
+use crate::shadow::ShadowMerges;
 use crate::trace::{self, SharedPendingTrace, TraceEntry};
 
 /// Called with the outcome of the transaction a job ran in.
@@ -21,7 +22,9 @@ pub(crate) type OnceJob = Box<dyn FnOnce(&Connection) -> (bool, Finish) + Send>;
 
 /// Work that may run again if its transaction starts over; keeps the outcome of its last run.
 pub(crate) trait RepeatableJob: Send {
-    fn run(&mut self, conn: &Connection) -> bool;
+    /// Runs the job. With `batch_merges`, a report notes its shadow merges there for the batch to
+    /// write once per device (`ShadowMerges`); without, it writes them itself.
+    fn run(&mut self, conn: &Connection, batch_merges: Option<&mut ShadowMerges>) -> bool;
     fn finish(self: Box<Self>, commit: Result<(), String>);
 }
 
@@ -55,7 +58,7 @@ where
     T: Send,
     F: FnMut(&Connection) -> Result<T, StoreError> + Send,
 {
-    fn run(&mut self, conn: &Connection) -> bool {
+    fn run(&mut self, conn: &Connection, _: Option<&mut ShadowMerges>) -> bool {
         let result = (self.f)(conn);
         let ok = result.is_ok();
         self.result = Some(result);
@@ -145,19 +148,29 @@ fn split(batch: &mut Batch) -> (Repeatables, Onces) {
     (repeatables, onces)
 }
 
-/// Runs the repeatable jobs without savepoints; if one fails, starts the transaction over and runs
-/// each in a savepoint of its own. Says which succeeded.
+/// Runs the repeatable jobs without savepoints, writing their shadow merges once per device at the
+/// end; if one fails (or the merges do), starts the transaction over and runs each in a savepoint
+/// of its own, writing its own merges, so a failure is its job's alone. Says which succeeded.
 fn run_repeatables(
     conn: &Connection,
     jobs: &mut Repeatables,
 ) -> Result<Vec<bool>, rusqlite::Error> {
-    if jobs.iter_mut().all(|(job, _)| job.run(conn)) {
-        return Ok(vec![true; jobs.len()]);
+    let mut merges = ShadowMerges::default();
+    if jobs
+        .iter_mut()
+        .all(|(job, _)| job.run(conn, Some(&mut merges)))
+    {
+        match merges.flush(conn) {
+            Ok(()) => return Ok(vec![true; jobs.len()]),
+            Err(error) => {
+                tracing::warn!(%error, "shadow merges failed; running the batch job by job")
+            }
+        }
     }
     conn.execute_batch("ROLLBACK; BEGIN IMMEDIATE")?;
     Ok(jobs
         .iter_mut()
-        .map(|(job, _)| in_savepoint(conn, |c| job.run(c)))
+        .map(|(job, _)| in_savepoint(conn, |c| job.run(c, None)))
         .collect())
 }
 

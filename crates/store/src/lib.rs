@@ -16,6 +16,7 @@ mod report_log;
 mod routing;
 mod schema;
 mod shadow;
+mod shadow_merge;
 mod trace;
 mod trace_detail;
 mod trace_file;

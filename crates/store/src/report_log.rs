@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 
 use crate::batch::RepeatableJob;
 use crate::routing::{ForwardIds, NewForward, insert_forwards};
-use crate::shadow::{ReportRecord, write_report};
+use crate::shadow::{ReportRecord, ShadowMerges, write_report};
 use crate::trace::TraceEntry;
 use crate::{Store, StoreError};
 
@@ -79,8 +79,14 @@ struct ReportJob {
 }
 
 impl RepeatableJob for ReportJob {
-    fn run(&mut self, conn: &Connection) -> bool {
-        let result = write_report(conn, &self.report, &self.history_ids).and_then(|rows| {
+    fn run(&mut self, conn: &Connection, batch_merges: Option<&mut ShadowMerges>) -> bool {
+        let mut own = ShadowMerges::default();
+        let result = match batch_merges {
+            Some(merges) => write_report(conn, &self.report, &self.history_ids, merges),
+            None => write_report(conn, &self.report, &self.history_ids, &mut own)
+                .and_then(|rows| own.flush(conn).map(|()| rows)),
+        };
+        let result = result.and_then(|rows| {
             insert_forwards(
                 conn,
                 &self.forward_ids,

@@ -6,6 +6,7 @@ use tokio::sync::oneshot;
 
 use crate::report_log::HistoryIds;
 use crate::routing::{NewForward, insert_forwards};
+pub(crate) use crate::shadow_merge::ShadowMerges;
 use crate::trace::TraceEntry;
 use crate::{Store, StoreError};
 
@@ -51,33 +52,26 @@ pub struct HistoryRow {
     pub request_id: String,
 }
 
-/// Writes a report's shadow merge and history rows; returns its first and last history row (none
-/// when no service applied).
+/// Writes a report's history rows and notes its shadow merges in `merges` (which the caller
+/// writes out); returns its first and last history row (none when no service applied).
 pub(crate) fn write_report(
     c: &Connection,
     report: &ReportRecord,
     ids: &HistoryIds,
+    merges: &mut ShadowMerges,
 ) -> Result<Option<(i64, i64)>, StoreError> {
-    // Each history row points at the service's previous one, and the shadow at the newest. The
-    // reported state is kept as SQLite's binary JSON: merging into text parsed the stored text and
-    // wrote it out again at every report (~5 % of the server's CPU under load, BENCHMARKS.md);
-    // text stored by earlier versions is read and merged all the same.
-    let mut merge = c.prepare_cached(
-        "INSERT INTO shadows (device_id, service_id, reported, reported_at, version, last_history_id) \
-         VALUES (?1, ?2, jsonb(?3), ?4, 1, ?5) \
-         ON CONFLICT (device_id, service_id) DO UPDATE SET \
-         reported = jsonb_patch(COALESCE(reported, jsonb('{}')), excluded.reported), \
-         reported_at = excluded.reported_at, version = version + 1, last_history_id = excluded.last_history_id",
-    )?;
+    // Each history row points at the service's previous one: a report earlier in this batch, or
+    // else the row the shadow names.
     let mut history = c.prepare_cached(
         "INSERT INTO property_history (id, device_id, service_id, properties, event_time, received_at, request_id, prev_id) \
          VALUES (?7, ?1, ?2, ?3, ?4, ?5, ?6, \
-         (SELECT last_history_id FROM shadows WHERE device_id = ?1 AND service_id = ?2))",
+         COALESCE(?8, (SELECT last_history_id FROM shadows WHERE device_id = ?1 AND service_id = ?2)))",
     )?;
     let mut rows: Option<(i64, i64)> = None;
     for (service_id, properties, event_time) in &report.services {
         let json = serde_json::to_string(properties)?;
         let id = ids.next();
+        let previous = merges.last_history_id(&report.device_id, service_id);
         history.execute(params![
             report.device_id,
             service_id,
@@ -85,9 +79,16 @@ pub(crate) fn write_report(
             event_time,
             report.received_at,
             report.request_id,
-            id
+            id,
+            previous
         ])?;
-        merge.execute(params![report.device_id, service_id, json, event_time, id])?;
+        merges.note(
+            &report.device_id,
+            service_id,
+            (properties, json),
+            *event_time,
+            id,
+        )?;
         rows = Some((rows.map_or(id, |(first, _)| first), id));
     }
     Ok(rows)

@@ -100,6 +100,8 @@ impl Store {
         // A log that a burst grew is cut back to this when it starts over.
         write_conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         write_conn.pragma_update(None, "cache_size", -WRITER_CACHE_KIB)?;
+        // Room for every statement the writer runs, shadow merges of each length included.
+        write_conn.set_prepared_statement_cache_capacity(64);
         let (trace_log, pending_trace) = TraceLog::open(&write_conn, path, boot)?;
         let forward_ids = ForwardIds::after_newest(&write_conn)?;
         let history_ids = HistoryIds::after_newest(&write_conn)?;
