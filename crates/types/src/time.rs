@@ -92,13 +92,7 @@ pub fn format_compact(ms: i64) -> String {
     // Written digit by digit: `format!` made the timestamps of a report's push envelope ~3 % of
     // the server's CPU under load (BENCHMARKS.md).
     let mut out = String::with_capacity(16);
-    push_digits(&mut out, c.year as u32, 4);
-    push_digits(&mut out, c.month, 2);
-    push_digits(&mut out, c.day, 2);
-    out.push('T');
-    push_digits(&mut out, c.hour, 2);
-    push_digits(&mut out, c.minute, 2);
-    push_digits(&mut out, c.second, 2);
+    push_date_time(&mut out, &c, "", "");
     out.push('Z');
     out
 }
@@ -113,21 +107,26 @@ pub fn format_iso_millis(ms: i64) -> String {
         );
     }
     let mut out = String::with_capacity(24);
-    push_digits(&mut out, c.year as u32, 4);
-    out.push('-');
-    push_digits(&mut out, c.month, 2);
-    out.push('-');
-    push_digits(&mut out, c.day, 2);
-    out.push('T');
-    push_digits(&mut out, c.hour, 2);
-    out.push(':');
-    push_digits(&mut out, c.minute, 2);
-    out.push(':');
-    push_digits(&mut out, c.second, 2);
+    push_date_time(&mut out, &c, "-", ":");
     out.push('.');
     push_digits(&mut out, c.millis, 3);
     out.push('Z');
     out
+}
+
+/// Appends `YYYY·MM·DDThh:mm:ss` with the given separators (the year within 0..=9999).
+fn push_date_time(out: &mut String, c: &Civil, date_separator: &str, time_separator: &str) {
+    push_digits(out, c.year as u32, 4);
+    for (separator, field) in [(date_separator, c.month), (date_separator, c.day)] {
+        out.push_str(separator);
+        push_digits(out, field, 2);
+    }
+    out.push('T');
+    push_digits(out, c.hour, 2);
+    for (separator, field) in [(time_separator, c.minute), (time_separator, c.second)] {
+        out.push_str(separator);
+        push_digits(out, field, 2);
+    }
 }
 
 /// Appends the last `width` decimal digits of `value`, zero-padded (`width` at most 4).
