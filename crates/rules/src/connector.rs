@@ -3,6 +3,7 @@
 //! when an action is created, connected (`Connector::open`) by the action's worker, and reconnected
 //! after a failure.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use ioda_store::QueuedMessage;
@@ -156,7 +157,7 @@ impl Connector {
     /// deliver them one by one, each confirmed before the next.
     pub async fn deliver_all(
         &mut self,
-        messages: &[QueuedMessage],
+        messages: &[Arc<QueuedMessage>],
         timeout: Duration,
     ) -> Result<(), BatchFailure> {
         #[cfg(feature = "nats")]

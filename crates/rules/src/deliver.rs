@@ -24,7 +24,7 @@ struct Dispatch {
     /// submitted for removal.
     out: HashSet<i64>,
     /// Per lane, what was read and waits for room on the lane, in queue order.
-    waiting: Vec<VecDeque<QueuedMessage>>,
+    waiting: Vec<VecDeque<Arc<QueuedMessage>>>,
     delivered: Vec<i64>,
     trace: Vec<TraceEntry>,
     settling: Settling,
@@ -46,7 +46,7 @@ impl Dispatch {
     fn feed(&mut self, index: usize, lane: &mut Lane) {
         let room = LANE_DEPTH.saturating_sub(lane.in_flight);
         let waiting = &mut self.waiting[index];
-        let batch: Vec<QueuedMessage> = waiting.drain(..room.min(waiting.len())).collect();
+        let batch: Vec<Arc<QueuedMessage>> = waiting.drain(..room.min(waiting.len())).collect();
         lane.hand(batch);
     }
 
@@ -225,12 +225,13 @@ impl Forwarder {
                     .await
             }
             // Possibly many rows: off the async threads.
-            Source::Table if from_start => {
-                store
-                    .queue_after(action_id.to_owned(), state.cursor, limit)
-                    .await
-            }
-            Source::Table => store.queue_after_now(action_id, state.cursor, limit),
+            Source::Table if from_start => store
+                .queue_after(action_id.to_owned(), state.cursor, limit)
+                .await
+                .map(shared),
+            Source::Table => store
+                .queue_after_now(action_id, state.cursor, limit)
+                .map(shared),
         };
         let front = match front {
             Ok(front) => front,
@@ -431,7 +432,7 @@ impl Forwarder {
         &self,
         spec: &Spec,
         connector: &mut Option<Connector>,
-        messages: &[QueuedMessage],
+        messages: &[Arc<QueuedMessage>],
     ) -> Result<(), BatchFailure> {
         if connector.is_none() {
             let open = Connector::open(spec, self.config.timeout).await;
@@ -574,6 +575,11 @@ const BROKER_LANES: usize = 4;
 /// 1 s, 2 s, 4 s ... up to a minute.
 fn backoff_ms(attempts: i64) -> i64 {
     1000 * (1i64 << attempts.clamp(0, 6)).min(60)
+}
+
+/// Messages read from a queue table, shared like the report queue's.
+fn shared(messages: Vec<QueuedMessage>) -> Vec<Arc<QueuedMessage>> {
+    messages.into_iter().map(Arc::new).collect()
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use crate::forward::Forwarder;
 /// What the worker hands a lane: messages go in batches (one hop between tasks per batch, not per
 /// message).
 pub(crate) enum LaneInput {
-    Deliver(Vec<QueuedMessage>),
+    Deliver(Vec<Arc<QueuedMessage>>),
     /// The worker has recorded the lane's failure; deliver again.
     Resume,
 }
@@ -21,10 +21,10 @@ pub(crate) enum LaneInput {
 /// What a lane did with one batch.
 pub(crate) struct Outcome {
     pub(crate) lane: usize,
-    pub(crate) delivered: Vec<QueuedMessage>,
+    pub(crate) delivered: Vec<Arc<QueuedMessage>>,
     /// The attempt that failed; the lane hands back everything after it (`released`), in this
     /// batch and the next ones, until `Resume`, so a device's later messages never overtake it.
-    pub(crate) failed: Option<(QueuedMessage, String)>,
+    pub(crate) failed: Option<(Arc<QueuedMessage>, String)>,
     pub(crate) released: Vec<i64>,
 }
 
@@ -61,7 +61,7 @@ impl Lane {
         }
     }
 
-    pub(crate) fn hand(&mut self, batch: Vec<QueuedMessage>) {
+    pub(crate) fn hand(&mut self, batch: Vec<Arc<QueuedMessage>>) {
         let count = batch.len();
         if count > 0 && self.input.send(LaneInput::Deliver(batch)).is_ok() {
             self.in_flight += count;

@@ -93,7 +93,9 @@ impl ReportQueue {
     }
 
     /// Messages numbered after `after` that memory holds in order, and where the log takes over.
-    fn read_memory(&self, after: i64, limit: usize) -> (Vec<QueuedMessage>, Option<i64>) {
+    /// Shared, not copied: a message stays here until its delivery is settled, and a copy per
+    /// read (five strings) was ~2 % of the server's samples flat out.
+    fn read_memory(&self, after: i64, limit: usize) -> (Vec<Arc<QueuedMessage>>, Option<i64>) {
         let inner = self.lock();
         let spill_from = inner.spill_from;
         let upper = spill_from.unwrap_or(i64::MAX);
@@ -108,8 +110,7 @@ impl ReportQueue {
                 .collect()
         };
         drop(inner);
-        let messages = shared.iter().map(|m| QueuedMessage::clone(m)).collect();
-        (messages, spill_from)
+        (shared, spill_from)
     }
 
     /// Whether memory holds all it may.
@@ -296,7 +297,7 @@ impl Forwarder {
         after: i64,
         limit: usize,
         stats: &ActionStats,
-    ) -> Result<Vec<QueuedMessage>, StoreError> {
+    ) -> Result<Vec<Arc<QueuedMessage>>, StoreError> {
         for _ in 0..LOG_READS_PER_READ {
             let (messages, spill_from) = queue.read_memory(after, limit);
             match spill_from {
