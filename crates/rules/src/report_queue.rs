@@ -24,7 +24,7 @@ const LOG_READS_PER_READ: usize = 8;
 pub(crate) struct ReportQueue {
     inner: Mutex<Inner>,
     pub(crate) wake: Arc<Notify>,
-    /// Bytes of messages held in memory before the queue reads the log instead.
+    /// Memory the held messages may take (`held_bytes`) before the queue reads the log instead.
     memory_limit: usize,
 }
 
@@ -32,7 +32,10 @@ pub(crate) struct ReportQueue {
 struct Inner {
     /// Shared, so a read copies them after letting go of the lock the writer thread pushes under.
     messages: BTreeMap<i64, Arc<QueuedMessage>>,
+    /// Payload bytes held (what `queued_bytes` and the size limit count, as for a queue table).
     bytes: usize,
+    /// Memory the held messages take (`held_bytes`), against `memory_limit`.
+    held: usize,
     /// Reports numbered from here on are not (all) in memory: they are read back from the log.
     spill_from: Option<i64>,
     /// The newest report left out of memory while spilled.
@@ -43,6 +46,34 @@ struct Inner {
     started: bool,
     /// The cursor last submitted to the store.
     saved: i64,
+}
+
+impl Inner {
+    fn hold(&mut self, message: QueuedMessage) {
+        self.bytes += message.payload.len();
+        self.held += held_bytes(&message);
+        self.messages.insert(message.id, Arc::new(message));
+    }
+
+    fn release(&mut self, id: i64) {
+        if let Some(message) = self.messages.remove(&id) {
+            self.bytes -= message.payload.len();
+            self.held -= held_bytes(&message);
+        }
+    }
+}
+
+/// What a message held in memory costs: its text and its bookkeeping, not only its payload (a
+/// 200-byte report's message holds about as much again in ids, names and its node in the map).
+fn held_bytes(message: &QueuedMessage) -> usize {
+    const BOOKKEEPING: usize = std::mem::size_of::<QueuedMessage>() + 64;
+    let optional = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+    BOOKKEEPING
+        + message.payload.len()
+        + message.action_id.len()
+        + message.message_id.len()
+        + optional(&message.device_id)
+        + optional(&message.request_id)
 }
 
 impl ReportQueue {
@@ -64,12 +95,11 @@ impl ReportQueue {
         if message.id <= inner.floor {
             return;
         }
-        if inner.spill_from.is_some() || inner.bytes + message.payload.len() > self.memory_limit {
+        if inner.spill_from.is_some() || inner.held + held_bytes(&message) > self.memory_limit {
             inner.spill_from.get_or_insert(message.id);
             inner.dropped_up_to = inner.dropped_up_to.max(message.id);
         } else {
-            inner.bytes += message.payload.len();
-            inner.messages.insert(message.id, Arc::new(message));
+            inner.hold(message);
         }
         drop(inner);
         self.wake.notify_one();
@@ -89,6 +119,7 @@ impl ReportQueue {
         inner.saved = cursor;
         inner.messages.clear();
         inner.bytes = 0;
+        inner.held = 0;
         inner.spill_from = Some(cursor + 1);
     }
 
@@ -115,7 +146,7 @@ impl ReportQueue {
 
     /// Whether memory holds all it may.
     fn full(&self) -> bool {
-        self.lock().bytes >= self.memory_limit
+        self.lock().held >= self.memory_limit
     }
 
     /// Whether reports wait in the log beyond memory.
@@ -141,14 +172,13 @@ impl ReportQueue {
                 too_old += 1;
                 continue;
             }
-            if inner.bytes >= self.memory_limit {
+            if inner.held >= self.memory_limit {
                 // This report and everything after it are read again later.
                 covered = message.id - 1;
                 complete = false;
                 break;
             }
-            inner.bytes += message.payload.len();
-            inner.messages.insert(message.id, Arc::new(message));
+            inner.hold(message);
         }
         inner.floor = inner.floor.max(covered);
         inner.spill_from = if complete && inner.dropped_up_to <= covered {
@@ -162,9 +192,7 @@ impl ReportQueue {
     pub(crate) fn remove(&self, ids: &[i64]) {
         let mut inner = self.lock();
         for id in ids {
-            if let Some(message) = inner.messages.remove(id) {
-                inner.bytes -= message.payload.len();
-            }
+            inner.release(*id);
         }
     }
 
@@ -206,6 +234,7 @@ impl ReportQueue {
             }
             let message = entry.remove();
             inner.bytes -= message.payload.len();
+            inner.held -= held_bytes(&message);
             if too_old {
                 counts.0 += 1;
             } else {
@@ -475,4 +504,44 @@ fn whole_reports(rows: Vec<LoggedService>, complete: bool) -> Vec<Vec<LoggedServ
         reports.pop();
     }
     reports
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn message(id: i64) -> QueuedMessage {
+        QueuedMessage {
+            id,
+            action_id: "action".into(),
+            device_id: Some("device".into()),
+            request_id: Some(format!("request-{id}")),
+            message_id: format!("message-{id}"),
+            payload: "x".repeat(200),
+            enqueued_at: 0,
+            attempts: 0,
+            next_at: 0,
+        }
+    }
+
+    #[test]
+    fn memory_counts_what_a_message_holds_and_queued_bytes_its_payload() {
+        let held = held_bytes(&message(1));
+        assert!(held > 200 + 50, "ids and bookkeeping count: {held}");
+        // Room for two messages as held, though ten payloads would fit.
+        let queue = ReportQueue::new(2 * held + held / 2);
+        queue.start(0);
+        // The log read back to its end, empty: memory takes over.
+        queue.merge_from_log(vec![], 0, true, i64::MIN);
+        for id in 1..=3 {
+            queue.push(message(id));
+        }
+        let (messages, bytes, spill_from) = queue.depth();
+        assert_eq!((messages, bytes, spill_from), (2, 400, Some(3)));
+        queue.remove(&[1]);
+        assert_eq!(queue.depth().1, 200);
+        assert!(!queue.full());
+    }
 }
