@@ -30,7 +30,8 @@ pub(crate) struct ReportQueue {
 
 #[derive(Default)]
 struct Inner {
-    /// Shared, so a read copies them after letting go of the lock the writer thread pushes under.
+    /// Shared with the delivery lanes: a read hands out references, not copies, and lets go of
+    /// the lock the writer thread pushes under at once.
     messages: BTreeMap<i64, Arc<QueuedMessage>>,
     /// Payload bytes held (what `queued_bytes` and the size limit count, as for a queue table).
     bytes: usize,
@@ -57,9 +58,13 @@ impl Inner {
 
     fn release(&mut self, id: i64) {
         if let Some(message) = self.messages.remove(&id) {
-            self.bytes -= message.payload.len();
-            self.held -= held_bytes(&message);
+            self.uncount(&message);
         }
+    }
+
+    fn uncount(&mut self, message: &QueuedMessage) {
+        self.bytes -= message.payload.len();
+        self.held -= held_bytes(message);
     }
 }
 
@@ -233,8 +238,7 @@ impl ReportQueue {
                 break;
             }
             let message = entry.remove();
-            inner.bytes -= message.payload.len();
-            inner.held -= held_bytes(&message);
+            inner.uncount(&message);
             if too_old {
                 counts.0 += 1;
             } else {

@@ -12,7 +12,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::StoreError;
-use crate::shadow::ShadowMerges;
+use crate::shadow_merge::ShadowMerges;
 use crate::trace::{self, SharedPendingTrace, TraceEntry};
 
 /// Called with the outcome of the transaction a job ran in.

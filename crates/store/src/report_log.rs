@@ -15,7 +15,8 @@ use tokio::sync::oneshot;
 
 use crate::batch::RepeatableJob;
 use crate::routing::{ForwardIds, NewForward, insert_forwards};
-use crate::shadow::{ReportRecord, ShadowMerges, write_report};
+use crate::shadow::{ReportRecord, write_report};
+use crate::shadow_merge::ShadowMerges;
 use crate::trace::TraceEntry;
 use crate::{Store, StoreError};
 

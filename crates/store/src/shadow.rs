@@ -6,7 +6,7 @@ use tokio::sync::oneshot;
 
 use crate::report_log::HistoryIds;
 use crate::routing::{NewForward, insert_forwards};
-pub(crate) use crate::shadow_merge::ShadowMerges;
+use crate::shadow_merge::ShadowMerges;
 use crate::trace::TraceEntry;
 use crate::{Store, StoreError};
 

@@ -5,8 +5,9 @@
 //! five), and each used to rewrite the row: seek, merge, write. The reports of a batch now only
 //! note their merge here, and the batch writes each row once before it commits, applying the
 //! noted merges in report order inside one statement (`jsonb_patch` nested), so the stored
-//! result is exactly that of merging them one by one (JSON merge patch is not associative over
-//! nested objects; composing the patches in Rust would not be).
+//! result is exactly that of merging them one by one. Only runs of reports whose properties hold
+//! no object are folded into one patch first: for those, folding is exact; JSON merge patch does
+//! not compose over nested objects, so those are applied one by one.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -20,10 +21,10 @@ use crate::StoreError;
 /// Merges one statement applies at most; a longer run is written in several.
 const MERGES_PER_STATEMENT: usize = 8;
 
-/// The merges noted so far, by device and service.
+/// The merges noted so far, by device, then service (nested, so a lookup allocates nothing).
 #[derive(Default)]
 pub(crate) struct ShadowMerges {
-    pending: HashMap<(String, String), Pending>,
+    pending: HashMap<String, HashMap<String, Pending>>,
 }
 
 struct Pending {
@@ -47,7 +48,8 @@ impl ShadowMerges {
     /// shadow row does not name it yet).
     pub(crate) fn last_history_id(&self, device_id: &str, service_id: &str) -> Option<i64> {
         self.pending
-            .get(&(device_id.to_owned(), service_id.to_owned()))
+            .get(device_id)?
+            .get(service_id)
             .map(|p| p.last_history_id)
     }
 
@@ -60,8 +62,11 @@ impl ShadowMerges {
         reported_at: i64,
         history_id: i64,
     ) -> Result<(), StoreError> {
-        let key = (device_id.to_owned(), service_id.to_owned());
-        let Some(pending) = self.pending.get_mut(&key) else {
+        let services = match self.pending.get_mut(device_id) {
+            Some(services) => services,
+            None => self.pending.entry(device_id.to_owned()).or_default(),
+        };
+        let Some(pending) = services.get_mut(service_id) else {
             let first = Pending {
                 patches: vec![text],
                 run: None,
@@ -69,7 +74,7 @@ impl ShadowMerges {
                 reported_at,
                 last_history_id: history_id,
             };
-            self.pending.insert(key, first);
+            services.insert(service_id.to_owned(), first);
             return Ok(());
         };
         if properties.values().any(Value::is_object) {
@@ -88,22 +93,9 @@ impl ShadowMerges {
     /// Writes every noted merge (each shadow row once per `MERGES_PER_STATEMENT` merges) and
     /// forgets them.
     pub(crate) fn flush(&mut self, c: &Connection) -> Result<(), StoreError> {
-        for ((device_id, service_id), mut pending) in self.pending.drain() {
-            pending.end_run()?;
-            let mut reports = pending.reports;
-            for chunk in pending.patches.chunks(MERGES_PER_STATEMENT) {
-                let mut statement = c.prepare_cached(upsert_sql(chunk.len()))?;
-                let mut values: Vec<&dyn rusqlite::ToSql> = vec![
-                    &device_id,
-                    &service_id,
-                    &pending.reported_at,
-                    &pending.last_history_id,
-                ];
-                values.push(&reports);
-                values.extend(chunk.iter().map(|p| p as &dyn rusqlite::ToSql));
-                statement.execute(values.as_slice())?;
-                // The version counts reports, once.
-                reports = 0;
+        for (device_id, services) in self.pending.drain() {
+            for (service_id, pending) in services {
+                pending.write(c, &device_id, &service_id)?;
             }
         }
         Ok(())
@@ -111,6 +103,32 @@ impl ShadowMerges {
 }
 
 impl Pending {
+    /// Writes the service's shadow row: its merges in order, `MERGES_PER_STATEMENT` at a time.
+    fn write(
+        mut self,
+        c: &Connection,
+        device_id: &str,
+        service_id: &str,
+    ) -> Result<(), StoreError> {
+        self.end_run()?;
+        let mut reports = self.reports;
+        for chunk in self.patches.chunks(MERGES_PER_STATEMENT) {
+            let mut statement = c.prepare_cached(upsert_sql(chunk.len()))?;
+            let mut values: Vec<&dyn rusqlite::ToSql> = vec![
+                &device_id,
+                &service_id,
+                &self.reported_at,
+                &self.last_history_id,
+                &reports,
+            ];
+            values.extend(chunk.iter().map(|p| p as &dyn rusqlite::ToSql));
+            statement.execute(values.as_slice())?;
+            // The version counts reports, once.
+            reports = 0;
+        }
+        Ok(())
+    }
+
     /// Closes the run of folded patches, as the next patch to apply.
     fn end_run(&mut self) -> Result<(), StoreError> {
         if let Some(run) = self.run.take() {
@@ -130,8 +148,8 @@ fn upsert_sql(n: usize) -> &'static str {
 }
 
 /// The upsert applying `n` merges in order: `?1` device, `?2` service, `?3` event time, `?4`
-/// history row, `?5` how many reports they are (the version grows by one per report), `?6`… the patches. A
-/// new row starts from the first patch as it is (as a single report's row always did).
+/// history row, `?5` how many reports they are (the version grows by one per report), `?6`… the
+/// patches. A new row starts from the first patch as it is (as a single report's row always did).
 fn build_upsert_sql(n: usize) -> String {
     let nested = |base: &str, first: usize| {
         let mut sql = base.to_owned();
