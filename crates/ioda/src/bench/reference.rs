@@ -173,11 +173,67 @@ async fn fan_in(
     }))
 }
 
-/// The highest rate at which Mosquitto delivered everything at QoS 1, paced: doubling from
-/// 1 000/s until a run loses messages, then three bisection steps. A run counts at the rate it
-/// achieved, not the one asked for: on a busy machine the publishers may fall short of their pace
-/// without any loss, and that run still shows Mosquitto delivering all it got (and no higher rate
-/// can be offered, so the search stops there).
+/// The search stops bisecting once the bracket around the lossless maximum is this narrow (a
+/// fraction of the rate found), or after `MAX_BISECTIONS` steps.
+const PRECISION: f64 = 0.02;
+const MAX_BISECTIONS: usize = 8;
+
+/// What one paced trial showed: whether nothing was lost, the rate achieved, and the run's record.
+type Trial = (bool, f64, Value);
+
+/// The highest rate at which a broker delivered everything, paced: doubling from 1 000/s until a
+/// trial loses messages, then bisecting until the bracket is within `PRECISION` of the rate found.
+/// A trial counts at the rate it achieved, not the one asked for: on a busy machine the publishers
+/// may fall short of their pace without any loss, and that trial still shows the broker
+/// delivering all it got (and no higher rate can be offered, so the search stops there).
+/// Returns the rate, the best trial's record, and how many trials ran.
+async fn highest_lossless<F, Fut>(mut trial: F) -> anyhow::Result<(f64, Value, usize)>
+where
+    F: FnMut(f64) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Trial>>,
+{
+    let (mut good, mut bad) = (0.0, None::<f64>);
+    let mut best = Value::Null;
+    let mut trials = 0;
+    let mut rate = 1000.0;
+    while rate <= 512_000.0 {
+        let (lossless, achieved, run) = trial(rate).await?;
+        trials += 1;
+        if !lossless {
+            bad = Some(rate);
+            break;
+        }
+        if achieved > good {
+            (good, best) = (achieved, run);
+        }
+        if achieved < rate * 0.9 {
+            // The publishers could not offer more: nothing higher can be tried.
+            break;
+        }
+        rate *= 2.0;
+    }
+    if let Some(mut high) = bad {
+        for _ in 0..MAX_BISECTIONS {
+            if high - good <= good * PRECISION {
+                break;
+            }
+            let mid = (good + high) / 2.0;
+            let (lossless, achieved, run) = trial(mid).await?;
+            trials += 1;
+            if !lossless {
+                high = mid;
+            } else if achieved > good {
+                (good, best) = (achieved, run);
+            } else {
+                // Lossless but short of its pace: the publishers' limit, not the broker's.
+                break;
+            }
+        }
+    }
+    Ok((good, best, trials))
+}
+
+/// Mosquitto's lossless QoS 1 fan-in rate (`highest_lossless` over paced trials).
 async fn lossless_qos1(
     port: u16,
     publishers: usize,
@@ -198,36 +254,8 @@ async fn lossless_qos1(
         let achieved = run["received_per_second"].as_f64().unwrap_or(0.0);
         Ok::<_, anyhow::Error>((lossless, achieved, run))
     };
-    let (mut good, mut bad) = (0.0, None::<f64>);
-    let mut best = Value::Null;
-    let mut rate = 1000.0;
-    while rate <= 512_000.0 {
-        let (lossless, achieved, run) = trial(rate).await?;
-        if !lossless {
-            bad = Some(rate);
-            break;
-        }
-        if achieved > good {
-            (good, best) = (achieved, run);
-        }
-        if achieved < rate * 0.9 {
-            // The publishers could not offer more: nothing higher can be tried.
-            break;
-        }
-        rate *= 2.0;
-    }
-    if let Some(mut high) = bad {
-        for _ in 0..3 {
-            let mid = (good + high) / 2.0;
-            let (lossless, achieved, run) = trial(mid).await?;
-            if !lossless {
-                high = mid;
-            } else if achieved > good {
-                (good, best) = (achieved, run);
-            }
-        }
-    }
-    Ok(json!({ "lossless_rate": good, "run": best }))
+    let (rate, run, trials) = highest_lossless(trial).await?;
+    Ok(json!({ "lossless_rate": rate, "trials": trials, "run": run }))
 }
 
 /// Mosquitto fan-in at QoS 0 and QoS 1 flat out, and its lossless QoS 1 rate.
@@ -255,4 +283,74 @@ pub async fn mosquitto(args: &BenchArgs) -> anyhow::Result<Value> {
     .await?;
     let lossless = lossless_qos1(port, publishers, args.window, args.duration.min(3)).await?;
     Ok(json!({ "publishers": publishers, "qos0": qos0, "qos1": qos1, "qos1_lossless": lossless }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A simulated broker: lossless up to `capacity`; publishers that cannot offer more than
+    /// `offer_limit`.
+    async fn search(capacity: f64, offer_limit: f64) -> (f64, usize) {
+        let (rate, run, trials) = highest_lossless(|rate: f64| async move {
+            let achieved = rate.min(offer_limit);
+            Ok((achieved <= capacity, achieved, json!({ "asked": rate })))
+        })
+        .await
+        .unwrap();
+        if rate > 0.0 {
+            assert_eq!(
+                run["asked"].as_f64().map(|r| r.min(offer_limit)),
+                Some(rate)
+            );
+        }
+        (rate, trials)
+    }
+
+    #[tokio::test]
+    async fn the_search_finds_the_lossless_maximum_to_within_its_precision() {
+        for capacity in [1_500.0, 27_514.0, 37_000.0, 63_000.0, 70_800.0, 300_000.0] {
+            let (rate, trials) = search(capacity, f64::MAX).await;
+            assert!(rate <= capacity, "{rate} above the capacity {capacity}");
+            assert!(
+                rate >= capacity * (1.0 - PRECISION),
+                "{rate} not within {PRECISION} of {capacity}"
+            );
+            assert!(trials <= 10 + MAX_BISECTIONS, "{trials} trials");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_search_stops_where_the_publishers_cannot_offer_more() {
+        // Lossless everywhere, but the publishers reach only 45 000/s: 1k, 2k, …, 64k (short of
+        // its pace: stop).
+        let (rate, trials) = search(f64::MAX, 45_000.0).await;
+        assert_eq!((rate, trials), (45_000.0, 7));
+    }
+
+    #[tokio::test]
+    async fn a_lossless_trial_short_of_its_pace_ends_the_bisection() {
+        // Lossless up to 50 000/s; after the first loss the machine gets busy and the publishers
+        // reach only half their pace: the bisection cannot learn more and stops.
+        let mut lost_once = false;
+        let (rate, _, trials) = highest_lossless(|asked: f64| {
+            let achieved = if lost_once { asked / 2.0 } else { asked };
+            let lossless = achieved <= 50_000.0;
+            lost_once |= !lossless;
+            async move { Ok((lossless, achieved, Value::Null)) }
+        })
+        .await
+        .unwrap();
+        // 1k … 32k, 64k lost, 48k asked gives 24k: stop at 32k.
+        assert_eq!((rate, trials), (32_000.0, 8));
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_loses_at_once_scores_below_the_first_rate() {
+        let (rate, _) = search(600.0, f64::MAX).await;
+        assert!(
+            (600.0 * (1.0 - PRECISION) - 1.0..=600.0).contains(&rate),
+            "{rate}"
+        );
+    }
 }
