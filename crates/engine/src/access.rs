@@ -38,7 +38,7 @@ impl DeviceBroker {
 /// One connected device.
 pub struct DeviceSession {
     pub(crate) platform: Arc<Platform>,
-    pub(crate) device: DeviceRef,
+    pub(crate) device: Arc<DeviceRef>,
     pub(crate) link: Arc<Link>,
     pub(crate) bucket: TokenBucket,
     trace_budget: TokenBucket,
@@ -58,7 +58,7 @@ fn trace_entry(device_id: &str, at: i64, kind: &str, detail: impl Into<TraceDeta
 impl Platform {
     /// A short-connection device sent data (or registered): its status follows its data, and
     /// an ABNORMAL or OFFLINE one is ONLINE again.
-    pub(crate) async fn data_seen(&self, device: &DeviceRef) {
+    pub(crate) async fn data_seen(&self, device: &Arc<DeviceRef>) {
         let now = self.now();
         match self.store.data_seen(device.device_id.clone(), now).await {
             Ok(Some(DeviceStatus::Abnormal | DeviceStatus::Offline | DeviceStatus::Inactive)) => {

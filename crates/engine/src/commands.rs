@@ -354,7 +354,7 @@ impl Platform {
             .await?)
     }
 
-    fn command_event(&self, device: DeviceRef, command: &AsyncCommand) {
+    fn command_event(&self, device: Arc<DeviceRef>, command: &AsyncCommand) {
         self.bus.publish(PlatformEvent::AsyncCommandStatusChanged {
             device,
             command_id: command.command_id.clone(),

@@ -386,17 +386,17 @@ impl Platform {
         &self,
         project_id: &str,
         device_id: &str,
-    ) -> ioda_types::event::DeviceRef {
+    ) -> std::sync::Arc<ioda_types::event::DeviceRef> {
         match self.store.device(device_id.to_owned()).await {
             Ok(Some(device)) => device.reference(),
-            _ => ioda_types::event::DeviceRef {
+            _ => std::sync::Arc::new(ioda_types::event::DeviceRef {
                 project_id: project_id.to_owned(),
                 app_id: String::new(),
                 device_id: device_id.to_owned(),
                 node_id: String::new(),
                 product_id: String::new(),
                 gateway_id: device_id.to_owned(),
-            },
+            }),
         }
     }
 

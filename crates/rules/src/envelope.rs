@@ -383,7 +383,7 @@ mod tests {
         ];
         for (device, services, at, request_id) in cases {
             let event = PlatformEvent::PropertiesReported {
-                device,
+                device: std::sync::Arc::new(device),
                 request_id: request_id.into(),
                 services,
                 at,
@@ -392,7 +392,7 @@ mod tests {
             assert_eq!(report_envelope_text(&event, request_id), Some(tree));
         }
         let other = PlatformEvent::DeviceDeleted {
-            device: device(),
+            device: std::sync::Arc::new(device()),
             at: 1,
         };
         assert_eq!(report_envelope_text(&other, "r"), None);
@@ -403,7 +403,7 @@ mod tests {
         let mut properties = serde_json::Map::new();
         properties.insert("temp".into(), json!(21.5));
         let event = PlatformEvent::PropertiesReported {
-            device: device(),
+            device: std::sync::Arc::new(device()),
             request_id: "r1".into(),
             services: vec![ReportedService {
                 service_id: "T".into(),

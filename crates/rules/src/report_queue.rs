@@ -357,7 +357,7 @@ impl Forwarder {
         let reports = whole_reports(rows, complete);
         let covered = reports.last().and_then(|r| r.last()).map_or(from, |s| s.id);
         let cutoff = self.platform.now() - self.config.max_age_ms;
-        let mut devices: HashMap<String, Option<DeviceRef>> = HashMap::new();
+        let mut devices: HashMap<String, Option<Arc<DeviceRef>>> = HashMap::new();
         let mut messages = Vec::new();
         let rule = self.active_rule_of(action_id);
         for report in reports {
@@ -401,7 +401,7 @@ impl Forwarder {
         &self,
         action_id: &str,
         rule: &Arc<LiveRule>,
-        device: &DeviceRef,
+        device: &Arc<DeviceRef>,
         rows: Vec<LoggedService>,
     ) -> Vec<NewForward> {
         let Some(first) = rows.first() else {

@@ -114,14 +114,14 @@ impl Device {
     }
 
     /// The identity carried on platform events.
-    pub fn reference(&self) -> crate::event::DeviceRef {
-        crate::event::DeviceRef {
+    pub fn reference(&self) -> std::sync::Arc<crate::event::DeviceRef> {
+        std::sync::Arc::new(crate::event::DeviceRef {
             project_id: self.project_id.clone(),
             app_id: self.app_id.clone(),
             device_id: self.device_id.clone(),
             node_id: self.node_id.clone(),
             product_id: self.product_id.clone(),
             gateway_id: self.gateway_id.clone(),
-        }
+        })
     }
 }

@@ -1,11 +1,14 @@
 //! Platform events: every uplink and every status or resource change, typed, for rules and push.
 
+use std::sync::Arc;
+
 use serde_json::{Map, Value};
 
 use crate::device::{DeviceStatus, StatusCause};
 use crate::downlink::{CommandStatus, MessageStatus};
 
-/// Identifies the device an event is about.
+/// Identifies the device an event is about. Events hold it behind an `Arc`: a connection's is
+/// shared by every event it raises instead of copying six strings per report.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeviceRef {
     pub project_id: String,
@@ -29,19 +32,19 @@ pub struct ReportedService {
 #[derive(Debug, Clone, PartialEq)]
 pub enum PlatformEvent {
     DeviceStatusChanged {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         status: DeviceStatus,
         cause: StatusCause,
         at: i64,
     },
     PropertiesReported {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         request_id: String,
         services: Vec<ReportedService>,
         at: i64,
     },
     MessageReported {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         request_id: String,
         topic: String,
         payload: bytes_like::Payload,
@@ -49,34 +52,34 @@ pub enum PlatformEvent {
     },
     /// A device answered a synchronous command.
     CommandResponded {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         command_id: String,
         response: Value,
         at: i64,
     },
     AsyncCommandStatusChanged {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         command_id: String,
         status: CommandStatus,
         result: Option<Value>,
         at: i64,
     },
     MessageStatusChanged {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         message_id: String,
         status: MessageStatus,
         at: i64,
     },
     DeviceCreated {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         at: i64,
     },
     DeviceUpdated {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         at: i64,
     },
     DeviceDeleted {
-        device: DeviceRef,
+        device: Arc<DeviceRef>,
         at: i64,
     },
     ProductCreated {
