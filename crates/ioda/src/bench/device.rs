@@ -82,25 +82,35 @@ impl Device {
         Ok(())
     }
 
-    /// The next packet from the server (acknowledging QoS 1 publishes it sends).
+    /// The next packet from the server (acknowledging QoS 1 publishes it sends). Acknowledgements
+    /// are written together once everything already read is taken, so a subscriber that is
+    /// handed a burst answers it with one write, not one per message.
     pub async fn next(&mut self) -> anyhow::Result<ServerPacket> {
         loop {
-            if let Some(packet) = decode_server(&mut self.buf, Protocol::V3)? {
-                if let ServerPacket::Publish {
-                    qos: QoS::AtLeastOnce,
-                    pkid,
-                    ..
-                } = &packet
-                {
-                    encode_client_puback(&mut self.out, *pkid);
-                    self.flush().await?;
-                }
+            if let Some(packet) = self.buffered()? {
                 return Ok(packet);
+            }
+            if !self.out.is_empty() {
+                self.flush().await?;
             }
             if self.stream.read_buf(&mut self.buf).await? == 0 {
                 bail!("the server closed the connection");
             }
         }
+    }
+
+    /// A packet already read, if there is one (nothing waits on the socket).
+    pub fn buffered(&mut self) -> anyhow::Result<Option<ServerPacket>> {
+        let packet = decode_server(&mut self.buf, Protocol::V3)?;
+        if let Some(ServerPacket::Publish {
+            qos: QoS::AtLeastOnce,
+            pkid,
+            ..
+        }) = &packet
+        {
+            encode_client_puback(&mut self.out, *pkid);
+        }
+        Ok(packet)
     }
 
     /// Queues a publish; returns its packet id (0 for QoS 0). Call `send` to write what is queued.
