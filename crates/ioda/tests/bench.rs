@@ -158,9 +158,34 @@ fn reference_runs_mosquitto_and_ioda_in_one_run() {
         "{result}"
     );
     assert_eq!(result["ioda_report"]["lost"], 0, "{result}");
+    // Both references, each with the ratio of what ioda delivered to its lossless rate.
+    let delivered = result["ioda_report"]["delivered_per_second"]
+        .as_f64()
+        .unwrap();
+    for (reference, ratio) in [
+        ("qos1_lossless", "ioda_lossless_to_mosquitto_lossless_qos1"),
+        (
+            "qos1_lossless_tuned",
+            "ioda_lossless_to_tuned_mosquitto_lossless_qos1",
+        ),
+    ] {
+        let rate = mosquitto[reference]["lossless_rate"].as_f64().unwrap();
+        assert!(rate > 0.0, "{result}");
+        assert!(
+            mosquitto[reference]["trials"].as_u64().unwrap() > 0,
+            "{result}"
+        );
+        let shown = result[ratio].as_f64().unwrap();
+        assert!(
+            (shown - delivered / rate).abs() < 0.001,
+            "{ratio}: {result}"
+        );
+    }
     assert!(
-        result["ioda_lossless_to_mosquitto_lossless_qos1"]
-            .as_f64()
-            .is_some()
+        mosquitto["qos1_lossless_tuned"]["config"]
+            .as_str()
+            .unwrap()
+            .contains("max_inflight_messages 1000"),
+        "{result}"
     );
 }
