@@ -62,7 +62,9 @@ pub struct BenchArgs {
     /// Reports per second per device; 0 = as fast as the window allows.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
-    /// Unacknowledged reports each device may have outstanding (flat-out mode).
+    /// Unacknowledged reports each device may have outstanding. Flat out it sets the load; paced,
+    /// it is how far a device keeps its pace while acknowledgements are late (an open loop: a slow
+    /// server is not offered less).
     #[arg(long, default_value_t = 16)]
     pub window: usize,
     /// Paced devices all publish in the same instant instead of at evenly spread phases

@@ -205,7 +205,8 @@ struct Sent {
 }
 
 /// Drives one device. Paced devices start at evenly spread phases (`phase` of 1 apart), as a
-/// fleet's devices do, rather than all publishing in the same instant.
+/// fleet's devices do, rather than all publishing in the same instant, and keep publishing on
+/// schedule with up to `window` reports unacknowledged.
 async fn drive(
     mut device: Device,
     phase: f64,
@@ -223,11 +224,7 @@ async fn drive(
     let mut seq = 0u64;
     loop {
         let open = Instant::now() < until;
-        let window = if interval.is_some() {
-            1
-        } else {
-            args.window.max(1)
-        };
+        let window = args.window.max(1);
         while open && inflight.len() < window && Instant::now() >= next_at {
             seq += 1;
             let report = report_payload(seq, now_ms(), &pad);
@@ -250,9 +247,18 @@ async fn drive(
             tokio::time::sleep_until(next_at.into()).await;
             continue;
         }
+        // A paced device keeps its pace while acknowledgements are outstanding, up to the window:
+        // an open loop, so a slow server is not offered less (and its latency not hidden).
+        let packet = match interval {
+            Some(_) if open && inflight.len() < window => tokio::select! {
+                packet = device.next() => packet?,
+                () = tokio::time::sleep_until(next_at.into()) => continue,
+            },
+            _ => device.next().await?,
+        };
         // Every acknowledgement already read is counted before the window is refilled, so the
         // refill goes out in one write.
-        let mut packet = Some(device.next().await?);
+        let mut packet = Some(packet);
         while let Some(ServerPacket::PubAck { reason, .. }) = packet {
             if let Some(published) = inflight.pop_front() {
                 ack_latencies
