@@ -17,6 +17,7 @@ mod messages;
 mod products;
 mod ratelimit;
 mod registry;
+mod report_parse;
 mod shadow;
 mod timers;
 pub mod topic;

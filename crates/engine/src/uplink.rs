@@ -8,58 +8,16 @@ use ioda_store::{DetailWriter, MessageRecord, ReportRecord, TraceDetail};
 use ioda_types::event::ReportedService;
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::StagedForwarding;
 use crate::access::DeviceSession;
 use crate::downlink::ReplyKind;
+use crate::report_parse::parse_report;
 use crate::topic::{Uplink, classify_uplink, split_query};
 
 /// MQTT 5 "payload format invalid".
 const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
-
-/// A report's `services` entry, before validation against the model.
-struct RawService {
-    service_id: String,
-    properties: Map<String, Value>,
-    event_time: Option<String>,
-}
-
-fn parse_report(payload: &[u8]) -> Result<Vec<RawService>, String> {
-    let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
-    // The parsed document is taken apart rather than copied: a report's properties are moved,
-    // not cloned, into the services that are validated and stored.
-    let Value::Object(mut document) = value else {
-        return Err("`services` must be an array".to_owned());
-    };
-    let Some(Value::Array(services)) = document.remove("services") else {
-        return Err("`services` must be an array".to_owned());
-    };
-    services
-        .into_iter()
-        .enumerate()
-        .map(|(i, service)| {
-            let Value::Object(mut service) = service else {
-                return Err(format!("services[{i}].service_id must be a string"));
-            };
-            let Some(Value::String(service_id)) = service.remove("service_id") else {
-                return Err(format!("services[{i}].service_id must be a string"));
-            };
-            let Some(Value::Object(properties)) = service.remove("properties") else {
-                return Err(format!("services[{i}].properties must be an object"));
-            };
-            let event_time = match service.remove("event_time") {
-                Some(Value::String(time)) => Some(time),
-                _ => None,
-            };
-            Ok(RawService {
-                service_id,
-                properties,
-                event_time,
-            })
-        })
-        .collect()
-}
 
 /// Inflates a gzip payload, refusing one that would grow past `limit` (a zip bomb costs nothing).
 fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
