@@ -31,10 +31,6 @@ pub(super) fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_mosquitto(port: u16) -> anyhow::Result<Helper> {
-    start_helper("mosquitto", &["-p", &port.to_string()], port)
-}
-
 /// Mosquitto's defaults let a QoS 1 subscriber have 20 messages in flight and queue 1 000 behind
 /// them (MQTT 3.1.1 has no receive maximum to ask for more), which bounds one subscriber's fan-in
 /// by round trips, not by the broker's work. The tuned reference lifts both, so the ratio is also
@@ -42,20 +38,21 @@ fn start_mosquitto(port: u16) -> anyhow::Result<Helper> {
 const TUNED_MOSQUITTO: &str =
     "allow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 100000\n";
 
-/// A Mosquitto started with `TUNED_MOSQUITTO`; the configuration file is removed once it has read it.
-fn start_tuned_mosquitto(port: u16) -> anyhow::Result<Helper> {
-    let conf = std::env::temp_dir().join(format!(
+/// Starts Mosquitto on `port`, with its defaults or with `config` (a configuration file's text;
+/// the file is removed once Mosquitto has read it).
+fn start_mosquitto(port: u16, config: Option<&str>) -> anyhow::Result<Helper> {
+    let port_arg = port.to_string();
+    let Some(config) = config else {
+        return start_helper("mosquitto", &["-p", &port_arg], port);
+    };
+    let path = std::env::temp_dir().join(format!(
         "ioda-bench-mosquitto-{}-{port}.conf",
         std::process::id()
     ));
-    std::fs::write(&conf, TUNED_MOSQUITTO).context("writing Mosquitto's configuration")?;
-    let conf_arg = conf.to_string_lossy().into_owned();
-    let started = start_helper(
-        "mosquitto",
-        &["-c", &conf_arg, "-p", &port.to_string()],
-        port,
-    );
-    let _ = std::fs::remove_file(&conf);
+    std::fs::write(&path, config).context("writing Mosquitto's configuration")?;
+    let path_arg = path.to_string_lossy().into_owned();
+    let started = start_helper("mosquitto", &["-c", &path_arg, "-p", &port_arg], port);
+    let _ = std::fs::remove_file(&path);
     started
 }
 
@@ -296,7 +293,7 @@ async fn lossless_qos1(
 /// and tuned (`TUNED_MOSQUITTO`).
 pub async fn mosquitto(args: &BenchArgs) -> anyhow::Result<Value> {
     let port = free_port()?;
-    let broker = start_mosquitto(port)?;
+    let broker = start_mosquitto(port, None)?;
     let publishers = args.devices;
     let qos0 = fan_in(
         port,
@@ -320,7 +317,7 @@ pub async fn mosquitto(args: &BenchArgs) -> anyhow::Result<Value> {
     let lossless = lossless_qos1(port, publishers, args.window, trial_seconds).await?;
     drop(broker);
     let port = free_port()?;
-    let _tuned = start_tuned_mosquitto(port)?;
+    let _tuned = start_mosquitto(port, Some(TUNED_MOSQUITTO))?;
     let mut tuned = lossless_qos1(port, publishers, args.window, trial_seconds).await?;
     tuned["config"] = TUNED_MOSQUITTO.trim_end().replace('\n', "; ").into();
     Ok(json!({
