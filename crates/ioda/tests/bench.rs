@@ -181,6 +181,24 @@ fn reference_runs_mosquitto_and_ioda_in_one_run() {
             "{ratio}: {result}"
         );
     }
+    // Latency at half of each lossless maximum: ioda paced at half of what it delivered, with
+    // its accounting whole; Mosquitto at half its tuned rate, every message timed.
+    let at_half = &result["ioda_at_half_maximum"];
+    assert_eq!(at_half["lost"], 0, "{result}");
+    assert_eq!(at_half["acked"], at_half["delivered"], "{result}");
+    let asked = at_half["rate_per_device"].as_f64().unwrap() * 10.0;
+    assert!((asked - delivered / 2.0).abs() < 1.0, "{result}");
+    assert_eq!(
+        result["p99_ms_at_half_maximum"]["ioda"], at_half["latency_ms"]["p99"],
+        "{result}"
+    );
+    let mosquitto_half = &mosquitto["qos1_tuned_at_half_lossless"]["run"];
+    assert!(mosquitto_half["received"].as_u64().unwrap() > 0, "{result}");
+    assert!(
+        mosquitto_half["latency_ms"]["p99"].as_f64().unwrap()
+            >= mosquitto_half["latency_ms"]["p50"].as_f64().unwrap(),
+        "{result}"
+    );
     assert!(
         mosquitto["qos1_lossless_tuned"]["config"]
             .as_str()

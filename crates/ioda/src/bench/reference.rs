@@ -3,8 +3,8 @@
 //! that survives a noisy machine.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -13,6 +13,7 @@ use ioda_mqtt::client::ServerPacket;
 use serde_json::{Value, json};
 
 use super::device::Device;
+use super::report::percentile;
 use super::{BenchArgs, round};
 
 /// A broker the bench started; stopped when dropped.
@@ -100,12 +101,22 @@ async fn fan_in(
     // When the last message arrived (µs after the start): a broker that queues what it cannot
     // pass on yet delivers after the load ends, and its rate counts that time too, as ioda's does.
     let last_received_us = Arc::new(AtomicU64::new(0));
-    let (counter, last) = (received.clone(), last_received_us.clone());
+    let latencies_us = Arc::new(Mutex::new(Vec::<u32>::new()));
+    let (counter, last, latencies) = (
+        received.clone(),
+        last_received_us.clone(),
+        latencies_us.clone(),
+    );
     let reader = tokio::spawn(async move {
         while let Ok(packet) = subscriber.next().await {
-            if matches!(packet, ServerPacket::Publish { .. }) {
+            if let ServerPacket::Publish { payload, .. } = packet {
+                let now_us = started.elapsed().as_micros() as u64;
                 counter.fetch_add(1, Ordering::Relaxed);
-                last.store(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                last.store(now_us, Ordering::Relaxed);
+                if let Some(sent_us) = stamp_of(&payload) {
+                    let latency = now_us.saturating_sub(sent_us).min(u64::from(u32::MAX));
+                    lock(&latencies).push(latency as u32);
+                }
             }
         }
     });
@@ -118,7 +129,7 @@ async fn fan_in(
             let mut device =
                 Device::connect(n + 1, addr, &format!("bench-pub-{n}"), "x", 1200).await?;
             let topic = format!("bench/{n}");
-            let payload = vec![b'x'; 200];
+            let mut payload = vec![b'x'; PAYLOAD_BYTES];
             let mut inflight = 0usize;
             // Paced runs: this publisher's share of the total rate.
             let interval = rate.map(|r| Duration::from_secs_f64(publishers as f64 / r.max(1.0)));
@@ -127,6 +138,7 @@ async fn fan_in(
                 let open = Instant::now() < until;
                 if let Some(interval) = interval {
                     if open && inflight < window && Instant::now() >= next_at {
+                        stamp(&mut payload, started);
                         device.publish(&topic, &payload, qos);
                         sent.fetch_add(1, Ordering::Relaxed);
                         next_at += interval;
@@ -153,6 +165,7 @@ async fn fan_in(
                     continue;
                 }
                 while open && (qos == QoS::AtMostOnce || inflight < window) {
+                    stamp(&mut payload, started);
                     device.publish(&topic, &payload, qos);
                     sent.fetch_add(1, Ordering::Relaxed);
                     if qos == QoS::AtLeastOnce {
@@ -194,6 +207,9 @@ async fn fan_in(
     let got = received.load(Ordering::Relaxed);
     let last_seconds = last_received_us.load(Ordering::Relaxed) as f64 / 1e6;
     let busy_seconds = load_seconds.max(last_seconds);
+    let mut latencies = std::mem::take(&mut *lock(&latencies_us));
+    latencies.sort_unstable();
+    let ms = |us: u32| f64::from(us / 10) / 100.0;
     Ok(json!({
         "qos": qos as u8,
         "sent": total,
@@ -201,7 +217,41 @@ async fn fan_in(
         "lost": total.saturating_sub(got),
         "received_per_second": round(got as f64 / busy_seconds),
         "drain_seconds": round(busy_seconds - load_seconds),
+        "latency_ms": {
+            "p50": ms(percentile(&latencies, 0.5)),
+            "p99": ms(percentile(&latencies, 0.99)),
+            "max": ms(latencies.last().copied().unwrap_or(0)),
+        },
     }))
+}
+
+/// Width of the send time (µs after the run's start, decimal) that leads each reference payload.
+const STAMP_DIGITS: usize = 16;
+/// Payload size of the reference's messages, as ioda's reports (about 200 bytes).
+const PAYLOAD_BYTES: usize = 200;
+
+/// Writes the send time over the start of a payload, so the subscriber can tell each message's
+/// latency (publishers and subscriber share the process, so one clock).
+fn stamp(payload: &mut [u8], started: Instant) {
+    let mut us = started.elapsed().as_micros();
+    for digit in payload[..STAMP_DIGITS].iter_mut().rev() {
+        *digit = b'0' + (us % 10) as u8;
+        us /= 10;
+    }
+}
+
+/// The send time a payload starts with (none if it does not: another publisher's message).
+fn stamp_of(payload: &[u8]) -> Option<u64> {
+    std::str::from_utf8(payload.get(..STAMP_DIGITS)?)
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The search stops bisecting once the bracket around the lossless maximum is this narrow (a
@@ -320,18 +370,51 @@ pub async fn mosquitto(args: &BenchArgs) -> anyhow::Result<Value> {
     let _tuned = start_mosquitto(port, Some(TUNED_MOSQUITTO))?;
     let mut tuned = lossless_qos1(port, publishers, args.window, trial_seconds).await?;
     tuned["config"] = TUNED_MOSQUITTO.trim_end().replace('\n', "; ").into();
+    // Latency at half its fastest lossless rate: the latency bar's conditions, for a broker that
+    // does none of the platform's work, on the same machine.
+    let half_rate = tuned["lossless_rate"].as_f64().unwrap_or(0.0) / 2.0;
+    let at_half = fan_in(
+        port,
+        publishers,
+        QoS::AtLeastOnce,
+        args.window,
+        args.duration,
+        Some(half_rate.max(1.0)),
+    )
+    .await?;
     Ok(json!({
         "publishers": publishers,
         "qos0": qos0,
         "qos1": qos1,
         "qos1_lossless": lossless,
         "qos1_lossless_tuned": tuned,
+        "qos1_tuned_at_half_lossless": { "rate": round(half_rate), "run": at_half },
     }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_payload_carries_its_send_time() {
+        let started = Instant::now() - Duration::from_secs(3);
+        let mut payload = vec![b'x'; PAYLOAD_BYTES];
+        stamp(&mut payload, started);
+        assert_eq!(payload.len(), PAYLOAD_BYTES);
+        let sent = stamp_of(&payload).unwrap();
+        assert!((3_000_000..4_000_000).contains(&sent), "{sent}");
+        assert!(payload[STAMP_DIGITS..].iter().all(|&b| b == b'x'));
+        // What another publisher sent, or a payload too short, carries no time.
+        for other in [
+            &b"xxxxxxxxxxxxxxxxxxxx"[..],
+            b"0123",
+            b"",
+            b"00000000000001x2",
+        ] {
+            assert_eq!(stamp_of(other), None, "{other:?}");
+        }
+    }
 
     /// A simulated broker: lossless up to `capacity`; publishers that cannot offer more than
     /// `offer_limit`.

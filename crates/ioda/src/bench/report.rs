@@ -290,7 +290,7 @@ fn sorted(samples: &Mutex<Vec<u32>>) -> Vec<u32> {
     taken
 }
 
-fn percentile(sorted: &[u32], p: f64) -> u32 {
+pub(super) fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }
