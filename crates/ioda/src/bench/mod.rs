@@ -90,6 +90,12 @@ const SECRET: &str = "bench-secret-1";
 
 /// Runs a scenario and prints its results.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    if args.devices > device::MAX_DEVICES {
+        bail!(
+            "at most {} devices: they connect from 127.0.0.2–127.0.0.255",
+            device::MAX_DEVICES
+        );
+    }
     // One descriptor per device here (the server is another process, which inherits the limit).
     let needed = args.devices as u64 + 1000;
     let raised = raise_fd_limit(needed);
