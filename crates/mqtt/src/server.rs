@@ -292,43 +292,6 @@ where
     })
 }
 
-impl<S, T> Connection<S, T>
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
-    T: Session,
-{
-    /// Ends the connection: pending commits finish their work, an MQTT 5 client is told why,
-    /// the socket is shut and the session closed.
-    async fn close(mut self, cause: CloseCause) {
-        let protocol = self.protocol;
-        // Commits still pending when the connection ends must finish their follow-up work.
-        for (_, commit) in self.pending.drain(..) {
-            tokio::spawn(commit);
-        }
-        let Connection {
-            session,
-            mut stream,
-            mut out,
-            ..
-        } = self;
-        if let CloseCause::Server(code) | CloseCause::PublishRefused(code) = &cause
-            && protocol == Protocol::V5
-        {
-            codec::encode_disconnect(&mut out, *code);
-        }
-        if let CloseCause::Protocol(error) = &cause
-            && protocol == Protocol::V5
-        {
-            codec::encode_disconnect(&mut out, disconnect_reason(error));
-        }
-        if !out.is_empty() {
-            let _ = timeout(Duration::from_secs(1), stream.write_all(&out)).await;
-        }
-        let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
-        Box::pin(session.closed(cause)).await;
-    }
-}
-
 fn disconnect_reason(error: &MqttError) -> u8 {
     match error {
         MqttError::PacketTooLarge { .. } => reason::PACKET_TOO_LARGE,
@@ -423,6 +386,37 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
     T: Session,
 {
+    /// Ends the connection: pending commits finish their work, an MQTT 5 client is told why,
+    /// the socket is shut and the session closed.
+    async fn close(mut self, cause: CloseCause) {
+        let protocol = self.protocol;
+        // Commits still pending when the connection ends must finish their follow-up work.
+        for (_, commit) in self.pending.drain(..) {
+            tokio::spawn(commit);
+        }
+        let Connection {
+            session,
+            mut stream,
+            mut out,
+            ..
+        } = self;
+        if let CloseCause::Server(code) | CloseCause::PublishRefused(code) = &cause
+            && protocol == Protocol::V5
+        {
+            codec::encode_disconnect(&mut out, *code);
+        }
+        if let CloseCause::Protocol(error) = &cause
+            && protocol == Protocol::V5
+        {
+            codec::encode_disconnect(&mut out, disconnect_reason(error));
+        }
+        if !out.is_empty() {
+            let _ = timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+        }
+        let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
+        Box::pin(session.closed(cause)).await;
+    }
+
     async fn run(&mut self) -> CloseCause {
         let mut deadline = Instant::now() + self.keep_alive;
         loop {

@@ -13,7 +13,7 @@ use ioda_mqtt::client::ServerPacket;
 use serde_json::{Value, json};
 
 use super::device::Device;
-use super::report::percentile;
+use super::report::{sorted, summary_ms};
 use super::{BenchArgs, round};
 
 /// A broker the bench started; stopped when dropped.
@@ -115,7 +115,10 @@ async fn fan_in(
                 last.store(now_us, Ordering::Relaxed);
                 if let Some(sent_us) = stamp_of(&payload) {
                     let latency = now_us.saturating_sub(sent_us).min(u64::from(u32::MAX));
-                    lock(&latencies).push(latency as u32);
+                    latencies
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .push(latency as u32);
                 }
             }
         }
@@ -207,9 +210,6 @@ async fn fan_in(
     let got = received.load(Ordering::Relaxed);
     let last_seconds = last_received_us.load(Ordering::Relaxed) as f64 / 1e6;
     let busy_seconds = load_seconds.max(last_seconds);
-    let mut latencies = std::mem::take(&mut *lock(&latencies_us));
-    latencies.sort_unstable();
-    let ms = |us: u32| f64::from(us / 10) / 100.0;
     Ok(json!({
         "qos": qos as u8,
         "sent": total,
@@ -217,11 +217,7 @@ async fn fan_in(
         "lost": total.saturating_sub(got),
         "received_per_second": round(got as f64 / busy_seconds),
         "drain_seconds": round(busy_seconds - load_seconds),
-        "latency_ms": {
-            "p50": ms(percentile(&latencies, 0.5)),
-            "p99": ms(percentile(&latencies, 0.99)),
-            "max": ms(latencies.last().copied().unwrap_or(0)),
-        },
+        "latency_ms": summary_ms(&sorted(&latencies_us)),
     }))
 }
 
@@ -246,12 +242,6 @@ fn stamp_of(payload: &[u8]) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The search stops bisecting once the bracket around the lossless maximum is this narrow (a

@@ -284,13 +284,23 @@ fn report_payload(seq: u64, sent_at: i64, pad: &str) -> String {
 }
 
 /// Takes the samples collected so far, sorted.
-fn sorted(samples: &Mutex<Vec<u32>>) -> Vec<u32> {
+pub(super) fn sorted(samples: &Mutex<Vec<u32>>) -> Vec<u32> {
     let mut taken = std::mem::take(&mut *samples.lock().unwrap_or_else(|p| p.into_inner()));
     taken.sort_unstable();
     taken
 }
 
-pub(super) fn percentile(sorted: &[u32], p: f64) -> u32 {
+/// p50, p99 and max of sorted microsecond samples, in milliseconds.
+pub(super) fn summary_ms(sorted_us: &[u32]) -> Value {
+    let ms = |us: u32| (f64::from(us) / 10.0).round() / 100.0;
+    json!({
+        "p50": ms(percentile(sorted_us, 0.5)),
+        "p99": ms(percentile(sorted_us, 0.99)),
+        "max": ms(sorted_us.last().copied().unwrap_or(0)),
+    })
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u32 {
     if sorted.is_empty() {
         return 0;
     }
@@ -373,7 +383,6 @@ pub async fn run(
     let delivered = received.delivered.load(Ordering::Relaxed);
     let latencies = sorted(&received.latencies_ms);
     let ack_latencies = sorted(&sent.ack_latencies_us);
-    let ms = |us: u32| round(f64::from(us) / 1000.0);
     Ok(json!({
         "scenario": if overload { "overload" } else { "report" },
         "channel": consumer.channel,
@@ -389,7 +398,7 @@ pub async fn run(
         "acked_per_second": round(acked as f64 / load_seconds),
         "delivered_per_second": round(delivered as f64 / total_seconds),
         "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
-        "ack_latency_ms": { "p50": ms(percentile(&ack_latencies, 0.5)), "p99": ms(percentile(&ack_latencies, 0.99)), "max": ms(ack_latencies.last().copied().unwrap_or(0)) },
+        "ack_latency_ms": summary_ms(&ack_latencies),
         "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
         "server_rss_bytes": after.rss_bytes,
         "server_rss_peak_bytes": peak_rss.load(Ordering::Relaxed).max(after.rss_bytes),
