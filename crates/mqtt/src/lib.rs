@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod read;
 pub mod server;
 
 pub use codec::{Packet, Protocol, Publish, QoS};

@@ -22,6 +22,7 @@ use crate::MqttError;
 use crate::codec::{
     self, Connect, Packet, Protocol, Publish, QoS, ServerLimits, SubscribeFilter, reason,
 };
+use crate::read::read_some;
 
 /// Limits the driver enforces on every connection.
 #[derive(Debug, Clone, Copy)]
@@ -437,7 +438,7 @@ where
                 _ = stopped(&mut self.shutdown) => Event::Shutdown,
                 Some(outbound) = self.inbox.recv() => Event::Outbound(outbound),
                 code = wait_front(&mut self.pending), if !self.pending.is_empty() => Event::Committed(code),
-                read = self.stream.read_buf(&mut self.buf), if can_read => Event::Read(read.map(|n| n > 0).unwrap_or(false)),
+                read = read_some(&mut self.stream, &mut self.buf), if can_read => Event::Read(read.map(|n| n > 0).unwrap_or(false)),
                 _ = sleep_until(deadline), if !self.keep_alive.is_zero() => Event::KeepaliveExpired,
             };
             let flow = match event {

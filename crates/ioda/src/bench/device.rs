@@ -10,7 +10,7 @@ use ioda_mqtt::client::{
     ServerPacket, decode_server, encode_client_puback, encode_connect, encode_subscribe,
 };
 use ioda_mqtt::codec::{Protocol, QoS, encode_publish};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Connections per source address: few enough that the runs of the last minute, whose ports sit in
@@ -97,7 +97,7 @@ impl Device {
             if !self.out.is_empty() {
                 self.flush().await?;
             }
-            if self.stream.read_buf(&mut self.buf).await? == 0 {
+            if ioda_mqtt::read::read_some(&mut self.stream, &mut self.buf).await? == 0 {
                 bail!("the server closed the connection");
             }
         }
