@@ -154,9 +154,22 @@ pub fn router(
         .merge(legacy)
         .route("/iocm/app/sec/v1.1.0/login", post(legacy::login))
         .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .fallback(no_such_api)
         .layer(from_fn(request_id))
         .with_state(state)
+}
+
+/// The process's metrics in the Prometheus text format. Like `/health`, unsigned: a scraper
+/// holds no AK/SK, and it shows counts and timings only.
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        ioda_mqtt::stats::render(),
+    )
 }
 
 async fn no_such_api() -> ApiError {

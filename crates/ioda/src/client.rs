@@ -117,8 +117,23 @@ impl ApiClient {
         .await
     }
 
-    /// Sends a request exactly as described.
-    pub async fn send(&self, request: RawRequest) -> anyhow::Result<ApiResponse> {
+    /// A GET whose answer is text (`/metrics`).
+    pub async fn get_text(&self, path: &str) -> anyhow::Result<String> {
+        let (status, _, bytes) = self
+            .send_raw(RawRequest {
+                method: "GET".to_owned(),
+                path: path.to_owned(),
+                ..Default::default()
+            })
+            .await?;
+        if status != 200 {
+            bail!("GET {path}: HTTP {status}");
+        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Sends a signed request; the answer's status, request id and body.
+    async fn send_raw(&self, request: RawRequest) -> anyhow::Result<(u16, Option<String>, Bytes)> {
         let sdk_date = request
             .sdk_date
             .clone()
@@ -178,6 +193,12 @@ impl ApiClient {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let bytes = response.into_body().collect().await?.to_bytes();
+        Ok((status, request_id, bytes))
+    }
+
+    /// Sends a request exactly as described and reads its JSON answer.
+    pub async fn send(&self, request: RawRequest) -> anyhow::Result<ApiResponse> {
+        let (status, request_id, bytes) = self.send_raw(request).await?;
         let body = if bytes.is_empty() {
             Value::Null
         } else {

@@ -71,6 +71,20 @@ fn assert_accounted(result: &Value) {
     );
     assert_eq!(result["lost"], 0);
     assert!(result["latency_ms"]["p99"].as_u64().is_some());
+    // The server counted each acknowledgement's stages (a PUBACK's `commit` stage ends before
+    // it is written, so before the bench can have read it; `write` ends just after).
+    let stages = &result["server_puback_stages_ms"];
+    assert_eq!(
+        stages["commit"]["count"].as_u64(),
+        Some(offered),
+        "the server counts every acknowledgement: {result}"
+    );
+    let written = stages["write"]["count"].as_u64().unwrap();
+    assert!(written > 0 && written <= offered, "{result}");
+    assert!(
+        stages["commit"]["p99_at_most"].as_f64().is_some(),
+        "{result}"
+    );
 }
 
 #[test]

@@ -756,3 +756,78 @@ async fn gzip_reports_are_inflated_within_the_payload_limit() {
     );
     server.stop().await;
 }
+
+/// `/metrics` (unsigned, Prometheus text) counts where each QoS 1 acknowledgement spent its time.
+#[tokio::test]
+async fn puback_stages_are_counted_in_metrics() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "node-metrics").await;
+    let http = server.running.as_ref().unwrap().http_addr;
+    let commits_before = stage_count(&scrape(http).await, "commit");
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    let good = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 1}}]});
+    for payload in [good.to_string().into_bytes(), b"{not json".to_vec()] {
+        publish_and_ack(&client, &mut events, &report_topic(&device_id), payload)
+            .await
+            .unwrap();
+    }
+    // A QoS 0 report has no acknowledgement to count.
+    client
+        .publish(
+            report_topic(&device_id),
+            QoS::AtMostOnce,
+            false,
+            good.to_string(),
+        )
+        .await
+        .unwrap();
+    publish_and_ack(
+        &client,
+        &mut events,
+        &report_topic(&device_id),
+        good.to_string().into_bytes(),
+    )
+    .await
+    .unwrap();
+
+    let text = scrape(http).await;
+    // Other tests of this binary may share the process (`cargo test`), never fewer.
+    let commits = stage_count(&text, "commit") - commits_before;
+    assert!(commits >= 3, "{text}");
+    if std::env::var_os("NEXTEST").is_some() {
+        assert_eq!(commits, 3, "{text}");
+    }
+    assert!(text.contains("# TYPE ioda_mqtt_puback_stage_seconds histogram"));
+    assert!(text.contains(r#"ioda_mqtt_puback_stage_seconds_bucket{stage="write",le="+Inf"}"#));
+    server.stop().await;
+}
+
+/// GETs `/metrics` without a signature; checks the status and content type.
+async fn scrape(http: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: ioda\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains("content-type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    body.to_owned()
+}
+
+fn stage_count(text: &str, stage: &str) -> u64 {
+    let prefix = format!("ioda_mqtt_puback_stage_seconds_count{{stage=\"{stage}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .and_then(|count| count.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {stage} count in {text}"))
+}

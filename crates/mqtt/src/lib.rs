@@ -8,6 +8,7 @@ pub mod client;
 pub mod codec;
 pub mod read;
 pub mod server;
+pub mod stats;
 
 pub use codec::{Packet, Protocol, Publish, QoS};
 

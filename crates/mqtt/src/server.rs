@@ -23,6 +23,7 @@ use crate::codec::{
     self, Connect, Packet, Protocol, Publish, QoS, ServerLimits, SubscribeFilter, reason,
 };
 use crate::read::read_some;
+use crate::stats::ACK_STAGES;
 
 /// Limits the driver enforces on every connection.
 #[derive(Debug, Clone, Copy)]
@@ -135,6 +136,14 @@ const MAX_AWAITING_ACK: usize = 1024;
 
 /// Resolves to the PUBACK reason once the broker has committed a publish.
 pub type Commit = Pin<Box<dyn Future<Output = u8> + Send>>;
+
+/// A QoS 1 publish whose PUBACK waits: for its commit, or for older ones (PUBACKs keep order).
+struct Awaiting {
+    pkid: u16,
+    commit: Commit,
+    /// When the read that brought it returned.
+    read_at: std::time::Instant,
+}
 
 /// Why a connection ended, as reported to the broker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +297,9 @@ where
         inbox,
         shutdown,
         pending: VecDeque::new(),
+        read_at: std::time::Instant::now(),
+        unwritten_acks: 0,
+        first_unwritten_at: std::time::Instant::now(),
         awaiting_ack: HashMap::new(),
         next_pkid: 0,
     })
@@ -340,7 +352,12 @@ struct Connection<S, T> {
     inbox: mpsc::Receiver<Outbound>,
     shutdown: watch::Receiver<bool>,
     /// QoS 1 publishes whose PUBACK waits for the broker, oldest first.
-    pending: VecDeque<(u16, Commit)>,
+    pending: VecDeque<Awaiting>,
+    /// When the last read that brought data returned (the start of its publishes' `commit` stage).
+    read_at: std::time::Instant,
+    /// PUBACKs encoded but not yet written, and when the first of them was.
+    unwritten_acks: u64,
+    first_unwritten_at: std::time::Instant,
     /// Our QoS 1 publishes waiting for the client's PUBACK.
     awaiting_ack: HashMap<u16, Option<oneshot::Sender<Delivery>>>,
     next_pkid: u16,
@@ -392,7 +409,7 @@ where
     async fn close(mut self, cause: CloseCause) {
         let protocol = self.protocol;
         // Commits still pending when the connection ends must finish their follow-up work.
-        for (_, commit) in self.pending.drain(..) {
+        for Awaiting { commit, .. } in self.pending.drain(..) {
             tokio::spawn(commit);
         }
         let Connection {
@@ -447,6 +464,7 @@ where
                 Event::Committed(code) => self.ack_front(code),
                 Event::Read(false) => Flow::Close(CloseCause::ConnectionLost),
                 Event::Read(true) => {
+                    self.read_at = std::time::Instant::now();
                     deadline = Instant::now() + self.keep_alive;
                     Box::pin(self.handle_input()).await
                 }
@@ -471,6 +489,12 @@ where
             }
         }
         self.out.clear();
+        if self.unwritten_acks > 0 {
+            ACK_STAGES
+                .write
+                .observe(self.first_unwritten_at.elapsed(), self.unwritten_acks);
+            self.unwritten_acks = 0;
+        }
         Ok(())
     }
 
@@ -545,31 +569,47 @@ where
     }
 
     fn ack_front(&mut self, code: u8) -> Flow {
-        let Some((pkid, _)) = self.pending.pop_front() else {
+        let Some(Awaiting { pkid, read_at, .. }) = self.pending.pop_front() else {
             return Flow::Continue;
         };
-        let mut flow = self.acknowledge(pkid, code);
+        let now = std::time::Instant::now();
+        let mut flow = self.acknowledge(pkid, code, read_at, now);
         // Commits finish in groups (one transaction holds many publishes): acknowledge every one
         // that is already done, so their PUBACKs leave in one write instead of one write each.
         while matches!(flow, Flow::Continue) {
-            let Some((pkid, commit)) = self.pending.front_mut() else {
+            let Some(front) = self.pending.front_mut() else {
                 break;
             };
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-            let std::task::Poll::Ready(code) = commit.as_mut().poll(&mut cx) else {
+            let std::task::Poll::Ready(code) = front.commit.as_mut().poll(&mut cx) else {
                 break;
             };
-            let pkid = *pkid;
+            let (pkid, read_at) = (front.pkid, front.read_at);
             self.pending.pop_front();
-            flow = self.acknowledge(pkid, code);
+            flow = self.acknowledge(pkid, code, read_at, now);
         }
         flow
     }
 
-    fn acknowledge(&mut self, pkid: u16, code: u8) -> Flow {
+    /// Encodes a PUBACK (or, for an MQTT 3 client, closes on a refusal), counting its publish's
+    /// `commit` stage as ended `now`.
+    fn acknowledge(
+        &mut self,
+        pkid: u16,
+        code: u8,
+        read_at: std::time::Instant,
+        now: std::time::Instant,
+    ) -> Flow {
         if code != reason::SUCCESS && self.protocol == Protocol::V3 {
             return Flow::Close(CloseCause::PublishRefused(code));
         }
+        ACK_STAGES
+            .commit
+            .observe(now.saturating_duration_since(read_at), 1);
+        if self.unwritten_acks == 0 {
+            self.first_unwritten_at = now;
+        }
+        self.unwritten_acks += 1;
         codec::encode_puback(&mut self.out, self.protocol, pkid, code);
         Flow::Continue
     }
@@ -640,7 +680,11 @@ where
             }
             _ if qos == QoS::AtMostOnce => return self.settle_qos0(verdict),
             PublishVerdict::AcceptAfter(commit) => {
-                self.pending.push_back((pkid, commit));
+                self.pending.push_back(Awaiting {
+                    pkid,
+                    commit,
+                    read_at: self.read_at,
+                });
                 return Flow::Continue;
             }
             PublishVerdict::Accept => reason::SUCCESS,
@@ -652,11 +696,14 @@ where
             PublishVerdict::Refuse(code) => code,
         };
         if self.pending.is_empty() {
-            self.acknowledge(pkid, code)
+            self.acknowledge(pkid, code, self.read_at, std::time::Instant::now())
         } else {
             // Keep PUBACKs in the order the publishes arrived.
-            self.pending
-                .push_back((pkid, Box::pin(std::future::ready(code))));
+            self.pending.push_back(Awaiting {
+                pkid,
+                commit: Box::pin(std::future::ready(code)),
+                read_at: self.read_at,
+            });
             Flow::Continue
         }
     }
@@ -683,9 +730,9 @@ async fn stopped(shutdown: &mut watch::Receiver<bool>) {
 }
 
 /// Waits for the oldest pending acknowledgement.
-async fn wait_front(pending: &mut VecDeque<(u16, Commit)>) -> u8 {
+async fn wait_front(pending: &mut VecDeque<Awaiting>) -> u8 {
     match pending.front_mut() {
-        Some((_, commit)) => commit.await,
+        Some(Awaiting { commit, .. }) => commit.await,
         None => std::future::pending().await,
     }
 }

@@ -3,6 +3,7 @@
 
 mod command;
 mod device;
+mod metrics;
 mod reference;
 mod report;
 mod server;

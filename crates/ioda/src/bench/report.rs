@@ -335,6 +335,7 @@ pub async fn run(
     )
     .await?;
     let before = server.usage();
+    let stages_before = super::metrics::Snapshot::take(&server.api).await?;
     let sent = Arc::new(Sent::default());
     let started = Instant::now();
     let until = started + Duration::from_secs(args.duration.max(1));
@@ -379,6 +380,9 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     reporter.abort();
+    let stages = super::metrics::Snapshot::take(&server.api)
+        .await?
+        .since(&stages_before);
     let total_seconds = started.elapsed().as_secs_f64();
     let delivered = received.delivered.load(Ordering::Relaxed);
     let latencies = sorted(&received.latencies_ms);
@@ -399,6 +403,8 @@ pub async fn run(
         "delivered_per_second": round(delivered as f64 / total_seconds),
         "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
         "ack_latency_ms": summary_ms(&ack_latencies),
+        // The server's side of the acknowledgement latency (see `ioda_mqtt::stats`).
+        "server_puback_stages_ms": stages,
         "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
         "server_rss_bytes": after.rss_bytes,
         "server_rss_peak_bytes": peak_rss.load(Ordering::Relaxed).max(after.rss_bytes),
