@@ -168,7 +168,12 @@ async fn metrics() -> impl axum::response::IntoResponse {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        ioda_mqtt::stats::render(),
+        {
+            let mut out = String::new();
+            ioda_mqtt::stats::render(&mut out);
+            ioda_store::stats::render(&mut out);
+            out
+        },
     )
 }
 

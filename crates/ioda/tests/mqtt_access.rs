@@ -764,7 +764,9 @@ async fn puback_stages_are_counted_in_metrics() {
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "node-metrics").await;
     let http = server.running.as_ref().unwrap().http_addr;
-    let commits_before = stage_count(&scrape(http).await, "commit");
+    let before = scrape(http).await;
+    let commits_before = stage_count(&before, "commit");
+    let jobs_before = series_count(&before, "ioda_store_job_commit_seconds_count ");
     let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
         .await
         .unwrap();
@@ -802,6 +804,9 @@ async fn puback_stages_are_counted_in_metrics() {
     }
     assert!(text.contains("# TYPE ioda_mqtt_puback_stage_seconds histogram"));
     assert!(text.contains(r#"ioda_mqtt_puback_stage_seconds_bucket{stage="write",le="+Inf"}"#));
+    // The two good reports were write jobs of the store.
+    let jobs = series_count(&text, "ioda_store_job_commit_seconds_count ") - jobs_before;
+    assert!(jobs >= 2, "{text}");
     server.stop().await;
 }
 
@@ -825,9 +830,15 @@ async fn scrape(http: std::net::SocketAddr) -> String {
 }
 
 fn stage_count(text: &str, stage: &str) -> u64 {
-    let prefix = format!("ioda_mqtt_puback_stage_seconds_count{{stage=\"{stage}\"}} ");
+    series_count(
+        text,
+        &format!("ioda_mqtt_puback_stage_seconds_count{{stage=\"{stage}\"}} "),
+    )
+}
+
+fn series_count(text: &str, prefix: &str) -> u64 {
     text.lines()
-        .find_map(|line| line.strip_prefix(prefix.as_str()))
+        .find_map(|line| line.strip_prefix(prefix))
         .and_then(|count| count.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {stage} count in {text}"))
+        .unwrap_or_else(|| panic!("no {prefix} in {text}"))
 }

@@ -17,6 +17,7 @@ mod routing;
 mod schema;
 mod shadow;
 mod shadow_merge;
+pub mod stats;
 mod trace;
 mod trace_detail;
 mod trace_file;

@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, RepeatableJob, run_batch};
 use crate::report_log::HistoryIds;
 use crate::routing::ForwardIds;
+use crate::stats::JOB_COMMITTED;
 use crate::trace::{SharedPendingTrace, TraceEntry};
 use crate::trace_log::TraceLog;
 use crate::{StoreError, schema};
@@ -25,8 +26,8 @@ pub enum Durability {
 }
 
 enum Command {
-    /// A job and the trace entries that become visible if it commits.
-    Run(Job, Vec<TraceEntry>),
+    /// A job, the trace entries that become visible if it commits, and when it was queued.
+    Run(Job, Vec<TraceEntry>, std::time::Instant),
     /// Starts the log over (sent by the checkpointer once the log has grown too long).
     RestartLog,
     Stop,
@@ -209,7 +210,7 @@ impl Store {
     /// Puts a job in the writer's queue, waiting only while the queue is full.
     async fn queue(&self, job: Job, trace: Vec<TraceEntry>) -> Result<(), StoreError> {
         self.jobs
-            .send(Command::Run(job, trace))
+            .send(Command::Run(job, trace, std::time::Instant::now()))
             .await
             .map_err(|_| StoreError::Closed)
     }
@@ -376,10 +377,11 @@ struct Signals {
     stop: bool,
 }
 
-/// Moves queued commands into the batch without waiting (up to `MAX_BATCH` jobs).
+/// Moves queued commands into the batch without waiting (up to `MAX_BATCH` jobs), noting when
+/// each was queued.
 fn take_queued(
     queue: &mut mpsc::Receiver<Command>,
-    batch: &mut Batch,
+    (batch, queued_at): (&mut Batch, &mut Vec<std::time::Instant>),
     signals: &mut Signals,
     first: Option<Command>,
 ) {
@@ -388,7 +390,10 @@ fn take_queued(
         .chain(std::iter::from_fn(|| queue.try_recv().ok()))
     {
         match command {
-            Command::Run(job, trace) => batch.push((job, trace)),
+            Command::Run(job, trace, at) => {
+                batch.push((job, trace));
+                queued_at.push(at);
+            }
             Command::RestartLog => signals.restart_log = true,
             Command::Stop => {
                 signals.stop = true;
@@ -407,16 +412,26 @@ fn write_loop(
     pending: SharedPendingTrace,
 ) {
     let mut batch: Batch = Vec::with_capacity(64);
+    let mut queued_at = Vec::with_capacity(64);
     let mut last_commit = std::time::Instant::now();
     let mut restart_wanted = false;
     while let Some(first) = queue.blocking_recv() {
         let mut signals = Signals::default();
-        take_queued(&mut queue, &mut batch, &mut signals, Some(first));
+        take_queued(
+            &mut queue,
+            (&mut batch, &mut queued_at),
+            &mut signals,
+            Some(first),
+        );
         if !signals.stop && batch.len() < GATHER_BELOW && last_commit.elapsed() < BUSY_WITHIN {
             std::thread::sleep(GATHER_FOR);
-            take_queued(&mut queue, &mut batch, &mut signals, None);
+            take_queued(&mut queue, (&mut batch, &mut queued_at), &mut signals, None);
         }
         run_batch(&mut conn, &mut batch, &pending);
+        let committed = std::time::Instant::now();
+        for at in queued_at.drain(..) {
+            JOB_COMMITTED.observe(committed.saturating_duration_since(at), 1);
+        }
         restart_wanted |= signals.restart_log;
         if restart_wanted {
             restart_wanted = !restart_log(&conn);

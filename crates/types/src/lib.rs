@@ -6,6 +6,7 @@
 pub mod device;
 pub mod downlink;
 pub mod event;
+pub mod histogram;
 pub mod ids;
 pub mod model;
 pub mod time;

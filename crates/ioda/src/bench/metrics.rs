@@ -1,16 +1,27 @@
-//! The server's own account of where PUBACKs spent their time, from its `/metrics`.
+//! The server's own account of where writes and PUBACKs spent their time, from its `/metrics`.
 
 use serde_json::{Value, json};
 
 use crate::client::ApiClient;
 
-const METRIC: &str = "ioda_mqtt_puback_stage_seconds_bucket";
-const STAGES: [&str; 2] = ["commit", "write"];
+/// The stages reported, and the bucket series each is read from: a write job's wait in the
+/// store (queue, transaction, sync), then a PUBACK's two stages in the MQTT layer.
+const STAGES: [(&str, &str); 3] = [
+    ("store_job", "ioda_store_job_commit_seconds_bucket{le=\""),
+    (
+        "commit",
+        "ioda_mqtt_puback_stage_seconds_bucket{stage=\"commit\",le=\"",
+    ),
+    (
+        "write",
+        "ioda_mqtt_puback_stage_seconds_bucket{stage=\"write\",le=\"",
+    ),
+];
 
 /// The cumulative bucket counts of one stage: (upper bound in seconds, count), in order.
 type Buckets = Vec<(f64, u64)>;
 
-/// The PUBACK stage histograms the server has counted so far.
+/// The stage histograms the server has counted so far.
 pub struct Snapshot {
     stages: Vec<Buckets>,
 }
@@ -23,10 +34,9 @@ impl Snapshot {
     fn parse(text: &str) -> Snapshot {
         let stages = STAGES
             .iter()
-            .map(|stage| {
-                let prefix = format!("{METRIC}{{stage=\"{stage}\",le=\"");
+            .map(|(_, prefix)| {
                 text.lines()
-                    .filter_map(|line| line.strip_prefix(prefix.as_str()))
+                    .filter_map(|line| line.strip_prefix(prefix))
                     .filter_map(|rest| {
                         let (le, count) = rest.split_once("\"} ")?;
                         let le = if le == "+Inf" {
@@ -42,12 +52,12 @@ impl Snapshot {
         Snapshot { stages }
     }
 
-    /// What was counted between `earlier` and this snapshot, per stage: how many PUBACKs, and
+    /// What was counted between `earlier` and this snapshot, per stage: how many, and
     /// the bucket bounds (in ms, powers of two of µs) that hold the median and the 99th
     /// percentile (`null` beyond the largest bucket, 8.4 s).
     pub fn since(&self, earlier: &Snapshot) -> Value {
         let mut out = serde_json::Map::new();
-        for (n, stage) in STAGES.iter().enumerate() {
+        for (n, (stage, _)) in STAGES.iter().enumerate() {
             let now = &self.stages[n];
             let before = earlier.stages.get(n);
             let delta: Buckets = now
@@ -81,11 +91,9 @@ mod tests {
 
     fn text(commit: [u64; 3], write: [u64; 3]) -> String {
         let mut out = String::from("# TYPE ioda_mqtt_puback_stage_seconds histogram\n");
-        for (stage, counts) in [("commit", commit), ("write", write)] {
+        for (series, counts) in [(STAGES[1].1, commit), (STAGES[2].1, write)] {
             for (le, count) in ["0.001024", "0.002048", "+Inf"].iter().zip(counts) {
-                out.push_str(&format!(
-                    "{METRIC}{{stage=\"{stage}\",le=\"{le}\"}} {count}\n"
-                ));
+                out.push_str(&format!("{series}{le}\"}} {count}\n"));
             }
         }
         out
@@ -101,6 +109,7 @@ mod tests {
         assert_eq!(got["commit"]["p99_at_most"], 2.048);
         assert_eq!(got["write"]["count"], 200);
         assert_eq!(got["write"]["p99_at_most"], 1.024);
+        assert_eq!(got["store_job"]["count"], 0, "not in this text");
     }
 
     #[test]

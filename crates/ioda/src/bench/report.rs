@@ -403,8 +403,8 @@ pub async fn run(
         "delivered_per_second": round(delivered as f64 / total_seconds),
         "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
         "ack_latency_ms": summary_ms(&ack_latencies),
-        // The server's side of the acknowledgement latency (see `ioda_mqtt::stats`).
-        "server_puback_stages_ms": stages,
+        // The server's side of the acknowledgement latency (`ioda_store::stats`, `ioda_mqtt::stats`).
+        "server_stages_ms": stages,
         "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
         "server_rss_bytes": after.rss_bytes,
         "server_rss_peak_bytes": peak_rss.load(Ordering::Relaxed).max(after.rss_bytes),
