@@ -1,6 +1,6 @@
 //! Reading from a socket into a packet buffer.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::ready;
@@ -20,18 +20,19 @@ pub const READ_CHUNK: usize = 4096;
 /// short read as proof that the socket is drained, so each such read cost a second `recv` that
 /// found it empty (1.6 `recv` per property report at 43 000/s, with packets of 260 bytes read
 /// into 260 bytes of room).
-pub async fn read_some<S: AsyncRead + Unpin>(
-    stream: &mut S,
-    buf: &mut BytesMut,
-) -> std::io::Result<usize> {
-    poll_fn(|cx| {
+pub fn read_some<'a, S: AsyncRead + Unpin>(
+    stream: &'a mut S,
+    buf: &'a mut BytesMut,
+) -> impl Future<Output = std::io::Result<usize>> + 'a {
+    // A plain `poll_fn`, not an `async fn` around one: that would hold both references twice in
+    // the future every idle connection's task keeps.
+    poll_fn(move |cx| {
         let mut chunk = [MaybeUninit::<u8>::uninit(); READ_CHUNK];
         let mut read = ReadBuf::uninit(&mut chunk);
         ready!(Pin::new(&mut *stream).poll_read(cx, &mut read))?;
         buf.extend_from_slice(read.filled());
         std::task::Poll::Ready(Ok(read.filled().len()))
     })
-    .await
 }
 
 #[cfg(test)]

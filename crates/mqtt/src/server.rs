@@ -297,9 +297,7 @@ where
         inbox,
         shutdown,
         pending: VecDeque::new(),
-        read_at: std::time::Instant::now(),
         unwritten_acks: 0,
-        first_unwritten_at: std::time::Instant::now(),
         awaiting_ack: HashMap::new(),
         next_pkid: 0,
     })
@@ -353,11 +351,10 @@ struct Connection<S, T> {
     shutdown: watch::Receiver<bool>,
     /// QoS 1 publishes whose PUBACK waits for the broker, oldest first.
     pending: VecDeque<Awaiting>,
-    /// When the last read that brought data returned (the start of its publishes' `commit` stage).
-    read_at: std::time::Instant,
-    /// PUBACKs encoded but not yet written, and when the first of them was.
-    unwritten_acks: u64,
-    first_unwritten_at: std::time::Instant,
+    /// PUBACKs encoded but not yet written (their `write` stage is the write that carries them).
+    /// The stages' other timestamps travel with the publishes, not here: every connection's
+    /// task holds this struct while idle.
+    unwritten_acks: u32,
     /// Our QoS 1 publishes waiting for the client's PUBACK.
     awaiting_ack: HashMap<u16, Option<oneshot::Sender<Delivery>>>,
     next_pkid: u16,
@@ -464,9 +461,9 @@ where
                 Event::Committed(code) => self.ack_front(code),
                 Event::Read(false) => Flow::Close(CloseCause::ConnectionLost),
                 Event::Read(true) => {
-                    self.read_at = std::time::Instant::now();
+                    let read_at = std::time::Instant::now();
                     deadline = Instant::now() + self.keep_alive;
-                    Box::pin(self.handle_input()).await
+                    Box::pin(self.handle_input(read_at)).await
                 }
                 Event::KeepaliveExpired => Flow::Close(CloseCause::KeepaliveTimeout),
             };
@@ -479,6 +476,7 @@ where
     /// Writes what is waiting. A client that stops reading must not park this task (and with it
     /// keepalive, takeover and shutdown): a write that cannot finish in time ends the connection.
     async fn flush(&mut self) -> std::io::Result<()> {
+        let started = (self.unwritten_acks > 0).then(std::time::Instant::now);
         match timeout(self.limits.write_timeout, self.stream.write_all(&self.out)).await {
             Ok(written) => written?,
             Err(_) => {
@@ -489,10 +487,10 @@ where
             }
         }
         self.out.clear();
-        if self.unwritten_acks > 0 {
+        if let Some(started) = started {
             ACK_STAGES
                 .write
-                .observe(self.first_unwritten_at.elapsed(), self.unwritten_acks);
+                .observe(started.elapsed(), u64::from(self.unwritten_acks));
             self.unwritten_acks = 0;
         }
         Ok(())
@@ -606,15 +604,13 @@ where
         ACK_STAGES
             .commit
             .observe(now.saturating_duration_since(read_at), 1);
-        if self.unwritten_acks == 0 {
-            self.first_unwritten_at = now;
-        }
-        self.unwritten_acks += 1;
+        self.unwritten_acks = self.unwritten_acks.saturating_add(1);
         codec::encode_puback(&mut self.out, self.protocol, pkid, code);
         Flow::Continue
     }
 
-    async fn handle_input(&mut self) -> Flow {
+    /// Handles the packets a read brought (`read_at`: when it returned).
+    async fn handle_input(&mut self, read_at: std::time::Instant) -> Flow {
         loop {
             let packet = match codec::decode(
                 &mut self.buf,
@@ -625,15 +621,15 @@ where
                 Ok(None) => return Flow::Continue,
                 Err(error) => return Flow::Close(CloseCause::Protocol(error)),
             };
-            if let Flow::Close(cause) = self.handle_packet(packet).await {
+            if let Flow::Close(cause) = self.handle_packet(packet, read_at).await {
                 return Flow::Close(cause);
             }
         }
     }
 
-    async fn handle_packet(&mut self, packet: Packet) -> Flow {
+    async fn handle_packet(&mut self, packet: Packet, read_at: std::time::Instant) -> Flow {
         match packet {
-            Packet::Publish(publish) => self.handle_publish(publish).await,
+            Packet::Publish(publish) => self.handle_publish(publish, read_at).await,
             Packet::PubAck { pkid, .. } => {
                 if let Some(Some(acked)) = self.awaiting_ack.remove(&pkid) {
                     let _ = acked.send(Delivery::Acknowledged);
@@ -671,7 +667,7 @@ where
         }
     }
 
-    async fn handle_publish(&mut self, publish: Publish) -> Flow {
+    async fn handle_publish(&mut self, publish: Publish, read_at: std::time::Instant) -> Flow {
         let (qos, pkid) = (publish.qos, publish.pkid);
         let verdict = Box::pin(self.session.publish(publish)).await;
         let code = match verdict {
@@ -683,7 +679,7 @@ where
                 self.pending.push_back(Awaiting {
                     pkid,
                     commit,
-                    read_at: self.read_at,
+                    read_at,
                 });
                 return Flow::Continue;
             }
@@ -696,13 +692,13 @@ where
             PublishVerdict::Refuse(code) => code,
         };
         if self.pending.is_empty() {
-            self.acknowledge(pkid, code, self.read_at, std::time::Instant::now())
+            self.acknowledge(pkid, code, read_at, std::time::Instant::now())
         } else {
             // Keep PUBACKs in the order the publishes arrived.
             self.pending.push_back(Awaiting {
                 pkid,
                 commit: Box::pin(std::future::ready(code)),
-                read_at: self.read_at,
+                read_at,
             });
             Flow::Continue
         }

@@ -2,8 +2,8 @@
 //!
 //! Two stages, counted by every connection of the process: `commit`, from reading the publish to
 //! its connection seeing it committed (the broker's work, the store's queue, transaction and
-//! sync, and the wait for the connection's task to run again), and `write`, from then until the
-//! PUBACK has been written to the socket. A QoS 1 publish that is answered without a commit (a
+//! sync, and the wait for the connection's task to run again), and `write`, the socket write
+//! that carries the PUBACK (PUBACKs committed together share one). A QoS 1 publish that is answered without a commit (a
 //! discard, a refusal) is counted in both, its `commit` stage being the broker's decision.
 
 use std::fmt::Write as _;
@@ -28,7 +28,7 @@ const ACK_STAGE_METRIC: &str = "ioda_mqtt_puback_stage_seconds";
 pub fn render(out: &mut String) {
     let _ = writeln!(
         out,
-        "# HELP {ACK_STAGE_METRIC} Time a QoS 1 publish's PUBACK spends in each stage: commit (read until seen committed by its connection), write (until written to the socket)."
+        "# HELP {ACK_STAGE_METRIC} Time a QoS 1 publish's PUBACK spends in each stage: commit (read until seen committed by its connection), write (the socket write carrying it)."
     );
     let _ = writeln!(out, "# TYPE {ACK_STAGE_METRIC} histogram");
     ACK_STAGES
