@@ -6,9 +6,7 @@
 //! that carries the PUBACK (PUBACKs committed together share one). A QoS 1 publish that is answered without a commit (a
 //! discard, a refusal) is counted in both, its `commit` stage being the broker's decision.
 
-use std::fmt::Write as _;
-
-use ioda_types::histogram::Histogram;
+use ioda_types::histogram::{Histogram, render_family};
 
 /// The acknowledgement stages of QoS 1 publishes.
 pub struct AckStages {
@@ -26,15 +24,13 @@ const ACK_STAGE_METRIC: &str = "ioda_mqtt_puback_stage_seconds";
 
 /// Appends the MQTT layer's metrics in the Prometheus text format.
 pub fn render(out: &mut String) {
-    let _ = writeln!(
+    render_family(
+        ACK_STAGE_METRIC,
+        "Time a QoS 1 publish's PUBACK spends in each stage: commit (read until seen committed by its connection), write (the socket write carrying it).",
+        &[
+            ("stage=\"commit\"", &ACK_STAGES.commit),
+            ("stage=\"write\"", &ACK_STAGES.write),
+        ],
         out,
-        "# HELP {ACK_STAGE_METRIC} Time a QoS 1 publish's PUBACK spends in each stage: commit (read until seen committed by its connection), write (the socket write carrying it)."
     );
-    let _ = writeln!(out, "# TYPE {ACK_STAGE_METRIC} histogram");
-    ACK_STAGES
-        .commit
-        .render(ACK_STAGE_METRIC, "stage=\"commit\"", out);
-    ACK_STAGES
-        .write
-        .render(ACK_STAGE_METRIC, "stage=\"write\"", out);
 }

@@ -37,7 +37,7 @@ impl Histogram {
 
     /// Appends the Prometheus text of this histogram (cumulative buckets, bounds in seconds);
     /// `labels` is what goes inside the braces (`stage="commit"`), or nothing.
-    pub fn render(&self, name: &str, labels: &str, out: &mut String) {
+    fn render(&self, name: &str, labels: &str, out: &mut String) {
         let (before_le, braced) = if labels.is_empty() {
             (String::new(), String::new())
         } else {
@@ -56,6 +56,16 @@ impl Histogram {
         let sum = self.sum_us.load(Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum{braced} {sum}");
         let _ = writeln!(out, "{name}_count{braced} {cumulative}");
+    }
+}
+
+/// Appends a histogram family in the Prometheus text format: its help and type, then each series
+/// (its labels, as inside the braces, or nothing).
+pub fn render_family(name: &str, help: &str, series: &[(&str, &Histogram)], out: &mut String) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} histogram");
+    for (labels, histogram) in series {
+        histogram.render(name, labels, out);
     }
 }
 
