@@ -800,7 +800,7 @@ async fn puback_stages_are_counted_in_metrics() {
     }
     assert!(text.contains("# TYPE ioda_mqtt_puback_stage_seconds histogram"));
     assert!(text.contains(r#"ioda_mqtt_puback_stage_seconds_bucket{stage="write",le="+Inf"}"#));
-    // The two good reports were write jobs of the store.
+    // The two acknowledged good reports were write jobs of the store.
     let jobs = series_count(&text, "ioda_store_job_commit_seconds_count ") - jobs_before;
     assert!(jobs >= 2, "{text}");
     server.stop().await;

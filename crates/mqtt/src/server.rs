@@ -413,6 +413,7 @@ where
             session,
             mut stream,
             mut out,
+            unwritten_acks,
             ..
         } = self;
         if let CloseCause::Server(code) | CloseCause::PublishRefused(code) = &cause
@@ -426,7 +427,14 @@ where
             codec::encode_disconnect(&mut out, disconnect_reason(error));
         }
         if !out.is_empty() {
-            let _ = timeout(Duration::from_secs(1), stream.write_all(&out)).await;
+            let started = std::time::Instant::now();
+            if let Ok(Ok(())) = timeout(Duration::from_secs(1), stream.write_all(&out)).await
+                && unwritten_acks > 0
+            {
+                ACK_STAGES
+                    .write
+                    .observe(started.elapsed(), u64::from(unwritten_acks));
+            }
         }
         let _ = timeout(Duration::from_secs(1), stream.shutdown()).await;
         Box::pin(session.closed(cause)).await;

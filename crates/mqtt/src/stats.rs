@@ -1,10 +1,13 @@
 //! Where a QoS 1 publish's acknowledgement spends its time, rendered for `/metrics`.
 //!
-//! Two stages, counted by every connection of the process: `commit`, from reading the publish to
-//! its connection seeing it committed (the broker's work, the store's queue, transaction and
-//! sync, and the wait for the connection's task to run again), and `write`, the socket write
-//! that carries the PUBACK (PUBACKs committed together share one). A QoS 1 publish that is answered without a commit (a
-//! discard, a refusal) is counted in both, its `commit` stage being the broker's decision.
+//! Two stages, counted by every connection of the process: `commit`, from the read that brought
+//! the publish until its connection sees it committed (the broker's work, the store's queue,
+//! transaction and sync, the wait behind older publishes' commits, since PUBACKs keep their order,
+//! and the wait for the connection's task to run again), and `write`, the socket write that
+//! carries the PUBACK (PUBACKs committed together share one). The two do not add up to the whole:
+//! between them the connection may still be handling the rest of what the same read brought. A
+//! QoS 1 publish answered without a commit (a discard, an MQTT 5 refusal) is counted too; an
+//! MQTT 3 refusal closes the connection instead of answering and is not.
 
 use ioda_types::histogram::{Histogram, render_family};
 

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::StoreError;
 use crate::shadow_merge::ShadowMerges;
+use crate::stats::JOB_COMMITTED;
 use crate::trace::{self, SharedPendingTrace, TraceEntry};
 
 /// Called with the outcome of the transaction a job ran in.
@@ -80,7 +81,13 @@ type Onces = Vec<(OnceJob, Vec<TraceEntry>)>;
 
 /// Runs a batch in one transaction and tells every job how it ended; entries of the jobs that
 /// committed become visible trace.
-pub(crate) fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &SharedPendingTrace) {
+/// Runs and commits a batch; `queued_at` says when each of its jobs was handed to the writer.
+pub(crate) fn run_batch(
+    conn: &mut Connection,
+    batch: &mut Batch,
+    pending: &SharedPendingTrace,
+    queued_at: &[std::time::Instant],
+) {
     if batch.is_empty() {
         return;
     }
@@ -127,6 +134,11 @@ pub(crate) fn run_batch(conn: &mut Connection, batch: &mut Batch, pending: &Shar
         tracing::error!(error = ?outcome, "store commit failed");
     } else {
         trace::lock(pending).add(committed_trace);
+        // Counted before the callers are told, so whoever sees a commit also sees it counted.
+        let committed = std::time::Instant::now();
+        for at in queued_at {
+            JOB_COMMITTED.observe(committed.saturating_duration_since(*at), 1);
+        }
     }
     for (job, _) in repeatables {
         job.finish(outcome.clone());

@@ -2,8 +2,10 @@
 
 use ioda_types::histogram::{Histogram, render_family};
 
-/// From a job entering the writer's queue until its transaction has committed (and, with
-/// durability `full`, been synced): the queue's wait, the transaction and the sync together.
+/// From a job being handed to the writer (a wait while its queue is full included) until its
+/// transaction has committed (and, with durability `full`, been synced): the queue's wait, the
+/// transaction and the sync together. Counted before the job's caller is told, and only for
+/// commits that succeeded.
 pub(crate) static JOB_COMMITTED: Histogram = Histogram::new();
 
 const JOB_METRIC: &str = "ioda_store_job_commit_seconds";
@@ -12,7 +14,7 @@ const JOB_METRIC: &str = "ioda_store_job_commit_seconds";
 pub fn render(out: &mut String) {
     render_family(
         JOB_METRIC,
-        "Time a write spends from entering the writer's queue until committed (and synced, durability full).",
+        "Time a write spends from being handed to the writer until committed (and synced, durability full).",
         &[("", &JOB_COMMITTED)],
         out,
     );

@@ -11,7 +11,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, RepeatableJob, run_batch};
 use crate::report_log::HistoryIds;
 use crate::routing::ForwardIds;
-use crate::stats::JOB_COMMITTED;
 use crate::trace::{SharedPendingTrace, TraceEntry};
 use crate::trace_log::TraceLog;
 use crate::{StoreError, schema};
@@ -427,11 +426,8 @@ fn write_loop(
             std::thread::sleep(GATHER_FOR);
             take_queued(&mut queue, (&mut batch, &mut queued_at), &mut signals, None);
         }
-        run_batch(&mut conn, &mut batch, &pending);
-        let committed = std::time::Instant::now();
-        for at in queued_at.drain(..) {
-            JOB_COMMITTED.observe(committed.saturating_duration_since(at), 1);
-        }
+        run_batch(&mut conn, &mut batch, &pending, &queued_at);
+        queued_at.clear();
         restart_wanted |= signals.restart_log;
         if restart_wanted {
             restart_wanted = !restart_log(&conn);
