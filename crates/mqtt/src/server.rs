@@ -469,8 +469,9 @@ where
                 Event::Committed(code) => self.ack_front(code),
                 Event::Read(false) => Flow::Close(CloseCause::ConnectionLost),
                 Event::Read(true) => {
+                    // One clock read for both (tokio's clock is never paused here).
                     let read_at = std::time::Instant::now();
-                    deadline = Instant::now() + self.keep_alive;
+                    deadline = Instant::from_std(read_at) + self.keep_alive;
                     Box::pin(self.handle_input(read_at)).await
                 }
                 Event::KeepaliveExpired => Flow::Close(CloseCause::KeepaliveTimeout),

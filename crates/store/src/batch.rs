@@ -80,8 +80,7 @@ type Repeatables = Vec<(Box<dyn RepeatableJob>, Vec<TraceEntry>)>;
 type Onces = Vec<(OnceJob, Vec<TraceEntry>)>;
 
 /// Runs a batch in one transaction and tells every job how it ended; entries of the jobs that
-/// committed become visible trace.
-/// Runs and commits a batch; `queued_at` says when each of its jobs was handed to the writer.
+/// committed become visible trace. `queued_at` says when each job was handed to the writer.
 pub(crate) fn run_batch(
     conn: &mut Connection,
     batch: &mut Batch,

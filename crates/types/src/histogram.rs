@@ -30,11 +30,6 @@ impl Histogram {
         self.sum_us.fetch_add(us.saturating_mul(times), Relaxed);
     }
 
-    /// Events counted so far.
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
-    }
-
     /// Appends the Prometheus text of this histogram (cumulative buckets, bounds in seconds);
     /// `labels` is what goes inside the braces (`stage="commit"`), or nothing.
     fn render(&self, name: &str, labels: &str, out: &mut String) {
@@ -128,7 +123,6 @@ mod tests {
         assert_eq!(lines[20], "m_bucket{stage=\"x\",le=\"+Inf\"} 4");
         assert_eq!(lines[21], "m_sum{stage=\"x\"} 60.00102");
         assert_eq!(lines[22], "m_count{stage=\"x\"} 4");
-        assert_eq!(histogram.count(), 4);
 
         let mut unlabelled = String::new();
         histogram.render("m", "", &mut unlabelled);

@@ -380,10 +380,11 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     reporter.abort();
+    let total_seconds = started.elapsed().as_secs_f64();
+    // Read after the clock stops: the scrape is not part of the run.
     let stages = super::metrics::Snapshot::take(&server.api)
         .await?
         .since(&stages_before);
-    let total_seconds = started.elapsed().as_secs_f64();
     let delivered = received.delivered.load(Ordering::Relaxed);
     let latencies = sorted(&received.latencies_ms);
     let ack_latencies = sorted(&sent.ack_latencies_us);
