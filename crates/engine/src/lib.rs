@@ -29,7 +29,7 @@ use std::sync::{Arc, RwLock};
 use ioda_store::{AccessKey, Project, Store, StoreError, TraceEntry};
 use ioda_types::{Product, TypesError};
 
-pub use bus::Bus;
+pub use bus::{Bus, BusReceiver, is_device_data};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use commands::{
     AsyncCommandRequest, CommandRequest, MAX_EXPIRE_SECS, SYNC_TIMEOUT, SYNC_TIMEOUT_RANGE,

@@ -8,7 +8,7 @@ use ioda_store::{DetailWriter, MessageRecord, ReportRecord, TraceDetail};
 use ioda_types::event::ReportedService;
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use crate::StagedForwarding;
 use crate::access::DeviceSession;
@@ -358,34 +358,40 @@ impl DeviceSession {
                 services.iter().map(|(id, _, _)| id.as_str()),
             )
             .int("rejected_properties", rejected.len() as i64);
-        let record = ReportRecord {
-            device_id: self.device.device_id.clone(),
-            request_id: request_id.clone(),
-            received_at: now,
-            services,
-        };
+        let applied = !services.is_empty();
+        // Only when desired state is waiting does the report need comparing with it.
+        let follow_up = self.wants_desired_check().then(|| services.clone());
         let event = PlatformEvent::PropertiesReported {
             device: self.device.clone(),
-            request_id,
-            services: record
-                .services
-                .iter()
+            request_id: request_id.clone(),
+            services: services
+                .into_iter()
                 .map(|(service_id, properties, event_time)| ReportedService {
-                    service_id: service_id.clone(),
-                    properties: properties.clone(),
-                    event_time: *event_time,
+                    service_id,
+                    properties,
+                    event_time,
                 })
                 .collect(),
             at: now,
         };
-        let applied = !record.services.is_empty();
-        // Only when desired state is waiting does the report need comparing with it.
-        let follow_up = self.wants_desired_check().then(|| record.services.clone());
         // Forwarding is decided now and committed with the report.
         let staged = if applied {
             self.platform.stage_forwarding(&event, now)
         } else {
             StagedForwarding::default()
+        };
+        // The properties go on to the store; the event is kept for the bus only while someone
+        // listens for device data (forwarding took its part above).
+        let (services, event) = if applied && self.platform.bus().wants_device_data() {
+            (services_of(event.clone()), Some(event))
+        } else {
+            (services_of(event), None)
+        };
+        let record = ReportRecord {
+            device_id: self.device.device_id.clone(),
+            request_id,
+            received_at: now,
+            services,
         };
         traces.push(self.stage("report_stored", with_routing(stage, &staged)));
         let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
@@ -406,7 +412,7 @@ impl DeviceSession {
                     if !woken.is_empty() {
                         platform.wake_forwarding(&woken);
                     }
-                    if applied {
+                    if let Some(event) = event {
                         platform.bus().publish(event);
                     }
                     if let Some(services) = follow_up {
@@ -453,6 +459,7 @@ impl DeviceSession {
         let trace = vec![self.stage("message_stored", with_routing(stage, &staged))];
         let StagedForwarding { rows: forwards, .. } = staged;
         let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
+        let event = self.platform.bus().wants_device_data().then_some(event);
         let submitted = self
             .platform
             .store
@@ -478,12 +485,25 @@ impl DeviceSession {
                     if !woken.is_empty() {
                         platform.wake_forwarding(&woken);
                     }
-                    platform.bus().publish(event);
+                    if let Some(event) = event {
+                        platform.bus().publish(event);
+                    }
                     reason::SUCCESS
                 }
                 _ => reason::UNSPECIFIED,
             }
         }))
+    }
+}
+
+/// A report event's services as the store takes them.
+fn services_of(event: PlatformEvent) -> Vec<(String, Map<String, Value>, i64)> {
+    match event {
+        PlatformEvent::PropertiesReported { services, .. } => services
+            .into_iter()
+            .map(|s| (s.service_id, s.properties, s.event_time))
+            .collect(),
+        _ => Vec::new(),
     }
 }
 

@@ -164,7 +164,7 @@ impl Forwarder {
     ) -> Result<Arc<Forwarder>, ioda_store::StoreError> {
         let rules = platform.store().rules().await?;
         let actions = platform.store().actions().await?;
-        let events = platform.bus().subscribe();
+        let events = platform.bus().subscribe_control();
         let forwarder = Arc::new(Forwarder {
             platform,
             config,
@@ -583,12 +583,9 @@ impl Forwarder {
 }
 
 /// The device's data (property reports and messages) is staged by the uplink path itself, inside
-/// the transaction that stores it; the dispatcher leaves those events alone.
+/// the transaction that stores it; the dispatcher does not even listen for those events.
 fn is_staged(event: &PlatformEvent) -> bool {
-    matches!(
-        event,
-        PlatformEvent::PropertiesReported { .. } | PlatformEvent::MessageReported { .. }
-    )
+    ioda_engine::is_device_data(event)
 }
 
 impl ForwardStage for Forwarder {
