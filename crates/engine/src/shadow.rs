@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use ioda_store::{DesiredUpdate, ShadowRow};
+use ioda_types::event::ReportedService;
 use ioda_types::time;
 use serde_json::{Map, Value, json};
 
@@ -171,14 +172,19 @@ impl Platform {
         &self,
         device_id: &str,
         link: &Link,
-        services: &[(String, Map<String, Value>, i64)],
+        services: &[ReportedService],
     ) {
         let wants_push = {
             let mut state = link.state();
             let Some(cache) = state.shadow.as_mut() else {
                 return;
             };
-            for (service_id, properties, _) in services {
+            for ReportedService {
+                service_id,
+                properties,
+                ..
+            } in services
+            {
                 let entry = cache.entry(service_id.clone()).or_default();
                 entry
                     .reported

@@ -8,7 +8,7 @@ use ioda_store::{DetailWriter, MessageRecord, ReportRecord, TraceDetail};
 use ioda_types::event::ReportedService;
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 
 use crate::StagedForwarding;
 use crate::access::DeviceSession;
@@ -339,7 +339,11 @@ impl DeviceSession {
                     .as_deref()
                     .and_then(time::parse_event_time)
                     .unwrap_or(now);
-                services.push((service.service_id, accepted, event_time));
+                services.push(ReportedService::new(
+                    service.service_id,
+                    accepted,
+                    event_time,
+                ));
             }
         }
         let mut traces: Vec<_> = rejected
@@ -355,7 +359,7 @@ impl DeviceSession {
             .str("request_id", &request_id)
             .strs(
                 "applied_services",
-                services.iter().map(|(id, _, _)| id.as_str()),
+                services.iter().map(|s| s.service_id.as_str()),
             )
             .int("rejected_properties", rejected.len() as i64);
         let applied = !services.is_empty();
@@ -364,14 +368,7 @@ impl DeviceSession {
         let event = PlatformEvent::PropertiesReported {
             device: self.device.clone(),
             request_id: request_id.clone(),
-            services: services
-                .into_iter()
-                .map(|(service_id, properties, event_time)| ReportedService {
-                    service_id,
-                    properties,
-                    event_time,
-                })
-                .collect(),
+            services,
             at: now,
         };
         // Forwarding is decided now and committed with the report.
@@ -496,13 +493,10 @@ impl DeviceSession {
     }
 }
 
-/// A report event's services as the store takes them.
-fn services_of(event: PlatformEvent) -> Vec<(String, Map<String, Value>, i64)> {
+/// A report event's services, for the store.
+fn services_of(event: PlatformEvent) -> Vec<ReportedService> {
     match event {
-        PlatformEvent::PropertiesReported { services, .. } => services
-            .into_iter()
-            .map(|s| (s.service_id, s.properties, s.event_time))
-            .collect(),
+        PlatformEvent::PropertiesReported { services, .. } => services,
         _ => Vec::new(),
     }
 }

@@ -300,7 +300,7 @@ pub fn report_envelope_text(event: &PlatformEvent, request_id: &str) -> Option<S
         out.extend_from_slice(br#"{"event_time":"#);
         json_str(&mut out, &time::format_compact(service.event_time));
         out.extend_from_slice(br#","properties":"#);
-        serde_json::to_writer(&mut out, &service.properties).ok()?;
+        out.extend_from_slice(service.properties_json.as_bytes());
         out.extend_from_slice(br#","service_id":"#);
         json_str(&mut out, &service.service_id);
         out.push(b'}');
@@ -354,10 +354,8 @@ mod tests {
             ..device()
         };
         let props = |v: Value| v.as_object().cloned().unwrap_or_default();
-        let service = |id: &str, properties: Value, event_time: i64| ReportedService {
-            service_id: id.into(),
-            properties: props(properties),
-            event_time,
+        let service = |id: &str, properties: Value, event_time: i64| {
+            ReportedService::new(id.into(), props(properties), event_time)
         };
         let cases: Vec<(DeviceRef, Vec<ReportedService>, i64, &str)> = vec![
             (
@@ -405,11 +403,7 @@ mod tests {
         let event = PlatformEvent::PropertiesReported {
             device: std::sync::Arc::new(device()),
             request_id: "r1".into(),
-            services: vec![ReportedService {
-                service_id: "T".into(),
-                properties,
-                event_time: 0,
-            }],
+            services: vec![ReportedService::new("T".into(), properties, 0)],
             at: 1_000,
         };
         let envelope = envelope(&event, None, "r1").unwrap();

@@ -413,6 +413,8 @@ impl Forwarder {
             .filter_map(|row| {
                 Some(ReportedService {
                     properties: serde_json::from_str(&row.properties).ok()?,
+                    // The stored text is what the report's properties were written as.
+                    properties_json: row.properties,
                     service_id: row.service_id,
                     event_time: row.event_time,
                 })

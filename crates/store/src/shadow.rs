@@ -1,5 +1,6 @@
 //! Device shadows and uplink history: the hot write path of property reports.
 
+use ioda_types::event::ReportedService;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
@@ -16,8 +17,8 @@ pub struct ReportRecord {
     pub device_id: String,
     pub request_id: String,
     pub received_at: i64,
-    /// `(service_id, applied properties, event_time)`.
-    pub services: Vec<(String, Map<String, Value>, i64)>,
+    /// The applied properties of each service, with their JSON text.
+    pub services: Vec<ReportedService>,
 }
 
 /// A raw message a device reported.
@@ -68,14 +69,19 @@ pub(crate) fn write_report(
          COALESCE(?8, (SELECT last_history_id FROM shadows WHERE device_id = ?1 AND service_id = ?2)))",
     )?;
     let mut rows: Option<(i64, i64)> = None;
-    for (service_id, properties, event_time) in &report.services {
-        let json = serde_json::to_string(properties)?;
+    for service in &report.services {
+        let ReportedService {
+            service_id,
+            properties,
+            properties_json,
+            event_time,
+        } = service;
         let id = ids.next();
         let previous = merges.last_history_id(&report.device_id, service_id);
         history.execute(params![
             report.device_id,
             service_id,
-            json,
+            properties_json,
             event_time,
             report.received_at,
             report.request_id,
@@ -85,7 +91,7 @@ pub(crate) fn write_report(
         merges.note(
             &report.device_id,
             service_id,
-            (properties, json),
+            (properties, properties_json),
             *event_time,
             id,
         )?;

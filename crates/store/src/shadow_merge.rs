@@ -58,7 +58,7 @@ impl ShadowMerges {
         &mut self,
         device_id: &str,
         service_id: &str,
-        (properties, text): (&Map<String, Value>, String),
+        (properties, text): (&Map<String, Value>, &str),
         reported_at: i64,
         history_id: i64,
     ) -> Result<(), StoreError> {
@@ -68,7 +68,7 @@ impl ShadowMerges {
         };
         let Some(pending) = services.get_mut(service_id) else {
             let first = Pending {
-                patches: vec![text],
+                patches: vec![text.to_owned()],
                 run: None,
                 reports: 1,
                 reported_at,
@@ -79,7 +79,7 @@ impl ShadowMerges {
         };
         if properties.values().any(Value::is_object) {
             pending.end_run()?;
-            pending.patches.push(text);
+            pending.patches.push(text.to_owned());
         } else {
             let run = pending.run.get_or_insert_with(Map::new);
             run.extend(properties.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -181,13 +181,18 @@ mod tests {
 
     use super::*;
     use crate::{Durability, ReportRecord, Store};
+    use ioda_types::event::ReportedService;
 
     fn report(device: &str, properties: &Value, t: i64) -> ReportRecord {
         ReportRecord {
             device_id: device.into(),
             request_id: format!("r{t}"),
             received_at: t,
-            services: vec![("S".into(), properties.as_object().unwrap().clone(), t)],
+            services: vec![ReportedService::new(
+                "S".into(),
+                properties.as_object().unwrap().clone(),
+                t,
+            )],
         }
     }
 

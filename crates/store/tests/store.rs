@@ -2,6 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use ioda_store::{AccessKey, Durability, Project, ReportRecord, Store, StoreError};
+use ioda_types::event::ReportedService;
 use ioda_types::{Device, DeviceAuth, DeviceStatus};
 use serde_json::json;
 
@@ -102,7 +103,11 @@ async fn reports_merge_into_the_shadow_and_survive_reopening() {
         device_id: "d1".into(),
         request_id: format!("r{t}"),
         received_at: t,
-        services: vec![("S".into(), props.as_object().unwrap().clone(), t)],
+        services: vec![ReportedService::new(
+            "S".into(),
+            props.as_object().unwrap().clone(),
+            t,
+        )],
     };
     let (handed, handed_over) = std::sync::mpsc::channel();
     let hand = move |tag: &'static str| -> Option<ioda_store::AfterCommit> {
@@ -212,7 +217,11 @@ async fn submit_and_wait(store: &Store, properties: serde_json::Value, t: i64) {
         device_id: "d1".into(),
         request_id: format!("r{t}"),
         received_at: t,
-        services: vec![("S".into(), properties.as_object().unwrap().clone(), t)],
+        services: vec![ReportedService::new(
+            "S".into(),
+            properties.as_object().unwrap().clone(),
+            t,
+        )],
     };
     let committed = store.submit_report(report, vec![], vec![], None).await;
     committed.unwrap().await.unwrap().unwrap();
@@ -517,7 +526,7 @@ async fn interleaved_history(dir: &std::path::Path) -> Store {
                 device_id: device_id.into(),
                 request_id: format!("{device_id}-{i}"),
                 received_at: i,
-                services: vec![(
+                services: vec![ReportedService::new(
                     service.into(),
                     json!({ "i": i }).as_object().unwrap().clone(),
                     i,

@@ -24,8 +24,24 @@ pub struct DeviceRef {
 pub struct ReportedService {
     pub service_id: String,
     pub properties: Map<String, Value>,
+    /// `properties` as compact JSON text, written once where the report is read: the stored
+    /// history row and the push envelope both use it (each used to write it again).
+    pub properties_json: String,
     /// Unix milliseconds: the device's `event_time`, or the receive time when absent or invalid.
     pub event_time: i64,
+}
+
+impl ReportedService {
+    pub fn new(service_id: String, properties: Map<String, Value>, event_time: i64) -> Self {
+        // Cannot fail: the keys are strings and the values JSON.
+        let properties_json = serde_json::to_string(&properties).unwrap_or_default();
+        ReportedService {
+            service_id,
+            properties,
+            properties_json,
+            event_time,
+        }
+    }
 }
 
 /// Something that happened on the platform.
