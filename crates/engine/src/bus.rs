@@ -6,9 +6,13 @@
 //! async threads' time at 31 000 reports/s). Nothing is built or kept for the data channel while
 //! nobody listens to it (`wants_device_data`).
 //!
-//! Overflow policy: a subscriber that falls more than the capacity behind loses the oldest events
-//! and is told how many (tokio's `Lagged`); publishing never blocks the device path. Lost events
-//! are counted here so they are visible.
+//! Order: events of one channel arrive in publishing order; between the two channels there is none
+//! (a device's status change may come before a report it followed). A report read before a
+//! subscription began may reach it or not.
+//!
+//! Overflow policy: a subscriber that falls more than the capacity (per channel) behind loses the
+//! oldest events and is told how many (tokio's `Lagged`); publishing never blocks the device path.
+//! The forwarding dispatcher counts what it loses (`events_lost_by_dispatcher`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -141,6 +141,50 @@ async fn a_backlog_beyond_memory_is_read_back_from_the_history_in_order() {
     server.stop().await;
 }
 
+/// A whole-envelope rule's reports, read back from the history (the action holds none in memory),
+/// carry the properties' stored JSON text: the envelope is the one a live report gets.
+#[tokio::test]
+async fn whole_envelopes_read_back_from_the_history_carry_the_reported_properties() {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let server = server_on(
+        tempfile::tempdir().unwrap(),
+        |c| {
+            c.signature_window_ms = i64::MAX / 4;
+            // Less than one envelope: the reports are read back from the history.
+            c.forward.report_memory_bytes = 16;
+        },
+        clock.clone(),
+    )
+    .await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "log-env").await;
+    let (receiver, url) = Receiver::start().await;
+    let (_, action_id) = rule_with_action(&server, "*", "", &url).await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    for n in 1..=4 {
+        report(&device, &device_id, 20.5 + n as f64, n).await;
+    }
+    let bodies = wait_accepted(&receiver, 4, 20).await;
+    for (n, body) in (1..=4i64).zip(&bodies) {
+        assert_eq!(body["resource"], "device.property", "{body}");
+        assert_eq!(
+            body["notify_data"]["header"]["device_id"],
+            device_id.as_str()
+        );
+        assert_eq!(
+            body["notify_data"]["body"]["services"][0]["properties"],
+            json!({"count": n, "temp": 20.5 + n as f64}),
+            "{body}"
+        );
+    }
+    let status = server
+        .get(&format!("/routing-rule/actions/{action_id}/status"))
+        .await;
+    assert_eq!(status["delivered"], 4, "{status}");
+    device.close().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn queue_rows_left_by_an_older_version_go_out_first() {
     let clock = Arc::new(ManualClock::new(1_764_150_000_000));

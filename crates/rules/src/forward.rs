@@ -324,9 +324,6 @@ impl Forwarder {
     /// Handles the events that were not staged in their own transaction (everything but the
     /// device's data, see `ForwardStage`): evaluates rules and queues what they select.
     async fn dispatch(self: &Arc<Self>, event: &PlatformEvent) {
-        if is_staged(event) {
-            return;
-        }
         let rules = self.rules_for(event);
         let callback = matches!(event, PlatformEvent::AsyncCommandStatusChanged { .. });
         if rules.is_empty() && !callback {
@@ -491,7 +488,9 @@ impl Forwarder {
                 )
                 .finish()
         };
-        if is_staged(event) {
+        // Device data is staged by the uplink itself, in the transaction that stores it (the
+        // dispatcher does not even listen for it): its routing goes into the stored-data entry.
+        if ioda_engine::is_device_data(event) {
             batch.routing = Some(rules(TraceDetail::object()));
         } else if let Some(device_id) = batch.device_id.clone() {
             let detail = rules(TraceDetail::object().str("request_id", &request_id).str(
@@ -580,12 +579,6 @@ impl Forwarder {
             batch.woken.push(wake);
         }
     }
-}
-
-/// The device's data (property reports and messages) is staged by the uplink path itself, inside
-/// the transaction that stores it; the dispatcher does not even listen for those events.
-fn is_staged(event: &PlatformEvent) -> bool {
-    ioda_engine::is_device_data(event)
 }
 
 impl ForwardStage for Forwarder {

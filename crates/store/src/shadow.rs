@@ -76,6 +76,11 @@ pub(crate) fn write_report(
             properties_json,
             event_time,
         } = service;
+        // The text must be the properties' own (`ReportedService::new` writes it).
+        debug_assert_eq!(
+            serde_json::to_string(properties).ok().as_deref(),
+            Some(properties_json.as_str())
+        );
         let id = ids.next();
         let previous = merges.last_history_id(&report.device_id, service_id);
         history.execute(params![

@@ -25,7 +25,8 @@ pub struct ReportedService {
     pub service_id: String,
     pub properties: Map<String, Value>,
     /// `properties` as compact JSON text, written once where the report is read: the stored
-    /// history row and the push envelope both use it (each used to write it again).
+    /// history row and the push envelope both use it (each used to write it again). Build with
+    /// `new`, and do not change `properties` afterwards: the text would no longer match.
     pub properties_json: String,
     /// Unix milliseconds: the device's `event_time`, or the receive time when absent or invalid.
     pub event_time: i64,
