@@ -31,6 +31,21 @@ fn ids_of(receiver: &Receiver, n: i64) -> Vec<String> {
         .collect()
 }
 
+/// A server whose report-forwarding actions hold at most `bytes` in memory, on a standing clock.
+async fn with_report_memory(bytes: usize) -> (TestServer, Arc<ManualClock>) {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let server = server_on(
+        tempfile::tempdir().unwrap(),
+        |c| {
+            c.signature_window_ms = i64::MAX / 4;
+            c.forward.report_memory_bytes = bytes;
+        },
+        clock.clone(),
+    )
+    .await;
+    (server, clock)
+}
+
 #[tokio::test]
 async fn reports_waiting_for_a_target_survive_a_restart_with_their_message_ids() {
     let clock = Arc::new(ManualClock::new(1_764_150_000_000));
@@ -94,17 +109,8 @@ async fn reports_waiting_for_a_target_survive_a_restart_with_their_message_ids()
 
 #[tokio::test]
 async fn a_backlog_beyond_memory_is_read_back_from_the_history_in_order() {
-    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
-    let server = server_on(
-        tempfile::tempdir().unwrap(),
-        |c| {
-            c.signature_window_ms = i64::MAX / 4;
-            // Room for about two messages (`{"n":1}`).
-            c.forward.report_memory_bytes = 16;
-        },
-        clock.clone(),
-    )
-    .await;
+    // Room for about two messages (`{"n":1}`).
+    let (server, clock) = with_report_memory(16).await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "log-2").await;
     let (receiver, url) = Receiver::start().await;
@@ -145,17 +151,8 @@ async fn a_backlog_beyond_memory_is_read_back_from_the_history_in_order() {
 /// carry the properties' stored JSON text: the envelope is the one a live report gets.
 #[tokio::test]
 async fn whole_envelopes_read_back_from_the_history_carry_the_reported_properties() {
-    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
-    let server = server_on(
-        tempfile::tempdir().unwrap(),
-        |c| {
-            c.signature_window_ms = i64::MAX / 4;
-            // Less than one envelope: the reports are read back from the history.
-            c.forward.report_memory_bytes = 16;
-        },
-        clock.clone(),
-    )
-    .await;
+    // Less than one envelope: the reports are read back from the history.
+    let (server, _clock) = with_report_memory(16).await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "log-env").await;
     let (receiver, url) = Receiver::start().await;
