@@ -308,6 +308,19 @@ async fn kill_9_under_qos1_load_loses_no_acknowledged_report() {
         lost.len()
     );
     assert!(stored.len() >= acked.len());
+    // The shadow is written behind the history (every 100 ms): what the crash took from memory
+    // is replayed from the history, so the shadow holds the newest stored report.
+    let shadow = api
+        .call("GET", &format!("/devices/{device_id}/shadow"), None)
+        .await
+        .unwrap();
+    let newest = stored.iter().max().copied().unwrap();
+    assert_eq!(
+        shadow.body["shadow"][0]["reported"]["properties"]["count"],
+        json!(newest),
+        "{}",
+        shadow.body
+    );
     let device = api
         .call("GET", &format!("/devices/{device_id}"), None)
         .await

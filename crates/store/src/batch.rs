@@ -12,6 +12,7 @@ use rusqlite::Connection;
 use tokio::sync::oneshot;
 
 use crate::StoreError;
+use crate::shadow_defer::DeferredShadows;
 use crate::shadow_merge::ShadowMerges;
 use crate::stats::JOB_COMMITTED;
 use crate::trace::{self, SharedPendingTrace, TraceEntry};
@@ -79,34 +80,53 @@ where
 type Repeatables = Vec<(Box<dyn RepeatableJob>, Vec<TraceEntry>)>;
 type Onces = Vec<(OnceJob, Vec<TraceEntry>)>;
 
+/// When a batch writes the shadow merges waiting in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ShadowFlush {
+    /// When `FLUSH_EVERY` has passed, or a once-job needs the shadows as the reports left them.
+    WhenDue,
+    /// Whatever waits (the writer stops).
+    All,
+}
+
 /// Runs a batch in one transaction and tells every job how it ended; entries of the jobs that
 /// committed become visible trace. `queued_at` says when each job was handed to the writer.
 pub(crate) fn run_batch(
     conn: &mut Connection,
-    batch: &mut Batch,
+    (batch, queued_at): (&mut Batch, &[std::time::Instant]),
     pending: &SharedPendingTrace,
-    queued_at: &[std::time::Instant],
+    shadows: &mut DeferredShadows,
+    flush: ShadowFlush,
 ) {
-    if batch.is_empty() {
+    let flush_now = flush == ShadowFlush::All || shadows.due();
+    let nothing_to_write = !flush_now || shadows.is_empty();
+    if batch.is_empty() && nothing_to_write {
         return;
     }
     let began_at = std::time::Instant::now();
     let (mut repeatables, onces) = split(batch);
     let ran = conn
         .execute_batch("BEGIN IMMEDIATE")
-        .and_then(|()| run_repeatables(conn, &mut repeatables));
+        .map_err(StoreError::from)
+        .and_then(|()| shadows.rebuild_if_stale(conn))
+        .and_then(|()| run_repeatables(conn, &mut repeatables, shadows));
     let succeeded = match ran {
         Ok(succeeded) => succeeded,
         Err(error) => {
             // Dropping the once-jobs drops their reply channels: those callers see the failure.
             tracing::error!(%error, "store could not begin a transaction");
             let _ = conn.execute_batch("ROLLBACK");
+            shadows.forget();
             for (job, _) in repeatables {
                 job.finish(Err(error.to_string()));
             }
             return;
         }
     };
+    // A once-job may read or change a shadow, or walk a device's history from it.
+    if flush_now || !onces.is_empty() {
+        shadows.flush(conn);
+    }
     let mut committed_trace = Vec::new();
     let mut finishes: Vec<Finish> = Vec::with_capacity(onces.len());
     for (job, trace) in onces {
@@ -130,8 +150,10 @@ pub(crate) fn run_batch(
     tracing::debug!(jobs = finishes.len() + repeatables.len(), ran = ?took_jobs, took = ?began_at.elapsed(), "group commit");
     if outcome.is_err() {
         let _ = conn.execute_batch("ROLLBACK");
+        shadows.forget();
         tracing::error!(error = ?outcome, "store commit failed");
     } else {
+        shadows.publish_waiting();
         trace::lock(pending).add(committed_trace);
         // Counted before the callers are told, so whoever sees a commit also sees it counted.
         let committed = std::time::Instant::now();
@@ -159,26 +181,25 @@ fn split(batch: &mut Batch) -> (Repeatables, Onces) {
     (repeatables, onces)
 }
 
-/// Runs the repeatable jobs without savepoints, writing their shadow merges once per device at the
-/// end; if one fails (or the merges do), starts the transaction over and runs each in a savepoint
-/// of its own, writing its own merges, so a failure is its job's alone. Says which succeeded.
+/// Runs the repeatable jobs without savepoints, their shadow merges noted in `shadows` (written
+/// later, see `shadow_defer`); if one fails, starts the transaction over, writes what waited from
+/// earlier commits (the first pass's notes went with its rollback, so the memory is rebuilt from
+/// the history) and runs each job in a savepoint of its own, writing its own merges, so a failure
+/// is its job's alone. Says which succeeded.
 fn run_repeatables(
     conn: &Connection,
     jobs: &mut Repeatables,
-) -> Result<Vec<bool>, rusqlite::Error> {
-    let mut merges = ShadowMerges::default();
+    shadows: &mut DeferredShadows,
+) -> Result<Vec<bool>, StoreError> {
     if jobs
         .iter_mut()
-        .all(|(job, _)| job.run(conn, Some(&mut merges)))
+        .all(|(job, _)| job.run(conn, Some(shadows.merges())))
     {
-        match merges.flush(conn) {
-            Ok(()) => return Ok(vec![true; jobs.len()]),
-            Err(error) => {
-                tracing::warn!(%error, "shadow merges failed; running the batch job by job")
-            }
-        }
+        return Ok(vec![true; jobs.len()]);
     }
     conn.execute_batch("ROLLBACK; BEGIN IMMEDIATE")?;
+    shadows.replay(conn)?;
+    shadows.try_flush(conn)?;
     Ok(jobs
         .iter_mut()
         .map(|(job, _)| in_savepoint(conn, |c| job.run(c, None)))
@@ -284,6 +305,95 @@ mod tests {
             stored,
             vec!["first", "last", "once"],
             "each written once, the failed one not at all"
+        );
+        store.close().await;
+    }
+
+    fn report(t: i64, properties: serde_json::Value) -> crate::ReportRecord {
+        crate::ReportRecord {
+            device_id: "d".into(),
+            request_id: format!("r{t}"),
+            received_at: t,
+            services: vec![ioda_types::event::ReportedService::new(
+                "S".into(),
+                properties.as_object().unwrap().clone(),
+                t,
+            )],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_run_job_by_job_keeps_the_waiting_shadow_merges_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("t.db"), Durability::Normal).unwrap();
+        store
+            .write(|c| {
+                c.execute(
+                    "INSERT INTO devices (project_id, app_id, device_id, node_id, product_id, gateway_id, \
+                     auth_type, secure_access, auth_timeout, status, created_at) \
+                     VALUES ('p', 'a', 'd', 'n', 'prod', 'd', 'SECRET', 0, 0, 'INACTIVE', 0)",
+                    [],
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        // Committed, its merge still in the writer's memory.
+        let first = store.submit_report(
+            report(1, serde_json::json!({"a": 1, "o": {"x": 1}})),
+            vec![],
+            vec![],
+            None,
+        );
+        first.await.unwrap().await.unwrap().unwrap();
+        let hold = store
+            .submit_traced(
+                |_| {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    Ok(())
+                },
+                vec![],
+            )
+            .await
+            .unwrap();
+        let second = store
+            .submit_report(
+                report(2, serde_json::json!({"o": {"y": 2}})),
+                vec![],
+                vec![],
+                None,
+            )
+            .await
+            .unwrap();
+        let failing = store
+            .submit_repeatable(|_| Err::<(), _>(StoreError::NotFound), vec![])
+            .await
+            .unwrap();
+        let third = store
+            .submit_report(
+                report(3, serde_json::json!({"a": null, "o": {"x": null}})),
+                vec![],
+                vec![],
+                None,
+            )
+            .await
+            .unwrap();
+        hold.await.unwrap().unwrap();
+        assert!(second.await.unwrap().is_ok());
+        assert!(failing.await.unwrap().is_err());
+        assert!(third.await.unwrap().is_ok());
+        let shadow = store.shadow("d".into()).await.unwrap();
+        assert_eq!(
+            (
+                serde_json::Value::Object(shadow[0].reported.clone().unwrap()),
+                shadow[0].version
+            ),
+            (serde_json::json!({"o": {"y": 2}}), 3)
+        );
+        let history = store.property_history("d".into(), 10).await.unwrap();
+        assert_eq!(
+            history.iter().map(|h| h.event_time).collect::<Vec<_>>(),
+            vec![3, 2, 1]
         );
         store.close().await;
     }

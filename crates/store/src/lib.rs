@@ -16,6 +16,7 @@ mod report_log;
 mod routing;
 mod schema;
 mod shadow;
+mod shadow_defer;
 mod shadow_merge;
 pub mod stats;
 mod trace;

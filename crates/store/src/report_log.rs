@@ -57,6 +57,11 @@ impl HistoryIds {
         self.0.next.fetch_add(1, Ordering::Relaxed) + 1
     }
 
+    /// The newest id handed out (its report may not have committed yet).
+    pub(crate) fn last_handed_out(&self) -> i64 {
+        self.0.next.load(Ordering::Relaxed)
+    }
+
     fn committed(&self) -> i64 {
         self.0.committed.load(Ordering::Acquire)
     }

@@ -131,9 +131,10 @@ impl Store {
         .await
     }
 
-    /// The shadow of a device, one row per service, ordered by service id.
+    /// The shadow of a device, one row per service, ordered by service id. Read by the writer,
+    /// after it has written the merges waiting in memory (`shadow_defer`).
     pub async fn shadow(&self, device_id: String) -> Result<Vec<ShadowRow>, StoreError> {
-        self.read(move |c| {
+        self.write(move |c| {
             let mut stmt = c.prepare_cached(
                 "SELECT service_id, desired, desired_at, json(reported), reported_at, version FROM shadows \
                  WHERE device_id = ?1 ORDER BY service_id",
@@ -158,13 +159,14 @@ impl Store {
         .await
     }
 
-    /// The newest `limit` property reports of a device, newest first.
+    /// The newest `limit` property reports of a device, newest first. Read by the writer: the
+    /// walk starts from the shadow rows, as written once the merges waiting in memory are.
     pub async fn property_history(
         &self,
         device_id: String,
         limit: i64,
     ) -> Result<Vec<HistoryRow>, StoreError> {
-        self.read(move |c| {
+        self.write(move |c| {
             // Up to `limit` steps back along each service's chain, then the newest of them all.
             let mut stmt = c.prepare_cached(
                 "WITH RECURSIVE chain(id, step) AS ( \

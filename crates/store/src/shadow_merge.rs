@@ -44,6 +44,10 @@ struct Pending {
 }
 
 impl ShadowMerges {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
     /// The history row of this batch's newest report of the service, if the batch has one (the
     /// shadow row does not name it yet).
     pub(crate) fn last_history_id(&self, device_id: &str, service_id: &str) -> Option<i64> {

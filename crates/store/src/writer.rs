@@ -8,9 +8,10 @@ use std::thread::JoinHandle;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, RepeatableJob, run_batch};
+use crate::batch::{Batch, Finish, Job, OnceJob, Repeat, RepeatableJob, ShadowFlush, run_batch};
 use crate::report_log::HistoryIds;
 use crate::routing::ForwardIds;
+use crate::shadow_defer::DeferredShadows;
 use crate::trace::{SharedPendingTrace, TraceEntry};
 use crate::trace_log::TraceLog;
 use crate::{StoreError, schema};
@@ -29,6 +30,9 @@ enum Command {
     Run(Job, Vec<TraceEntry>, std::time::Instant),
     /// Starts the log over (sent by the checkpointer once the log has grown too long).
     RestartLog,
+    /// Writes the shadow merges waiting in memory if they are due (sent by the checkpointer while
+    /// merges wait, so that they are written when no more jobs come).
+    FlushShadows,
     Stop,
 }
 
@@ -107,16 +111,18 @@ impl Store {
         let history_ids = HistoryIds::after_newest(&write_conn)?;
         let reader = open_connection(path, durability)?;
         let (jobs, queue) = mpsc::channel(QUEUE_DEPTH);
+        let shadows_waiting = Arc::new(AtomicBool::new(false));
         let checkpointer = start_checkpointer(
             open_connection(path, durability)?,
-            jobs.downgrade(),
+            (jobs.downgrade(), shadows_waiting.clone()),
             checkpoints,
         )?;
         let writer = {
             let pending_trace = pending_trace.clone();
+            let shadows = DeferredShadows::new(history_ids.clone(), shadows_waiting);
             std::thread::Builder::new()
                 .name("ioda-store-writer".into())
-                .spawn(move || write_loop(write_conn, queue, pending_trace))?
+                .spawn(move || write_loop(write_conn, queue, pending_trace, shadows))?
         };
         Ok(Store {
             jobs,
@@ -307,7 +313,7 @@ where
 /// what it cannot copy yet (pages a reader still needs) it copies next time.
 fn start_checkpointer(
     conn: Connection,
-    jobs: mpsc::WeakSender<Command>,
+    (jobs, shadows_waiting): (mpsc::WeakSender<Command>, Arc<AtomicBool>),
     checkpoints: Checkpoints,
 ) -> Result<(Arc<AtomicBool>, JoinHandle<()>), StoreError> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -321,6 +327,9 @@ fn start_checkpointer(
                 let Some(jobs) = jobs.upgrade() else {
                     return;
                 };
+                if shadows_waiting.load(Ordering::Relaxed) {
+                    let _ = jobs.try_send(Command::FlushShadows);
+                }
                 // Passive checkpoints alone never let a busy log start over (the writer appends
                 // while they copy), and a restart from here would have to win the write lock from
                 // a writer that takes it back at once; so the writer restarts the log itself,
@@ -376,6 +385,16 @@ struct Signals {
     stop: bool,
 }
 
+impl Signals {
+    fn shadow_flush(&self) -> ShadowFlush {
+        if self.stop {
+            ShadowFlush::All
+        } else {
+            ShadowFlush::WhenDue
+        }
+    }
+}
+
 /// Moves queued commands into the batch without waiting (up to `MAX_BATCH` jobs), noting when
 /// each was queued.
 fn take_queued(
@@ -394,6 +413,8 @@ fn take_queued(
                 queued_at.push(at);
             }
             Command::RestartLog => signals.restart_log = true,
+            // Every batch flushes what is due; this only makes sure a batch runs.
+            Command::FlushShadows => {}
             Command::Stop => {
                 signals.stop = true;
                 return;
@@ -409,6 +430,7 @@ fn write_loop(
     mut conn: Connection,
     mut queue: mpsc::Receiver<Command>,
     pending: SharedPendingTrace,
+    mut shadows: DeferredShadows,
 ) {
     let mut batch: Batch = Vec::with_capacity(64);
     let mut queued_at = Vec::with_capacity(64);
@@ -426,7 +448,13 @@ fn write_loop(
             std::thread::sleep(GATHER_FOR);
             take_queued(&mut queue, (&mut batch, &mut queued_at), &mut signals, None);
         }
-        run_batch(&mut conn, &mut batch, &pending, &queued_at);
+        run_batch(
+            &mut conn,
+            (&mut batch, &queued_at),
+            &pending,
+            &mut shadows,
+            signals.shadow_flush(),
+        );
         queued_at.clear();
         restart_wanted |= signals.restart_log;
         if restart_wanted {
