@@ -82,7 +82,15 @@ pub(crate) fn write_report(
             Some(properties_json.as_str())
         );
         let id = ids.next();
-        let previous = merges.last_history_id(&report.device_id, service_id);
+        // Noted first, for the row it follows; if the insert fails, so does the job, and the
+        // batch's notes are rebuilt from the history (`shadow_defer`).
+        let previous = merges.note(
+            &report.device_id,
+            service_id,
+            (properties, properties_json),
+            *event_time,
+            id,
+        )?;
         history.execute(params![
             report.device_id,
             service_id,
@@ -93,13 +101,6 @@ pub(crate) fn write_report(
             id,
             previous
         ])?;
-        merges.note(
-            &report.device_id,
-            service_id,
-            (properties, properties_json),
-            *event_time,
-            id,
-        )?;
         rows = Some((rows.map_or(id, |(first, _)| first), id));
     }
     Ok(rows)

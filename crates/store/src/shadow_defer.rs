@@ -101,7 +101,7 @@ impl DeferredShadows {
                 (row.get(0)?, row.get(1)?, row.get(2)?);
             let text: String = row.get(3)?;
             let properties: Map<String, Value> = serde_json::from_str(&text)?;
-            self.merges.note(
+            let _previous = self.merges.note(
                 &device_id,
                 &service_id,
                 (&properties, &text),

@@ -9,7 +9,6 @@
 //! no object are folded into one patch first: for those, folding is exact; JSON merge patch does
 //! not compose over nested objects, so those are applied one by one.
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::OnceLock;
 
@@ -21,10 +20,14 @@ use crate::StoreError;
 /// Merges one statement applies at most; a longer run is written in several.
 const MERGES_PER_STATEMENT: usize = 8;
 
+/// A map keyed by the devices' and services' own ids: not chosen by a peer to collide (they are
+/// the registry's), so a fast hash does (SipHash was 4 % of the writer's samples).
+type FastMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
+
 /// The merges noted so far, by device, then service (nested, so a lookup allocates nothing).
 #[derive(Default)]
 pub(crate) struct ShadowMerges {
-    pending: HashMap<String, HashMap<String, Pending>>,
+    pending: FastMap<FastMap<Pending>>,
 }
 
 struct Pending {
@@ -48,16 +51,9 @@ impl ShadowMerges {
         self.pending.is_empty()
     }
 
-    /// The history row of this batch's newest report of the service, if the batch has one (the
-    /// shadow row does not name it yet).
-    pub(crate) fn last_history_id(&self, device_id: &str, service_id: &str) -> Option<i64> {
-        self.pending
-            .get(device_id)?
-            .get(service_id)
-            .map(|p| p.last_history_id)
-    }
-
     /// Notes a report's merge into the service's shadow: its properties and their JSON text.
+    /// Returns the history row of the service's report noted before, if one waits here (the
+    /// shadow row does not name it yet).
     pub(crate) fn note(
         &mut self,
         device_id: &str,
@@ -65,7 +61,7 @@ impl ShadowMerges {
         (properties, text): (&Map<String, Value>, &str),
         reported_at: i64,
         history_id: i64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Option<i64>, StoreError> {
         let services = match self.pending.get_mut(device_id) {
             Some(services) => services,
             None => self.pending.entry(device_id.to_owned()).or_default(),
@@ -79,19 +75,28 @@ impl ShadowMerges {
                 last_history_id: history_id,
             };
             services.insert(service_id.to_owned(), first);
-            return Ok(());
+            return Ok(None);
         };
+        let previous = pending.last_history_id;
         if properties.values().any(Value::is_object) {
             pending.end_run()?;
             pending.patches.push(text.to_owned());
         } else {
+            // In place: a device repeats its keys, so the run's keys and strings are reused.
             let run = pending.run.get_or_insert_with(Map::new);
-            run.extend(properties.iter().map(|(k, v)| (k.clone(), v.clone())));
+            for (key, value) in properties {
+                match run.get_mut(key.as_str()) {
+                    Some(slot) => assign(slot, value),
+                    None => {
+                        run.insert(key.clone(), value.clone());
+                    }
+                }
+            }
         }
         pending.reports += 1;
         pending.reported_at = reported_at;
         pending.last_history_id = history_id;
-        Ok(())
+        Ok(Some(previous))
     }
 
     /// Writes every noted merge (each shadow row once per `MERGES_PER_STATEMENT` merges) and
@@ -139,6 +144,14 @@ impl Pending {
             self.patches.push(serde_json::to_string(&run)?);
         }
         Ok(())
+    }
+}
+
+/// Makes `slot` a copy of `value`, reusing the slot's string where both are strings.
+fn assign(slot: &mut Value, value: &Value) {
+    match (slot, value) {
+        (Value::String(old), Value::String(new)) => old.clone_from(new),
+        (slot, value) => *slot = value.clone(),
     }
 }
 
