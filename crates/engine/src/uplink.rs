@@ -384,18 +384,18 @@ impl DeviceSession {
         } else {
             (services_of(event), None)
         };
-        let record = ReportRecord {
+        let record = std::sync::Arc::new(ReportRecord {
             device_id: self.device.device_id.clone(),
             request_id,
             received_at: now,
             services,
-        };
+        });
         traces.push(self.stage("report_stored", with_routing(stage, &staged)));
         let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
         let Ok(commit) = self
             .platform
             .store
-            .submit_report(record, traces, staged.rows, staged.after_commit)
+            .submit_report(record.clone(), traces, staged.rows, staged.after_commit)
             .await
         else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
@@ -404,7 +404,10 @@ impl DeviceSession {
         let link = self.link.clone();
         let device_id = self.device.device_id.clone();
         PublishVerdict::AcceptAfter(Box::pin(async move {
-            match commit.await {
+            let committed = commit.await;
+            // The writer has let go of its copy: the report is freed here, where it was built.
+            drop(record);
+            match committed {
                 Ok(Ok(())) => {
                     if !woken.is_empty() {
                         platform.wake_forwarding(&woken);

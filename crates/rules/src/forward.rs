@@ -363,22 +363,30 @@ impl Forwarder {
     }
 
     /// Queues `payload` for every action of `rule_id`.
+    /// Queues `payload` for each of the rule's actions: the last takes it, the others a copy.
     fn queue_for_rule(
         &self,
         rule_id: &str,
-        payload: &str,
+        payload: String,
         request_id: &str,
         now: i64,
         batch: &mut Batch,
     ) {
-        for live in read(&self.actions)
+        let actions = read(&self.actions);
+        let mut taking = actions
             .values()
             .filter(|a| a.action.rule_id == rule_id)
-        {
+            .peekable();
+        let mut payload = Some(payload);
+        while let Some(live) = taking.next() {
+            let payload = match taking.peek() {
+                Some(_) => payload.clone(),
+                None => payload.take(),
+            };
             batch.items.push(NewForward {
                 action_id: live.action.action_id.clone(),
                 message_id: ids::object_id(now, rand8()),
-                payload: payload.to_owned(),
+                payload: payload.unwrap_or_default(),
                 device_id: batch.device_id.clone(),
                 request_id: Some(request_id.to_owned()),
             });
@@ -406,7 +414,7 @@ impl Forwarder {
                         .unwrap_or_else(|| ids::object_id(now, rand8()));
                     self.queue_for_rule(
                         &rule.rule.rule_id,
-                        &payload.to_string(),
+                        payload.to_string(),
                         &request_id,
                         now,
                         batch,
@@ -464,13 +472,16 @@ impl Forwarder {
                 tree.as_ref().is_none_or(|tree| compiled.matches(tree, now))
             });
         let first = batch.items.len();
-        for (rule, compiled) in &matched {
+        let last = matched.len().saturating_sub(1);
+        for (n, (rule, compiled)) in matched.iter().enumerate() {
             let payload = match &tree {
                 Some(tree) if !compiled.selects_all() => compiled.project(tree, now).to_string(),
                 Some(tree) => whole.get_or_insert_with(|| tree.to_string()).clone(),
+                // The last rule takes the text (usually the only one: no copy at all).
+                None if n == last => whole.take().unwrap_or_default(),
                 None => whole.clone().unwrap_or_default(),
             };
-            self.queue_for_rule(&rule.rule_id, &payload, &request_id, now, batch);
+            self.queue_for_rule(&rule.rule_id, payload, &request_id, now, batch);
         }
         // The device trace says which rules took the data and which let it pass: inside the
         // entry that says the data was stored, for a device's own uplink (one entry per message,
