@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 use crate::forward::{ActionStats, Batch, Forwarder, LiveRule, Matcher, fnv, read};
 
 /// Stored report rows read back at a time.
-const LOG_READ_ROWS: i64 = 1024;
+const LOG_READ_ROWS: i64 = 4096;
 /// Reads of the log one worker read may make while the rows it finds match nothing.
 const LOG_READS_PER_READ: usize = 8;
 
@@ -357,7 +357,18 @@ impl Forwarder {
         let reports = whole_reports(rows, complete);
         let covered = reports.last().and_then(|r| r.last()).map_or(from, |s| s.id);
         let cutoff = self.platform.now() - self.config.max_age_ms;
-        let mut devices: HashMap<String, Option<Arc<DeviceRef>>> = HashMap::new();
+        let mut named: Vec<String> = reports
+            .iter()
+            .filter_map(|r| r.first().map(|s| s.device_id.clone()))
+            .collect();
+        named.sort_unstable();
+        named.dedup();
+        let devices: HashMap<String, Arc<DeviceRef>> = store
+            .devices(named)
+            .await?
+            .into_iter()
+            .map(|d| (d.device_id.clone(), d.reference()))
+            .collect();
         let mut messages = Vec::new();
         let rule = self.active_rule_of(action_id);
         for report in reports {
@@ -366,13 +377,8 @@ impl Forwarder {
                 continue;
             };
             let (first_row, received_at) = (first.id, first.received_at);
-            let device_id = first.device_id.clone();
-            if !devices.contains_key(&device_id) {
-                let found = store.device(device_id.clone()).await?;
-                devices.insert(device_id.clone(), found.map(|d| d.reference()));
-            }
             // A deleted device's stored reports went with it.
-            let Some(Some(device)) = devices.get(&device_id) else {
+            let Some(device) = devices.get(&first.device_id) else {
                 continue;
             };
             for item in self.rebuild(action_id, rule, device, report) {
@@ -408,11 +414,20 @@ impl Forwarder {
             return Vec::new();
         };
         let (request_id, at) = (first.request_id.clone(), first.received_at);
+        // A rule that neither tests nor picks values forwards the envelope around the stored text
+        // as it is (`report_envelope_text`): the values are read only for the others (reading
+        // them was most of a catch-up's time). Such an event is built for the rule alone.
+        let needs_values = !matches!(&rule.matcher, Matcher::Sql { compiled, .. }
+            if compiled.condition.is_none() && compiled.selects_all());
         let services = rows
             .into_iter()
             .filter_map(|row| {
                 Some(ReportedService {
-                    properties: serde_json::from_str(&row.properties).ok()?,
+                    properties: if needs_values {
+                        serde_json::from_str(&row.properties).ok()?
+                    } else {
+                        serde_json::Map::new()
+                    },
                     // The stored text is what the report's properties were written as.
                     properties_json: row.properties,
                     service_id: row.service_id,

@@ -154,6 +154,19 @@ impl Store {
         self.read(move |c| load(c, &device_id)).await
     }
 
+    /// The devices of these ids that exist, in one read (a catch-up of forwarding names up to a
+    /// thousand reports' devices at a time; a read each was a hop each between threads).
+    pub async fn devices(&self, device_ids: Vec<String>) -> Result<Vec<Device>, StoreError> {
+        self.read(move |c| {
+            let mut found = Vec::with_capacity(device_ids.len());
+            for device_id in &device_ids {
+                found.extend(load(c, device_id)?);
+            }
+            Ok(found)
+        })
+        .await
+    }
+
     /// Every device with this node id (an NB-IoT device names itself by node id alone); at most
     /// two, which is enough to tell "exactly one" apart.
     pub async fn devices_by_node(&self, node_id: String) -> Result<Vec<Device>, StoreError> {
