@@ -235,8 +235,26 @@ fn device_credentials(device_id: &str, secret: &str, timestamp: Option<String>) 
     );
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// How many tasks a worker polls from its own queue before it looks at the shared one.
+///
+/// Tasks woken from outside the async threads land in the shared queue: the connections whose
+/// publishes the store's writer thread has just committed (their PUBACKs), and the forwarding
+/// workers it hands committed reports to. tokio tunes this interval itself by default; flat out,
+/// with a hundred connections always ready on the workers' own queues, the tuned interval left
+/// forwarding so far behind that reports waited seconds (its memory full, read back from the
+/// history) while the devices' acknowledgements kept pace. A fixed interval (61, tokio's own
+/// before it tuned it) kept forwarding level with the devices in every run (BENCHMARKS.md).
+const GLOBAL_QUEUE_INTERVAL: u32 = 61;
+
+fn main() -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .global_queue_interval(GLOBAL_QUEUE_INTERVAL)
+        .build()?
+        .block_on(async_main())
+}
+
+async fn async_main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log)?;
     match cli.command {
