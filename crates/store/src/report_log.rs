@@ -37,13 +37,15 @@ struct HistoryCounters {
 
 impl HistoryIds {
     /// Starts after every id ever handed out that anything may still name: the newest row, and
-    /// the ids shadows and forwarding cursors hold (the newest rows may have gone with a deleted
-    /// device; an id used again would sit behind a cursor, or extend another device's chain).
+    /// the ids shadows, forwarding cursors and the shadows' mark hold (the newest rows may have
+    /// gone with a deleted device; an id used again would sit behind a cursor, extend another
+    /// device's chain, or be taken for applied to its shadow when replayed: `shadow_defer`).
     pub(crate) fn after_newest(c: &Connection) -> Result<HistoryIds, StoreError> {
         let newest: i64 = c.query_row(
             "SELECT MAX((SELECT COALESCE(MAX(id), 0) FROM property_history), \
                         (SELECT COALESCE(MAX(last_history_id), 0) FROM shadows), \
-                        (SELECT COALESCE(MAX(after_id), 0) FROM forward_cursors))",
+                        (SELECT COALESCE(MAX(after_id), 0) FROM forward_cursors), \
+                        (SELECT COALESCE(MAX(applied_through), 0) FROM shadow_mark))",
             [],
             |r| r.get(0),
         )?;

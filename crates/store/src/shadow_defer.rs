@@ -122,10 +122,15 @@ impl DeferredShadows {
     }
 
     /// Writes every waiting merge, as `try_flush`; a failure is logged (the reports themselves
-    /// are stored; only their summary waits for the next flush).
-    pub(crate) fn flush(&mut self, c: &Connection) {
-        if let Err(error) = self.try_flush(c) {
-            tracing::error!(%error, "shadow rows could not be written; they will be rebuilt from the history");
+    /// are stored; only their summary waits for the next flush). Says whether the shadow rows
+    /// now hold every merge.
+    pub(crate) fn flush(&mut self, c: &Connection) -> bool {
+        match self.try_flush(c) {
+            Ok(()) => true,
+            Err(error) => {
+                tracing::error!(%error, "shadow rows could not be written; they will be rebuilt from the history");
+                false
+            }
         }
     }
 

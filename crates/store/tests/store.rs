@@ -54,6 +54,16 @@ async fn open(dir: &std::path::Path) -> Store {
     Store::open(&dir.join("t.db"), Durability::Normal).unwrap()
 }
 
+/// A store holding device `d1`.
+async fn open_with_d1(dir: &std::path::Path) -> Store {
+    let store = open(dir).await;
+    store
+        .insert_device(device("d1", "n1"), vec![])
+        .await
+        .unwrap();
+    store
+}
+
 #[tokio::test]
 async fn a_failing_job_does_not_sink_its_batch() {
     let dir = tempfile::tempdir().unwrap();
@@ -214,11 +224,7 @@ async fn a_reported_state_stored_as_text_by_an_older_version_merges_and_reads_al
 #[tokio::test]
 async fn shadow_merges_a_crash_took_from_memory_are_replayed_from_the_history() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
-    store
-        .insert_device(device("d1", "n1"), vec![])
-        .await
-        .unwrap();
+    let store = open_with_d1(dir.path()).await;
     submit_and_wait(&store, json!({"a": 1, "b": {"x": 1}}), 10).await;
     submit_and_wait(&store, json!({"b": {"y": 2}}), 20).await;
     submit_and_wait(&store, json!({"a": null, "c": 3}), 30).await;
@@ -267,6 +273,53 @@ async fn shadow_merges_a_crash_took_from_memory_are_replayed_from_the_history() 
         .unwrap();
     assert_eq!((version, mark), (4, last));
     drop(conn);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn history_ids_the_shadow_mark_covers_are_not_handed_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_with_d1(dir.path()).await;
+    store
+        .insert_device(device("d2", "n2"), vec![])
+        .await
+        .unwrap();
+    submit_and_wait(&store, json!({"a": 1}), 10).await;
+    let d2_report = ReportRecord {
+        device_id: "d2".into(),
+        request_id: "r-d2".into(),
+        received_at: 20,
+        services: vec![ReportedService::new(
+            "S".into(),
+            json!({"b": 2}).as_object().unwrap().clone(),
+            20,
+        )],
+    };
+    store
+        .submit_report(d2_report, vec![], vec![], None)
+        .await
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    // The newest rows go with their device, after a flush moved the mark past them.
+    store.delete_device("d2".into()).await.unwrap();
+    store.close().await;
+
+    let store = open(dir.path()).await;
+    submit_and_wait(&store, json!({"a": 3}), 30).await;
+    let ids: Vec<i64> = store
+        .property_history("d1".into(), 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|h| h.id)
+        .collect();
+    assert_eq!(
+        ids,
+        vec![3, 1],
+        "an id under the mark would be taken for applied"
+    );
     store.close().await;
 }
 
@@ -387,11 +440,7 @@ fn trace_rows(dir: &std::path::Path, device: &str) -> i64 {
 #[tokio::test]
 async fn a_deleted_devices_trace_goes_with_it_stored_or_waiting() {
     let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path()).await;
-    store
-        .insert_device(device("d1", "n1"), vec![])
-        .await
-        .unwrap();
+    let store = open_with_d1(dir.path()).await;
     store
         .record_trace(vec![trace_entry("d1", 1), trace_entry("d2", 2)])
         .await
