@@ -362,7 +362,6 @@ impl Forwarder {
         }
     }
 
-    /// Queues `payload` for every action of `rule_id`.
     /// Queues `payload` for each of the rule's actions: the last takes it, the others a copy.
     fn queue_for_rule(
         &self,
@@ -457,7 +456,7 @@ impl Forwarder {
         // or picks anything in it, a report's is written without building the value tree.
         let mut whole: Option<String> = candidates
             .iter()
-            .all(|(_, compiled)| compiled.condition.is_none() && compiled.selects_all())
+            .all(|(_, compiled)| compiled.reads_no_values())
             .then(|| report_envelope_text(event, &request_id))
             .flatten();
         let tree = match &whole {

@@ -417,8 +417,8 @@ impl Forwarder {
         // A rule that neither tests nor picks values forwards the envelope around the stored text
         // as it is (`report_envelope_text`): the values are read only for the others (reading
         // them was most of a catch-up's time). Such an event is built for the rule alone.
-        let needs_values = !matches!(&rule.matcher, Matcher::Sql { compiled, .. }
-            if compiled.condition.is_none() && compiled.selects_all());
+        let needs_values =
+            !matches!(&rule.matcher, Matcher::Sql { compiled, .. } if compiled.reads_no_values());
         let services = rows
             .into_iter()
             .filter_map(|row| {

@@ -637,6 +637,12 @@ impl Rule {
         matches!(self.select.as_slice(), [SelectItem::All])
     }
 
+    /// Whether the rule neither tests nor picks values: it forwards every envelope whole, so the
+    /// envelope can be written around the report's stored text without reading its values.
+    pub fn reads_no_values(&self) -> bool {
+        self.condition.is_none() && self.selects_all()
+    }
+
     /// The selected object.
     pub fn project(&self, envelope: &Value, now_ms: i64) -> Value {
         let mut out = Map::new();

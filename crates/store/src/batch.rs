@@ -114,7 +114,7 @@ pub(crate) fn run_batch(
         Ok(succeeded) => succeeded,
         Err(error) => {
             // Dropping the once-jobs drops their reply channels: those callers see the failure.
-            tracing::error!(%error, "store could not begin a transaction");
+            tracing::error!(%error, "store could not begin a transaction (or rebuild its shadow merges)");
             let _ = conn.execute_batch("ROLLBACK");
             shadows.forget();
             for (job, _) in repeatables {

@@ -117,7 +117,7 @@ impl DeferredShadows {
             );
         }
         self.stale = false;
-        self.waiting.store(!self.is_empty(), Ordering::Relaxed);
+        self.publish_waiting();
         Ok(())
     }
 
@@ -146,7 +146,7 @@ impl DeferredShadows {
             Ok(()) => {
                 c.execute_batch("RELEASE shadows")?;
                 self.flushed_at = Instant::now();
-                self.waiting.store(false, Ordering::Relaxed);
+                self.publish_waiting();
                 Ok(())
             }
             Err(error) => {

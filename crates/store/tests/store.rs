@@ -285,23 +285,7 @@ async fn history_ids_the_shadow_mark_covers_are_not_handed_out_again() {
         .await
         .unwrap();
     submit_and_wait(&store, json!({"a": 1}), 10).await;
-    let d2_report = ReportRecord {
-        device_id: "d2".into(),
-        request_id: "r-d2".into(),
-        received_at: 20,
-        services: vec![ReportedService::new(
-            "S".into(),
-            json!({"b": 2}).as_object().unwrap().clone(),
-            20,
-        )],
-    };
-    store
-        .submit_report(d2_report, vec![], vec![], None)
-        .await
-        .unwrap()
-        .await
-        .unwrap()
-        .unwrap();
+    submit_for(&store, "d2", json!({"b": 2}), 20).await;
     // The newest rows go with their device, after a flush moved the mark past them.
     store.delete_device("d2".into()).await.unwrap();
     store.close().await;
@@ -325,8 +309,13 @@ async fn history_ids_the_shadow_mark_covers_are_not_handed_out_again() {
 
 /// Stores a report of service `S` of device `d1` and waits for its commit.
 async fn submit_and_wait(store: &Store, properties: serde_json::Value, t: i64) {
+    submit_for(store, "d1", properties, t).await;
+}
+
+/// Stores a report of service `S` of `device` and waits for its commit.
+async fn submit_for(store: &Store, device: &str, properties: serde_json::Value, t: i64) {
     let report = ReportRecord {
-        device_id: "d1".into(),
+        device_id: device.into(),
         request_id: format!("r{t}"),
         received_at: t,
         services: vec![ReportedService::new(
