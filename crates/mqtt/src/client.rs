@@ -52,17 +52,49 @@ pub fn encode_connect(
     password: &str,
     keep_alive: u16,
 ) {
-    let mut body = BytesMut::with_capacity(64 + client_id.len() + username.len() + password.len());
+    encode_connect_as(
+        out,
+        protocol,
+        client_id,
+        Some((username, Some(password))),
+        keep_alive,
+    );
+}
+
+/// CONNECT with a clean session and, where given, a username and a password (MQTT has no
+/// password without a username).
+pub fn encode_connect_as(
+    out: &mut BytesMut,
+    protocol: Protocol,
+    client_id: &str,
+    credentials: Option<(&str, Option<&str>)>,
+    keep_alive: u16,
+) {
+    let (username, password) = match credentials {
+        Some((username, password)) => (Some(username), password),
+        None => (None, None),
+    };
+    let mut body = BytesMut::with_capacity(
+        64 + client_id.len() + username.map_or(0, str::len) + password.map_or(0, str::len),
+    );
     put_str(&mut body, b"MQTT");
     body.put_u8(if protocol == Protocol::V5 { 5 } else { 4 });
-    body.put_u8(0xC2);
+    let mut flags = 0x02;
+    if username.is_some() {
+        flags |= 0x80;
+    }
+    if password.is_some() {
+        flags |= 0x40;
+    }
+    body.put_u8(flags);
     body.put_u16(keep_alive);
     if protocol == Protocol::V5 {
         body.put_u8(0);
     }
     put_str(&mut body, client_id.as_bytes());
-    put_str(&mut body, username.as_bytes());
-    put_str(&mut body, password.as_bytes());
+    for field in [username, password].into_iter().flatten() {
+        put_str(&mut body, field.as_bytes());
+    }
     finish(out, 0x10, &body);
 }
 
@@ -233,6 +265,25 @@ mod tests {
             matches!(decoded, Ok(Some(Packet::Subscribe { pkid: 7, .. }))),
             "{decoded:?}"
         );
+    }
+
+    #[test]
+    fn a_connect_carries_exactly_the_credentials_given() {
+        let cases: [(Option<(&str, Option<&str>)>, Option<&str>, Option<&[u8]>); 3] = [
+            (None, None, None),
+            (Some(("user", None)), Some("user"), None),
+            (Some(("user", Some("pw"))), Some("user"), Some(b"pw")),
+        ];
+        for (credentials, username, password) in cases {
+            let mut out = BytesMut::new();
+            encode_connect_as(&mut out, Protocol::V3, "fwd-1", credentials, 60);
+            let Ok(Some(Packet::Connect(connect))) = codec::decode(&mut out, None, 1024) else {
+                panic!("connect with {credentials:?}")
+            };
+            assert_eq!(connect.client_id, "fwd-1");
+            assert_eq!(connect.username.as_deref(), username, "{credentials:?}");
+            assert_eq!(connect.password.as_deref(), password, "{credentials:?}");
+        }
     }
 
     #[test]

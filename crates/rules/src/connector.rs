@@ -117,7 +117,7 @@ impl Connector {
         })
     }
 
-    /// Delivers one message (for NATS and RabbitMQ, a batch of one).
+    /// Delivers one message (for MQTT, NATS and RabbitMQ, a batch of one).
     async fn deliver(&mut self, message: &QueuedMessage, timeout: Duration) -> Result<(), String> {
         match self {
             #[cfg(feature = "http")]
@@ -126,7 +126,10 @@ impl Connector {
                     .await
             }
             #[cfg(feature = "mqtt")]
-            Connector::Mqtt(sink) => sink.publish(&message.payload, timeout).await,
+            Connector::Mqtt(sink) => sink
+                .publish_all(&[&message.payload], timeout)
+                .await
+                .map_err(|failure| failure.error),
             #[cfg(feature = "nats")]
             Connector::Nats(sink) => sink
                 .publish_all(&[&message.payload], timeout)
@@ -152,14 +155,19 @@ pub struct BatchFailure {
 }
 
 impl Connector {
-    /// Delivers messages in order. NATS and RabbitMQ send them all, then take their
-    /// confirmations (a round trip per batch instead of per message); HTTP, MQTT and PostgreSQL
+    /// Delivers messages in order. MQTT, NATS and RabbitMQ send them all, then take their
+    /// confirmations (a round trip per batch instead of per message); HTTP and PostgreSQL
     /// deliver them one by one, each confirmed before the next.
     pub async fn deliver_all(
         &mut self,
         messages: &[Arc<QueuedMessage>],
         timeout: Duration,
     ) -> Result<(), BatchFailure> {
+        #[cfg(feature = "mqtt")]
+        if let Connector::Mqtt(sink) = self {
+            let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
+            return sink.publish_all(&payloads, timeout).await;
+        }
         #[cfg(feature = "nats")]
         if let Connector::Nats(sink) = self {
             let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();

@@ -36,12 +36,12 @@ pub(super) fn free_port() -> anyhow::Result<u16> {
 /// them (MQTT 3.1.1 has no receive maximum to ask for more), which bounds one subscriber's fan-in
 /// by round trips, not by the broker's work. The tuned reference lifts both, so the ratio is also
 /// taken against Mosquitto at its fastest for this shape.
-const TUNED_MOSQUITTO: &str =
+pub(super) const TUNED_MOSQUITTO: &str =
     "allow_anonymous true\nmax_inflight_messages 1000\nmax_queued_messages 100000\n";
 
 /// Starts Mosquitto on `port`, with its defaults or with `config` (a configuration file's text;
 /// the file is removed once Mosquitto has read it).
-fn start_mosquitto(port: u16, config: Option<&str>) -> anyhow::Result<Helper> {
+pub(super) fn start_mosquitto(port: u16, config: Option<&str>) -> anyhow::Result<Helper> {
     let port_arg = port.to_string();
     let Some(config) = config else {
         return start_helper("mosquitto", &["-p", &port_arg], port);

@@ -14,7 +14,7 @@ use ioda_mqtt::client::ServerPacket;
 use serde_json::{Value, json};
 
 use super::device::Device;
-use super::reference::{Helper, free_port, start_helper};
+use super::reference::{Helper, TUNED_MOSQUITTO, free_port, start_helper, start_mosquitto};
 use super::server::ServerProcess;
 use super::{BenchArgs, Channel, connect_all, progress, register, round};
 
@@ -102,9 +102,11 @@ async fn start_consumer(channel: Channel, received: Arc<Received>) -> anyhow::Re
 }
 
 /// A Mosquitto of the bench's own on a free port, and a QoS 1 subscriber to the reports' topic.
+/// The broker runs with the reference's tuned settings: with its defaults it lets one QoS 1
+/// subscriber have 20 messages in flight and queues 1 000 behind them, and drops the rest.
 async fn start_mqtt_subscriber(received: Arc<Received>) -> anyhow::Result<Consumer> {
     let port = free_port()?;
-    let broker = start_helper("mosquitto", &["-p", &port.to_string()], port)?;
+    let broker = start_mosquitto(port, Some(TUNED_MOSQUITTO))?;
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut subscriber = Device::connect(0, addr, "bench-consumer", "x", 1200).await?;
     subscriber.subscribe(MQTT_TOPIC, QoS::AtLeastOnce);

@@ -1,0 +1,293 @@
+//! The MQTT sink against a scripted broker on a loopback port: what it writes, and what it makes
+//! of each answer (acknowledgements in any order, a connection lost mid-batch, a refusal, bytes
+//! that are not MQTT, silence).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use ioda_mqtt::codec::{self, Packet};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+const LIMIT: Duration = Duration::from_secs(5);
+
+fn spec_for(port: u16, qos: u8, credentials: Option<(&str, Option<&str>)>) -> MqttSpec {
+    MqttSpec {
+        host: "127.0.0.1".into(),
+        port,
+        topic: "fwd/out".into(),
+        qos,
+        username: credentials.map(|(u, _)| u.to_owned()),
+        password: credentials.and_then(|(_, p)| p.map(str::to_owned)),
+    }
+}
+
+/// The broker's end of one connection.
+struct Peer {
+    stream: TcpStream,
+    buf: BytesMut,
+}
+
+impl Peer {
+    async fn accept(listener: &TcpListener) -> Peer {
+        let (stream, _) = listener.accept().await.unwrap();
+        Peer {
+            stream,
+            buf: BytesMut::new(),
+        }
+    }
+
+    async fn packet(&mut self, protocol: Option<Protocol>) -> Option<Packet> {
+        loop {
+            if let Some(packet) = codec::decode(&mut self.buf, protocol, 1 << 20).unwrap() {
+                return Some(packet);
+            }
+            if self.stream.read_buf(&mut self.buf).await.unwrap() == 0 {
+                return None;
+            }
+        }
+    }
+
+    /// Takes the CONNECT and answers it with `code`.
+    async fn handshake(&mut self, code: u8) -> codec::Connect {
+        let Some(Packet::Connect(connect)) = self.packet(None).await else {
+            panic!("expected CONNECT")
+        };
+        self.send(|out| codec::encode_connack(out, Protocol::V3, code, None))
+            .await;
+        *connect
+    }
+
+    async fn publishes(&mut self, count: usize) -> Vec<codec::Publish> {
+        let mut got = Vec::new();
+        while got.len() < count {
+            match self.packet(Some(Protocol::V3)).await {
+                Some(Packet::Publish(publish)) => got.push(publish),
+                other => panic!("expected PUBLISH, got {other:?}"),
+            }
+        }
+        got
+    }
+
+    async fn send(&mut self, encode: impl FnOnce(&mut BytesMut)) {
+        let mut out = BytesMut::new();
+        encode(&mut out);
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    async fn ack(&mut self, pkids: impl IntoIterator<Item = u16>) {
+        let mut out = BytesMut::new();
+        for pkid in pkids {
+            codec::encode_puback(&mut out, Protocol::V3, pkid, 0);
+        }
+        self.stream.write_all(&out).await.unwrap();
+    }
+}
+
+async fn listener() -> (TcpListener, u16) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    (listener, port)
+}
+
+const BATCH: [&str; 5] = ["m0", "m1", "m2", "m3", "m4"];
+
+#[tokio::test]
+async fn a_batch_is_confirmed_by_its_pubacks_in_whatever_order_they_come() {
+    let (listener, port) = listener().await;
+    let broker = tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        peer.handshake(0).await;
+        let publishes = peer.publishes(BATCH.len()).await;
+        let mut pkids: Vec<u16> = publishes.iter().map(|p| p.pkid).collect();
+        pkids.reverse();
+        peer.ack(pkids).await;
+        publishes
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(sink.publish_all(&BATCH, LIMIT).await, Ok(()));
+    let publishes = broker.await.unwrap();
+    let payloads: Vec<&[u8]> = publishes.iter().map(|p| &p.payload[..]).collect();
+    assert_eq!(payloads, BATCH.map(str::as_bytes).to_vec(), "in order");
+    assert!(publishes.iter().all(|p| p.topic == "fwd/out"));
+    assert!(publishes.iter().all(|p| p.qos == QoS::AtLeastOnce));
+    let mut pkids: Vec<u16> = publishes.iter().map(|p| p.pkid).collect();
+    pkids.dedup();
+    assert_eq!(pkids.len(), BATCH.len(), "distinct packet ids: {pkids:?}");
+}
+
+#[tokio::test]
+async fn a_connection_lost_mid_batch_confirms_the_acknowledged_prefix_only() {
+    let (listener, port) = listener().await;
+    tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        peer.handshake(0).await;
+        let pkids: Vec<u16> = peer.publishes(5).await.iter().map(|p| p.pkid).collect();
+        // The first, second and fourth are acknowledged; then the broker goes away.
+        peer.ack([pkids[1], pkids[0], pkids[3]]).await;
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
+        .await
+        .unwrap();
+    let failure = sink.publish_all(&BATCH, LIMIT).await.unwrap_err();
+    assert_eq!(failure.confirmed, 2, "{failure:?}");
+    assert!(failure.error.contains("closed"), "{failure:?}");
+}
+
+#[tokio::test]
+async fn a_broker_that_never_acknowledges_times_out_with_nothing_confirmed() {
+    let (listener, port) = listener().await;
+    let broker = tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        peer.handshake(0).await;
+        peer.publishes(BATCH.len()).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
+        .await
+        .unwrap();
+    let failure = sink
+        .publish_all(&BATCH, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(failure.confirmed, 0);
+    assert!(failure.error.contains("in time"), "{failure:?}");
+    broker.abort();
+}
+
+#[tokio::test]
+async fn qos_0_counts_once_written() {
+    let (listener, port) = listener().await;
+    let broker = tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        peer.handshake(0).await;
+        peer.publishes(BATCH.len()).await
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 0, None), LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(sink.publish_all(&BATCH, LIMIT).await, Ok(()));
+    let publishes = broker.await.unwrap();
+    assert!(
+        publishes
+            .iter()
+            .all(|p| p.qos == QoS::AtMostOnce && p.pkid == 0)
+    );
+}
+
+#[tokio::test]
+async fn the_connect_carries_the_actions_credentials_and_a_refusal_says_why() {
+    let cases: [(Option<(&str, Option<&str>)>, u8); 3] = [
+        (None, 0),
+        (Some(("app", Some("secret"))), 0),
+        (Some(("app", None)), 5),
+    ];
+    for (credentials, code) in cases {
+        let (listener, port) = listener().await;
+        let broker = tokio::spawn(async move {
+            let mut peer = Peer::accept(&listener).await;
+            peer.handshake(code).await
+        });
+        let opened = MqttSink::open(&spec_for(port, 1, credentials), LIMIT).await;
+        let connect = broker.await.unwrap();
+        assert_eq!(
+            connect.username.as_deref(),
+            credentials.map(|(u, _)| u),
+            "{credentials:?}"
+        );
+        assert_eq!(
+            connect.password.as_deref(),
+            credentials.and_then(|(_, p)| p).map(str::as_bytes),
+            "{credentials:?}"
+        );
+        assert!(connect.clean_start);
+        match (code, opened) {
+            (0, Ok(_)) => {}
+            (5, Err(error)) => assert!(error.contains("not authorized"), "{error}"),
+            (code, other) => panic!("CONNACK {code} gave {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn bytes_that_are_not_mqtt_fail_the_batch_instead_of_hanging_it() {
+    let (listener, port) = listener().await;
+    tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        peer.handshake(0).await;
+        peer.publishes(BATCH.len()).await;
+        // Packet type 15 with a body: AUTH, which no MQTT 3.1.1 broker sends.
+        peer.stream.write_all(&[0xF0, 2, 0, 0]).await.unwrap();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
+        .await
+        .unwrap();
+    let failure = sink.publish_all(&BATCH, LIMIT).await.unwrap_err();
+    assert_eq!(failure.confirmed, 0);
+    assert!(failure.error.contains("malformed"), "{failure:?}");
+}
+
+#[tokio::test]
+async fn a_connection_quiet_past_the_keep_alive_is_started_over_before_it_is_used() {
+    let (listener, port) = listener().await;
+    let broker = tokio::spawn(async move {
+        let mut first = Peer::accept(&listener).await;
+        let first_id = first.handshake(0).await.client_id;
+        let mut second = Peer::accept(&listener).await;
+        let second_id = second.handshake(0).await.client_id;
+        let publishes = second.publishes(1).await;
+        second.ack([publishes[0].pkid]).await;
+        (first_id, second_id, first.packet(Some(Protocol::V3)).await)
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
+        .await
+        .unwrap();
+    sink.last_used = Instant::now() - QUIET_LIMIT;
+    assert_eq!(sink.publish_all(&["late"], LIMIT).await, Ok(()));
+    drop(sink);
+    let (first_id, second_id, on_first) = broker.await.unwrap();
+    assert_ne!(
+        first_id, second_id,
+        "each connection has a client id of its own"
+    );
+    assert_eq!(on_first, None, "nothing went to the quiet connection");
+}
+
+#[test]
+fn a_channel_detail_is_checked_when_the_action_is_created() {
+    let cases = [
+        (json!({"host": "b", "topic": "t"}), Ok((1883, 1))),
+        (
+            json!({"host": "b", "port": 8883, "topic": "t", "qos": 0}),
+            Ok((8883, 0)),
+        ),
+        (json!({"topic": "t"}), Err("host is required")),
+        (
+            json!({"host": "b", "topic": "t/#"}),
+            Err("without wildcards"),
+        ),
+        (
+            json!({"host": "b", "topic": "t", "qos": 2}),
+            Err("qos must be 0 or 1"),
+        ),
+        (
+            json!({"host": "b", "topic": "t", "port": 0}),
+            Err("port must be"),
+        ),
+        (
+            json!({"host": "b", "topic": "t", "password": "p"}),
+            Err("needs a username"),
+        ),
+    ];
+    for (detail, expected) in cases {
+        let parsed = spec(&json!({ "mqtt_forwarding": detail }));
+        match (parsed, expected) {
+            (Ok(spec), Ok((port, qos))) => assert_eq!((spec.port, spec.qos), (port, qos)),
+            (Err(error), Err(part)) => assert!(error.contains(part), "{error}"),
+            (other, expected) => panic!("{detail}: {other:?}, expected {expected:?}"),
+        }
+    }
+}
