@@ -117,10 +117,12 @@ pub struct RejectedProperty {
 }
 
 /// Splits a service's reported properties into those the model accepts and those it refuses.
+/// The accepted ones stay in the map they came in (a report that is valid throughout, the usual
+/// one, is neither copied nor rebuilt).
 pub fn filter_properties(
     service: Option<&ServiceCapability>,
     service_id: &str,
-    properties: Map<String, Value>,
+    mut properties: Map<String, Value>,
     rejected: &mut Vec<RejectedProperty>,
 ) -> Map<String, Value> {
     let Some(service) = service else {
@@ -131,24 +133,26 @@ pub fn filter_properties(
         });
         return Map::new();
     };
-    let mut accepted = Map::new();
-    for (name, value) in properties {
-        let verdict = match service.property(&name) {
+    let refused_before = rejected.len();
+    for (name, value) in &properties {
+        let verdict = match service.property(name) {
             None => Err(Rejection::UnknownProperty),
-            Some(p) => check_value(&p.constraints(), &value),
+            Some(p) => check_value(&p.constraints(), value),
         };
-        match verdict {
-            Ok(()) => {
-                accepted.insert(name, value);
-            }
-            Err(reason) => rejected.push(RejectedProperty {
+        if let Err(reason) = verdict {
+            rejected.push(RejectedProperty {
                 service_id: service_id.to_owned(),
-                property: Some(name),
+                property: Some(name.clone()),
                 reason,
-            }),
+            });
         }
     }
-    accepted
+    for refusal in &rejected[refused_before..] {
+        if let Some(name) = &refusal.property {
+            properties.remove(name);
+        }
+    }
+    properties
 }
 
 fn invalid(msg: String) -> TypesError {
@@ -408,6 +412,12 @@ mod tests {
             vec![Some("ghost".to_owned()), Some("temp".to_owned())]
         );
         let mut rejected = Vec::new();
+        let Value::Object(valid) = json!({"temp": 21.5, "count": 7}) else {
+            unreachable!()
+        };
+        let kept = filter_properties(Some(&s), "Temperature", valid.clone(), &mut rejected);
+        assert_eq!(kept, valid);
+        assert!(rejected.is_empty(), "{rejected:?}");
         let kept = filter_properties(None, "Nope", Map::new(), &mut rejected);
         assert!(kept.is_empty());
         assert_eq!(rejected[0].reason, Rejection::UnknownService);
