@@ -57,6 +57,17 @@ pub fn spec(detail: &Value) -> Result<MqttSpec, String> {
             "mqtt_forwarding.password needs a username (MQTT has no password alone)".into(),
         );
     }
+    for (field, value) in [
+        ("topic", Some(&topic)),
+        ("username", username.as_ref()),
+        ("password", password.as_ref()),
+    ] {
+        if value.is_some_and(|v| v.len() > usize::from(u16::MAX)) {
+            return Err(format!(
+                "mqtt_forwarding.{field} is longer than MQTT's 65 535 bytes"
+            ));
+        }
+    }
     Ok(MqttSpec {
         host,
         port,
@@ -74,6 +85,8 @@ const KEEP_ALIVE_SECONDS: u16 = 60;
 /// one and a half keep-alives without a packet, and a batch written into a closed connection
 /// would fail and wait for its retry.
 const QUIET_LIMIT: Duration = Duration::from_secs(45);
+/// Bytes a look at a connection's pending input takes at a time (see `closed_by_broker`).
+const LOOK_CHUNK: usize = 256;
 /// The largest packet taken from the broker: it sends CONNACK, PUBACK and PINGRESP, nothing near
 /// this; more is a broker that is not speaking MQTT to us, and the connection is given up.
 const MAX_BROKER_PACKET: usize = 64 * 1024;
@@ -86,6 +99,8 @@ pub struct MqttSink {
     out: BytesMut,
     next_pkid: u16,
     last_used: Instant,
+    /// `QUIET_LIMIT`, but for tests.
+    quiet_limit: Duration,
 }
 
 impl std::fmt::Debug for MqttSink {
@@ -120,6 +135,7 @@ impl MqttSink {
             out: BytesMut::with_capacity(256),
             next_pkid: 0,
             last_used: Instant::now(),
+            quiet_limit: QUIET_LIMIT,
         };
         let credentials = spec
             .username
@@ -172,8 +188,10 @@ impl MqttSink {
         payloads: &[&str],
         confirmed: &mut usize,
     ) -> Result<(), String> {
-        if self.last_used.elapsed() >= QUIET_LIMIT {
+        if self.last_used.elapsed() >= self.quiet_limit || self.closed_by_broker() {
+            let quiet_limit = self.quiet_limit;
             *self = MqttSink::connect(&self.spec).await?;
+            self.quiet_limit = quiet_limit;
         }
         let qos = if self.spec.qos == 1 {
             QoS::AtLeastOnce
@@ -208,7 +226,8 @@ impl MqttSink {
                 ServerPacket::PubAck { pkid, .. } => {
                     // Only the batch's own packet ids can come back: a connection that failed
                     // mid-batch is never used again.
-                    if let Some(at) = pkids[*confirmed..].iter().position(|p| *p == pkid) {
+                    let mut waiting = pkids.iter().zip(&acknowledged).skip(*confirmed);
+                    if let Some(at) = waiting.position(|(p, done)| *p == pkid && !done) {
                         acknowledged[*confirmed + at] = true;
                     }
                     while acknowledged.get(*confirmed) == Some(&true) {
@@ -220,6 +239,24 @@ impl MqttSink {
             }
         }
         Ok(())
+    }
+
+    /// Whether the broker has closed the connection since it was last used (a restart, its own
+    /// limits), seen without waiting: a batch written into it would be lost at QoS 0 and wait
+    /// for its retry at QoS 1. Whatever else is pending is kept for `next_packet`.
+    fn closed_by_broker(&mut self) -> bool {
+        let mut chunk = [0u8; LOOK_CHUNK];
+        loop {
+            match self.stream.try_read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(n) => self.read.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+                Err(_) => return true,
+            }
+            if self.read.len() > MAX_BROKER_PACKET {
+                return true;
+            }
+        }
     }
 
     fn allocate_pkid(&mut self) -> u16 {
@@ -268,12 +305,15 @@ impl MqttSink {
     }
 }
 
-/// A client id of its own for every connection (two with one id would keep closing each other).
+/// A client id of its own for every connection (two with one id would keep closing each other),
+/// within the 23 characters every MQTT 3.1.1 broker must accept: random across processes, and
+/// counted within one should the random source fail.
 fn client_id() -> String {
-    let mut bytes = [0u8; 6];
+    static OPENED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut bytes = [0u8; 4];
     let _ = getrandom::fill(&mut bytes);
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("ioda-forward-{hex}")
+    let count = OPENED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) & 0xff_ffff;
+    format!("iodafwd-{:08x}{count:06x}", u32::from_be_bytes(bytes))
 }
 
 /// What an MQTT 3.1.1 CONNACK refusal means.

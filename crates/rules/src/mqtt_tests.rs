@@ -113,9 +113,31 @@ async fn a_batch_is_confirmed_by_its_pubacks_in_whatever_order_they_come() {
     assert_eq!(payloads, BATCH.map(str::as_bytes).to_vec(), "in order");
     assert!(publishes.iter().all(|p| p.topic == "fwd/out"));
     assert!(publishes.iter().all(|p| p.qos == QoS::AtLeastOnce));
-    let mut pkids: Vec<u16> = publishes.iter().map(|p| p.pkid).collect();
-    pkids.dedup();
+    let pkids: std::collections::HashSet<u16> = publishes.iter().map(|p| p.pkid).collect();
     assert_eq!(pkids.len(), BATCH.len(), "distinct packet ids: {pkids:?}");
+}
+
+#[tokio::test]
+async fn a_batch_is_confirmed_only_up_to_its_first_missing_puback() {
+    let (listener, port) = listener().await;
+    let broker = tokio::spawn(async move {
+        let mut peer = Peer::accept(&listener).await;
+        peer.handshake(0).await;
+        let pkids: Vec<u16> = peer.publishes(5).await.iter().map(|p| p.pkid).collect();
+        // Every one but the third, and the connection stays open.
+        peer.ack([pkids[4], pkids[0], pkids[3], pkids[1]]).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
+        .await
+        .unwrap();
+    let failure = sink
+        .publish_all(&BATCH, Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(failure.confirmed, 2, "{failure:?}");
+    assert!(failure.error.contains("in time"), "{failure:?}");
+    broker.abort();
 }
 
 #[tokio::test]
@@ -125,8 +147,9 @@ async fn a_connection_lost_mid_batch_confirms_the_acknowledged_prefix_only() {
         let mut peer = Peer::accept(&listener).await;
         peer.handshake(0).await;
         let pkids: Vec<u16> = peer.publishes(5).await.iter().map(|p| p.pkid).collect();
-        // The first, second and fourth are acknowledged; then the broker goes away.
-        peer.ack([pkids[1], pkids[0], pkids[3]]).await;
+        // An id never sent, the second, the first twice and the fourth; then the broker goes away.
+        peer.ack([999, pkids[1], pkids[0], pkids[0], pkids[3]])
+            .await;
     });
     let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
         .await
@@ -245,7 +268,7 @@ async fn a_connection_quiet_past_the_keep_alive_is_started_over_before_it_is_use
     let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
         .await
         .unwrap();
-    sink.last_used = Instant::now() - QUIET_LIMIT;
+    sink.quiet_limit = Duration::ZERO;
     assert_eq!(sink.publish_all(&["late"], LIMIT).await, Ok(()));
     drop(sink);
     let (first_id, second_id, on_first) = broker.await.unwrap();
@@ -290,4 +313,33 @@ fn a_channel_detail_is_checked_when_the_action_is_created() {
             (other, expected) => panic!("{detail}: {other:?}, expected {expected:?}"),
         }
     }
+}
+
+#[tokio::test]
+async fn a_connection_the_broker_closed_is_started_over_before_it_is_used() {
+    let (listener, port) = listener().await;
+    let (closed, was_closed) = tokio::sync::oneshot::channel();
+    let broker = tokio::spawn(async move {
+        let mut first = Peer::accept(&listener).await;
+        first.handshake(0).await;
+        drop(first);
+        let _ = closed.send(());
+        let mut second = Peer::accept(&listener).await;
+        second.handshake(0).await;
+        second.publishes(BATCH.len()).await
+    });
+    // QoS 0: nothing read back would have shown the batch went into a closed connection.
+    let mut sink = MqttSink::open(&spec_for(port, 0, None), LIMIT)
+        .await
+        .unwrap();
+    was_closed.await.unwrap();
+    // The broker's FIN reaches the sink's socket.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(sink.publish_all(&BATCH, LIMIT).await, Ok(()));
+    let publishes = broker.await.unwrap();
+    assert_eq!(
+        publishes.len(),
+        BATCH.len(),
+        "the batch went to the new connection"
+    );
 }
