@@ -336,7 +336,10 @@ async fn a_connection_the_broker_closed_is_started_over_before_it_is_used() {
     // The broker's FIN reaches the sink's socket.
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(sink.publish_all(&BATCH, LIMIT).await, Ok(()));
-    let publishes = broker.await.unwrap();
+    let publishes = tokio::time::timeout(LIMIT, broker)
+        .await
+        .expect("no second connection: the batch went into the closed one")
+        .unwrap();
     assert_eq!(
         publishes.len(),
         BATCH.len(),
