@@ -117,67 +117,68 @@ async fn a_batch_is_confirmed_by_its_pubacks_in_whatever_order_they_come() {
     assert_eq!(pkids.len(), BATCH.len(), "distinct packet ids: {pkids:?}");
 }
 
-#[tokio::test]
-async fn a_batch_is_confirmed_only_up_to_its_first_missing_puback() {
+/// Sends `BATCH` at QoS 1 to a broker that acknowledges the given messages of it (by index;
+/// `None`: a packet id never sent), then closes the connection or keeps it open.
+async fn batch_answered(acks: &[Option<usize>], close: bool) -> Result<(), BatchFailure> {
     let (listener, port) = listener().await;
+    let acks = acks.to_vec();
     let broker = tokio::spawn(async move {
         let mut peer = Peer::accept(&listener).await;
         peer.handshake(0).await;
-        let pkids: Vec<u16> = peer.publishes(5).await.iter().map(|p| p.pkid).collect();
-        // Every one but the third, and the connection stays open.
-        peer.ack([pkids[4], pkids[0], pkids[3], pkids[1]]).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    });
-    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
-        .await
-        .unwrap();
-    let failure = sink
-        .publish_all(&BATCH, Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert_eq!(failure.confirmed, 2, "{failure:?}");
-    assert!(failure.error.contains("in time"), "{failure:?}");
-    broker.abort();
-}
-
-#[tokio::test]
-async fn a_connection_lost_mid_batch_confirms_the_acknowledged_prefix_only() {
-    let (listener, port) = listener().await;
-    tokio::spawn(async move {
-        let mut peer = Peer::accept(&listener).await;
-        peer.handshake(0).await;
-        let pkids: Vec<u16> = peer.publishes(5).await.iter().map(|p| p.pkid).collect();
-        // An id never sent, the second, the first twice and the fourth; then the broker goes away.
-        peer.ack([999, pkids[1], pkids[0], pkids[0], pkids[3]])
+        let pkids: Vec<u16> = peer
+            .publishes(BATCH.len())
+            .await
+            .iter()
+            .map(|p| p.pkid)
+            .collect();
+        peer.ack(acks.iter().map(|at| at.map_or(999, |at| pkids[at])))
             .await;
+        if !close {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
     });
     let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
         .await
         .unwrap();
-    let failure = sink.publish_all(&BATCH, LIMIT).await.unwrap_err();
-    assert_eq!(failure.confirmed, 2, "{failure:?}");
-    assert!(failure.error.contains("closed"), "{failure:?}");
+    let outcome = sink.publish_all(&BATCH, Duration::from_millis(300)).await;
+    broker.abort();
+    outcome
 }
 
 #[tokio::test]
-async fn a_broker_that_never_acknowledges_times_out_with_nothing_confirmed() {
-    let (listener, port) = listener().await;
-    let broker = tokio::spawn(async move {
-        let mut peer = Peer::accept(&listener).await;
-        peer.handshake(0).await;
-        peer.publishes(BATCH.len()).await;
-        tokio::time::sleep(Duration::from_secs(5)).await;
-    });
-    let mut sink = MqttSink::open(&spec_for(port, 1, None), LIMIT)
-        .await
-        .unwrap();
-    let failure = sink
-        .publish_all(&BATCH, Duration::from_millis(300))
-        .await
-        .unwrap_err();
-    assert_eq!(failure.confirmed, 0);
-    assert!(failure.error.contains("in time"), "{failure:?}");
-    broker.abort();
+async fn a_batch_counts_as_confirmed_the_acknowledged_prefix_only() {
+    let cases: [(&str, &[Option<usize>], bool, Result<(), (usize, &str)>); 5] = [
+        (
+            "all, out of order",
+            &[Some(2), Some(0), Some(4), Some(1), Some(3)],
+            false,
+            Ok(()),
+        ),
+        (
+            "all but the third, open",
+            &[Some(4), Some(0), Some(3), Some(1)],
+            false,
+            Err((2, "in time")),
+        ),
+        (
+            "an unknown id, the second, the first twice, the fourth; closed",
+            &[None, Some(1), Some(0), Some(0), Some(3)],
+            true,
+            Err((2, "closed")),
+        ),
+        ("none, open", &[], false, Err((0, "in time"))),
+        ("none, closed", &[], true, Err((0, "closed"))),
+    ];
+    for (case, acks, close, expected) in cases {
+        match (batch_answered(acks, close).await, expected) {
+            (Ok(()), Ok(())) => {}
+            (Err(failure), Err((confirmed, error))) => {
+                assert_eq!(failure.confirmed, confirmed, "{case}: {failure:?}");
+                assert!(failure.error.contains(error), "{case}: {failure:?}");
+            }
+            (outcome, expected) => panic!("{case}: {outcome:?}, expected {expected:?}"),
+        }
+    }
 }
 
 #[tokio::test]
