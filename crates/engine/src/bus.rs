@@ -15,7 +15,6 @@
 //! The forwarding dispatcher counts what it loses (`events_lost_by_dispatcher`).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use ioda_types::PlatformEvent;
 use tokio::sync::broadcast::{self, error::RecvError};
@@ -27,7 +26,6 @@ pub struct Bus {
     control: broadcast::Sender<Arc<PlatformEvent>>,
     /// Property reports and messages.
     data: broadcast::Sender<Arc<PlatformEvent>>,
-    published: Arc<AtomicU64>,
 }
 
 /// Whether an event is device data (a property report or a message), which has a channel of its own.
@@ -42,16 +40,11 @@ impl Bus {
     pub fn new(capacity: usize) -> Self {
         let (control, _) = broadcast::channel(capacity);
         let (data, _) = broadcast::channel(capacity);
-        Bus {
-            control,
-            data,
-            published: Arc::new(AtomicU64::new(0)),
-        }
+        Bus { control, data }
     }
 
     /// Publishes an event to every current subscriber.
     pub fn publish(&self, event: PlatformEvent) {
-        self.published.fetch_add(1, Ordering::Relaxed);
         let channel = if is_device_data(&event) {
             &self.data
         } else {
@@ -78,11 +71,6 @@ impl Bus {
     /// A new subscription to every event but device data, published from now on.
     pub fn subscribe_control(&self) -> broadcast::Receiver<Arc<PlatformEvent>> {
         self.control.subscribe()
-    }
-
-    /// Events published since start.
-    pub fn published(&self) -> u64 {
-        self.published.load(Ordering::Relaxed)
     }
 }
 
@@ -174,7 +162,6 @@ mod tests {
             control.try_recv().is_err(),
             "no device data on the control channel"
         );
-        assert_eq!(bus.published(), 3);
         drop(all);
         assert!(!bus.wants_device_data());
     }
