@@ -819,7 +819,7 @@ async fn scrape(http: std::net::SocketAddr) -> String {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
         head.to_ascii_lowercase()
-            .contains("content-type: text/plain; version=0.0.4"),
+            .contains("content-type: text/plain; version=0.0.4; charset=utf-8"),
         "{head}"
     );
     body.to_owned()
