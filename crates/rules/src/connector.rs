@@ -165,13 +165,11 @@ impl Connector {
     ) -> Result<(), BatchFailure> {
         #[cfg(feature = "mqtt")]
         if let Connector::Mqtt(sink) = self {
-            let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
-            return sink.publish_all(&payloads, timeout).await;
+            return sink.publish_all(&payloads(messages), timeout).await;
         }
         #[cfg(feature = "nats")]
         if let Connector::Nats(sink) = self {
-            let payloads: Vec<&str> = messages.iter().map(|m| m.payload.as_str()).collect();
-            return sink.publish_all(&payloads, timeout).await;
+            return sink.publish_all(&payloads(messages), timeout).await;
         }
         #[cfg(feature = "rabbitmq")]
         if let Connector::Rabbit(sink) = self {
@@ -188,4 +186,10 @@ impl Connector {
         }
         Ok(())
     }
+}
+
+/// The messages' payloads, for the channels that take a batch of texts.
+#[cfg(any(feature = "mqtt", feature = "nats"))]
+fn payloads(messages: &[Arc<QueuedMessage>]) -> Vec<&str> {
+    messages.iter().map(|m| m.payload.as_str()).collect()
 }

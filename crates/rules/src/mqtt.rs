@@ -5,7 +5,7 @@
 //! known up front, so it goes out in one write and its PUBACKs are taken in whatever order the
 //! broker sends them. rumqttc, used here before, wrote and flushed every publish on its own and
 //! was driven one publish-and-PUBACK round trip at a time: 12 000 messages/s at most to a
-//! Mosquitto on the same machine, twice that now (BENCHMARKS.md).
+//! Mosquitto on the same machine, about twice that now (BENCHMARKS.md).
 
 use std::time::{Duration, Instant};
 
