@@ -94,6 +94,8 @@ fn assert_accounted(result: &Value) {
 
 #[test]
 fn paced_reports_keep_their_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let series_path = dir.path().join("latency.txt");
     let result = bench(&[
         "report",
         "--devices",
@@ -102,11 +104,32 @@ fn paced_reports_keep_their_rate() {
         "2",
         "--rate",
         "10",
+        "--latency-series",
+        series_path.to_str().unwrap(),
     ]);
     let offered = result["offered"].as_u64().unwrap();
     // 4 devices x 10/s x 2 s = 80; never more (pacing holds devices back), fewer only on a starved machine.
     assert!((40..=88).contains(&offered), "{result}");
     assert_eq!(result["delivered"].as_u64(), Some(offered), "{result}");
+    // One line per delivered report: its send time and its latency, both whole milliseconds.
+    let series = std::fs::read_to_string(&series_path).unwrap();
+    let lines: Vec<(i64, u64)> = series
+        .lines()
+        .map(|line| {
+            let (sent, latency) = line.split_once(' ').unwrap();
+            (sent.parse().unwrap(), latency.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(lines.len() as u64, offered, "{series}");
+    let max = result["latency_ms"]["max"].as_u64().unwrap();
+    assert_eq!(lines.iter().map(|(_, l)| *l).max(), Some(max), "{result}");
+    // Paced over 2 s: the sends span many 100 ms windows, and the p99's own report is in one.
+    let spread = &result["latency_p99_spread"];
+    assert!(spread["windows"].as_u64().unwrap() >= 10, "{result}");
+    assert!(
+        spread["windows_with_a_p99_report"].as_u64().unwrap() >= 1,
+        "{result}"
+    );
 }
 
 #[test]

@@ -82,6 +82,11 @@ pub struct BenchArgs {
     /// How the application receives the reports.
     #[arg(long, value_enum, default_value_t = Channel::Http)]
     pub channel: Channel,
+    /// Write every delivered report's send time and latency (`<sent_at_ms> <latency_ms>`, one
+    /// line each, in arrival order) to this file, and say in the result how the slow ones are
+    /// spread over time (report and overload; in reference, the run at half the maximum).
+    #[arg(long)]
+    pub latency_series: Option<std::path::PathBuf>,
     /// Print only one JSON line with the results.
     #[arg(long)]
     pub json: bool,
@@ -153,7 +158,11 @@ async fn reference_scenario(
     mosquitto: Value,
     restart: impl FnOnce() -> anyhow::Result<ServerProcess>,
 ) -> anyhow::Result<Value> {
-    let ioda = report::run(&server, args, false).await?;
+    let flat_out = BenchArgs {
+        latency_series: None,
+        ..args.clone()
+    };
+    let ioda = report::run(&server, &flat_out, false).await?;
     drop(server);
     // Lossless against lossless: what ioda delivered to the application without loss versus the
     // highest rate at which Mosquitto lost nothing, with its defaults and tuned.

@@ -23,6 +23,8 @@ use super::{BenchArgs, Channel, connect_all, progress, register, round};
 struct Received {
     delivered: AtomicU64,
     latencies_ms: Mutex<Vec<u32>>,
+    /// Each delivery's send time and latency, when asked for (`--latency-series`).
+    series: Option<Mutex<Vec<(i64, u32)>>>,
 }
 
 fn now_ms() -> i64 {
@@ -75,8 +77,45 @@ impl Received {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push(latency);
+            if let Some(series) = &self.series {
+                series
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push((sent, latency));
+            }
         }
     }
+}
+
+/// Width of the windows `slow_windows` divides a run into, by send time.
+const WINDOW_MS: i64 = 100;
+
+/// How the reports at or above the run's p99 latency are spread over time: in how many of the
+/// run's 100 ms windows (by send time) any was sent. A few windows mean stalls (something held
+/// everything up for a moment); most windows mean steady queueing (the machine has no idle time).
+fn slow_windows(series: &[(i64, u32)], p99_ms: u32) -> Value {
+    let windows: std::collections::BTreeMap<i64, bool> =
+        series
+            .iter()
+            .fold(Default::default(), |mut windows, &(sent, latency)| {
+                *windows.entry(sent.div_euclid(WINDOW_MS)).or_default() |= latency >= p99_ms;
+                windows
+            });
+    json!({
+        "window_ms": WINDOW_MS,
+        "windows": windows.len(),
+        "windows_with_a_p99_report": windows.values().filter(|slow| **slow).count(),
+    })
+}
+
+/// Writes the series as text, one delivery a line.
+fn write_series(path: &std::path::Path, series: &[(i64, u32)]) -> anyhow::Result<()> {
+    use std::fmt::Write as _;
+    let mut text = String::with_capacity(series.len() * 18);
+    for (sent, latency) in series {
+        let _ = writeln!(text, "{sent} {latency}");
+    }
+    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// The application side: the channel a rule forwards over, and what keeps its far end running.
@@ -325,7 +364,10 @@ pub async fn run(
         },
         ..args.clone()
     };
-    let received = Arc::new(Received::default());
+    let received = Arc::new(Received {
+        series: args.latency_series.as_ref().map(|_| Mutex::default()),
+        ..Received::default()
+    });
     let consumer = start_consumer(args.channel, received.clone()).await?;
     let (_, ids) = register(&server.api, args.devices, args.json).await?;
     forward_to(&server.api, &consumer).await?;
@@ -390,6 +432,14 @@ pub async fn run(
     let delivered = received.delivered.load(Ordering::Relaxed);
     let latencies = sorted(&received.latencies_ms);
     let ack_latencies = sorted(&sent.ack_latencies_us);
+    let spread = match (&args.latency_series, &received.series) {
+        (Some(path), Some(series)) => {
+            let series = std::mem::take(&mut *series.lock().unwrap_or_else(|p| p.into_inner()));
+            write_series(path, &series)?;
+            slow_windows(&series, percentile(&latencies, 0.99))
+        }
+        _ => Value::Null,
+    };
     Ok(json!({
         "scenario": if overload { "overload" } else { "report" },
         "channel": consumer.channel,
@@ -406,6 +456,7 @@ pub async fn run(
         "delivered_per_second": round(delivered as f64 / total_seconds),
         "latency_ms": { "p50": percentile(&latencies, 0.5), "p99": percentile(&latencies, 0.99), "max": latencies.last().copied().unwrap_or(0) },
         "ack_latency_ms": summary_ms(&ack_latencies),
+        "latency_p99_spread": spread,
         // The server's side of the acknowledgement latency (`ioda_store::stats`, `ioda_mqtt::stats`).
         "server_stages_ms": stages,
         "server_cpu_percent": round(100.0 * (after.cpu_seconds - before.cpu_seconds) / load_seconds),
@@ -428,6 +479,25 @@ mod tests {
         ] {
             let tree = json!({"services": [{"service_id": "Bench", "properties": {"seq": seq, "sent_at": sent_at, "pad": pad}}]});
             assert_eq!(report_payload(seq, sent_at, pad), tree.to_string());
+        }
+    }
+
+    #[test]
+    fn slow_windows_count_the_windows_a_p99_report_was_sent_in() {
+        // (series, p99) → (windows, windows with a report at or above the p99)
+        let table: [(&[(i64, u32)], u32, (u64, u64)); 5] = [
+            (&[], 5, (0, 0)),
+            (&[(0, 1), (99, 9)], 9, (1, 1)),
+            (&[(0, 1), (100, 1), (250, 7), (299, 2)], 7, (3, 1)),
+            // Steady queueing: every window holds a slow one.
+            (&[(10, 8), (110, 9), (210, 8)], 8, (3, 3)),
+            // Send times before 1970 (a wrong clock) still fall in windows of their own.
+            (&[(-1, 3), (-101, 3), (1, 1)], 3, (3, 2)),
+        ];
+        for (series, p99, (windows, slow)) in table {
+            let spread = slow_windows(series, p99);
+            assert_eq!(spread["windows"], windows, "{series:?}");
+            assert_eq!(spread["windows_with_a_p99_report"], slow, "{series:?}");
         }
     }
 }
