@@ -133,6 +133,29 @@ fn paced_reports_keep_their_rate() {
 }
 
 #[test]
+fn a_latency_series_that_cannot_be_written_is_refused_before_the_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let unwritable = dir.path().join("no-such-directory").join("latency.txt");
+    let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .args(["bench", "report", "--devices", "2", "--duration", "30"])
+        .arg("--latency-series")
+        .arg(&unwritable)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("latency.txt"), "{stderr}");
+    // Refused before the load: no device was registered (the progress lines would say so), and
+    // there is no result.
+    assert!(!stderr.contains("registered"), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+}
+
+#[test]
 fn connect_scenario_connects_everyone_and_measures_memory() {
     let result = bench(&["connect", "--devices", "300", "--duration", "5"]);
     assert_eq!(result["devices"], 300, "{result}");

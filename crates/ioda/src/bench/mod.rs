@@ -102,6 +102,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             device::MAX_DEVICES
         );
     }
+    // A file that cannot be written is said before the load (minutes, for the reference), not after.
+    if let Some(path) = &args.latency_series {
+        std::fs::write(path, "").with_context(|| format!("writing {}", path.display()))?;
+    }
     // One descriptor per device here (the server is another process, which inherits the limit).
     let needed = args.devices as u64 + 1000;
     let raised = raise_fd_limit(needed);
