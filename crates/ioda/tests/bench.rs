@@ -125,11 +125,25 @@ fn paced_reports_keep_their_rate() {
     assert_eq!(lines.iter().map(|(_, l)| *l).max(), Some(max), "{result}");
     // Paced over 2 s: the sends span many 100 ms windows, and the p99's own report is in one.
     let spread = &result["latency_p99_spread"];
-    assert!(spread["windows"].as_u64().unwrap() >= 10, "{result}");
-    assert!(
-        spread["windows_with_a_p99_report"].as_u64().unwrap() >= 1,
-        "{result}"
-    );
+    let windows = spread["windows"].as_u64().unwrap();
+    assert!(windows >= 10, "{result}");
+    let slow = spread["windows_with_a_p99_report"].as_u64().unwrap();
+    assert!((1..=windows).contains(&slow), "{result}");
+    assert!(spread.get("write_error").is_none(), "{result}");
+}
+
+#[test]
+fn a_latency_series_is_refused_where_no_report_is_timed() {
+    for scenario in ["connect", "command"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
+            .args(["bench", scenario, "--latency-series", "unused.txt"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{scenario}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("--latency-series applies to"), "{stderr}");
+    }
+    assert!(!std::path::Path::new("unused.txt").exists());
 }
 
 #[test]
@@ -212,7 +226,17 @@ fn overload_keeps_every_acknowledged_report() {
 
 #[test]
 fn reference_runs_mosquitto_and_ioda_in_one_run() {
-    let result = bench(&["reference", "--devices", "10", "--duration", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let series_path = dir.path().join("half.txt");
+    let result = bench(&[
+        "reference",
+        "--devices",
+        "10",
+        "--duration",
+        "1",
+        "--latency-series",
+        series_path.to_str().unwrap(),
+    ]);
     let mosquitto = &result["mosquitto"];
     assert_eq!(mosquitto["qos0"]["lost"], 0, "{result}");
     assert!(
@@ -251,6 +275,24 @@ fn reference_runs_mosquitto_and_ioda_in_one_run() {
     let at_half = &result["ioda_at_half_maximum"];
     assert_eq!(at_half["lost"], 0, "{result}");
     assert_eq!(at_half["acked"], at_half["delivered"], "{result}");
+    // The latency series is the run at half the maximum's, not the flat-out run's.
+    assert!(
+        result["ioda_report"]["latency_p99_spread"].is_null(),
+        "{result}"
+    );
+    assert!(
+        at_half["latency_p99_spread"]["windows"].as_u64().unwrap() > 0,
+        "{result}"
+    );
+    let lines = std::fs::read_to_string(&series_path)
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(
+        Some(lines as u64),
+        at_half["delivered"].as_u64(),
+        "{result}"
+    );
     let asked = at_half["rate_per_device"].as_f64().unwrap() * 10.0;
     assert!((asked - delivered / 2.0).abs() < 1.0, "{result}");
     assert_eq!(

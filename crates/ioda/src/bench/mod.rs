@@ -82,9 +82,10 @@ pub struct BenchArgs {
     /// How the application receives the reports.
     #[arg(long, value_enum, default_value_t = Channel::Http)]
     pub channel: Channel,
-    /// Write every delivered report's send time and latency (`<sent_at_ms> <latency_ms>`, one
-    /// line each, in arrival order) to this file, and say in the result how the slow ones are
-    /// spread over time (report and overload; in reference, the run at half the maximum).
+    /// Write every delivered report's send time and latency (`<sent_at_ms> <latency_ms>`, Unix
+    /// milliseconds, one line each, in arrival order) to this file, and say in the result how the
+    /// slow ones are spread over time. Report and overload; in reference, the run at half the
+    /// maximum (none when the flat-out run lost reports, as then there is no such run).
     #[arg(long)]
     pub latency_series: Option<std::path::PathBuf>,
     /// Print only one JSON line with the results.
@@ -102,9 +103,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             device::MAX_DEVICES
         );
     }
-    // A file that cannot be written is said before the load (minutes, for the reference), not after.
+    // A file that cannot be written is said before the load (minutes, for the reference), not
+    // after; what the file holds is left alone until the series replaces it.
     if let Some(path) = &args.latency_series {
-        std::fs::write(path, "").with_context(|| format!("writing {}", path.display()))?;
+        if matches!(args.scenario, Scenario::Connect | Scenario::Command) {
+            bail!("--latency-series applies to the report, overload and reference scenarios");
+        }
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     // One descriptor per device here (the server is another process, which inherits the limit).
     let needed = args.devices as u64 + 1000;

@@ -21,10 +21,29 @@ use super::{BenchArgs, Channel, connect_all, progress, register, round};
 /// What the receiver has seen.
 #[derive(Default)]
 struct Received {
+    /// Counted after the samples, so the samples always hold at least this many.
     delivered: AtomicU64,
-    latencies_ms: Mutex<Vec<u32>>,
-    /// Each delivery's send time and latency, when asked for (`--latency-series`).
-    series: Option<Mutex<Vec<(i64, u32)>>>,
+    samples: Mutex<Samples>,
+}
+
+/// Each delivery's latency and, when asked for (`--latency-series`), its send time with it: kept
+/// under one lock so that the two always describe the same deliveries.
+#[derive(Default)]
+struct Samples {
+    latencies_ms: Vec<u32>,
+    series: Option<Vec<(i64, u32)>>,
+}
+
+impl Samples {
+    /// Room for `expected` deliveries up front (at most 2^26), so that a paced run's receiver
+    /// does not stop to grow its vectors while it holds the lock.
+    fn with_room(expected: usize, series: bool) -> Samples {
+        let room = expected.min(1 << 26);
+        Samples {
+            latencies_ms: Vec::with_capacity(room),
+            series: series.then(|| Vec::with_capacity(room)),
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -71,18 +90,14 @@ impl Received {
     /// Counts a delivered report and its latency.
     fn record(&self, body: &[u8]) {
         if let Some(sent) = sent_at(body) {
-            self.delivered.fetch_add(1, Ordering::Relaxed);
-            let latency = (now_ms() - sent).clamp(0, i64::from(u32::MAX)) as u32;
-            self.latencies_ms
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(latency);
-            if let Some(series) = &self.series {
-                series
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push((sent, latency));
+            let latency = now_ms().saturating_sub(sent).clamp(0, i64::from(u32::MAX)) as u32;
+            let mut samples = self.samples.lock().unwrap_or_else(|p| p.into_inner());
+            samples.latencies_ms.push(latency);
+            if let Some(series) = &mut samples.series {
+                series.push((sent, latency));
             }
+            drop(samples);
+            self.delivered.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -91,8 +106,9 @@ impl Received {
 const WINDOW_MS: i64 = 100;
 
 /// How the reports at or above the run's p99 latency are spread over time: in how many of the
-/// run's 100 ms windows (by send time) any was sent. A few windows mean stalls (something held
-/// everything up for a moment); most windows mean steady queueing (the machine has no idle time).
+/// 100 ms windows (by send time) that any delivered report was sent in, one of them was. A few
+/// windows mean stalls (something held everything up for a moment); most windows mean steady
+/// queueing (the machine has no idle time).
 fn slow_windows(series: &[(i64, u32)], p99_ms: u32) -> Value {
     let windows: std::collections::BTreeMap<i64, bool> =
         series
@@ -109,13 +125,25 @@ fn slow_windows(series: &[(i64, u32)], p99_ms: u32) -> Value {
 }
 
 /// Writes the series as text, one delivery a line.
-fn write_series(path: &std::path::Path, series: &[(i64, u32)]) -> anyhow::Result<()> {
-    use std::fmt::Write as _;
-    let mut text = String::with_capacity(series.len() * 18);
+fn write_series(path: &std::path::Path, series: &[(i64, u32)]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     for (sent, latency) in series {
-        let _ = writeln!(text, "{sent} {latency}");
+        writeln!(out, "{sent} {latency}")?;
     }
-    std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()
+}
+
+/// The series written to its file, and how its slow reports spread. A file that cannot be
+/// written costs the series, not the run's results: the error is said beside them.
+fn keep_series(path: &std::path::Path, series: &[(i64, u32)], p99_ms: u32) -> Value {
+    let mut spread = slow_windows(series, p99_ms);
+    if let Err(error) = write_series(path, series) {
+        let error = format!("writing {}: {error}", path.display());
+        eprintln!("warning: {error}");
+        spread["write_error"] = json!(error);
+    }
+    spread
 }
 
 /// The application side: the channel a rule forwards over, and what keeps its far end running.
@@ -364,8 +392,12 @@ pub async fn run(
         },
         ..args.clone()
     };
+    let expected = args.rate * args.devices as f64 * args.duration as f64;
     let received = Arc::new(Received {
-        series: args.latency_series.as_ref().map(|_| Mutex::default()),
+        samples: Mutex::new(Samples::with_room(
+            (expected * 1.1) as usize,
+            args.latency_series.is_some(),
+        )),
         ..Received::default()
     });
     let consumer = start_consumer(args.channel, received.clone()).await?;
@@ -429,15 +461,17 @@ pub async fn run(
     let stages = super::metrics::Snapshot::take(&server.api)
         .await?
         .since(&stages_before);
-    let delivered = received.delivered.load(Ordering::Relaxed);
-    let latencies = sorted(&received.latencies_ms);
+    let Samples {
+        latencies_ms: mut latencies,
+        series,
+    } = std::mem::take(&mut *received.samples.lock().unwrap_or_else(|p| p.into_inner()));
+    // What the samples hold is what was delivered: a late arrival after this is not counted in
+    // one and left out of the other.
+    let delivered = latencies.len() as u64;
+    latencies.sort_unstable();
     let ack_latencies = sorted(&sent.ack_latencies_us);
-    let spread = match (&args.latency_series, &received.series) {
-        (Some(path), Some(series)) => {
-            let series = std::mem::take(&mut *series.lock().unwrap_or_else(|p| p.into_inner()));
-            write_series(path, &series)?;
-            slow_windows(&series, percentile(&latencies, 0.99))
-        }
+    let spread = match (&args.latency_series, &series) {
+        (Some(path), Some(series)) => keep_series(path, series, percentile(&latencies, 0.99)),
         _ => Value::Null,
     };
     Ok(json!({
