@@ -45,12 +45,17 @@ pub struct DeviceSession {
     suppressed_traces: u64,
 }
 
-fn trace_entry(device_id: &str, at: i64, kind: &str, detail: impl Into<TraceDetail>) -> TraceEntry {
+fn trace_entry(
+    device_id: &str,
+    at: i64,
+    kind: &'static str,
+    detail: impl Into<TraceDetail>,
+) -> TraceEntry {
     TraceEntry {
         id: 0,
         device_id: device_id.to_owned(),
         at,
-        kind: kind.to_owned(),
+        kind: kind.into(),
         detail: detail.into(),
     }
 }
@@ -80,7 +85,7 @@ impl Platform {
     pub(crate) async fn trace_now(
         &self,
         device_id: &str,
-        kind: &str,
+        kind: &'static str,
         detail: impl Into<TraceDetail>,
     ) {
         let entry = trace_entry(device_id, self.now(), kind, detail);
@@ -249,7 +254,7 @@ impl DeviceSession {
 
     /// Leaves the registry without touching the status (a lapsed LwM2M registration, whose
     /// status follows its data).
-    pub(crate) async fn detach(mut self, why: &str) {
+    pub(crate) async fn detach(mut self, why: &'static str) {
         if self
             .platform
             .registry
@@ -263,7 +268,7 @@ impl DeviceSession {
     /// entry that passes says how many were suppressed, so nothing disappears without a count.
     pub(crate) fn trace(
         &mut self,
-        kind: &str,
+        kind: &'static str,
         detail: impl Into<TraceDetail>,
     ) -> Option<TraceEntry> {
         let now = self.platform.now();
@@ -280,12 +285,12 @@ impl DeviceSession {
     }
 
     /// A stage record of a message's way through the platform; never throttled.
-    pub(crate) fn stage(&self, kind: &str, detail: impl Into<TraceDetail>) -> TraceEntry {
+    pub(crate) fn stage(&self, kind: &'static str, detail: impl Into<TraceDetail>) -> TraceEntry {
         trace_entry(&self.device.device_id, self.platform.now(), kind, detail)
     }
 
     /// Records a trace entry from a synchronous context, without waiting for it.
-    fn trace_later(&mut self, kind: &str, detail: impl Into<TraceDetail>) {
+    fn trace_later(&mut self, kind: &'static str, detail: impl Into<TraceDetail>) {
         if let Some(entry) = self.trace(kind, detail) {
             let platform = self.platform.clone();
             tokio::spawn(async move {
@@ -294,7 +299,7 @@ impl DeviceSession {
         }
     }
 
-    pub(crate) async fn record(&mut self, kind: &str, detail: impl Into<TraceDetail>) {
+    pub(crate) async fn record(&mut self, kind: &'static str, detail: impl Into<TraceDetail>) {
         if let Some(entry) = self.trace(kind, detail) {
             let _ = self.platform.store.record_trace(vec![entry]).await;
         }

@@ -182,12 +182,12 @@ impl Platform {
     }
 
     /// Records a downlink stage in the device trace without waiting for its commit.
-    pub(crate) async fn trace_downlink(&self, device_id: &str, kind: &str, detail: Value) {
+    pub(crate) async fn trace_downlink(&self, device_id: &str, kind: &'static str, detail: Value) {
         let entry = ioda_store::TraceEntry {
             id: 0,
             device_id: device_id.to_owned(),
             at: self.now(),
-            kind: kind.to_owned(),
+            kind: kind.into(),
             detail: detail.into(),
         };
         let _ = self.store.append_trace(vec![entry]).await;

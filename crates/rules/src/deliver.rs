@@ -467,7 +467,7 @@ impl Forwarder {
             } else {
                 "forwarded"
             }
-            .to_owned(),
+            .into(),
             detail: {
                 let detail = TraceDetail::object()
                     .opt_str("request_id", message.request_id.as_deref())

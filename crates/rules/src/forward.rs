@@ -516,7 +516,7 @@ impl Forwarder {
                 id: 0,
                 device_id,
                 at: now,
-                kind: kind.to_owned(),
+                kind: kind.into(),
                 detail,
             });
         }

@@ -16,8 +16,9 @@ pub struct TraceEntry {
     pub id: i64,
     pub device_id: String,
     pub at: i64,
-    /// A short machine-readable kind, such as `property_rejected` or `publish_denied`.
-    pub kind: String,
+    /// A short machine-readable kind, such as `property_rejected` or `publish_denied` (borrowed
+    /// where it is made: every report makes entries, and the kinds are the code's own words).
+    pub kind: std::borrow::Cow<'static, str>,
     pub detail: TraceDetail,
 }
 
@@ -77,7 +78,10 @@ impl PendingTrace {
 
     /// Forgets the entries a committed flush wrote (ids grow, so they are those up to `last_id`).
     pub(crate) fn forget_through(&mut self, last_id: i64) {
-        self.entries.retain(|e| e.id > last_id);
+        // Entries wait in the order they were numbered, so those written are a prefix: no need
+        // to look at every waiting entry while the writer waits for this lock.
+        let written = self.entries.partition_point(|e| e.id <= last_id);
+        self.entries.drain(..written);
     }
 
     /// Forgets a deleted device's entries, waiting and stored.
@@ -166,5 +170,55 @@ impl Store {
         entries.extend(stored.into_iter().filter(|e| e.id > hidden_through));
         entries.truncate(limit as usize);
         Ok(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PendingTrace, TraceEntry};
+    use crate::TraceDetail;
+
+    fn entry(device_id: &str) -> TraceEntry {
+        TraceEntry {
+            id: 0,
+            device_id: device_id.to_owned(),
+            at: 0,
+            kind: "k".into(),
+            detail: TraceDetail::object().finish(),
+        }
+    }
+
+    fn waiting_ids(pending: &PendingTrace) -> Vec<i64> {
+        pending.entries.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn a_flush_forgets_exactly_the_entries_it_wrote() {
+        // (devices of the waiting entries, a device deleted meanwhile, the flush's last id, ids left)
+        let cases: &[(&[&str], Option<&str>, i64, &[i64])] = &[
+            (&["a", "b", "a", "b"], None, 2, &[3, 4]),
+            (&["a", "b", "a"], None, 0, &[1, 2, 3]),
+            (&["a", "b", "a"], None, 3, &[]),
+            (&["a", "b", "a", "b"], None, 9, &[]),
+            // A deleted device's entries leave gaps; the rest keep their order.
+            (&["a", "b", "a", "b", "a"], Some("a"), 2, &[4]),
+            (&["a", "b", "a", "b", "a"], Some("b"), 3, &[5]),
+        ];
+        for (devices, deleted, last_id, left) in cases {
+            let mut pending = PendingTrace {
+                next_id: 1,
+                ..PendingTrace::default()
+            };
+            pending.add(devices.iter().map(|d| entry(d)).collect());
+            if let Some(device) = deleted {
+                pending.forget_device(device);
+            }
+            pending.forget_through(*last_id);
+            assert_eq!(
+                waiting_ids(&pending),
+                left.to_vec(),
+                "{devices:?} {deleted:?} {last_id}"
+            );
+        }
     }
 }

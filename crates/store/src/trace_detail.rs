@@ -12,13 +12,13 @@ use serde_json::Value;
 /// A JSON object describing a trace entry (always valid JSON: made by [`DetailWriter`] or
 /// rendered from a `Value`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TraceDetail(Box<str>);
+pub struct TraceDetail(String);
 
 impl TraceDetail {
     /// Starts an object, written field by field.
     pub fn object() -> DetailWriter {
         DetailWriter {
-            out: String::with_capacity(160),
+            out: String::with_capacity(256),
         }
     }
 
@@ -47,13 +47,13 @@ impl TraceDetail {
             out.push(',');
         }
         out.push_str(rest);
-        TraceDetail(out.into())
+        TraceDetail(out)
     }
 }
 
 impl From<Value> for TraceDetail {
     fn from(value: Value) -> TraceDetail {
-        TraceDetail(value.to_string().into())
+        TraceDetail(value.to_string())
     }
 }
 
@@ -117,12 +117,14 @@ impl DetailWriter {
         self
     }
 
+    /// The object's text, as written: not shrunk to fit (that moved every entry's text to a
+    /// smaller allocation, and entries live only until the trace log writes them out).
     pub fn finish(mut self) -> TraceDetail {
         if self.out.is_empty() {
             self.out.push('{');
         }
         self.out.push('}');
-        TraceDetail(self.out.into())
+        TraceDetail(self.out)
     }
 }
 

@@ -37,7 +37,7 @@ const MAX_COUNTED_DEVICES: usize = 1 << 20;
 /// Entries each device has written since its blocks were last pruned. A device not counted is
 /// pruned at its next write (so a restart leaves nobody unpruned for long).
 #[derive(Default)]
-struct Unpruned(std::collections::HashMap<String, i64>);
+struct Unpruned(std::collections::HashMap<String, i64, foldhash::fast::RandomState>);
 
 impl Unpruned {
     /// Counts a block of `entries` for the device; says whether its old blocks are due for pruning.
@@ -231,7 +231,8 @@ fn write_blocks(
     unpruned: &mut Unpruned,
 ) -> Result<(), StoreError> {
     let mut blocks: Vec<(&str, Vec<&TraceEntry>)> = Vec::new();
-    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut index: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
+        std::collections::HashMap::default();
     for entry in entries {
         let slot = *index.entry(&entry.device_id).or_insert_with(|| {
             blocks.push((&entry.device_id, Vec::new()));
@@ -335,7 +336,8 @@ pub(crate) fn stored_entries(
                 .get("kind")
                 .and_then(serde_json::Value::as_str)
                 .unwrap_or_default()
-                .to_owned();
+                .to_owned()
+                .into();
             out.push(TraceEntry {
                 id,
                 device_id: device_id.to_owned(),
