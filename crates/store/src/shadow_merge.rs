@@ -15,19 +15,15 @@ use std::sync::OnceLock;
 use rusqlite::Connection;
 use serde_json::{Map, Value};
 
-use crate::StoreError;
+use crate::{FastMap, StoreError};
 
 /// Merges one statement applies at most; a longer run is written in several.
 const MERGES_PER_STATEMENT: usize = 8;
 
-/// A map keyed by the devices' and services' own ids: not chosen by a peer to collide (they are
-/// the registry's), so a fast hash does (SipHash was 4 % of the writer's samples).
-type FastMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
-
 /// The merges noted so far, by device, then service (nested, so a lookup allocates nothing).
 #[derive(Default)]
 pub(crate) struct ShadowMerges {
-    pending: FastMap<FastMap<Pending>>,
+    pending: FastMap<String, FastMap<String, Pending>>,
 }
 
 struct Pending {

@@ -36,6 +36,11 @@ pub(crate) struct PendingTrace {
 
 /// Entries kept waiting at most; beyond it the oldest go (a trace file that cannot be written).
 const MAX_PENDING: usize = 200_000;
+/// Waiting entries beyond which a new entry's detail is shrunk to fit. Details keep the room they
+/// were written into (shrinking moved each one), which costs nothing while entries wait a quarter
+/// second; a backlog this long (a flush takes a quarter second's entries: 32 000 flat out) means
+/// the trace file is not being written, and then up to `MAX_PENDING` of them may wait.
+const SHRINK_ABOVE: usize = 65_536;
 
 impl PendingTrace {
     /// Starts numbering after the newest stored entry.
@@ -55,6 +60,9 @@ impl PendingTrace {
         for mut entry in entries {
             entry.id = self.next_id;
             self.next_id += 1;
+            if self.entries.len() >= SHRINK_ABOVE {
+                entry.detail.shrink_to_fit();
+            }
             self.entries.push(Arc::new(entry));
         }
         if self.entries.len() > MAX_PENDING {
@@ -78,8 +86,9 @@ impl PendingTrace {
 
     /// Forgets the entries a committed flush wrote (ids grow, so they are those up to `last_id`).
     pub(crate) fn forget_through(&mut self, last_id: i64) {
-        // Entries wait in the order they were numbered, so those written are a prefix: no need
-        // to look at every waiting entry while the writer waits for this lock.
+        // Entries wait in the order they were numbered (added in order, only ever removed), so
+        // those written are a prefix: found by a binary search, not a test of every entry while
+        // the writer waits for this lock.
         let written = self.entries.partition_point(|e| e.id <= last_id);
         self.entries.drain(..written);
     }
@@ -190,6 +199,18 @@ mod tests {
 
     fn waiting_ids(pending: &PendingTrace) -> Vec<i64> {
         pending.entries.iter().map(|e| e.id).collect()
+    }
+
+    #[test]
+    fn a_long_backlog_keeps_its_details_shrunk() {
+        let mut pending = PendingTrace::default();
+        pending.add((0..=super::SHRINK_ABOVE).map(|_| entry("a")).collect());
+        let spare = |e: &TraceEntry| e.detail.spare_room();
+        assert!(
+            spare(&pending.entries[0]) > 0,
+            "a young entry keeps its room"
+        );
+        assert_eq!(pending.entries.last().map(|e| spare(e)), Some(0));
     }
 
     #[test]

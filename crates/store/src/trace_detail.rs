@@ -27,6 +27,16 @@ impl TraceDetail {
         &self.0
     }
 
+    /// Gives back the room the text was written into but does not use.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        self.0.shrink_to_fit();
+    }
+
+    #[cfg(test)]
+    pub(crate) fn spare_room(&self) -> usize {
+        self.0.capacity() - self.0.len()
+    }
+
     /// The detail as a value tree (for reading; `Null` if stored text does not parse).
     pub fn to_value(&self) -> Value {
         serde_json::from_str(&self.0).unwrap_or(Value::Null)
@@ -118,7 +128,8 @@ impl DetailWriter {
     }
 
     /// The object's text, as written: not shrunk to fit (that moved every entry's text to a
-    /// smaller allocation, and entries live only until the trace log writes them out).
+    /// smaller allocation, while an entry waits only until the trace log writes it out; a long
+    /// backlog's are shrunk where they wait, see `PendingTrace::add`).
     pub fn finish(mut self) -> TraceDetail {
         if self.out.is_empty() {
             self.out.push('{');

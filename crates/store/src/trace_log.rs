@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::StoreError;
 use crate::trace::{self, KEEP_PER_DEVICE, PendingTrace, SharedPendingTrace, TraceEntry};
 use crate::trace_detail::push_string;
 use crate::trace_file;
+use crate::{FastMap, StoreError};
 
 /// How often waiting entries are written out (a crash loses at most this much trace).
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -37,7 +37,7 @@ const MAX_COUNTED_DEVICES: usize = 1 << 20;
 /// Entries each device has written since its blocks were last pruned. A device not counted is
 /// pruned at its next write (so a restart leaves nobody unpruned for long).
 #[derive(Default)]
-struct Unpruned(std::collections::HashMap<String, i64, foldhash::fast::RandomState>);
+struct Unpruned(FastMap<String, i64>);
 
 impl Unpruned {
     /// Counts a block of `entries` for the device; says whether its old blocks are due for pruning.
@@ -231,8 +231,7 @@ fn write_blocks(
     unpruned: &mut Unpruned,
 ) -> Result<(), StoreError> {
     let mut blocks: Vec<(&str, Vec<&TraceEntry>)> = Vec::new();
-    let mut index: std::collections::HashMap<&str, usize, foldhash::fast::RandomState> =
-        std::collections::HashMap::default();
+    let mut index: FastMap<&str, usize> = FastMap::default();
     for entry in entries {
         let slot = *index.entry(&entry.device_id).or_insert_with(|| {
             blocks.push((&entry.device_id, Vec::new()));
