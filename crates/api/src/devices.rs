@@ -1,4 +1,4 @@
-//! `/devices`: register, list, show, update, delete, reset secret, freeze, shadow, trace, history.
+//! `/devices`: register, list, show, update, delete, reset secret, freeze, shadow, history.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -97,7 +97,7 @@ pub struct ActionParams {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitParam {
-    limit: Option<i64>,
+    pub(crate) limit: Option<i64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,32 +346,13 @@ pub async fn shadow(
     ))
 }
 
-fn limit_of(param: Option<i64>) -> Result<i64, ApiError> {
+pub(crate) fn limit_of(param: Option<i64>) -> Result<i64, ApiError> {
     let limit = param.unwrap_or(100);
     if (1..=1000).contains(&limit) {
         Ok(limit)
     } else {
         Err(ApiError::LimitOutOfRange)
     }
-}
-
-/// ioda extension: what happened to the device's traffic (refused properties, denied topics, ...).
-pub async fn trace(
-    State(state): State<AppState>,
-    Path(path): Path<DevicePath>,
-    Query(p): Query<LimitParam>,
-) -> Result<Json<Value>, ApiError> {
-    let entries = state
-        .platform
-        .device_trace(&path.project_id, &path.device_id, limit_of(p.limit)?)
-        .await?;
-    let entries: Vec<Value> = entries
-        .into_iter()
-        .map(|e| json!({ "id": e.id, "time": time::format_iso_millis(e.at), "kind": e.kind, "detail": e.detail.to_value() }))
-        .collect();
-    Ok(Json(
-        json!({ "device_id": path.device_id, "entries": entries }),
-    ))
 }
 
 /// ioda extension: the device's stored property reports, newest first.

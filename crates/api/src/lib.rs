@@ -12,6 +12,7 @@ mod messages;
 mod products;
 mod routing;
 pub mod sign;
+mod trace;
 
 use std::sync::Arc;
 
@@ -108,7 +109,9 @@ pub fn router(
             "/devices/{device_id}/messages/{message_id}",
             get(messages::show),
         )
-        .route("/devices/{device_id}/trace", get(devices::trace))
+        .route("/devices/{device_id}/trace", get(trace::show))
+        .route("/devices/{device_id}/trace/start", post(trace::start))
+        .route("/devices/{device_id}/trace/stop", post(trace::stop))
         .route(
             "/devices/{device_id}/property-history",
             get(devices::history),

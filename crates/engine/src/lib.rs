@@ -13,6 +13,7 @@ mod commands;
 mod devices;
 mod downlink;
 pub mod lwm2m;
+mod message_trace;
 mod messages;
 mod products;
 mod ratelimit;
@@ -35,6 +36,7 @@ pub use commands::{
     AsyncCommandRequest, CommandRequest, MAX_EXPIRE_SECS, SYNC_TIMEOUT, SYNC_TIMEOUT_RANGE,
 };
 pub use devices::{NewDevice, NewDeviceAuth, SecretReset};
+pub use message_trace::{DEFAULT_TRACE_SECONDS, MAX_TRACE_SECONDS, TraceState};
 pub use messages::{MAX_MESSAGE_BYTES, MESSAGE_CACHE, MessageRequest};
 pub use products::{NewProduct, ProductPatch};
 pub use registry::Registry;
@@ -85,6 +87,9 @@ pub struct EngineConfig {
     /// Silence after which a short-connection (NB-IoT) device is ABNORMAL, and then OFFLINE.
     pub abnormal_after_ms: i64,
     pub offline_after_ms: i64,
+    /// Trace the stages of every device's successful traffic, not only of devices whose message
+    /// trace has been started (`message_trace`).
+    pub trace_all: bool,
 }
 
 impl Default for EngineConfig {
@@ -98,6 +103,7 @@ impl Default for EngineConfig {
             history_retention_ms: 30 * 24 * 3_600_000,
             abnormal_after_ms: 25 * 3_600_000,
             offline_after_ms: 49 * 3_600_000,
+            trace_all: false,
         }
     }
 }
@@ -106,8 +112,10 @@ impl Default for EngineConfig {
 /// here, before the commit, and written in the same transaction as the data itself, so a crash can
 /// never keep one without the other. Implemented by `ioda-rules`.
 pub trait ForwardStage: Send + Sync + 'static {
-    /// The forwarding an uplink event produces.
-    fn stage(&self, event: &ioda_types::PlatformEvent, now: i64) -> StagedForwarding;
+    /// The forwarding an uplink event produces; with `routing`, also which rules took it (for
+    /// the trace entry that records it as stored, when there is one).
+    fn stage(&self, event: &ioda_types::PlatformEvent, now: i64, routing: bool)
+    -> StagedForwarding;
     /// Wakes the workers of these actions once their items are committed.
     fn wake(&self, action_ids: &[String]);
 }
@@ -147,6 +155,7 @@ pub struct Platform {
     codecs: RwLock<HashMap<String, (serde_json::Value, Arc<ioda_codec::Codec>)>>,
     keys: RwLock<HashMap<String, AccessKey>>,
     projects: RwLock<HashMap<String, Project>>,
+    traced: message_trace::TracedDevices,
 }
 
 impl std::fmt::Debug for Platform {
@@ -209,6 +218,7 @@ impl Platform {
         config: EngineConfig,
     ) -> Result<Arc<Platform>, EngineError> {
         let platform = Platform {
+            traced: message_trace::TracedDevices::new(config.trace_all),
             store,
             clock,
             config,
@@ -224,6 +234,9 @@ impl Platform {
         };
         platform.reload().await?;
         let now = platform.now();
+        platform
+            .traced
+            .load(platform.store.traced_devices(now).await?);
         let stale = platform.store.reset_online(now).await?;
         if !stale.is_empty() {
             tracing::info!(
@@ -317,9 +330,12 @@ impl Platform {
         &self,
         event: &ioda_types::PlatformEvent,
         now: i64,
+        routing: bool,
     ) -> StagedForwarding {
         let stage = read_lock(&self.forward_stage).clone();
-        stage.map(|s| s.stage(event, now)).unwrap_or_default()
+        stage
+            .map(|s| s.stage(event, now, routing))
+            .unwrap_or_default()
     }
 
     /// Wakes forwarding workers after their staged items are committed.

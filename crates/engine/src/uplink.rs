@@ -353,16 +353,23 @@ impl DeviceSession {
                 self.trace("property_rejected", detail)
             })
             .collect();
-        // The stage record of this report: received, authenticated, validated, stored (shadow and
-        // history are written in the same transaction), and where it is forwarded.
-        let stage = TraceDetail::object()
-            .str("request_id", &request_id)
-            .strs(
-                "applied_services",
-                services.iter().map(|s| s.service_id.as_str()),
-            )
-            .int("rejected_properties", rejected.len() as i64);
         let applied = !services.is_empty();
+        // The stage record of this report: received, authenticated, validated, stored (shadow and
+        // history are written in the same transaction), and where it is forwarded. Made while
+        // the device's message trace runs, and for a report that lost properties or kept none
+        // (what an operator looks for): `message_trace`.
+        let stage = (!applied
+            || !rejected.is_empty()
+            || self.platform.traces_success(&self.device.device_id))
+        .then(|| {
+            TraceDetail::object()
+                .str("request_id", &request_id)
+                .strs(
+                    "applied_services",
+                    services.iter().map(|s| s.service_id.as_str()),
+                )
+                .int("rejected_properties", rejected.len() as i64)
+        });
         // Only when desired state is waiting does the report need comparing with it.
         let follow_up = self.wants_desired_check().then(|| services.clone());
         let event = PlatformEvent::PropertiesReported {
@@ -373,7 +380,7 @@ impl DeviceSession {
         };
         // Forwarding is decided now and committed with the report.
         let staged = if applied {
-            self.platform.stage_forwarding(&event, now)
+            self.platform.stage_forwarding(&event, now, stage.is_some())
         } else {
             StagedForwarding::default()
         };
@@ -390,7 +397,9 @@ impl DeviceSession {
             received_at: now,
             services,
         });
-        traces.push(self.stage("report_stored", with_routing(stage, &staged)));
+        if let Some(stage) = stage {
+            traces.push(self.stage("report_stored", with_routing(stage, &staged)));
+        }
         let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
         let Ok(commit) = self
             .platform
@@ -451,12 +460,16 @@ impl DeviceSession {
             at: now,
         };
         // Only property reports are read back from their log; messages keep queue rows.
-        let staged = self.platform.stage_forwarding(&event, now);
-        let stage = TraceDetail::object()
-            .str("request_id", &request_id)
-            .str("topic", &topic)
-            .int("bytes", payload.len() as i64);
-        let trace = vec![self.stage("message_stored", with_routing(stage, &staged))];
+        let traced = self.platform.traces_success(&self.device.device_id);
+        let staged = self.platform.stage_forwarding(&event, now, traced);
+        let mut trace = Vec::new();
+        if traced {
+            let stage = TraceDetail::object()
+                .str("request_id", &request_id)
+                .str("topic", &topic)
+                .int("bytes", payload.len() as i64);
+            trace.push(self.stage("message_stored", with_routing(stage, &staged)));
+        }
         let StagedForwarding { rows: forwards, .. } = staged;
         let woken: Vec<String> = forwards.iter().map(|f| f.action_id.clone()).collect();
         let event = self.platform.bus().wants_device_data().then_some(event);

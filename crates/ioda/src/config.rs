@@ -71,6 +71,10 @@ pub struct ServeArgs {
     /// Hours without data after which an NB-IoT (LwM2M) device is OFFLINE.
     #[arg(long, env = "IODA_OFFLINE_AFTER_HOURS")]
     pub offline_after_hours: Option<u64>,
+    /// Trace every device's successful traffic (stored, forwarded), not only that of devices
+    /// whose message trace has been started through the API; costs CPU on every report.
+    #[arg(long, env = "IODA_TRACE_ALL", num_args = 0..=1, default_missing_value = "true")]
+    pub trace_all: Option<bool>,
 }
 
 /// The same settings as read from `ioda.toml`.
@@ -94,6 +98,7 @@ struct FileConfig {
     history_retention_days: Option<u64>,
     abnormal_after_hours: Option<u64>,
     offline_after_hours: Option<u64>,
+    trace_all: Option<bool>,
 }
 
 /// Fully resolved settings of a server.
@@ -195,6 +200,10 @@ impl ServeArgs {
                 .offline_after_hours
                 .or(file.offline_after_hours)
                 .map_or(defaults.offline_after_ms, |h| h.max(1) as i64 * 3_600_000),
+            trace_all: self
+                .trace_all
+                .or(file.trace_all)
+                .unwrap_or(defaults.trace_all),
             ..defaults
         };
         if engine.abnormal_after_ms >= engine.offline_after_ms {

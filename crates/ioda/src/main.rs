@@ -47,8 +47,9 @@ enum Command {
         #[arg(long)]
         data: Option<String>,
     },
-    /// Show what happened to a device's traffic: every stage of its uplinks and downlinks, refusals
-    /// and forwarding attempts, oldest first.
+    /// Show what happened to a device's traffic, oldest first: refusals, failed forwarding,
+    /// downlinks, and, while its message trace runs (`POST .../devices/{id}/trace/start`), every
+    /// stage of its uplinks.
     Trace {
         #[arg(long, env = "IODA_DATA_DIR", default_value = "ioda-data")]
         data_dir: PathBuf,

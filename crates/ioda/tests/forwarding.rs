@@ -234,6 +234,14 @@ async fn failures_are_retried_in_order_with_stable_message_ids() {
         &url,
     )
     .await;
+    // The device's message trace runs (a day: the manual clock skips the backoffs).
+    let started = server
+        .post(
+            &format!("/devices/{device_id}/trace/start"),
+            json!({"duration": 86_400}),
+        )
+        .await;
+    assert_eq!(started.status, 200, "{}", started.body);
     let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
     for n in 1..=3 {
         report(&device, &device_id, 21.0, n).await;

@@ -100,6 +100,18 @@ async fn restart_keeps_state_and_sigterm_exits_cleanly() {
     }
     let creds_before = std::fs::read_to_string(&creds_path).unwrap();
     let (device_id, product) = setup_device(&api).await;
+    // The device's message trace is started: its report's stages are traced too.
+    let started = api
+        .call(
+            "POST",
+            &format!("/devices/{device_id}/trace/start"),
+            Some(&json!({"duration": 3600})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(started.status, 200, "{}", started.body);
+    let until = started.body["tracing"]["until"].clone();
+    assert!(until.is_string(), "{}", started.body);
     let (client, mut events) = connect(device_options(
         mqtt_port(dir.path()),
         &device_id,
@@ -184,6 +196,15 @@ async fn restart_keeps_state_and_sigterm_exits_cleanly() {
         .await
         .unwrap();
     assert_eq!(history.body["reports"].as_array().unwrap().len(), 1);
+    let trace = api
+        .call("GET", &format!("/devices/{device_id}/trace"), None)
+        .await
+        .unwrap();
+    assert_eq!(
+        trace.body["tracing"],
+        json!({"started": true, "until": until, "all_devices": false}),
+        "a started trace survives a restart"
+    );
     assert!(terminate(&mut child).success());
     assert!(!stdout_of(&mut child).contains("First start"));
 }

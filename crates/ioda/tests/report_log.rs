@@ -1,7 +1,7 @@
 //! Forwarding property reports from the stored history (no queue row per report): what waits for a
 //! target survives a restart with its message ids, a backlog beyond the action's memory is read
-//! back from the history in order, and a new action does not replay the past; and what the device
-//! trace says about where each uplink and event went.
+//! back from the history in order, and a new action does not replay the past; what the device
+//! trace says about where each uplink and event went, and when it says it (message tracing).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -232,14 +232,16 @@ async fn queue_rows_left_by_an_older_version_go_out_first() {
     server.stop().await;
 }
 
-/// The device trace: one entry per uplink says it was stored and where it went (rules matched,
-/// rules passed, actions queued); events that are not the device's own data keep an entry of
-/// their own for their rules; a success says which attempt it was and carries no error.
+/// The device trace, while the device's message trace runs: one entry per uplink says it was
+/// stored and where it went (rules matched, rules passed, actions queued); events that are not
+/// the device's own data keep an entry of their own for their rules; a success says which
+/// attempt it was and carries no error.
 #[tokio::test]
 async fn the_trace_tells_where_each_uplink_and_event_went() {
     let server = server().await;
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "trace-1").await;
+    server.start_trace(&device_id).await;
     let (receiver, url) = Receiver::start().await;
     let action = |rule_id: &str| json!({"rule_id": rule_id, "channel": "HTTP_FORWARDING", "channel_detail": {"http_forwarding": {"url": url}}});
     let taken = activated_rule(
@@ -313,6 +315,185 @@ async fn the_trace_tells_where_each_uplink_and_event_went() {
     assert_eq!(of_message[0]["action_id"], action_ids[0].as_str());
     assert_eq!(of_message[0]["attempt"], 1);
     assert!(of_message[0].get("error").is_none(), "{forwarded:?}");
+    device.close().await;
+    server.stop().await;
+}
+
+/// The entries of `kind` in a device's trace, oldest first, as `(request_id, detail)`.
+async fn entries_of(server: &TestServer, device_id: &str, kind: &str) -> Vec<(String, Value)> {
+    let trace = server
+        .get(&format!("/devices/{device_id}/trace?limit=1000"))
+        .await;
+    let mut found: Vec<(String, Value)> = trace["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == kind)
+        .map(|e| {
+            let detail = e["detail"].clone();
+            (
+                detail["request_id"].as_str().unwrap_or("").to_owned(),
+                detail,
+            )
+        })
+        .collect();
+    found.reverse();
+    found
+}
+
+/// What goes wrong is always traced; the stages of what goes right (stored, forwarded) only while
+/// the device's message trace runs: started, stopped, or run out.
+#[tokio::test]
+async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
+    let (server, clock) = with_report_memory(1 << 20).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "traced-1").await;
+    let (receiver, url) = Receiver::start().await;
+    rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let tracing = |body: Value| body["tracing"].clone();
+    let trace_url = format!("/devices/{device_id}/trace");
+    assert_eq!(
+        tracing(server.get(&trace_url).await),
+        json!({"started": false, "until": null, "all_devices": false})
+    );
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    // Not traced: a report that goes right, and one that loses a property (traced whatever).
+    report(&device, &device_id, 20.0, 1).await;
+    let lossy = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 1.0, "count": 2, "bogus": 3}}]});
+    device
+        .client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/properties/report?request_id=r2"),
+            QoS::AtLeastOnce,
+            false,
+            lossy.to_string(),
+        )
+        .await
+        .unwrap();
+    wait_accepted(&receiver, 2, 10).await;
+    // Traced.
+    let start_url = format!("{trace_url}/start");
+    let start = |seconds: i64| server.post(&start_url, json!({"duration": seconds}));
+    let started = start(600).await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    assert_eq!(
+        started.body["tracing"]["until"],
+        ioda_types::time::format_iso_millis(1_764_150_000_000 + 600_000)
+    );
+    report(&device, &device_id, 20.0, 3).await;
+    wait_accepted(&receiver, 3, 10).await;
+    // Stopped.
+    let stopped = server.post(&format!("{trace_url}/stop"), json!({})).await;
+    assert_eq!(tracing(stopped.body)["started"], false);
+    report(&device, &device_id, 20.0, 4).await;
+    wait_accepted(&receiver, 4, 10).await;
+    // Run out.
+    assert_eq!(start(60).await.status, 200);
+    clock.advance(61_000);
+    assert_eq!(
+        tracing(server.get(&trace_url).await),
+        json!({"started": false, "until": null, "all_devices": false}),
+        "a trace that ran out"
+    );
+    report(&device, &device_id, 20.0, 5).await;
+    wait_accepted(&receiver, 5, 10).await;
+    // Traced again: once its forwarding is in the trace, so is everything before it.
+    assert_eq!(start(600).await.status, 200);
+    report(&device, &device_id, 20.0, 6).await;
+    wait_accepted(&receiver, 6, 10).await;
+    eventually("the last report's forwarding is traced", || async {
+        entries_of(&server, &device_id, "forwarded")
+            .await
+            .iter()
+            .any(|(request, _)| request == "r6")
+    })
+    .await;
+    let requests = |entries: Vec<(String, Value)>| -> Vec<String> {
+        entries.into_iter().map(|(request, _)| request).collect()
+    };
+    assert_eq!(
+        requests(entries_of(&server, &device_id, "report_stored").await),
+        ["r2", "r3", "r6"],
+        "stored: the lossy report and the traced ones"
+    );
+    assert_eq!(
+        requests(entries_of(&server, &device_id, "property_rejected").await),
+        ["r2"]
+    );
+    assert_eq!(
+        requests(entries_of(&server, &device_id, "forwarded").await),
+        ["r3", "r6"],
+        "forwarded: the traced reports"
+    );
+    device.close().await;
+    server.stop().await;
+}
+
+/// Starting a trace checks what it is given; a deleted device's trace ends with it; `trace_all`
+/// traces every device without starting anything.
+#[tokio::test]
+async fn message_trace_requests_are_checked_and_trace_all_needs_none() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, _) = server.device(&product, "traced-2").await;
+    let start = format!("/devices/{device_id}/trace/start");
+    // (body, status, what the error names)
+    let cases: Vec<(&str, u16, &str)> = vec![
+        (r#"{"duration": 0}"#, 400, "duration"),
+        (r#"{"duration": -5}"#, 400, "duration"),
+        (r#"{"duration": 604801}"#, 400, "duration"),
+        (r#"{"duration": "long"}"#, 400, "invalid type"),
+        (r#"{"duration": 60, "level": 3}"#, 400, "unknown field"),
+        (r#"{"duration": 6"#, 400, "malformed JSON"),
+    ];
+    for (body, status, names) in cases {
+        let request = ioda::client::RawRequest {
+            method: "POST".into(),
+            path: server.api.full_path(&start),
+            body: body.as_bytes().to_vec(),
+            ..Default::default()
+        };
+        let r = server.api.send(request).await.unwrap();
+        assert_eq!(r.status, status, "{body}: {}", r.body);
+        assert!(
+            r.body["error_msg"].as_str().unwrap_or("").contains(names),
+            "{body}: {}",
+            r.body
+        );
+    }
+    let unknown = server.post("/devices/nobody/trace/start", json!({})).await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    // A deleted device's trace ends with it: registered again, it is not traced.
+    let r = server.post(&start, json!({})).await;
+    assert_eq!(r.body["tracing"]["started"], true, "{}", r.body);
+    let deleted = server
+        .api
+        .call("DELETE", &format!("/devices/{device_id}"), None)
+        .await
+        .unwrap();
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
+    let (again, _) = server.device(&product, "traced-2").await;
+    assert_eq!(again, device_id);
+    let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+    assert_eq!(trace["tracing"]["started"], false, "{trace}");
+    server.stop().await;
+
+    let server = server_with(|c| c.engine.trace_all = true).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "traced-3").await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    report(&device, &device_id, 20.0, 1).await;
+    eventually("the report is traced", || async {
+        !entries_of(&server, &device_id, "report_stored")
+            .await
+            .is_empty()
+    })
+    .await;
+    let trace = server.get(&format!("/devices/{device_id}/trace")).await;
+    assert_eq!(
+        trace["tracing"],
+        json!({"started": false, "until": null, "all_devices": true})
+    );
     device.close().await;
     server.stop().await;
 }

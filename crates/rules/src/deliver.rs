@@ -455,9 +455,15 @@ impl Forwarder {
         outcome
     }
 
-    /// The trace entry of a delivery attempt, for the device the message came from.
+    /// The trace entry of a delivery attempt, for the device the message came from. A first
+    /// attempt that succeeded is traced only while the device's message trace runs
+    /// (`ioda_engine::Platform::traces_success`); a failure, and the success that ends one, always.
     fn attempt_entry(&self, message: &QueuedMessage, error: Option<&str>) -> Option<TraceEntry> {
-        let device_id = message.device_id.clone()?;
+        let device_id = message.device_id.as_deref()?;
+        if error.is_none() && message.attempts == 0 && !self.platform.traces_success(device_id) {
+            return None;
+        }
+        let device_id = device_id.to_owned();
         Some(TraceEntry {
             id: 0,
             device_id,

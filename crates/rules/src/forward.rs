@@ -501,7 +501,9 @@ impl Forwarder {
         // Device data is staged by the uplink itself, in the transaction that stores it (the
         // dispatcher does not even listen for it): its routing goes into the stored-data entry.
         if ioda_engine::is_device_data(event) {
-            batch.routing = Some(rules(TraceDetail::object()));
+            if !batch.skip_routing {
+                batch.routing = Some(rules(TraceDetail::object()));
+            }
         } else if let Some(device_id) = batch.device_id.clone() {
             let detail = rules(TraceDetail::object().str("request_id", &request_id).str(
                 "subject",
@@ -592,13 +594,14 @@ impl Forwarder {
 }
 
 impl ForwardStage for Forwarder {
-    fn stage(&self, event: &PlatformEvent, now: i64) -> StagedForwarding {
+    fn stage(&self, event: &PlatformEvent, now: i64, routing: bool) -> StagedForwarding {
         let rules = self.rules_for(event);
         if rules.is_empty() {
             return StagedForwarding::default();
         }
         let mut batch = Batch {
             device_id: device_of(event).map(|d| d.device_id.clone()),
+            skip_routing: !routing,
             ..Batch::default()
         };
         self.evaluate(event, &rules, None, None, now, &mut batch);
@@ -648,6 +651,8 @@ pub(crate) struct Batch {
     pub(crate) trace: Vec<TraceEntry>,
     /// Which rules took a device's own uplink, for the entry that records it as stored.
     pub(crate) routing: Option<TraceDetail>,
+    /// No such entry is made (the device's message trace is not running): `routing` stays empty.
+    pub(crate) skip_routing: bool,
 }
 
 /// FNV-1a: a stable short name for a callback URL.

@@ -247,6 +247,7 @@ impl Store {
                     "message_history",
                     "async_commands",
                     "device_messages",
+                    "device_tracing",
                 ] {
                     c.execute(
                         &format!("DELETE FROM {table} WHERE device_id = ?1"),

@@ -225,6 +225,14 @@ DROP INDEX property_history_by_device;
 CREATE TABLE shadow_mark (applied_through INTEGER NOT NULL);
 INSERT INTO shadow_mark (applied_through) SELECT COALESCE(MAX(id), 0) FROM property_history;
 "#,
+    // Devices whose message trace has been started: their successful traffic is traced too, until
+    // the time given (`trace.rs`).
+    r#"
+CREATE TABLE device_tracing (
+    device_id TEXT PRIMARY KEY,
+    until INTEGER NOT NULL
+) WITHOUT ROWID;
+"#,
 ];
 
 /// Brings the database up to the newest schema.

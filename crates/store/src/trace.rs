@@ -154,6 +154,40 @@ impl Store {
         Ok(())
     }
 
+    /// Starts (`Some(until)`) or stops (`None`) tracing a device's successful traffic.
+    pub async fn set_device_tracing(
+        &self,
+        device_id: String,
+        until: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            match until {
+                Some(until) => c.execute(
+                    "INSERT INTO device_tracing (device_id, until) VALUES (?1, ?2) \
+                     ON CONFLICT (device_id) DO UPDATE SET until = excluded.until",
+                    rusqlite::params![device_id, until],
+                )?,
+                None => c.execute(
+                    "DELETE FROM device_tracing WHERE device_id = ?1",
+                    [device_id],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
+    /// The devices whose tracing ends after `now`, with when it ends (the ended ones are removed).
+    pub async fn traced_devices(&self, now: i64) -> Result<Vec<(String, i64)>, StoreError> {
+        self.write(move |c| {
+            c.execute("DELETE FROM device_tracing WHERE until <= ?1", [now])?;
+            let mut statement = c.prepare("SELECT device_id, until FROM device_tracing")?;
+            let rows = statement.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
     /// The newest `limit` trace entries of a device (at most the `KEEP_PER_DEVICE` it keeps),
     /// newest first.
     pub async fn trace(

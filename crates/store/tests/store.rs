@@ -703,7 +703,7 @@ async fn history_stored_before_the_chains_is_chained_by_the_migration() {
         "CREATE INDEX property_history_by_device ON property_history(device_id, id); \
          ALTER TABLE property_history DROP COLUMN prev_id; \
          ALTER TABLE shadows DROP COLUMN last_history_id; DROP TABLE shadow_mark; \
-         PRAGMA user_version = 7;",
+         DROP TABLE device_tracing; PRAGMA user_version = 7;",
     )
     .unwrap();
     drop(c);
@@ -741,5 +741,52 @@ async fn history_ids_are_not_handed_out_again_after_the_newest_rows_went() {
         12,
         "numbering goes on after the cursor"
     );
+    store.close().await;
+}
+
+#[tokio::test]
+async fn device_tracing_is_kept_until_it_ends_and_goes_with_its_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    store
+        .insert_device(device("d1", "d1"), vec![])
+        .await
+        .unwrap();
+    // (device, until: a start, or a stop)
+    let changes: &[(&str, Option<i64>)] = &[
+        ("d1", Some(100)),
+        ("d2", Some(200)),
+        ("d1", Some(300)),
+        ("d3", None),
+        ("d4", Some(400)),
+        ("d4", None),
+    ];
+    for (device_id, until) in changes {
+        store
+            .set_device_tracing((*device_id).into(), *until)
+            .await
+            .unwrap();
+    }
+    let sorted = |mut rows: Vec<(String, i64)>| {
+        rows.sort();
+        rows
+    };
+    assert_eq!(
+        sorted(store.traced_devices(150).await.unwrap()),
+        vec![("d1".to_owned(), 300), ("d2".to_owned(), 200)]
+    );
+    assert_eq!(
+        sorted(store.traced_devices(250).await.unwrap()),
+        vec![("d1".to_owned(), 300)]
+    );
+    assert_eq!(
+        store.traced_devices(0).await.unwrap(),
+        vec![("d1".to_owned(), 300)],
+        "an ended trace is removed, not only hidden"
+    );
+    store.delete_device("d1".into()).await.unwrap();
+    store.close().await;
+    let store = open(dir.path()).await;
+    assert!(store.traced_devices(0).await.unwrap().is_empty());
     store.close().await;
 }

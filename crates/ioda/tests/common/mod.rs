@@ -107,6 +107,14 @@ impl TestServer {
             .to_owned()
     }
 
+    /// Starts a device's message trace (its successful traffic is traced too) for an hour.
+    pub async fn start_trace(&self, device_id: &str) {
+        let r = self
+            .post(&format!("/devices/{device_id}/trace/start"), json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
     /// Trace entry kinds of a device, newest first.
     pub async fn trace_kinds(&self, device_id: &str) -> Vec<String> {
         let body = self.get(&format!("/devices/{device_id}/trace")).await;
