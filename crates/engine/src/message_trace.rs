@@ -11,7 +11,9 @@
 
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use ioda_store::StoreError;
 
 use crate::{EngineError, Platform, invalid, read_lock, write_lock};
 
@@ -21,35 +23,51 @@ pub const DEFAULT_TRACE_SECONDS: i64 = 3600;
 pub const MAX_TRACE_SECONDS: i64 = 7 * 24 * 3600;
 
 /// The devices whose successful traffic is traced, and until when.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct TracedDevices {
     all: bool,
-    /// Whether any device has a trace started: a report of an untraced device then costs one
-    /// load, not a lock and a lookup.
-    any: AtomicBool,
+    /// When the last running trace ends (`i64::MIN`: none was started): a report after it, the
+    /// common case, costs one load, not a lock and a lookup, also once traces have run out.
+    last_until: AtomicI64,
     until: RwLock<HashMap<String, i64>>,
+    /// Held across a change's store write and its memory update, so that the two agree whatever
+    /// starts, stops and deletions run at once.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl TracedDevices {
     pub(crate) fn new(all: bool) -> TracedDevices {
         TracedDevices {
             all,
-            ..TracedDevices::default()
+            last_until: AtomicI64::new(i64::MIN),
+            until: RwLock::default(),
+            changing: tokio::sync::Mutex::new(()),
         }
     }
 
     pub(crate) fn load(&self, started: Vec<(String, i64)>) {
         let mut until = write_lock(&self.until);
         until.extend(started);
-        self.any.store(!until.is_empty(), Ordering::Release);
+        self.note_last(&until);
     }
 
-    fn traced(&self, device_id: &str, now: i64) -> bool {
+    fn note_last(&self, traces: &HashMap<String, i64>) {
+        let last = traces.values().copied().max().unwrap_or(i64::MIN);
+        self.last_until.store(last, Ordering::Relaxed);
+    }
+
+    /// Whether the device is traced at the time `now` gives (asked only when a trace may run).
+    fn traced(&self, device_id: &str, now: impl FnOnce() -> i64) -> bool {
         self.all || self.until(device_id, now).is_some()
     }
 
-    fn until(&self, device_id: &str, now: i64) -> Option<i64> {
-        if !self.any.load(Ordering::Acquire) {
+    fn until(&self, device_id: &str, now: impl FnOnce() -> i64) -> Option<i64> {
+        let last = self.last_until.load(Ordering::Relaxed);
+        if last == i64::MIN {
+            return None;
+        }
+        let now = now();
+        if now >= last {
             return None;
         }
         read_lock(&self.until)
@@ -66,7 +84,7 @@ impl TracedDevices {
             Some(until) => traces.insert(device_id.to_owned(), until),
             None => traces.remove(device_id),
         };
-        self.any.store(!traces.is_empty(), Ordering::Release);
+        self.note_last(&traces);
     }
 }
 
@@ -82,7 +100,7 @@ pub struct TraceState {
 impl Platform {
     /// Whether the stages of a device's successful traffic are traced now.
     pub fn traces_success(&self, device_id: &str) -> bool {
-        self.traced.traced(device_id, self.now())
+        self.traced.traced(device_id, || self.now())
     }
 
     /// A device's message trace: started or not, and until when.
@@ -93,7 +111,7 @@ impl Platform {
     ) -> Result<TraceState, EngineError> {
         self.device(project_id, device_id).await?;
         Ok(TraceState {
-            until: self.traced.until(device_id, self.now()),
+            until: self.traced.until(device_id, || self.now()),
             all_devices: self.traced.all,
         })
     }
@@ -111,13 +129,20 @@ impl Platform {
             )));
         }
         self.device(project_id, device_id).await?;
+        let changing = self.traced.changing.lock().await;
         let now = self.now();
         let until = now + seconds * 1000;
-        // Stored first: a trace the API said had started must survive a restart.
+        // Stored first: a trace the API said had started must survive a restart. The store
+        // refuses a device deleted since it was looked up.
         self.store
             .set_device_tracing(device_id.to_owned(), Some(until))
-            .await?;
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => EngineError::NotFound("device"),
+                other => other.into(),
+            })?;
         self.traced.set(device_id, Some(until), now);
+        drop(changing);
         self.trace_state(project_id, device_id).await
     }
 
@@ -128,15 +153,19 @@ impl Platform {
         device_id: &str,
     ) -> Result<TraceState, EngineError> {
         self.device(project_id, device_id).await?;
+        let changing = self.traced.changing.lock().await;
         self.store
             .set_device_tracing(device_id.to_owned(), None)
             .await?;
         self.traced.set(device_id, None, self.now());
+        drop(changing);
         self.trace_state(project_id, device_id).await
     }
 
-    /// Forgets a deleted device's trace (its row went with the device).
-    pub(crate) fn forget_trace(&self, device_id: &str) {
+    /// Forgets a deleted device's trace (its row went with the device; a start racing the
+    /// deletion has either finished, and is undone here, or finds no device to store it for).
+    pub(crate) async fn forget_trace(&self, device_id: &str) {
+        let _changing = self.traced.changing.lock().await;
         self.traced.set(device_id, None, self.now());
     }
 }
@@ -161,16 +190,28 @@ mod tests {
             if let Some(until) = until {
                 devices.set("d", Some(until), 0);
             }
-            assert_eq!(devices.traced("d", now), traced, "{all} {until:?} {now}");
+            assert_eq!(devices.traced("d", || now), traced, "{all} {until:?} {now}");
             assert!(
-                devices.traced("other", now) == all,
+                devices.traced("other", || now) == all,
                 "another device: {all} {until:?} {now}"
             );
         }
         let devices = TracedDevices::new(false);
         devices.set("d", Some(100), 0);
         devices.set("d", None, 0);
-        assert!(!devices.traced("d", 50), "a stopped trace");
+        assert!(!devices.traced("d", || 50), "a stopped trace");
+        devices.set("d", Some(100), 0);
+        assert!(
+            !devices.traced("d", || 100),
+            "a trace that ran out is not looked up"
+        );
+        let untouched = TracedDevices::new(false);
+        assert!(
+            !untouched.traced("d", || panic!(
+                "no trace ever started: the clock is not read"
+            )),
+            "never started"
+        );
     }
 
     #[test]
@@ -186,9 +227,12 @@ mod tests {
         assert_eq!(left, ["new", "third"]);
         devices.set("new", None, 500);
         devices.set("third", None, 500);
-        assert!(
-            !devices.any.load(std::sync::atomic::Ordering::Acquire),
-            "no trace left: reports skip the lock"
+        assert_eq!(
+            devices
+                .last_until
+                .load(std::sync::atomic::Ordering::Relaxed),
+            i64::MIN,
+            "no trace left: reports skip the clock and the lock"
         );
     }
 }

@@ -46,7 +46,7 @@ impl Platform {
                 .await
                 .is_ok()
             {
-                self.forget_trace(&device.device_id);
+                self.forget_trace(&device.device_id).await;
                 tracing::info!(device_id = %device.device_id, "registration lapsed: the device never connected");
                 self.bus.publish(PlatformEvent::DeviceDeleted {
                     device: device.reference(),

@@ -73,7 +73,13 @@ pub struct ServeArgs {
     pub offline_after_hours: Option<u64>,
     /// Trace every device's successful traffic (stored, forwarded), not only that of devices
     /// whose message trace has been started through the API; costs CPU on every report.
-    #[arg(long, env = "IODA_TRACE_ALL", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(
+        long,
+        env = "IODA_TRACE_ALL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub trace_all: Option<bool>,
 }
 

@@ -497,3 +497,62 @@ async fn message_trace_requests_are_checked_and_trace_all_needs_none() {
     device.close().await;
     server.stop().await;
 }
+
+/// An untraced device's failures are traced, and so is the success that ends them; so is a report
+/// that kept none of its properties.
+#[tokio::test]
+async fn an_untraced_device_still_shows_failures_their_end_and_lost_reports() {
+    let (server, clock) = with_report_memory(1 << 20).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "traced-4").await;
+    let (receiver, url) = Receiver::start().await;
+    receiver.plan(&[Answer::Status(503)]);
+    rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    report(&device, &device_id, 20.0, 1).await;
+    eventually("the failure is traced", || async {
+        !entries_of(&server, &device_id, "forward_failed")
+            .await
+            .is_empty()
+    })
+    .await;
+    clock.advance(61_000);
+    wait_accepted(&receiver, 1, 10).await;
+    eventually("the success that ends it is traced", || async {
+        !entries_of(&server, &device_id, "forwarded")
+            .await
+            .is_empty()
+    })
+    .await;
+    let forwarded = entries_of(&server, &device_id, "forwarded").await;
+    assert_eq!(forwarded.len(), 1, "{forwarded:?}");
+    assert_eq!(
+        (forwarded[0].0.as_str(), forwarded[0].1["attempt"].as_i64()),
+        ("r1", Some(2))
+    );
+    let nothing_kept =
+        json!({"services": [{"service_id": "Temperature", "properties": {"bogus": 3}}]});
+    device
+        .client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/properties/report?request_id=r2"),
+            QoS::AtLeastOnce,
+            false,
+            nothing_kept.to_string(),
+        )
+        .await
+        .unwrap();
+    eventually("the report that kept nothing is traced", || async {
+        !entries_of(&server, &device_id, "report_stored")
+            .await
+            .is_empty()
+    })
+    .await;
+    let stored = entries_of(&server, &device_id, "report_stored").await;
+    assert_eq!(stored.len(), 1, "only the lost report: {stored:?}");
+    assert_eq!(stored[0].0, "r2");
+    assert_eq!(stored[0].1["applied_services"], json!([]));
+    assert_eq!(stored[0].1["rejected_properties"], 1);
+    device.close().await;
+    server.stop().await;
+}

@@ -286,6 +286,8 @@ impl Forwarder {
         stats: &ActionStats,
     ) -> bool {
         let index = outcome.lane;
+        // A success right after this lane failed ends a run of failures: traced whatever.
+        let after_failure = lanes[index].failures_in_a_row > 0;
         lanes[index].in_flight = lanes[index].in_flight.saturating_sub(outcome.len());
         if !outcome.delivered.is_empty() {
             for lane in lanes.iter_mut() {
@@ -298,7 +300,9 @@ impl Forwarder {
             stats.failing.store(false, Ordering::Relaxed);
         }
         for message in outcome.delivered {
-            state.trace.extend(self.attempt_entry(&message, None));
+            state
+                .trace
+                .extend(self.attempt_entry(&message, None, after_failure));
             state.delivered.push(message.id);
         }
         for id in outcome.released {
@@ -351,7 +355,9 @@ impl Forwarder {
         };
         tracing::debug!(action_id = %message.action_id, %error, in_a_row, "forwarding attempt failed");
         *stats.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_owned());
-        state.trace.extend(self.attempt_entry(message, Some(error)));
+        state
+            .trace
+            .extend(self.attempt_entry(message, Some(error), false));
         let next_at = self.platform.now() + delay;
         match source {
             Source::Reports(queue) => queue.retry(message.id, next_at),
@@ -457,10 +463,17 @@ impl Forwarder {
 
     /// The trace entry of a delivery attempt, for the device the message came from. A first
     /// attempt that succeeded is traced only while the device's message trace runs
-    /// (`ioda_engine::Platform::traces_success`); a failure, and the success that ends one, always.
-    fn attempt_entry(&self, message: &QueuedMessage, error: Option<&str>) -> Option<TraceEntry> {
+    /// (`ioda_engine::Platform::traces_success`); a failure, and the success that ends one (a
+    /// retried message, or any right `after_failure` of its lane), always.
+    fn attempt_entry(
+        &self,
+        message: &QueuedMessage,
+        error: Option<&str>,
+        after_failure: bool,
+    ) -> Option<TraceEntry> {
         let device_id = message.device_id.as_deref()?;
-        if error.is_none() && message.attempts == 0 && !self.platform.traces_success(device_id) {
+        let routine = error.is_none() && message.attempts == 0 && !after_failure;
+        if routine && !self.platform.traces_success(device_id) {
             return None;
         }
         let device_id = device_id.to_owned();

@@ -443,6 +443,8 @@ impl Forwarder {
         };
         let mut batch = Batch {
             device_id: Some(device.device_id.clone()),
+            // Read back to be delivered: its stored entry, if any, was made when it came in.
+            skip_routing: true,
             ..Batch::default()
         };
         self.evaluate_sql(&event, std::slice::from_ref(rule), None, at, &mut batch);

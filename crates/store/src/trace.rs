@@ -17,7 +17,7 @@ pub struct TraceEntry {
     pub device_id: String,
     pub at: i64,
     /// A short machine-readable kind, such as `property_rejected` or `publish_denied` (borrowed
-    /// where it is made: every report makes entries, and the kinds are the code's own words).
+    /// where it is made: a traced report makes entries, and the kinds are the code's own words).
     pub kind: std::borrow::Cow<'static, str>,
     pub detail: TraceDetail,
 }
@@ -154,7 +154,8 @@ impl Store {
         Ok(())
     }
 
-    /// Starts (`Some(until)`) or stops (`None`) tracing a device's successful traffic.
+    /// Starts (`Some(until)`) or stops (`None`) tracing a device's successful traffic; starting
+    /// it for a device that does not exist is `NotFound`.
     pub async fn set_device_tracing(
         &self,
         device_id: String,
@@ -162,16 +163,26 @@ impl Store {
     ) -> Result<(), StoreError> {
         self.write(move |c| {
             match until {
-                Some(until) => c.execute(
-                    "INSERT INTO device_tracing (device_id, until) VALUES (?1, ?2) \
-                     ON CONFLICT (device_id) DO UPDATE SET until = excluded.until",
-                    rusqlite::params![device_id, until],
-                )?,
-                None => c.execute(
-                    "DELETE FROM device_tracing WHERE device_id = ?1",
-                    [device_id],
-                )?,
-            };
+                // Only for a device that exists: one deleted meanwhile must not leave a trace
+                // behind for a device registered later under its id.
+                Some(until) => {
+                    let stored = c.execute(
+                        "INSERT INTO device_tracing (device_id, until) \
+                         SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM devices WHERE device_id = ?1) \
+                         ON CONFLICT (device_id) DO UPDATE SET until = excluded.until",
+                        rusqlite::params![device_id, until],
+                    )?;
+                    if stored == 0 {
+                        return Err(StoreError::NotFound);
+                    }
+                }
+                None => {
+                    c.execute(
+                        "DELETE FROM device_tracing WHERE device_id = ?1",
+                        [device_id],
+                    )?;
+                }
+            }
             Ok(())
         })
         .await

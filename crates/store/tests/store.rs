@@ -748,10 +748,9 @@ async fn history_ids_are_not_handed_out_again_after_the_newest_rows_went() {
 async fn device_tracing_is_kept_until_it_ends_and_goes_with_its_device() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path()).await;
-    store
-        .insert_device(device("d1", "d1"), vec![])
-        .await
-        .unwrap();
+    for id in ["d1", "d2", "d4"] {
+        store.insert_device(device(id, id), vec![]).await.unwrap();
+    }
     // (device, until: a start, or a stop)
     let changes: &[(&str, Option<i64>)] = &[
         ("d1", Some(100)),
@@ -785,6 +784,13 @@ async fn device_tracing_is_kept_until_it_ends_and_goes_with_its_device() {
         "an ended trace is removed, not only hidden"
     );
     store.delete_device("d1".into()).await.unwrap();
+    assert!(
+        matches!(
+            store.set_device_tracing("d1".into(), Some(500)).await,
+            Err(ioda_store::StoreError::NotFound)
+        ),
+        "a deleted device's trace cannot be started"
+    );
     store.close().await;
     let store = open(dir.path()).await;
     assert!(store.traced_devices(0).await.unwrap().is_empty());
