@@ -129,20 +129,7 @@ impl Platform {
             )));
         }
         self.device(project_id, device_id).await?;
-        let changing = self.traced.changing.lock().await;
-        let now = self.now();
-        let until = now + seconds * 1000;
-        // Stored first: a trace the API said had started must survive a restart. The store
-        // refuses a device deleted since it was looked up.
-        self.store
-            .set_device_tracing(device_id.to_owned(), Some(until))
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound => EngineError::NotFound("device"),
-                other => other.into(),
-            })?;
-        self.traced.set(device_id, Some(until), now);
-        drop(changing);
+        self.set_trace(device_id, Some(seconds)).await?;
         self.trace_state(project_id, device_id).await
     }
 
@@ -153,13 +140,26 @@ impl Platform {
         device_id: &str,
     ) -> Result<TraceState, EngineError> {
         self.device(project_id, device_id).await?;
-        let changing = self.traced.changing.lock().await;
-        self.store
-            .set_device_tracing(device_id.to_owned(), None)
-            .await?;
-        self.traced.set(device_id, None, self.now());
-        drop(changing);
+        self.set_trace(device_id, None).await?;
         self.trace_state(project_id, device_id).await
+    }
+
+    /// Starts a device's trace for `seconds` from now, or stops it: stored first (a trace the
+    /// API said had started must survive a restart; the store refuses a device deleted since it
+    /// was looked up), then in memory, under the lock that keeps the two in agreement.
+    async fn set_trace(&self, device_id: &str, seconds: Option<i64>) -> Result<(), EngineError> {
+        let _changing = self.traced.changing.lock().await;
+        let now = self.now();
+        let until = seconds.map(|s| now + s * 1000);
+        self.store
+            .set_device_tracing(device_id.to_owned(), until)
+            .await
+            .map_err(|e| match e {
+                StoreError::NotFound => EngineError::NotFound("device"),
+                other => other.into(),
+            })?;
+        self.traced.set(device_id, until, now);
+        Ok(())
     }
 
     /// Forgets a deleted device's trace (its row went with the device; a start racing the

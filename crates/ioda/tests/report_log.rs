@@ -319,6 +319,16 @@ async fn the_trace_tells_where_each_uplink_and_event_went() {
     server.stop().await;
 }
 
+/// A property report with the given request id.
+async fn report_as(device: &SimDevice, device_id: &str, request_id: &str, body: &Value) {
+    let topic = format!("$oc/devices/{device_id}/sys/properties/report?request_id={request_id}");
+    device
+        .client
+        .publish(topic, QoS::AtLeastOnce, false, body.to_string())
+        .await
+        .unwrap();
+}
+
 /// The entries of `kind` in a device's trace, oldest first, as `(request_id, detail)`.
 async fn entries_of(server: &TestServer, device_id: &str, kind: &str) -> Vec<(String, Value)> {
     let trace = server
@@ -360,16 +370,7 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
     // Not traced: a report that goes right, and one that loses a property (traced whatever).
     report(&device, &device_id, 20.0, 1).await;
     let lossy = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 1.0, "count": 2, "bogus": 3}}]});
-    device
-        .client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/properties/report?request_id=r2"),
-            QoS::AtLeastOnce,
-            false,
-            lossy.to_string(),
-        )
-        .await
-        .unwrap();
+    report_as(&device, &device_id, "r2", &lossy).await;
     wait_accepted(&receiver, 2, 10).await;
     // Traced.
     let start_url = format!("{trace_url}/start");
@@ -532,16 +533,7 @@ async fn an_untraced_device_still_shows_failures_their_end_and_lost_reports() {
     );
     let nothing_kept =
         json!({"services": [{"service_id": "Temperature", "properties": {"bogus": 3}}]});
-    device
-        .client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/properties/report?request_id=r2"),
-            QoS::AtLeastOnce,
-            false,
-            nothing_kept.to_string(),
-        )
-        .await
-        .unwrap();
+    report_as(&device, &device_id, "r2", &nothing_kept).await;
     eventually("the report that kept nothing is traced", || async {
         !entries_of(&server, &device_id, "report_stored")
             .await
