@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ioda::client::ApiClient;
 use ioda::config::ServeArgs;
+use serde_json::json;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
@@ -48,7 +49,7 @@ enum Command {
         data: Option<String>,
     },
     /// Show what happened to a device's traffic, oldest first: refusals, failed forwarding,
-    /// downlinks, and, while its message trace runs (`POST .../devices/{id}/trace/start`), every
+    /// downlinks, and, while its message trace runs (`--start`, or `POST .../trace/start`), every
     /// stage of its uplinks.
     Trace {
         #[arg(long, env = "IODA_DATA_DIR", default_value = "ioda-data")]
@@ -57,6 +58,13 @@ enum Command {
         /// How many of the newest entries.
         #[arg(long, default_value_t = 100)]
         limit: u32,
+        /// Start the device's message trace for this many seconds first (its successful
+        /// traffic is traced from now on).
+        #[arg(long, value_name = "SECONDS", conflicts_with = "stop")]
+        start: Option<i64>,
+        /// Stop the device's message trace first.
+        #[arg(long)]
+        stop: bool,
     },
     /// Measure the platform under load (loopback only, bounded in time).
     Bench(ioda::bench::BenchArgs),
@@ -195,8 +203,31 @@ async fn api(
     Ok(())
 }
 
-async fn trace(data_dir: PathBuf, device_id: String, limit: u32) -> anyhow::Result<()> {
+/// What `ioda trace` does to the device's message trace before printing.
+enum TraceChange {
+    Start(i64),
+    Stop,
+}
+
+/// Prints a device's trace, oldest first, after starting or stopping its message trace.
+async fn trace(
+    data_dir: PathBuf,
+    device_id: String,
+    limit: u32,
+    change: Option<TraceChange>,
+) -> anyhow::Result<()> {
     let client = ApiClient::from_data_dir(&data_dir)?;
+    if let Some(change) = change {
+        let (verb, body) = match change {
+            TraceChange::Start(seconds) => ("start", json!({ "duration": seconds })),
+            TraceChange::Stop => ("stop", json!({})),
+        };
+        let path = format!("/devices/{device_id}/trace/{verb}");
+        let answer = client.call("POST", &path, Some(&body)).await?;
+        if answer.status >= 400 {
+            anyhow::bail!("HTTP {}: {}", answer.status, answer.body);
+        }
+    }
     let response = client
         .call(
             "GET",
@@ -211,6 +242,16 @@ async fn trace(data_dir: PathBuf, device_id: String, limit: u32) -> anyhow::Resu
         .as_array()
         .cloned()
         .unwrap_or_default();
+    let tracing = &response.body["tracing"];
+    match tracing["until"].as_str() {
+        _ if tracing["all_devices"] == true => {
+            println!("message trace: every device (--trace-all)")
+        }
+        Some(until) => println!("message trace: running until {until}"),
+        None => println!(
+            "message trace: not running (what went wrong only; --start SECONDS to follow everything)"
+        ),
+    }
     for entry in entries.iter().rev() {
         println!(
             "{}  {:<20} {}",
@@ -276,7 +317,16 @@ async fn async_main() -> anyhow::Result<()> {
             data_dir,
             device_id,
             limit,
-        } => trace(data_dir, device_id, limit).await,
+            start,
+            stop,
+        } => {
+            let change = match (start, stop) {
+                (Some(seconds), _) => Some(TraceChange::Start(seconds)),
+                (None, true) => Some(TraceChange::Stop),
+                (None, false) => None,
+            };
+            trace(data_dir, device_id, limit, change).await
+        }
         Command::Bench(args) => ioda::bench::run(args).await,
         Command::DeviceCredentials {
             device_id,

@@ -149,6 +149,10 @@ async fn restart_keeps_state_and_sigterm_exits_cleanly() {
         printed.contains("report_stored") && printed.contains("applied_services"),
         "{printed}"
     );
+    assert!(
+        printed.starts_with("message trace: running until "),
+        "{printed}"
+    );
 
     let status = terminate(&mut child);
     assert!(status.success(), "exit status {status}");
@@ -204,6 +208,30 @@ async fn restart_keeps_state_and_sigterm_exits_cleanly() {
         trace.body["tracing"],
         json!({"started": true, "until": until, "all_devices": false}),
         "a started trace survives a restart"
+    );
+    // `ioda trace` stops it too.
+    let stopped = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .args(["trace", "--stop", "--data-dir"])
+        .arg(dir.path())
+        .arg(&device_id)
+        .output()
+        .unwrap();
+    assert!(stopped.status.success());
+    assert!(
+        String::from_utf8_lossy(&stopped.stdout).starts_with("message trace: not running"),
+        "{}",
+        String::from_utf8_lossy(&stopped.stdout)
+    );
+    let started = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .args(["trace", "--start", "60", "--data-dir"])
+        .arg(dir.path())
+        .arg(&device_id)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&started.stdout).starts_with("message trace: running until "),
+        "{}",
+        String::from_utf8_lossy(&started.stdout)
     );
     assert!(terminate(&mut child).success());
     assert!(!stdout_of(&mut child).contains("First start"));
