@@ -293,8 +293,9 @@ impl Platform {
             ));
         }
         self.registry.kick(device_id, reason::ADMINISTRATIVE_ACTION);
-        let device = self.store.delete_device(device_id.to_owned()).await?;
-        self.forget_trace(device_id).await;
+        let device = self
+            .forgetting_trace(device_id, self.store.delete_device(device_id.to_owned()))
+            .await?;
         self.bus.publish(PlatformEvent::DeviceDeleted {
             device: device.reference(),
             at: self.now(),

@@ -162,11 +162,19 @@ impl Platform {
         Ok(())
     }
 
-    /// Forgets a deleted device's trace (its row went with the device; a start racing the
-    /// deletion has either finished, and is undone here, or finds no device to store it for).
-    pub(crate) async fn forget_trace(&self, device_id: &str) {
+    /// Runs a device's deletion and forgets its trace, both under the lock of trace changes (its
+    /// row goes with the device; a start racing the deletion has either finished, and is undone
+    /// here, or finds no device to store it for; one for a device registered again under the id
+    /// waits for both).
+    pub(crate) async fn forgetting_trace<T>(
+        &self,
+        device_id: &str,
+        deletion: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         let _changing = self.traced.changing.lock().await;
+        let deleted = deletion.await?;
         self.traced.set(device_id, None, self.now());
+        Ok(deleted)
     }
 }
 

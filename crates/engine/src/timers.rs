@@ -40,13 +40,12 @@ impl Platform {
         handled += lapsed.len();
         for device in lapsed {
             // Registered with an activation timeout and never connected: IoTDA deletes such devices.
+            let deleted = self.store.delete_device(device.device_id.clone());
             if self
-                .store
-                .delete_device(device.device_id.clone())
+                .forgetting_trace(&device.device_id, deleted)
                 .await
                 .is_ok()
             {
-                self.forget_trace(&device.device_id).await;
                 tracing::info!(device_id = %device.device_id, "registration lapsed: the device never connected");
                 self.bus.publish(PlatformEvent::DeviceDeleted {
                     device: device.reference(),

@@ -357,11 +357,10 @@ impl DeviceSession {
         // The stage record of this report: received, authenticated, validated, stored (shadow and
         // history are written in the same transaction), and where it is forwarded. Made while
         // the device's message trace runs, and for a report that lost properties or kept none
-        // (what an operator looks for): `message_trace`.
-        let stage = (!applied
-            || !rejected.is_empty()
-            || self.platform.traces_success(&self.device.device_id))
-        .then(|| {
+        // (what an operator looks for; then throttled as refusals are, unless traced):
+        // `message_trace`.
+        let traced = self.platform.traces_success(&self.device.device_id);
+        let stage = (traced || !applied || !rejected.is_empty()).then(|| {
             TraceDetail::object()
                 .str("request_id", &request_id)
                 .strs(
@@ -398,7 +397,12 @@ impl DeviceSession {
             services,
         });
         if let Some(stage) = stage {
-            traces.push(self.stage("report_stored", with_routing(stage, &staged)));
+            let detail = with_routing(stage, &staged);
+            if traced {
+                traces.push(self.stage("report_stored", detail));
+            } else {
+                traces.extend(self.trace("report_stored", detail));
+            }
         }
         let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
         let Ok(commit) = self

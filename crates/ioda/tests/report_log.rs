@@ -359,7 +359,24 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
     let product = server.product().await;
     let (device_id, secret) = server.device(&product, "traced-1").await;
     let (receiver, url) = Receiver::start().await;
-    rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let (_, action_id) = rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    // The trace decides about a delivery's entry when it counts the delivery: wait for that
+    // before the trace changes.
+    let delivered = |n: u64| {
+        let server = &server;
+        let action_id = &action_id;
+        let receiver = &receiver;
+        async move {
+            wait_accepted(receiver, n as usize, 10).await;
+            eventually("the delivery is counted", || async {
+                let status = server
+                    .get(&format!("/routing-rule/actions/{action_id}/status"))
+                    .await;
+                status["delivered"].as_u64() == Some(n)
+            })
+            .await;
+        }
+    };
     let tracing = |body: Value| body["tracing"].clone();
     let trace_url = format!("/devices/{device_id}/trace");
     assert_eq!(
@@ -371,7 +388,7 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
     report(&device, &device_id, 20.0, 1).await;
     let lossy = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 1.0, "count": 2, "bogus": 3}}]});
     report_as(&device, &device_id, "r2", &lossy).await;
-    wait_accepted(&receiver, 2, 10).await;
+    delivered(2).await;
     // Traced.
     let start_url = format!("{trace_url}/start");
     let start = |seconds: i64| server.post(&start_url, json!({"duration": seconds}));
@@ -382,12 +399,12 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
         ioda_types::time::format_iso_millis(1_764_150_000_000 + 600_000)
     );
     report(&device, &device_id, 20.0, 3).await;
-    wait_accepted(&receiver, 3, 10).await;
+    delivered(3).await;
     // Stopped.
     let stopped = server.post(&format!("{trace_url}/stop"), json!({})).await;
     assert_eq!(tracing(stopped.body)["started"], false);
     report(&device, &device_id, 20.0, 4).await;
-    wait_accepted(&receiver, 4, 10).await;
+    delivered(4).await;
     // Run out.
     assert_eq!(start(60).await.status, 200);
     clock.advance(61_000);
@@ -397,11 +414,11 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
         "a trace that ran out"
     );
     report(&device, &device_id, 20.0, 5).await;
-    wait_accepted(&receiver, 5, 10).await;
+    delivered(5).await;
     // Traced again: once its forwarding is in the trace, so is everything before it.
     assert_eq!(start(600).await.status, 200);
     report(&device, &device_id, 20.0, 6).await;
-    wait_accepted(&receiver, 6, 10).await;
+    delivered(6).await;
     eventually("the last report's forwarding is traced", || async {
         entries_of(&server, &device_id, "forwarded")
             .await
@@ -446,6 +463,8 @@ async fn message_trace_requests_are_checked_and_trace_all_needs_none() {
         (r#"{"duration": "long"}"#, 400, "invalid type"),
         (r#"{"duration": 60, "level": 3}"#, 400, "unknown field"),
         (r#"{"duration": 6"#, 400, "malformed JSON"),
+        (r#"{"duration": 1}"#, 200, ""),
+        (r#"{"duration": 604800}"#, 200, ""),
     ];
     for (body, status, names) in cases {
         let request = ioda::client::RawRequest {
@@ -456,14 +475,22 @@ async fn message_trace_requests_are_checked_and_trace_all_needs_none() {
         };
         let r = server.api.send(request).await.unwrap();
         assert_eq!(r.status, status, "{body}: {}", r.body);
-        assert!(
-            r.body["error_msg"].as_str().unwrap_or("").contains(names),
-            "{body}: {}",
-            r.body
-        );
+        if status == 200 {
+            assert_eq!(r.body["tracing"]["started"], true, "{body}: {}", r.body);
+        } else {
+            assert!(
+                r.body["error_msg"].as_str().unwrap_or("").contains(names),
+                "{body}: {}",
+                r.body
+            );
+        }
     }
-    let unknown = server.post("/devices/nobody/trace/start", json!({})).await;
-    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    for verb in ["start", "stop"] {
+        let unknown = server
+            .post(&format!("/devices/nobody/trace/{verb}"), json!({}))
+            .await;
+        assert_eq!(unknown.status, 404, "{verb}: {}", unknown.body);
+    }
     // A deleted device's trace ends with it: registered again, it is not traced.
     let r = server.post(&start, json!({})).await;
     assert_eq!(r.body["tracing"]["started"], true, "{}", r.body);
