@@ -26,13 +26,9 @@ pub async fn show(
     Path(path): Path<DevicePath>,
     Query(p): Query<LimitParam>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = limit_of(p.limit)?;
-    let platform = &state.platform;
-    let entries = platform
-        .device_trace(&path.project_id, &path.device_id, limit)
-        .await?;
-    let tracing = platform
-        .trace_state(&path.project_id, &path.device_id)
+    let (entries, tracing) = state
+        .platform
+        .device_trace(&path.project_id, &path.device_id, limit_of(p.limit)?)
         .await?;
     let entries: Vec<Value> = entries
         .into_iter()

@@ -369,15 +369,16 @@ impl Platform {
         read_lock(&self.products).get(product_id).cloned()
     }
 
-    /// The newest trace entries of a device.
+    /// The newest trace entries of a device, and whether its message trace runs.
     pub async fn device_trace(
         &self,
         project_id: &str,
         device_id: &str,
         limit: i64,
-    ) -> Result<Vec<TraceEntry>, EngineError> {
+    ) -> Result<(Vec<TraceEntry>, TraceState), EngineError> {
         self.device(project_id, device_id).await?;
-        Ok(self.store.trace(device_id.to_owned(), limit).await?)
+        let entries = self.store.trace(device_id.to_owned(), limit).await?;
+        Ok((entries, self.trace_state(device_id)))
     }
 
     /// Tells every connected device the server is going away and waits for the store to flush.

@@ -103,17 +103,12 @@ impl Platform {
         self.traced.traced(device_id, || self.now())
     }
 
-    /// A device's message trace: started or not, and until when.
-    pub async fn trace_state(
-        &self,
-        project_id: &str,
-        device_id: &str,
-    ) -> Result<TraceState, EngineError> {
-        self.device(project_id, device_id).await?;
-        Ok(TraceState {
+    /// A device's message trace now: started or not, and until when.
+    pub(crate) fn trace_state(&self, device_id: &str) -> TraceState {
+        TraceState {
             until: self.traced.until(device_id, || self.now()),
             all_devices: self.traced.all,
-        })
+        }
     }
 
     /// Starts a device's message trace for `seconds` (or sets how long a running one has left).
@@ -130,7 +125,7 @@ impl Platform {
         }
         self.device(project_id, device_id).await?;
         self.set_trace(device_id, Some(seconds)).await?;
-        self.trace_state(project_id, device_id).await
+        Ok(self.trace_state(device_id))
     }
 
     /// Stops a device's message trace (what it recorded stays).
@@ -141,7 +136,7 @@ impl Platform {
     ) -> Result<TraceState, EngineError> {
         self.device(project_id, device_id).await?;
         self.set_trace(device_id, None).await?;
-        self.trace_state(project_id, device_id).await
+        Ok(self.trace_state(device_id))
     }
 
     /// Starts a device's trace for `seconds` from now, or stops it: stored first (a trace the
