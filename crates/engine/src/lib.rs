@@ -112,12 +112,36 @@ impl Default for EngineConfig {
 /// here, before the commit, and written in the same transaction as the data itself, so a crash can
 /// never keep one without the other. Implemented by `ioda-rules`.
 pub trait ForwardStage: Send + Sync + 'static {
-    /// The forwarding an uplink event produces; with `routing`, also which rules took it (for
+    /// The forwarding an uplink event produces; with `trace`, also which rules took it (for
     /// the trace entry that records it as stored, when there is one).
-    fn stage(&self, event: &ioda_types::PlatformEvent, now: i64, routing: bool)
-    -> StagedForwarding;
+    fn stage(
+        &self,
+        event: &ioda_types::PlatformEvent,
+        now: i64,
+        trace: StageTrace,
+    ) -> StagedForwarding;
     /// Wakes the workers of these actions once their items are committed.
     fn wake(&self, action_ids: &[String]);
+}
+
+/// How much of an uplink's forwarding the device trace takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageTrace {
+    /// Nothing: no entry records the data as stored.
+    Untraced,
+    /// The routing, in the entry that records the data as stored (a report that lost
+    /// properties); its deliveries are traced only if they fail or the trace starts meanwhile.
+    Routing,
+    /// The device's message trace runs: the routing, and each delivery, even one made after
+    /// the trace has stopped.
+    Traced,
+}
+
+impl StageTrace {
+    /// Whether the routing detail is wanted.
+    pub fn routing(self) -> bool {
+        self != StageTrace::Untraced
+    }
 }
 
 /// What data forwarding decided for one uplink event.
@@ -330,11 +354,11 @@ impl Platform {
         &self,
         event: &ioda_types::PlatformEvent,
         now: i64,
-        routing: bool,
+        trace: StageTrace,
     ) -> StagedForwarding {
         let stage = read_lock(&self.forward_stage).clone();
         stage
-            .map(|s| s.stage(event, now, routing))
+            .map(|s| s.stage(event, now, trace))
             .unwrap_or_default()
     }
 

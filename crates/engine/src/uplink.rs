@@ -10,11 +10,11 @@ use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
 use serde_json::{Value, json};
 
-use crate::StagedForwarding;
 use crate::access::DeviceSession;
 use crate::downlink::ReplyKind;
 use crate::report_parse::parse_report;
 use crate::topic::{Uplink, classify_uplink, split_query};
+use crate::{StageTrace, StagedForwarding};
 
 /// MQTT 5 "payload format invalid".
 const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
@@ -379,7 +379,15 @@ impl DeviceSession {
         };
         // Forwarding is decided now and committed with the report.
         let staged = if applied {
-            self.platform.stage_forwarding(&event, now, stage.is_some())
+            self.platform.stage_forwarding(
+                &event,
+                now,
+                match (traced, stage.is_some()) {
+                    (true, _) => StageTrace::Traced,
+                    (false, true) => StageTrace::Routing,
+                    (false, false) => StageTrace::Untraced,
+                },
+            )
         } else {
             StagedForwarding::default()
         };
@@ -465,7 +473,15 @@ impl DeviceSession {
         };
         // Only property reports are read back from their log; messages keep queue rows.
         let traced = self.platform.traces_success(&self.device.device_id);
-        let staged = self.platform.stage_forwarding(&event, now, traced);
+        let staged = self.platform.stage_forwarding(
+            &event,
+            now,
+            if traced {
+                StageTrace::Traced
+            } else {
+                StageTrace::Untraced
+            },
+        );
         let mut trace = Vec::new();
         if traced {
             let stage = TraceDetail::object()

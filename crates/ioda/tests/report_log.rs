@@ -447,6 +447,70 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
     server.stop().await;
 }
 
+/// A report stored while the trace ran keeps its `forwarded` entry when the trace stops before
+/// the report reaches the receiver: the routing its `report_stored` names is followed through.
+#[tokio::test]
+async fn a_report_traced_when_stored_is_traced_when_delivered_after_the_trace_stops() {
+    let (server, _clock) = with_report_memory(1 << 20).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "traced-2").await;
+    let (receiver, url) = Receiver::start().await;
+    let (_, action_id) = rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let trace_url = format!("/devices/{device_id}/trace");
+    let started = server
+        .post(&format!("{trace_url}/start"), json!({"duration": 600}))
+        .await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    // The receiver holds its answer, so the trace stops while the report is on its way.
+    receiver
+        .delay_ms
+        .store(1_500, std::sync::atomic::Ordering::Relaxed);
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
+    report(&device, &device_id, 20.0, 1).await;
+    eventually("the receiver has the report", || async {
+        !receiver.seen.lock().unwrap().is_empty()
+    })
+    .await;
+    let stopped = server.post(&format!("{trace_url}/stop"), json!({})).await;
+    assert_eq!(stopped.body["tracing"]["started"], false);
+    receiver
+        .delay_ms
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    wait_accepted(&receiver, 1, 10).await;
+    eventually("the delivery is counted", || async {
+        let status = server
+            .get(&format!("/routing-rule/actions/{action_id}/status"))
+            .await;
+        status["delivered"].as_u64() == Some(1)
+    })
+    .await;
+    eventually("the delivery is traced", || async {
+        entries_of(&server, &device_id, "forwarded")
+            .await
+            .iter()
+            .any(|(request, _)| request == "r1")
+    })
+    .await;
+    // Stopped means stopped for what is stored from now on.
+    report(&device, &device_id, 20.0, 2).await;
+    wait_accepted(&receiver, 2, 10).await;
+    eventually("the second delivery is counted", || async {
+        let status = server
+            .get(&format!("/routing-rule/actions/{action_id}/status"))
+            .await;
+        status["delivered"].as_u64() == Some(2)
+    })
+    .await;
+    let forwarded: Vec<String> = entries_of(&server, &device_id, "forwarded")
+        .await
+        .into_iter()
+        .map(|(request, _)| request)
+        .collect();
+    assert_eq!(forwarded, ["r1"]);
+    device.close().await;
+    server.stop().await;
+}
+
 /// Starting a trace checks what it is given; a deleted device's trace ends with it; `trace_all`
 /// traces every device without starting anything.
 #[tokio::test]

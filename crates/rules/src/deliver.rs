@@ -462,9 +462,11 @@ impl Forwarder {
     }
 
     /// The trace entry of a delivery attempt, for the device the message came from. A first
-    /// attempt that succeeded is traced only while the device's message trace runs
-    /// (`ioda_engine::Platform::traces_success`); a failure, and the success that ends one (a
-    /// retried message, or any right `after_failure` of its lane), always.
+    /// attempt that succeeded is traced when the device's message trace ran as the report was
+    /// staged (its `report_stored` has its routing, so its `forwarded` follows it even if the
+    /// trace stops before delivery) or runs now (`ioda_engine::Platform::traces_success`); a
+    /// failure, and the success that ends one (a retried message, or any right `after_failure`
+    /// of its lane), always.
     fn attempt_entry(
         &self,
         message: &QueuedMessage,
@@ -473,7 +475,7 @@ impl Forwarder {
     ) -> Option<TraceEntry> {
         let device_id = message.device_id.as_deref()?;
         let routine = error.is_none() && message.attempts == 0 && !after_failure;
-        if routine && !self.platform.traces_success(device_id) {
+        if routine && !message.traced && !self.platform.traces_success(device_id) {
             return None;
         }
         let device_id = device_id.to_owned();

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use ioda_engine::{ForwardStage, Platform, StagedForwarding};
+use ioda_engine::{ForwardStage, Platform, StageTrace, StagedForwarding};
 use ioda_store::{
     AfterCommit, DetailWriter, NewForward, RoutingAction, RoutingRule, TraceDetail, TraceEntry,
 };
@@ -594,14 +594,14 @@ impl Forwarder {
 }
 
 impl ForwardStage for Forwarder {
-    fn stage(&self, event: &PlatformEvent, now: i64, routing: bool) -> StagedForwarding {
+    fn stage(&self, event: &PlatformEvent, now: i64, trace: StageTrace) -> StagedForwarding {
         let rules = self.rules_for(event);
         if rules.is_empty() {
             return StagedForwarding::default();
         }
         let mut batch = Batch {
             device_id: device_of(event).map(|d| d.device_id.clone()),
-            skip_routing: !routing,
+            skip_routing: !trace.routing(),
             ..Batch::default()
         };
         self.evaluate(event, &rules, None, None, now, &mut batch);
@@ -618,10 +618,11 @@ impl ForwardStage for Forwarder {
                 }
             }
         }
+        let traced = trace == StageTrace::Traced;
         let after_commit = (!from_log.is_empty()).then(|| {
             Box::new(move |first_row: i64| {
                 for (queue, item) in from_log {
-                    queue.push(report_message(item, first_row, now));
+                    queue.push(report_message(item, (first_row, now), traced));
                 }
             }) as AfterCommit
         });

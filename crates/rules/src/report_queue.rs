@@ -256,8 +256,13 @@ impl ReportQueue {
 }
 
 /// A report's message for an action: its id is the report's first history row, and its message id
-/// is derived from that, so a message built again from the log carries the same one.
-pub(crate) fn report_message(item: NewForward, first_row: i64, received_at: i64) -> QueuedMessage {
+/// is derived from that, so a message built again from the log carries the same one. `traced`:
+/// the device's message trace ran when the report was staged.
+pub(crate) fn report_message(
+    item: NewForward,
+    (first_row, received_at): (i64, i64),
+    traced: bool,
+) -> QueuedMessage {
     // A bijection of the row for a given action, so distinct reports of one action get distinct ids.
     let x = ioda_engine::splitmix64((first_row as u64) ^ fnv(item.action_id.as_bytes()));
     QueuedMessage {
@@ -270,6 +275,7 @@ pub(crate) fn report_message(item: NewForward, first_row: i64, received_at: i64)
         enqueued_at: received_at,
         attempts: 0,
         next_at: received_at,
+        traced,
     }
 }
 
@@ -382,7 +388,7 @@ impl Forwarder {
                 continue;
             };
             for item in self.rebuild(action_id, rule, device, report) {
-                messages.push(report_message(item, first_row, received_at));
+                messages.push(report_message(item, (first_row, received_at), false));
             }
         }
         let too_old = queue.merge_from_log(messages, covered, complete, cutoff);
@@ -546,6 +552,7 @@ mod tests {
             enqueued_at: 0,
             attempts: 0,
             next_at: 0,
+            traced: false,
         }
     }
 

@@ -52,6 +52,10 @@ pub struct QueuedMessage {
     pub enqueued_at: i64,
     pub attempts: i64,
     pub next_at: i64,
+    /// The device's message trace ran when the message was staged, so its first delivery is
+    /// traced even if the trace has stopped by then (known only for messages handed over in
+    /// memory; a row read back says false, and the trace's state at delivery decides).
+    pub traced: bool,
 }
 
 /// A message to queue for an action.
@@ -92,6 +96,7 @@ fn queue_rows(
             next_at: r.get(6)?,
             device_id: r.get(7)?,
             request_id: r.get(8)?,
+            traced: false,
         })
     })?;
     Ok(rows.collect::<Result<Vec<_>, _>>()?)
