@@ -329,6 +329,61 @@ async fn report_as(device: &SimDevice, device_id: &str, request_id: &str, body: 
         .unwrap();
 }
 
+/// A server with a device whose reports a rule forwards to a receiver of the test's.
+struct Forwarding {
+    server: TestServer,
+    clock: Arc<ManualClock>,
+    device_id: String,
+    secret: String,
+    receiver: Receiver,
+    action_id: String,
+}
+
+async fn forwarding_device(name: &str) -> Forwarding {
+    let (server, clock) = with_report_memory(1 << 20).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, name).await;
+    let (receiver, url) = Receiver::start().await;
+    let (_, action_id) = rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    Forwarding {
+        server,
+        clock,
+        device_id,
+        secret,
+        receiver,
+        action_id,
+    }
+}
+
+/// Waits until the receiver has accepted `n` reports and the action has counted them delivered
+/// (the trace decides about a delivery's entry when it counts the delivery).
+async fn delivered(server: &TestServer, action_id: &str, receiver: &Receiver, n: u64) {
+    wait_accepted(receiver, n as usize, 10).await;
+    eventually("the delivery is counted", || async {
+        let status = server
+            .get(&format!("/routing-rule/actions/{action_id}/status"))
+            .await;
+        status["delivered"].as_u64() == Some(n)
+    })
+    .await;
+}
+
+/// Waits until the device's trace has an entry of `kind` for `request_id`.
+async fn wait_traced(server: &TestServer, device_id: &str, kind: &str, request_id: &str) {
+    eventually(&format!("{kind} of {request_id} is traced"), || async {
+        entries_of(server, device_id, kind)
+            .await
+            .iter()
+            .any(|(request, _)| request == request_id)
+    })
+    .await;
+}
+
+/// The request ids of trace entries.
+fn requests(entries: Vec<(String, Value)>) -> Vec<String> {
+    entries.into_iter().map(|(request, _)| request).collect()
+}
+
 /// The entries of `kind` in a device's trace, oldest first, as `(request_id, detail)`.
 async fn entries_of(server: &TestServer, device_id: &str, kind: &str) -> Vec<(String, Value)> {
     let trace = server
@@ -355,28 +410,14 @@ async fn entries_of(server: &TestServer, device_id: &str, kind: &str) -> Vec<(St
 /// the device's message trace runs: started, stopped, or run out.
 #[tokio::test]
 async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
-    let (server, clock) = with_report_memory(1 << 20).await;
-    let product = server.product().await;
-    let (device_id, secret) = server.device(&product, "traced-1").await;
-    let (receiver, url) = Receiver::start().await;
-    let (_, action_id) = rule_with_action(&server, SELECT_COUNT, "", &url).await;
-    // The trace decides about a delivery's entry when it counts the delivery: wait for that
-    // before the trace changes.
-    let delivered = |n: u64| {
-        let server = &server;
-        let action_id = &action_id;
-        let receiver = &receiver;
-        async move {
-            wait_accepted(receiver, n as usize, 10).await;
-            eventually("the delivery is counted", || async {
-                let status = server
-                    .get(&format!("/routing-rule/actions/{action_id}/status"))
-                    .await;
-                status["delivered"].as_u64() == Some(n)
-            })
-            .await;
-        }
-    };
+    let Forwarding {
+        server,
+        clock,
+        device_id,
+        secret,
+        receiver,
+        action_id,
+    } = forwarding_device("traced-1").await;
     let tracing = |body: Value| body["tracing"].clone();
     let trace_url = format!("/devices/{device_id}/trace");
     assert_eq!(
@@ -388,7 +429,7 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
     report(&device, &device_id, 20.0, 1).await;
     let lossy = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 1.0, "count": 2, "bogus": 3}}]});
     report_as(&device, &device_id, "r2", &lossy).await;
-    delivered(2).await;
+    delivered(&server, &action_id, &receiver, 2).await;
     // Traced.
     let start_url = format!("{trace_url}/start");
     let start = |seconds: i64| server.post(&start_url, json!({"duration": seconds}));
@@ -399,12 +440,12 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
         ioda_types::time::format_iso_millis(1_764_150_000_000 + 600_000)
     );
     report(&device, &device_id, 20.0, 3).await;
-    delivered(3).await;
+    delivered(&server, &action_id, &receiver, 3).await;
     // Stopped.
     let stopped = server.post(&format!("{trace_url}/stop"), json!({})).await;
     assert_eq!(tracing(stopped.body)["started"], false);
     report(&device, &device_id, 20.0, 4).await;
-    delivered(4).await;
+    delivered(&server, &action_id, &receiver, 4).await;
     // Run out.
     assert_eq!(start(60).await.status, 200);
     clock.advance(61_000);
@@ -414,21 +455,12 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
         "a trace that ran out"
     );
     report(&device, &device_id, 20.0, 5).await;
-    delivered(5).await;
+    delivered(&server, &action_id, &receiver, 5).await;
     // Traced again: once its forwarding is in the trace, so is everything before it.
     assert_eq!(start(600).await.status, 200);
     report(&device, &device_id, 20.0, 6).await;
-    delivered(6).await;
-    eventually("the last report's forwarding is traced", || async {
-        entries_of(&server, &device_id, "forwarded")
-            .await
-            .iter()
-            .any(|(request, _)| request == "r6")
-    })
-    .await;
-    let requests = |entries: Vec<(String, Value)>| -> Vec<String> {
-        entries.into_iter().map(|(request, _)| request).collect()
-    };
+    delivered(&server, &action_id, &receiver, 6).await;
+    wait_traced(&server, &device_id, "forwarded", "r6").await;
     assert_eq!(
         requests(entries_of(&server, &device_id, "report_stored").await),
         ["r2", "r3", "r6"],
@@ -451,11 +483,14 @@ async fn successful_traffic_is_traced_only_while_the_message_trace_runs() {
 /// the report reaches the receiver: the routing its `report_stored` names is followed through.
 #[tokio::test]
 async fn a_report_traced_when_stored_is_traced_when_delivered_after_the_trace_stops() {
-    let (server, _clock) = with_report_memory(1 << 20).await;
-    let product = server.product().await;
-    let (device_id, secret) = server.device(&product, "traced-2").await;
-    let (receiver, url) = Receiver::start().await;
-    let (_, action_id) = rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let Forwarding {
+        server,
+        device_id,
+        secret,
+        receiver,
+        action_id,
+        ..
+    } = forwarding_device("traced-2").await;
     let trace_url = format!("/devices/{device_id}/trace");
     let started = server
         .post(&format!("{trace_url}/start"), json!({"duration": 600}))
@@ -476,37 +511,15 @@ async fn a_report_traced_when_stored_is_traced_when_delivered_after_the_trace_st
     receiver
         .delay_ms
         .store(0, std::sync::atomic::Ordering::Relaxed);
-    wait_accepted(&receiver, 1, 10).await;
-    eventually("the delivery is counted", || async {
-        let status = server
-            .get(&format!("/routing-rule/actions/{action_id}/status"))
-            .await;
-        status["delivered"].as_u64() == Some(1)
-    })
-    .await;
-    eventually("the delivery is traced", || async {
-        entries_of(&server, &device_id, "forwarded")
-            .await
-            .iter()
-            .any(|(request, _)| request == "r1")
-    })
-    .await;
+    delivered(&server, &action_id, &receiver, 1).await;
+    wait_traced(&server, &device_id, "forwarded", "r1").await;
     // Stopped means stopped for what is stored from now on.
     report(&device, &device_id, 20.0, 2).await;
-    wait_accepted(&receiver, 2, 10).await;
-    eventually("the second delivery is counted", || async {
-        let status = server
-            .get(&format!("/routing-rule/actions/{action_id}/status"))
-            .await;
-        status["delivered"].as_u64() == Some(2)
-    })
-    .await;
-    let forwarded: Vec<String> = entries_of(&server, &device_id, "forwarded")
-        .await
-        .into_iter()
-        .map(|(request, _)| request)
-        .collect();
-    assert_eq!(forwarded, ["r1"]);
+    delivered(&server, &action_id, &receiver, 2).await;
+    assert_eq!(
+        requests(entries_of(&server, &device_id, "forwarded").await),
+        ["r1"]
+    );
     device.close().await;
     server.stop().await;
 }
@@ -594,12 +607,15 @@ async fn message_trace_requests_are_checked_and_trace_all_needs_none() {
 /// that kept none of its properties.
 #[tokio::test]
 async fn an_untraced_device_still_shows_failures_their_end_and_lost_reports() {
-    let (server, clock) = with_report_memory(1 << 20).await;
-    let product = server.product().await;
-    let (device_id, secret) = server.device(&product, "traced-4").await;
-    let (receiver, url) = Receiver::start().await;
+    let Forwarding {
+        server,
+        clock,
+        device_id,
+        secret,
+        receiver,
+        ..
+    } = forwarding_device("traced-4").await;
     receiver.plan(&[Answer::Status(503)]);
-    rule_with_action(&server, SELECT_COUNT, "", &url).await;
     let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
     report(&device, &device_id, 20.0, 1).await;
     eventually("the failure is traced", || async {
