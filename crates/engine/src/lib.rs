@@ -112,8 +112,8 @@ impl Default for EngineConfig {
 /// here, before the commit, and written in the same transaction as the data itself, so a crash can
 /// never keep one without the other. Implemented by `ioda-rules`.
 pub trait ForwardStage: Send + Sync + 'static {
-    /// The forwarding an uplink event produces; with `trace`, also which rules took it (for
-    /// the trace entry that records it as stored, when there is one).
+    /// The forwarding an uplink event produces; when `trace` wants the routing, also which rules
+    /// took it (for the trace entry that records it as stored).
     fn stage(
         &self,
         event: &ioda_types::PlatformEvent,
@@ -138,6 +138,16 @@ pub enum StageTrace {
 }
 
 impl StageTrace {
+    /// For an uplink of a device whose message trace runs (`traced`) or not, whose stored entry
+    /// is written (`entry`: always when traced) or not.
+    pub fn of(traced: bool, entry: bool) -> StageTrace {
+        match (traced, entry) {
+            (true, _) => StageTrace::Traced,
+            (false, true) => StageTrace::Routing,
+            (false, false) => StageTrace::Untraced,
+        }
+    }
+
     /// Whether the routing detail is wanted.
     pub fn routing(self) -> bool {
         self != StageTrace::Untraced
@@ -418,6 +428,22 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..100_000 {
             assert!(seen.insert(super::id_bytes()), "an id repeated");
+        }
+    }
+
+    #[test]
+    fn what_the_trace_takes_of_an_uplinks_forwarding() {
+        use super::StageTrace::{self, Routing, Traced, Untraced};
+        // (device traced, stored entry written) -> stage, routing wanted
+        let table = [
+            ((true, true), Traced, true),
+            ((true, false), Traced, true),
+            ((false, true), Routing, true),
+            ((false, false), Untraced, false),
+        ];
+        for ((traced, entry), stage, routing) in table {
+            assert_eq!(StageTrace::of(traced, entry), stage, "{traced} {entry}");
+            assert_eq!(stage.routing(), routing, "{stage:?}");
         }
     }
 }

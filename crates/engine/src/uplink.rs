@@ -379,15 +379,8 @@ impl DeviceSession {
         };
         // Forwarding is decided now and committed with the report.
         let staged = if applied {
-            self.platform.stage_forwarding(
-                &event,
-                now,
-                match (traced, stage.is_some()) {
-                    (true, _) => StageTrace::Traced,
-                    (false, true) => StageTrace::Routing,
-                    (false, false) => StageTrace::Untraced,
-                },
-            )
+            self.platform
+                .stage_forwarding(&event, now, StageTrace::of(traced, stage.is_some()))
         } else {
             StagedForwarding::default()
         };
@@ -473,15 +466,9 @@ impl DeviceSession {
         };
         // Only property reports are read back from their log; messages keep queue rows.
         let traced = self.platform.traces_success(&self.device.device_id);
-        let staged = self.platform.stage_forwarding(
-            &event,
-            now,
-            if traced {
-                StageTrace::Traced
-            } else {
-                StageTrace::Untraced
-            },
-        );
+        let staged = self
+            .platform
+            .stage_forwarding(&event, now, StageTrace::of(traced, traced));
         let mut trace = Vec::new();
         if traced {
             let stage = TraceDetail::object()
