@@ -379,6 +379,14 @@ async fn wait_traced(server: &TestServer, device_id: &str, kind: &str, request_i
     .await;
 }
 
+/// Waits until the device's trace has an entry of `kind`.
+async fn wait_kind(server: &TestServer, device_id: &str, kind: &str) {
+    eventually(&format!("a {kind} entry"), || async {
+        !entries_of(server, device_id, kind).await.is_empty()
+    })
+    .await;
+}
+
 /// The request ids of trace entries.
 fn requests(entries: Vec<(String, Value)>) -> Vec<String> {
     entries.into_iter().map(|(request, _)| request).collect()
@@ -588,12 +596,7 @@ async fn message_trace_requests_are_checked_and_trace_all_needs_none() {
     let (device_id, secret) = server.device(&product, "traced-3").await;
     let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
     report(&device, &device_id, 20.0, 1).await;
-    eventually("the report is traced", || async {
-        !entries_of(&server, &device_id, "report_stored")
-            .await
-            .is_empty()
-    })
-    .await;
+    wait_kind(&server, &device_id, "report_stored").await;
     let trace = server.get(&format!("/devices/{device_id}/trace")).await;
     assert_eq!(
         trace["tracing"],
@@ -618,20 +621,10 @@ async fn an_untraced_device_still_shows_failures_their_end_and_lost_reports() {
     receiver.plan(&[Answer::Status(503)]);
     let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtLeastOnce).await;
     report(&device, &device_id, 20.0, 1).await;
-    eventually("the failure is traced", || async {
-        !entries_of(&server, &device_id, "forward_failed")
-            .await
-            .is_empty()
-    })
-    .await;
+    wait_kind(&server, &device_id, "forward_failed").await;
     clock.advance(61_000);
     wait_accepted(&receiver, 1, 10).await;
-    eventually("the success that ends it is traced", || async {
-        !entries_of(&server, &device_id, "forwarded")
-            .await
-            .is_empty()
-    })
-    .await;
+    wait_kind(&server, &device_id, "forwarded").await;
     let forwarded = entries_of(&server, &device_id, "forwarded").await;
     assert_eq!(forwarded.len(), 1, "{forwarded:?}");
     assert_eq!(
@@ -641,12 +634,7 @@ async fn an_untraced_device_still_shows_failures_their_end_and_lost_reports() {
     let nothing_kept =
         json!({"services": [{"service_id": "Temperature", "properties": {"bogus": 3}}]});
     report_as(&device, &device_id, "r2", &nothing_kept).await;
-    eventually("the report that kept nothing is traced", || async {
-        !entries_of(&server, &device_id, "report_stored")
-            .await
-            .is_empty()
-    })
-    .await;
+    wait_kind(&server, &device_id, "report_stored").await;
     let stored = entries_of(&server, &device_id, "report_stored").await;
     assert_eq!(stored.len(), 1, "only the lost report: {stored:?}");
     assert_eq!(stored[0].0, "r2");
