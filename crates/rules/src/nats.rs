@@ -45,6 +45,9 @@ pub fn spec(detail: &Value) -> Result<NatsSpec, String> {
 #[derive(Debug)]
 pub struct NatsSink {
     spec: NatsSpec,
+    /// The spec's subject, made once: a `Subject` clones by reference count, where publishing to
+    /// the spec's `String` would copy it twice per message.
+    subject: async_nats::Subject,
     client: async_nats::Client,
 }
 
@@ -60,6 +63,7 @@ impl NatsSink {
             .map_err(|e| format!("NATS server {}: {e}", spec.url))?;
         Ok(NatsSink {
             spec: spec.clone(),
+            subject: async_nats::Subject::from(spec.subject.as_str()),
             client,
         })
     }
@@ -85,7 +89,7 @@ impl NatsSink {
             for payload in payloads {
                 let data = bytes::Bytes::copy_from_slice(payload.as_bytes());
                 self.client
-                    .publish(self.spec.subject.clone(), data)
+                    .publish(self.subject.clone(), data)
                     .await
                     .map_err(|e| format!("NATS: {e}"))?;
             }
@@ -106,7 +110,7 @@ impl NatsSink {
         let mut sent = Ok(());
         for payload in payloads {
             let data = bytes::Bytes::copy_from_slice(payload.as_bytes());
-            match stream.publish(self.spec.subject.clone(), data).await {
+            match stream.publish(self.subject.clone(), data).await {
                 Ok(ack) => acks.push(ack),
                 Err(e) => {
                     sent = Err(format!("JetStream: {e}"));
