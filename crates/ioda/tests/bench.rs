@@ -70,7 +70,7 @@ fn assert_accounted(result: &Value) {
         "every acknowledged report reaches the receiver: {result}"
     );
     assert_eq!(result["lost"], 0);
-    assert!(result["latency_ms"]["p99"].as_u64().is_some());
+    assert!(result["latency_ms"]["p99"].as_f64().is_some(), "{result}");
     // The server counted each acknowledgement's stages (a PUBACK's `commit` stage ends before
     // it is written, so before the bench can have read it; `write` ends just after).
     let stages = &result["server_stages_ms"];
@@ -111,7 +111,7 @@ fn paced_reports_keep_their_rate() {
     // 4 devices x 10/s x 2 s = 80; never more (pacing holds devices back), fewer only on a starved machine.
     assert!((40..=88).contains(&offered), "{result}");
     assert_eq!(result["delivered"].as_u64(), Some(offered), "{result}");
-    // One line per delivered report: its send time and its latency, both whole milliseconds.
+    // One line per delivered report: its send time and its latency, both in microseconds.
     let series = std::fs::read_to_string(&series_path).unwrap();
     let lines: Vec<(i64, u64)> = series
         .lines()
@@ -121,8 +121,21 @@ fn paced_reports_keep_their_rate() {
         })
         .collect();
     assert_eq!(lines.len() as u64, offered, "{series}");
-    let max = result["latency_ms"]["max"].as_u64().unwrap();
-    assert_eq!(lines.iter().map(|(_, l)| *l).max(), Some(max), "{result}");
+    // The summary gives milliseconds to two places.
+    let max_ms = result["latency_ms"]["max"].as_f64().unwrap();
+    let max_us = lines.iter().map(|(_, l)| *l).max().unwrap();
+    assert_eq!((max_us as f64 / 10.0).round() / 100.0, max_ms, "{result}");
+    // Sent within the run: microseconds since 1970, not milliseconds.
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    assert!(
+        lines
+            .iter()
+            .all(|(sent, _)| (now_us - 120_000_000..=now_us).contains(sent)),
+        "{series}"
+    );
     // Paced over 2 s: the sends span many 100 ms windows, and the p99's own report is in one.
     let spread = &result["latency_p99_spread"];
     let windows = spread["windows"].as_u64().unwrap();

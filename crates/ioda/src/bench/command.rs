@@ -41,7 +41,7 @@ async fn responder(mut device: Device, stop: Arc<AtomicBool>) -> anyhow::Result<
 /// Background load: each device reports at `rate` per second until `stop`.
 async fn background(mut device: Device, rate: f64, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let topic = format!("$oc/devices/{}/sys/properties/report", device.device_id);
-    let report = json!({"services": [{"service_id": "Bench", "properties": {"seq": 1, "sent_at": 0, "pad": "x"}}]}).to_string();
+    let report = json!({"services": [{"service_id": "Bench", "properties": {"seq": 1, "sent_at_us": 0, "pad": "x"}}]}).to_string();
     let interval = Duration::from_secs_f64(1.0 / rate.max(0.1));
     while !stop.load(Ordering::Relaxed) {
         device.publish(&topic, report.as_bytes(), QoS::AtLeastOnce);

@@ -82,8 +82,8 @@ pub struct BenchArgs {
     /// How the application receives the reports.
     #[arg(long, value_enum, default_value_t = Channel::Http)]
     pub channel: Channel,
-    /// Write every delivered report's send time and latency (`<sent_at_ms> <latency_ms>`, Unix
-    /// milliseconds, one line each, in arrival order) to this file, and say in the result how the
+    /// Write every delivered report's send time and latency (`<sent_at_us> <latency_us>`, Unix
+    /// microseconds, one line each, in arrival order) to this file, and say in the result how the
     /// slow ones are spread over time. Report and overload; in reference, the run at half the
     /// maximum (none when the flat-out run lost reports, as then there is no such run).
     #[arg(long)]
@@ -240,7 +240,7 @@ async fn register(api: &ApiClient, n: usize, quiet: bool) -> anyhow::Result<(Str
         "service_id": "Bench", "service_type": "Bench",
         "properties": [
             {"property_name": "seq", "data_type": "long", "method": "R"},
-            {"property_name": "sent_at", "data_type": "long", "method": "R"},
+            {"property_name": "sent_at_us", "data_type": "long", "method": "R"},
             {"property_name": "pad", "data_type": "string", "max_length": 256, "method": "R"}
         ],
         "commands": [{"command_name": "PING", "paras": [{"para_name": "n", "data_type": "int"}]}]
