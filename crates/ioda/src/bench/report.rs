@@ -286,7 +286,11 @@ struct Sent {
 
 /// Drives one device. Paced devices start at evenly spread phases (`phase` of 1 apart), as a
 /// fleet's devices do, rather than all publishing in the same instant, and keep publishing on
-/// schedule with up to `window` reports unacknowledged.
+/// schedule with up to `window` reports unacknowledged. tokio's timers tick once a millisecond,
+/// so the devices due within the same millisecond publish together (at 60 000 reports/s, sixty
+/// at each tick). A timer of each device's own to the microsecond (a `timerfd` each) cost the
+/// load generator a fifth of a core more at that rate and left the machine less for the server
+/// (BENCHMARKS.md, twentieth session), so the millisecond stays.
 async fn drive(
     mut device: Device,
     phase: f64,
