@@ -244,9 +244,12 @@ impl Platform {
             Err(error) => tracing::warn!(%error, device_id, "could not load cached messages"),
         }
         // A desired-state change may have loaded the shadow (and pushed) already on this connection.
-        if link.state().shadow.is_none() {
-            self.load_shadow_cache(device_id, &link).await;
-            self.push_desired(device_id, &link).await;
+        if self
+            .load_shadow_cache(device_id, &link, crate::shadow::Load::IfMissing)
+            .await
+        {
+            self.push_desired(device_id, &link, crate::shadow::Push::UnlessUnanswered)
+                .await;
         }
     }
 }

@@ -29,8 +29,11 @@ pub(crate) struct LinkState {
     pub queue_delivered: bool,
     /// Desired and reported shadow per service, loaded when queued downlinks are delivered.
     pub shadow: Option<HashMap<String, ShadowCache>>,
-    /// The last desired-state push still waiting for its response: request id and time.
-    pub desired_push: Option<(String, i64)>,
+    /// Counts committed reports and shadow loads: a load that saw it change while reading the
+    /// store may hold reported values older than a report the connection already compared.
+    pub shadow_generation: u64,
+    /// The last desired-state push on this connection.
+    pub desired_push: Option<DesiredPush>,
     /// A sleeping (LwM2M queue-mode) device is reachable only until this platform time after
     /// it last talked; pushes fail as for an offline device, so commands stay PENDING.
     pub awake_until: Option<i64>,
@@ -46,6 +49,19 @@ pub(crate) struct LinkState {
 pub(crate) struct ShadowCache {
     pub desired: Map<String, Value>,
     pub reported: Map<String, Value>,
+    /// The shadow's version when it was loaded (reports merged since do not change it; every
+    /// desired-state change does, and reloads).
+    pub version: i64,
+}
+
+/// A desired-state push (`properties/set`) sent on a connection.
+#[derive(Debug)]
+pub(crate) struct DesiredPush {
+    pub request_id: String,
+    pub at: i64,
+    /// The shadow version of each service it carried.
+    pub versions: Vec<(String, i64)>,
+    pub answered: bool,
 }
 
 impl Link {

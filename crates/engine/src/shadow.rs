@@ -11,7 +11,7 @@ use ioda_types::time;
 use serde_json::{Map, Value, json};
 
 use crate::downlink::new_request_id;
-use crate::registry::{Link, ShadowCache};
+use crate::registry::{DesiredPush, Link, ShadowCache};
 use crate::topic::{properties_set_topic, shadow_response_topic};
 use crate::{EngineError, Platform, invalid};
 
@@ -24,6 +24,52 @@ pub struct DesiredRequest {
     pub service_id: String,
     pub desired: Value,
     pub version: Option<i64>,
+}
+
+/// How often a shadow load reads the store again when a report committed meanwhile, before it
+/// keeps what it read (a device reporting faster than the store answers; its next report mends).
+const SHADOW_LOAD_ATTEMPTS: u32 = 4;
+
+/// When a desired-state push goes out although the connection has pushed before.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Push {
+    /// On connect and after a report: unless a push went unanswered less than
+    /// `PUSH_PROTECTION_MS` ago.
+    UnlessUnanswered,
+    /// After a desired-state change: unless the last push already carried these very versions
+    /// (the connection loaded the change first, when it delivered its queued downlinks).
+    NewDesired,
+}
+
+impl Push {
+    fn holds_back(self, last: &DesiredPush, versions: &[(String, i64)], now: i64) -> bool {
+        match self {
+            Push::UnlessUnanswered => !last.answered && now - last.at < PUSH_PROTECTION_MS,
+            Push::NewDesired => last.versions == versions,
+        }
+    }
+}
+
+/// Whether a shadow load replaces the connection's cached shadow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Load {
+    /// After a desired-state change: what is cached is out of date.
+    Replace,
+    /// When queued downlinks are delivered: a shadow loaded meanwhile is as new.
+    IfMissing,
+}
+
+fn shadow_cache(rows: Vec<ShadowRow>) -> HashMap<String, ShadowCache> {
+    rows.into_iter()
+        .map(|r| {
+            let cache = ShadowCache {
+                desired: r.desired.unwrap_or_default(),
+                reported: r.reported.unwrap_or_default(),
+                version: r.version,
+            };
+            (r.service_id, cache)
+        })
+        .collect()
 }
 
 /// The properties of `desired` whose reported value differs.
@@ -103,61 +149,98 @@ impl Platform {
                 other => other.into(),
             })?;
         if let Some(link) = self.registry.link(device_id) {
-            self.load_shadow_cache(device_id, &link).await;
-            link.state().desired_push = None;
-            self.push_desired(device_id, &link).await;
+            self.load_shadow_cache(device_id, &link, Load::Replace)
+                .await;
+            self.push_desired(device_id, &link, Push::NewDesired).await;
         }
         Ok(self.store.shadow(device_id.to_owned()).await?)
     }
 
-    /// Loads the device's shadow into its connection, for comparing reports with desired state.
-    pub(crate) async fn load_shadow_cache(&self, device_id: &str, link: &Link) {
-        let Ok(rows) = self.store.shadow(device_id.to_owned()).await else {
-            return;
-        };
-        let cache: HashMap<String, ShadowCache> = rows
-            .into_iter()
-            .map(|r| {
-                (
-                    r.service_id,
-                    ShadowCache {
-                        desired: r.desired.unwrap_or_default(),
-                        reported: r.reported.unwrap_or_default(),
-                    },
-                )
-            })
-            .collect();
-        link.state().shadow = Some(cache);
+    /// Loads the device's shadow into its connection, for comparing reports with desired state;
+    /// whether it was installed. `Load::IfMissing` leaves a shadow already loaded alone.
+    ///
+    /// A report that commits while the store is read may be missing from what was read, and its
+    /// comparison (`after_report`) may have run against the old cache or none: then it reads
+    /// again, so the cache never holds reported values older than the device's last report.
+    pub(crate) async fn load_shadow_cache(&self, device_id: &str, link: &Link, load: Load) -> bool {
+        for attempt in 1..=SHADOW_LOAD_ATTEMPTS {
+            let generation = {
+                let state = link.state();
+                if load == Load::IfMissing && state.shadow.is_some() {
+                    return false;
+                }
+                state.shadow_generation
+            };
+            let Ok(rows) = self.store.shadow(device_id.to_owned()).await else {
+                return false;
+            };
+            let mut state = link.state();
+            if load == Load::IfMissing && state.shadow.is_some() {
+                return false;
+            }
+            if state.shadow_generation != generation && attempt < SHADOW_LOAD_ATTEMPTS {
+                continue;
+            }
+            state.shadow = Some(shadow_cache(rows));
+            state.shadow_generation += 1;
+            return true;
+        }
+        false
+    }
+
+    /// Notes that a report of this connection committed; whether desired state waits to be
+    /// compared with it (`after_report`).
+    pub(crate) fn report_committed(&self, link: &Link) -> bool {
+        let mut state = link.state();
+        state.shadow_generation += 1;
+        state
+            .shadow
+            .as_ref()
+            .is_some_and(|cache| cache.values().any(|c| !c.desired.is_empty()))
     }
 
     /// Sends the desired properties that differ from the reported ones as a properties/set,
-    /// unless an unanswered push went out less than five minutes ago.
-    pub(crate) async fn push_desired(&self, device_id: &str, link: &Link) {
+    /// unless `when` says the last push stands.
+    pub(crate) async fn push_desired(&self, device_id: &str, link: &Link, when: Push) {
         let now = self.now();
         let (request_id, services) = {
             let mut state = link.state();
-            if state
-                .desired_push
-                .as_ref()
-                .is_some_and(|(_, at)| now - at < PUSH_PROTECTION_MS)
-            {
-                return;
-            }
             let Some(cache) = &state.shadow else {
                 return;
             };
-            let mut services: Vec<Value> = cache
+            let mut unmet: Vec<(&String, i64, Map<String, Value>)> = cache
                 .iter()
-                .map(|(service_id, c)| (service_id, difference(c)))
-                .filter(|(_, diff)| !diff.is_empty())
-                .map(|(service_id, diff)| json!({ "service_id": service_id, "properties": diff }))
+                .map(|(service_id, c)| (service_id, c.version, difference(c)))
+                .filter(|(_, _, diff)| !diff.is_empty())
                 .collect();
-            if services.is_empty() {
+            if unmet.is_empty() {
                 return;
             }
-            services.sort_by(|a, b| a["service_id"].as_str().cmp(&b["service_id"].as_str()));
+            unmet.sort_by(|a, b| a.0.cmp(b.0));
+            let versions: Vec<(String, i64)> = unmet
+                .iter()
+                .map(|(service_id, version, _)| ((*service_id).clone(), *version))
+                .collect();
+            if state
+                .desired_push
+                .as_ref()
+                .is_some_and(|last| when.holds_back(last, &versions, now))
+            {
+                return;
+            }
+            let services: Vec<Value> = unmet
+                .into_iter()
+                .map(
+                    |(service_id, _, diff)| json!({ "service_id": service_id, "properties": diff }),
+                )
+                .collect();
             let request_id = new_request_id(now);
-            state.desired_push = Some((request_id.clone(), now));
+            state.desired_push = Some(DesiredPush {
+                request_id: request_id.clone(),
+                at: now,
+                versions,
+                answered: false,
+            });
             (request_id, services)
         };
         let body = json!({ "object_device_id": device_id, "services": services });
@@ -193,22 +276,21 @@ impl Platform {
             cache.values().any(|c| !difference(c).is_empty())
         };
         if wants_push {
-            self.push_desired(device_id, link).await;
+            self.push_desired(device_id, link, Push::UnlessUnanswered)
+                .await;
         }
     }
 
-    /// Whether a properties/set response answers the last desired-state push (which it then clears).
+    /// Whether a properties/set response answers the last desired-state push (which it then
+    /// marks answered).
     pub(crate) fn desired_push_answered(&self, link: &Link, request_id: &str) -> bool {
         let mut state = link.state();
-        if state
-            .desired_push
-            .as_ref()
-            .is_some_and(|(id, _)| id == request_id)
-        {
-            state.desired_push = None;
-            true
-        } else {
-            false
+        match state.desired_push.as_mut() {
+            Some(last) if !last.answered && last.request_id == request_id => {
+                last.answered = true;
+                true
+            }
+            _ => false,
         }
     }
 
@@ -230,5 +312,44 @@ impl Platform {
             .await
             .map_err(|_| EngineError::DeviceOffline)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DesiredPush, PUSH_PROTECTION_MS, Push};
+
+    #[test]
+    fn when_an_earlier_push_holds_the_next_back() {
+        let last = |answered: bool, at: i64| DesiredPush {
+            request_id: "r".into(),
+            at,
+            versions: vec![("Temperature".into(), 2)],
+            answered,
+        };
+        let same = vec![("Temperature".to_owned(), 2)];
+        let newer = vec![("Temperature".to_owned(), 3)];
+        let more = vec![("Humidity".to_owned(), 1), ("Temperature".to_owned(), 2)];
+        let now = 10 * PUSH_PROTECTION_MS;
+        let recent = now - 1;
+        let old = now - PUSH_PROTECTION_MS;
+        // (rule, last push answered, sent at, versions now) -> held back
+        let table = [
+            (Push::UnlessUnanswered, false, recent, &same, true),
+            (Push::UnlessUnanswered, false, recent, &newer, true),
+            (Push::UnlessUnanswered, false, old, &same, false),
+            (Push::UnlessUnanswered, true, recent, &same, false),
+            (Push::NewDesired, false, recent, &same, true),
+            (Push::NewDesired, true, old, &same, true),
+            (Push::NewDesired, false, recent, &newer, false),
+            (Push::NewDesired, false, recent, &more, false),
+        ];
+        for (rule, answered, at, versions, held) in table {
+            assert_eq!(
+                rule.holds_back(&last(answered, at), versions, now),
+                held,
+                "{rule:?} answered={answered} at={at} {versions:?}"
+            );
+        }
     }
 }

@@ -369,8 +369,6 @@ impl DeviceSession {
                 )
                 .int("rejected_properties", rejected.len() as i64)
         });
-        // Only when desired state is waiting does the report need comparing with it.
-        let follow_up = self.wants_desired_check().then(|| services.clone());
         let event = PlatformEvent::PropertiesReported {
             device: self.device.clone(),
             request_id: request_id.clone(),
@@ -418,9 +416,9 @@ impl DeviceSession {
         let link = self.link.clone();
         let device_id = self.device.device_id.clone();
         PublishVerdict::AcceptAfter(Box::pin(async move {
+            // The writer has let go of its copy once this resolves: the report is freed here,
+            // where it was built, unless desired state waits to be compared with it.
             let committed = commit.await;
-            // The writer has let go of its copy: the report is freed here, where it was built.
-            drop(record);
             match committed {
                 Ok(Ok(())) => {
                     if !woken.is_empty() {
@@ -429,10 +427,14 @@ impl DeviceSession {
                     if let Some(event) = event {
                         platform.bus().publish(event);
                     }
-                    if let Some(services) = follow_up {
+                    // Decided at commit, not on receipt: a shadow loaded in between has to
+                    // learn of this report (see `report_committed`).
+                    if platform.report_committed(&link) && !record.services.is_empty() {
                         // Another task: a push may wait on this connection's own outbox.
                         tokio::spawn(async move {
-                            platform.after_report(&device_id, &link, &services).await
+                            platform
+                                .after_report(&device_id, &link, &record.services)
+                                .await
                         });
                     }
                     reason::SUCCESS
@@ -440,14 +442,6 @@ impl DeviceSession {
                 _ => reason::UNSPECIFIED,
             }
         }))
-    }
-
-    fn wants_desired_check(&self) -> bool {
-        let state = self.link.state();
-        state
-            .shadow
-            .as_ref()
-            .is_some_and(|cache| cache.values().any(|c| !c.desired.is_empty()))
     }
 
     async fn report_message(
