@@ -1,8 +1,9 @@
 """Fixtures: one ioda server per test session, SDK clients for both signers, paho devices.
 
 Server contract (what this file relies on):
-  $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0 --coap-addr 127.0.0.1:0 --coaps-addr 127.0.0.1:0
-  writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT", "coap": ..., "coaps": ...}
+  $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0 --coap-addr 127.0.0.1:0 --coaps-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0
+  writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT", "mqtts": ..., "coap": ..., "coaps": ...}
+  writes DIR/tls/ca.pem             the CA MQTTS devices verify the server with
   writes DIR/admin-credentials.json {"project_id": ..., "access_key": ..., "secret_key": ...}
   exits with status 0 within 15 s of SIGTERM.
 
@@ -40,6 +41,8 @@ class IodaServer:
     http_addr: str  # "127.0.0.1:PORT"
     mqtt_host: str
     mqtt_port: int
+    mqtts_port: int
+    tls_ca: str  # the CA file ioda made, which MQTTS devices verify it with
     coap_addr: str  # "127.0.0.1:PORT" (UDP, CoAP/LwM2M)
     binary: str  # the ioda binary, for `ioda api` calls outside the SDK
     project_id: str
@@ -91,7 +94,8 @@ def ioda_server(tmp_path_factory, request) -> IodaServer:
     request.config.stash[_LOG_PATH_KEY] = log_path
     cmd = [binary, "serve", "--data-dir", str(data_dir),
            "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
-           "--coap-addr", "127.0.0.1:0", "--coaps-addr", "127.0.0.1:0"]
+           "--coap-addr", "127.0.0.1:0", "--coaps-addr", "127.0.0.1:0",
+           "--mqtts-addr", "127.0.0.1:0"]
 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -121,7 +125,8 @@ def ioda_server(tmp_path_factory, request) -> IodaServer:
     mqtt_host, mqtt_port = _split_addr(listeners["mqtt"])
     server = IodaServer(
         data_dir=data_dir, log_path=log_path, http_addr=listeners["http"],
-        mqtt_host=mqtt_host, mqtt_port=mqtt_port, coap_addr=listeners["coap"], binary=binary,
+        mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtts_port=_split_addr(listeners["mqtts"])[1],
+        tls_ca=str(data_dir / "tls" / "ca.pem"), coap_addr=listeners["coap"], binary=binary,
         project_id=creds["project_id"], access_key=creds["access_key"], secret_key=creds["secret_key"],
     )
     yield server

@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -69,7 +70,8 @@ class Device:
 
     def __init__(self, host: str, port: int, device_id: str, secret: str, *,
                  protocol: int = mqtt.MQTTv311, keepalive: int = 60,
-                 ts: str | None = None, password: str | None = None, client_id: str | None = None):
+                 ts: str | None = None, password: str | None = None, client_id: str | None = None,
+                 tls_ca: str | None = None):
         self.host, self.port = host, port
         self.device_id = device_id
         self.protocol = protocol
@@ -94,6 +96,11 @@ class Device:
             reconnect_on_failure=False,  # a refused CONNACK must not trigger reconnect loops
         )
         self.client.username_pw_set(device_id, self.password)
+        if tls_ca is not None:
+            # As Huawei's Python device SDK sets up MQTTS (port 8883): the CA file it is given,
+            # TLS 1.2, and no host name check.
+            self.client.tls_set(ca_certs=tls_ca, tls_version=ssl.PROTOCOL_TLSv1_2)
+            self.client.tls_insecure_set(True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_publish = self._on_publish

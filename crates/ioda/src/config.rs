@@ -13,6 +13,8 @@ use ioda_rules::ForwardConfig;
 use ioda_store::Durability;
 use serde::Deserialize;
 
+use crate::tls::TlsSettings;
+
 /// Flags of `ioda serve`.
 #[derive(Debug, Clone, Default, Args)]
 pub struct ServeArgs {
@@ -28,6 +30,22 @@ pub struct ServeArgs {
     /// MQTT listen address (port 0 picks a free port).
     #[arg(long, env = "IODA_MQTT_ADDR")]
     pub mqtt_addr: Option<SocketAddr>,
+    /// MQTTS (MQTT over TLS 1.2/1.3) listen address (port 0 picks a free port). Huawei's device
+    /// SDKs use TLS when the port is 8883.
+    #[arg(long, env = "IODA_MQTTS_ADDR")]
+    pub mqtts_addr: Option<SocketAddr>,
+    /// MQTTS certificate chain (PEM, server certificate first); with `--tls-key`. Without both,
+    /// ioda makes a CA and a server certificate under `<data-dir>/tls` on first start, and
+    /// devices verify the server with `<data-dir>/tls/ca.pem`.
+    #[arg(long, env = "IODA_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// MQTTS private key (PEM) of `--tls-cert`.
+    #[arg(long, env = "IODA_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Extra host names or IP addresses, comma-separated, for the certificate ioda makes (it
+    /// always covers localhost, 127.0.0.1, ::1 and this machine's host name).
+    #[arg(long, env = "IODA_TLS_NAMES", value_delimiter = ',')]
+    pub tls_names: Option<Vec<String>>,
     /// CoAP/LwM2M (UDP) listen address for NB-IoT devices (port 0 picks a free port).
     #[arg(long, env = "IODA_COAP_ADDR")]
     pub coap_addr: Option<SocketAddr>,
@@ -90,6 +108,10 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
+    mqtts_addr: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    tls_names: Option<Vec<String>>,
     coap_addr: Option<SocketAddr>,
     coaps_addr: Option<SocketAddr>,
     coaps_ciphers: Option<Vec<String>>,
@@ -113,6 +135,9 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    pub mqtts_addr: SocketAddr,
+    /// The MQTTS certificate.
+    pub tls: TlsSettings,
     pub coap_addr: SocketAddr,
     pub coaps_addr: SocketAddr,
     /// CoAPS cipher suites (OpenSSL names).
@@ -133,6 +158,8 @@ impl ServeConfig {
             data_dir: data_dir.to_owned(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            mqtts_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tls: TlsSettings::default(),
             coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coaps_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coaps_ciphers: default_ciphers(),
@@ -242,6 +269,19 @@ impl ServeArgs {
                 .mqtt_addr
                 .or(file.mqtt_addr)
                 .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1883))),
+            mqtts_addr: self
+                .mqtts_addr
+                .or(file.mqtts_addr)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8883))),
+            tls: TlsSettings {
+                cert: self.tls_cert.clone().or(file.tls_cert),
+                key: self.tls_key.clone().or(file.tls_key),
+                names: self
+                    .tls_names
+                    .clone()
+                    .or(file.tls_names)
+                    .unwrap_or_default(),
+            },
             coap_addr: self
                 .coap_addr
                 .or(file.coap_addr)

@@ -5,3 +5,4 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod serve;
+pub mod tls;

@@ -174,9 +174,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "ioda ready: http={} mqtt={}",
-        running.http_addr, running.mqtt_addr
+        "ioda ready: http={} mqtt={} mqtts={}",
+        running.http_addr, running.mqtt_addr, running.mqtts_addr
     );
+    if let Some(ca) = &running.tls_ca_file {
+        println!("  MQTTS devices verify the server with {}", ca.display());
+    }
     wait_for_signal().await?;
     tracing::info!("shutting down");
     running.stop().await

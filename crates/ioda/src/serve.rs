@@ -1,7 +1,7 @@
 //! `ioda serve`: opens the store, starts the listeners, writes the state files, shuts down cleanly.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ServeConfig;
+use crate::tls::TlsUpgrade;
 
 /// File names inside the data directory.
 pub const LISTENERS_FILE: &str = "listeners.json";
@@ -28,6 +29,9 @@ const DATABASE_FILE: &str = "ioda.db";
 pub struct Running {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
+    pub mqtts_addr: SocketAddr,
+    /// The CA devices verify MQTTS with, when ioda made its own certificate.
+    pub tls_ca_file: Option<PathBuf>,
     pub coap_addr: SocketAddr,
     pub coaps_addr: SocketAddr,
     pub platform: Arc<Platform>,
@@ -37,6 +41,7 @@ pub struct Running {
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
     mqtt: JoinHandle<()>,
+    mqtts: JoinHandle<()>,
     coap: JoinHandle<()>,
     coaps: JoinHandle<()>,
     scheduler: JoinHandle<()>,
@@ -82,7 +87,7 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 }
 
 /// Writes a file atomically (temporary file, then rename), so readers never see half of it.
-fn write_atomically(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
+pub(crate) fn write_atomically(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
     let tmp = path.with_extension("tmp");
     if private {
         write_private(&tmp, contents)?
@@ -128,6 +133,16 @@ pub async fn start_with_clock(
                 config.mqtt_addr
             )
         })?;
+    let tls = TlsUpgrade::new(&config.tls, &config.data_dir).context("setting up MQTTS")?;
+    let tls_ca_file = tls.ca_file.clone();
+    let mqtts_listener = TcpListener::bind(config.mqtts_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "binding MQTTS on {} (choose another with --mqtts-addr)",
+                config.mqtts_addr
+            )
+        })?;
     let lwm2m = Lwm2mAccess::new(platform.clone());
     let coap_server = CoapServer::bind(config.coap_addr, ioda_coap::Timing::default())
         .await
@@ -143,6 +158,7 @@ pub async fn start_with_clock(
     .with_context(|| format!("binding CoAPS (DTLS, UDP) on {}", config.coaps_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
+    let mqtts_addr = connectable(mqtts_listener.local_addr()?);
     let coap_addr = connectable(coap_server.local_addr()?);
     let coaps_addr = connectable(coaps_server.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
@@ -160,6 +176,13 @@ pub async fn start_with_clock(
     let broker = Arc::new(DeviceBroker::new(platform.clone()));
     let mqtt = tokio::spawn(ioda_mqtt::server::serve(
         mqtt_listener,
+        broker.clone(),
+        limits,
+        stop.clone(),
+    ));
+    let mqtts = tokio::spawn(ioda_mqtt::server::serve_upgraded(
+        mqtts_listener,
+        Arc::new(tls),
         broker,
         limits,
         stop.clone(),
@@ -184,16 +207,21 @@ pub async fn start_with_clock(
             .await
     });
 
-    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
+    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "mqtts": mqtts_addr.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
     write_atomically(
         &config.data_dir.join(LISTENERS_FILE),
         &listeners.to_string(),
         false,
     )?;
-    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
+    if let Some(ca) = &tls_ca_file {
+        tracing::info!(ca = %ca.display(), "MQTTS devices verify the server with this CA");
+    }
+    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, mqtts = %mqtts_addr, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
     Ok(Running {
         http_addr,
         mqtt_addr,
+        mqtts_addr,
+        tls_ca_file,
         coap_addr,
         coaps_addr,
         platform,
@@ -202,6 +230,7 @@ pub async fn start_with_clock(
         admin,
         shutdown,
         mqtt,
+        mqtts,
         coap,
         coaps,
         scheduler,
@@ -235,6 +264,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             let _ = self.mqtt.await;
+            let _ = self.mqtts.await;
             let _ = self.coap.await;
             let _ = self.coaps.await;
             let _ = self.http.await;

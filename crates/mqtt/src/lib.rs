@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod listener;
 pub mod read;
 pub mod server;
 pub mod stats;

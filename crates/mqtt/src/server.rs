@@ -13,15 +13,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use crate::MqttError;
 use crate::codec::{
     self, Connect, Packet, Protocol, Publish, QoS, ServerLimits, SubscribeFilter, reason,
 };
+pub use crate::listener::{PlainTcp, Upgrade, serve, serve_upgraded};
 use crate::read::read_some;
 use crate::stats::ACK_STAGES;
 
@@ -183,36 +182,6 @@ pub trait Session: Send + 'static {
 
     /// Called once when the connection is over.
     fn closed(self, cause: CloseCause) -> impl Future<Output = ()> + Send;
-}
-
-/// Accepts connections until `shutdown` turns true, then waits for every connection to close.
-pub async fn serve<B: Broker>(
-    listener: TcpListener,
-    broker: Arc<B>,
-    limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tasks = JoinSet::new();
-    let for_connections = shutdown.clone();
-    loop {
-        tokio::select! {
-            _ = stopped(&mut shutdown) => break,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    tasks.spawn(run_connection(stream, peer, broker.clone(), limits, for_connections.clone()));
-                }
-                Err(error) => {
-                    // Usually EMFILE: back off briefly instead of spinning.
-                    tracing::warn!(%error, "mqtt accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            },
-            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-        }
-    }
-    drop(listener);
-    while tasks.join_next().await.is_some() {}
 }
 
 /// Runs one connection from CONNECT to close over any byte stream (TCP, TLS, WebSocket).

@@ -93,6 +93,8 @@ impl ServerProcess {
                 "127.0.0.1:0",
                 "--mqtt-addr",
                 "127.0.0.1:0",
+                "--mqtts-addr",
+                "127.0.0.1:0",
                 "--coap-addr",
                 "127.0.0.1:0",
                 "--coaps-addr",
