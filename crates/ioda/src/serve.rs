@@ -269,6 +269,8 @@ impl Running {
             let _ = self.coaps.await;
             let _ = self.http.await;
             let _ = self.scheduler.await;
+            // After the listeners: what their last reports queued waits in the store.
+            self.forwarder.stopped().await;
         })
         .await;
         if drained.is_err() {

@@ -66,10 +66,12 @@ async fn reports_waiting_for_a_target_survive_a_restart_with_their_message_ids()
         receiver.seen.lock().unwrap().len() == 1
     })
     .await;
-    let status = server
-        .get(&format!("/routing-rule/actions/{action_id}/status"))
-        .await;
-    assert_eq!(status["queued_messages"], 5, "{status}");
+    // The reports went out fire-and-forget: wait for all five to be committed.
+    let status_path = format!("/routing-rule/actions/{action_id}/status");
+    eventually("five reports queued", || async {
+        server.get(&status_path).await["queued_messages"] == 5
+    })
+    .await;
     device.close().await;
     let dir = server.stop_keep_dir().await;
 
@@ -104,6 +106,44 @@ async fn reports_waiting_for_a_target_survive_a_restart_with_their_message_ids()
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(counts(&receiver.accepted()), vec![1, 2, 3, 4, 5, 6]);
     assert_eq!(counts(&late_receiver.accepted()), vec![6]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_delivery_answered_while_the_server_stops_is_not_delivered_again() {
+    let clock = Arc::new(ManualClock::new(1_764_150_000_000));
+    let adjust = |c: &mut ioda::config::ServeConfig| c.signature_window_ms = i64::MAX / 4;
+    let server = server_on(tempfile::tempdir().unwrap(), adjust, clock.clone()).await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "log-stop").await;
+    let (receiver, url) = Receiver::start().await;
+    // The receiver takes the message at once and answers 200 after 800 ms: the server stops
+    // in between.
+    receiver
+        .delay_ms
+        .store(800, std::sync::atomic::Ordering::SeqCst);
+    rule_with_action(&server, SELECT_COUNT, "", &url).await;
+    let device = SimDevice::connect(server.mqtt_port, &device_id, &secret, QoS::AtMostOnce).await;
+    report(&device, &device_id, 21.0, 1).await;
+    eventually("the receiver has the message", || async {
+        receiver.seen.lock().unwrap().len() == 1
+    })
+    .await;
+    device.close().await;
+    let dir = server.stop_keep_dir().await;
+    assert_eq!(
+        counts(&receiver.accepted()),
+        vec![1],
+        "answered before the stop ended"
+    );
+
+    let server = server_on(dir, adjust, clock).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        receiver.seen.lock().unwrap().len(),
+        1,
+        "delivered once: the stop recorded the delivery"
+    );
     server.stop().await;
 }
 

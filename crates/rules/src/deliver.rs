@@ -141,7 +141,7 @@ impl Forwarder {
         let mut next_due: Option<i64> = None;
         loop {
             if *shutdown.borrow() {
-                return;
+                break;
             }
             let now = self.platform.now();
             if now.saturating_sub(last_trim) >= 10_000 {
@@ -189,7 +189,47 @@ impl Forwarder {
                     }
                 }
                 _ = tokio::time::sleep(wait) => read_wanted = true,
-                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => return,
+                _ = async { let _ = shutdown.wait_for(|s| *s).await; } => break,
+            }
+        }
+        self.settle_at_shutdown(
+            &action.action_id,
+            source,
+            &mut lanes,
+            &mut state,
+            &mut outcomes,
+            stats,
+        )
+        .await;
+    }
+
+    /// At shutdown: waits a little for the batches the lanes have out and records what they
+    /// delivered, so a message the target took just before the stop is not delivered again after
+    /// the restart. Nothing more is handed out; what waits in memory is read again then.
+    async fn settle_at_shutdown(
+        &self,
+        action_id: &str,
+        source: &Source,
+        lanes: &mut [Lane],
+        state: &mut Dispatch,
+        outcomes: &mut mpsc::UnboundedReceiver<Outcome>,
+        stats: &ActionStats,
+    ) {
+        let deadline = tokio::time::Instant::now() + SETTLE_AT_SHUTDOWN;
+        state.waiting.iter_mut().for_each(VecDeque::clear);
+        while lanes.iter().any(|lane| lane.in_flight > 0) {
+            let Ok(Some(outcome)) = tokio::time::timeout_at(deadline, outcomes.recv()).await else {
+                break;
+            };
+            self.settle_outcome(outcome, source, lanes, state, stats)
+                .await;
+            state.waiting.iter_mut().for_each(VecDeque::clear);
+        }
+        self.submit_removals(action_id, source, state).await;
+        while !state.settling.removals.is_empty() {
+            let oldest = state.settling.wait_oldest();
+            if tokio::time::timeout_at(deadline, oldest).await.is_err() {
+                break;
             }
         }
     }
@@ -571,6 +611,9 @@ impl Settling {
         }
     }
 }
+
+/// How long a stopping worker waits for the batches its lanes have out.
+const SETTLE_AT_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// Most delivered messages whose removal may be in flight at once.
 const MAX_SETTLING: usize = 8 * BATCH as usize;

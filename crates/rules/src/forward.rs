@@ -232,6 +232,18 @@ impl Forwarder {
         }
     }
 
+    /// Waits for every action's worker to end after shutdown (each settles what its lanes have
+    /// out first).
+    pub async fn stopped(&self) {
+        let workers: Vec<JoinHandle<()>> = write(&self.actions)
+            .drain()
+            .map(|(_, live)| live.worker)
+            .collect();
+        for worker in workers {
+            let _ = worker.await;
+        }
+    }
+
     /// Stops an action's worker.
     pub(crate) fn stop_action(&self, action_id: &str) {
         if let Some(live) = write(&self.actions).remove(action_id) {

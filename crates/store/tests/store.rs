@@ -262,15 +262,23 @@ async fn shadow_merges_a_crash_took_from_memory_are_replayed_from_the_history() 
     );
     // Merges written behind the history reach the shadow without a read asking for them.
     submit_and_wait(&store, json!({"d": 4}), 40).await;
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    // Written within about 100 ms; up to 5 s on a loaded machine.
     let conn = rusqlite::Connection::open(dir.path().join("t.db")).unwrap();
-    let (version, mark, last): (i64, i64, i64) = conn
-        .query_row(
-            "SELECT version, (SELECT applied_through FROM shadow_mark), last_history_id FROM shadows",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-        )
-        .unwrap();
+    let mut seen = (0, 0, -1);
+    for _ in 0..100 {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        seen = conn
+            .query_row(
+                "SELECT version, (SELECT applied_through FROM shadow_mark), last_history_id FROM shadows",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        if seen.0 == 4 && seen.1 == seen.2 {
+            break;
+        }
+    }
+    let (version, mark, last): (i64, i64, i64) = seen;
     assert_eq!((version, mark), (4, last));
     drop(conn);
     store.close().await;
