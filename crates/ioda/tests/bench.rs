@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn bench(args: &[&str]) -> Value {
     let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
@@ -206,6 +206,31 @@ fn connect_scenario_connects_everyone_and_measures_memory() {
             >= result["server_rss_before"].as_u64().unwrap()
     );
     assert!(result["bytes_per_connection"].as_f64().is_some());
+}
+
+#[test]
+fn connect_scenario_connects_everyone_over_mqtts() {
+    let result = bench(&["connect", "--devices", "100", "--duration", "5", "--tls"]);
+    assert_eq!(
+        (&result["devices"], &result["transport"]),
+        (&json!(100), &json!("mqtts")),
+        "{result}"
+    );
+    assert!(result["bytes_per_connection"].as_f64().is_some());
+}
+
+#[test]
+fn tls_is_refused_where_devices_do_not_just_connect() {
+    let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .args(["bench", "report", "--tls"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--tls applies to the connect scenario"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -10,8 +10,11 @@ use ioda_mqtt::client::{
     ServerPacket, decode_server, encode_client_puback, encode_connect, encode_subscribe,
 };
 use ioda_mqtt::codec::{Protocol, QoS, encode_publish};
+use openssl::ssl::SslConnector;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_openssl::SslStream;
+use tokio_util::either::Either;
 
 /// Connections per source address: few enough that the runs of the last minute, whose ports sit in
 /// TIME_WAIT, leave most of an address's ~28 000 ephemeral ports free (with 10 000 per address, a
@@ -24,7 +27,8 @@ pub const MAX_DEVICES: usize = 254 * PER_SOURCE;
 /// A connected device.
 pub struct Device {
     pub device_id: String,
-    stream: TcpStream,
+    /// Plain MQTT, or MQTTS.
+    stream: Either<TcpStream, SslStream<TcpStream>>,
     buf: BytesMut,
     out: BytesMut,
     next_pkid: u16,
@@ -46,12 +50,36 @@ impl Device {
         secret: &str,
         keep_alive: u16,
     ) -> anyhow::Result<Device> {
+        Device::connect_via(n, server, None, device_id, secret, keep_alive).await
+    }
+
+    /// Like `connect`, over TLS when `tls` is given (the server checked as `localhost`).
+    pub async fn connect_via(
+        n: usize,
+        server: SocketAddr,
+        tls: Option<&SslConnector>,
+        device_id: &str,
+        secret: &str,
+        keep_alive: u16,
+    ) -> anyhow::Result<Device> {
         let socket = TcpSocket::new_v4()?;
         socket
             .bind(source(n))
             .with_context(|| format!("binding {}", source(n)))?;
-        let stream = socket.connect(server).await.context("connecting")?;
-        stream.set_nodelay(true)?;
+        let tcp = socket.connect(server).await.context("connecting")?;
+        tcp.set_nodelay(true)?;
+        let stream = match tls {
+            None => Either::Left(tcp),
+            Some(connector) => {
+                let ssl = connector.configure()?.into_ssl("localhost")?;
+                let mut stream = SslStream::new(ssl, tcp)?;
+                std::pin::Pin::new(&mut stream)
+                    .connect()
+                    .await
+                    .context("TLS handshake")?;
+                Either::Right(stream)
+            }
+        };
         let mut device = Device {
             device_id: device_id.to_owned(),
             stream,

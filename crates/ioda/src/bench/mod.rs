@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
+use openssl::ssl::{SslConnector, SslMethod};
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
@@ -97,6 +98,9 @@ pub struct BenchArgs {
     /// Print only one JSON line with the results.
     #[arg(long)]
     pub json: bool,
+    /// `connect`: the devices connect over MQTTS (TLS, verified with the CA the server made).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 const SECRET: &str = "bench-secret-1";
@@ -111,6 +115,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.latency_runs == 0 {
         bail!("--latency-runs must be at least 1");
+    }
+    if args.tls && args.scenario != Scenario::Connect {
+        bail!("--tls applies to the connect scenario");
     }
     // A file that cannot be written is said before the load (minutes, for the reference), not
     // after; what the file holds is left alone until the series replaces it.
@@ -343,14 +350,34 @@ async fn connect_all(
     deadline: Instant,
     quiet: bool,
 ) -> anyhow::Result<Vec<Device>> {
-    let addr = server.mqtt_addr.parse().context("server address")?;
+    connect_all_via(server, ids, deadline, quiet, false).await
+}
+
+/// Like `connect_all`, over MQTTS when `tls` (verifying the server with the CA it made).
+async fn connect_all_via(
+    server: &ServerProcess,
+    ids: &[String],
+    deadline: Instant,
+    quiet: bool,
+    tls: bool,
+) -> anyhow::Result<Vec<Device>> {
+    let (addr, connector) = if tls {
+        let mut builder = SslConnector::builder(SslMethod::tls_client())?;
+        builder
+            .set_ca_file(&server.tls_ca)
+            .with_context(|| format!("reading {}", server.tls_ca.display()))?;
+        (server.mqtts_addr.parse(), Some(builder.build()))
+    } else {
+        (server.mqtt_addr.parse(), None)
+    };
+    let addr: std::net::SocketAddr = addr.context("server address")?;
     let limit = Arc::new(Semaphore::new(256));
     let mut tasks = tokio::task::JoinSet::new();
     for (n, id) in ids.iter().enumerate() {
-        let (id, limit) = (id.clone(), limit.clone());
+        let (id, limit, connector) = (id.clone(), limit.clone(), connector.clone());
         tasks.spawn(async move {
             let _permit = limit.acquire().await;
-            Device::connect(n, addr, &id, SECRET, 1200)
+            Device::connect_via(n, addr, connector.as_ref(), &id, SECRET, 1200)
                 .await
                 .map(|d| (n, d))
         });
@@ -379,7 +406,7 @@ async fn connect_scenario(server: &ServerProcess, args: &BenchArgs) -> anyhow::R
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = server.usage();
     let started = Instant::now();
-    let mut devices = connect_all(server, &ids, deadline, args.json).await?;
+    let mut devices = connect_all_via(server, &ids, deadline, args.json, args.tls).await?;
     let connect_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let connected = server.usage();
@@ -394,6 +421,7 @@ async fn connect_scenario(server: &ServerProcess, args: &BenchArgs) -> anyhow::R
     let n = devices.len().max(1) as f64;
     Ok(json!({
         "scenario": "connect",
+        "transport": if args.tls { "mqtts" } else { "mqtt" },
         "devices": devices.len(),
         "connect_seconds": round(connect_seconds),
         "connections_per_second": round(n / connect_seconds),

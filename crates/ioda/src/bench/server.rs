@@ -14,6 +14,9 @@ pub struct ServerProcess {
     child: Child,
     pub api: ApiClient,
     pub mqtt_addr: String,
+    pub mqtts_addr: String,
+    /// The CA the server made for MQTTS.
+    pub tls_ca: std::path::PathBuf,
     _dir: tempfile_dir::TempDir,
 }
 
@@ -117,10 +120,16 @@ impl ServerProcess {
             .as_str()
             .context("no mqtt listener")?
             .to_owned();
+        let mqtts_addr = listeners["mqtts"]
+            .as_str()
+            .context("no mqtts listener")?
+            .to_owned();
         Ok(ServerProcess {
             child,
             api,
             mqtt_addr,
+            mqtts_addr,
+            tls_ca: dir.path().join("tls").join("ca.pem"),
             _dir: dir,
         })
     }
