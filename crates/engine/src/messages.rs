@@ -174,6 +174,11 @@ impl Platform {
         }
         if let Some(link) = self.registry.link(device_id) {
             let _turn = link.delivery.lock().await;
+            // Until the connection's queue is delivered, the message waits for it, behind the
+            // messages cached before it.
+            if !link.state().queue_delivered {
+                return Ok(message);
+            }
             let current = self
                 .store
                 .message(device_id.to_owned(), message.message_id.clone())
@@ -313,14 +318,34 @@ impl Platform {
                 return;
             }
         };
+        let Some(link) = self.registry.link(&message.device_id) else {
+            return;
+        };
+        {
+            let mut state = link.state();
+            if state.messages_in_flight.contains(&message.message_id) {
+                return;
+            }
+            state.messages_in_flight.push(message.message_id.clone());
+        }
+        let message_id = message.message_id.clone();
         match self.push(&message.device_id, topic, payload, custom).await {
             Ok(delivery) => {
                 let platform = self.clone();
                 tokio::spawn(async move {
+                    // Settled in the store first, so a delivery reading the pending messages
+                    // meanwhile still finds it in flight.
                     platform.settle_message(message, delivery.await).await;
+                    link.state()
+                        .messages_in_flight
+                        .retain(|id| *id != message_id);
                 });
             }
-            Err(PushError::Offline | PushError::NotSubscribed) => {}
+            Err(PushError::Offline | PushError::NotSubscribed) => {
+                link.state()
+                    .messages_in_flight
+                    .retain(|id| *id != message_id);
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::*;
 use ioda_engine::ManualClock;
-use rumqttc::QoS;
+use rumqttc::{Event, Packet, QoS};
 use serde_json::{Value, json};
 
 fn now_ms() -> i64 {
@@ -486,6 +486,54 @@ async fn a_restart_resumes_commands_without_new_ids() {
         "no command was created twice"
     );
     device.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_sent_before_the_queue_is_delivered_goes_out_once_behind_the_cached_ones() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "msg-order").await;
+    let path = format!("/devices/{device_id}/messages");
+    let send = |id: &'static str| {
+        let (server, path) = (&server, &path);
+        async move {
+            let r = server
+                .post(path, json!({"message_id": id, "message": {"id": id}}))
+                .await;
+            assert_eq!(r.status, 201, "{}", r.body);
+        }
+    };
+    send("m1").await;
+    send("m2").await;
+    // Connected, not subscribed yet: the cached messages wait for the first SUBSCRIBE (or 2 s).
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    send("m3").await;
+    client
+        .subscribe(
+            format!("$oc/devices/{device_id}/sys/messages/down"),
+            QoS::AtLeastOnce,
+        )
+        .await
+        .unwrap();
+    let is_publish = |e: &Event| matches!(e, Event::Incoming(Packet::Publish(_)));
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let Event::Incoming(Packet::Publish(p)) = drive(&mut events, 5, is_publish).await.unwrap()
+        else {
+            unreachable!()
+        };
+        let body: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        got.push(body["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(got, ["m1", "m2", "m3"], "in the order they were sent");
+    assert!(
+        drive(&mut events, 1, is_publish).await.is_err(),
+        "each delivered once"
+    );
+    let _ = client.disconnect().await;
     server.stop().await;
 }
 

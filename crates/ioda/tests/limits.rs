@@ -151,21 +151,7 @@ async fn stored_history_is_kept_for_the_retention_period_only() {
     let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
         .await
         .unwrap();
-    let report = json!({"services": [{"service_id": "Temperature", "properties": {"count": 1}}]});
-    client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/properties/report"),
-            QoS::AtLeastOnce,
-            false,
-            report.to_string(),
-        )
-        .await
-        .unwrap();
-    drive(&mut events, 5, |e| {
-        matches!(e, Event::Incoming(Packet::PubAck(_)))
-    })
-    .await
-    .unwrap();
+    report_acked(&client, &mut events, &device_id, json!({"count": 1})).await;
     let history_path = format!("/devices/{device_id}/property-history");
     clock.advance(7 * 86_400_000 - 1_000);
     server.platform().tick().await.unwrap();

@@ -9,7 +9,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{TestServer, device_options, drive, raw_connect, server, server_on, server_with};
+use common::{
+    TestServer, device_options, drive, raw_connect, report_acked, server, server_on, server_with,
+};
 use ioda::config::ServeConfig;
 use ioda_engine::SystemClock;
 use openssl::ssl::{SslConnector, SslMethod, SslVersion};
@@ -102,21 +104,13 @@ async fn a_device_reports_and_receives_messages_over_mqtts() {
     })
     .await
     .unwrap();
-    let report = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 19.5, "mode": "manual"}}]});
-    client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/properties/report"),
-            QoS::AtLeastOnce,
-            false,
-            report.to_string(),
-        )
-        .await
-        .unwrap();
-    drive(&mut events, 5, |e| {
-        matches!(e, Event::Incoming(Packet::PubAck(_)))
-    })
-    .await
-    .expect("the report acknowledged over TLS");
+    report_acked(
+        &client,
+        &mut events,
+        &device_id,
+        json!({"temp": 19.5, "mode": "manual"}),
+    )
+    .await;
     server
         .wait_reported(&device_id, json!({"temp": 19.5, "mode": "manual"}))
         .await;

@@ -121,21 +121,7 @@ async fn restart_keeps_state_and_sigterm_exits_cleanly() {
     ))
     .await
     .unwrap();
-    let report = json!({"services": [{"service_id": "Temperature", "properties": {"temp": 30.5}}]});
-    client
-        .publish(
-            format!("$oc/devices/{device_id}/sys/properties/report"),
-            QoS::AtLeastOnce,
-            false,
-            report.to_string(),
-        )
-        .await
-        .unwrap();
-    drive(&mut events, 5, |e| {
-        matches!(e, Event::Incoming(Packet::PubAck(_)))
-    })
-    .await
-    .unwrap();
+    report_acked(&client, &mut events, &device_id, json!({"temp": 30.5})).await;
 
     // The CLI shows the device trace: the report went through.
     let trace = Command::new(env!("CARGO_BIN_EXE_ioda"))

@@ -203,6 +203,30 @@ pub async fn drive(
     }
 }
 
+/// Publishes a property report of one Temperature service at QoS 1 and waits for its PUBACK.
+pub async fn report_acked(
+    client: &AsyncClient,
+    events: &mut EventLoop,
+    device_id: &str,
+    properties: Value,
+) {
+    let report = json!({"services": [{"service_id": "Temperature", "properties": properties}]});
+    client
+        .publish(
+            format!("$oc/devices/{device_id}/sys/properties/report"),
+            QoS::AtLeastOnce,
+            false,
+            report.to_string(),
+        )
+        .await
+        .unwrap();
+    drive(events, 5, |e| {
+        matches!(e, Event::Incoming(Packet::PubAck(_)))
+    })
+    .await
+    .expect("the report acknowledged");
+}
+
 /// Polls `check` every 50 ms for up to five seconds.
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
 where
