@@ -175,8 +175,8 @@ impl Platform {
         if let Some(link) = self.registry.link(device_id) {
             let _turn = link.delivery.lock().await;
             // Until the connection's queue is delivered, the message waits for it, behind the
-            // messages cached before it.
-            if !link.state().queue_delivered {
+            // messages cached before it (one that may not be cached, ttl 0, goes now).
+            if !link.state().queue_delivered && message.ttl_minutes != 0 {
                 return Ok(message);
             }
             let current = self

@@ -72,6 +72,8 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
 fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    // The mode applies only to a file this creates: one left behind keeps whatever mode it had.
+    let _ = std::fs::remove_file(path);
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -88,7 +90,10 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
 
 /// Writes a file atomically (temporary file, then rename), so readers never see half of it.
 pub(crate) fn write_atomically(path: &Path, contents: &str, private: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
+    // `<name>.tmp`, not `<stem>.tmp`: `server.key` and `server.pem` must not share one.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     if private {
         write_private(&tmp, contents)?
     } else {

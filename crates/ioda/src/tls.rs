@@ -18,7 +18,7 @@ use openssl::ec::{EcGroup, EcKey};
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
 use openssl::pkey::{PKey, Private};
-use openssl::ssl::{Ssl, SslAcceptor, SslMethod, SslMode, SslVersion};
+use openssl::ssl::{Ssl, SslAcceptor, SslMethod, SslMode, SslOptions, SslVersion};
 use openssl::x509::extension::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, SubjectAlternativeName,
     SubjectKeyIdentifier,
@@ -66,7 +66,14 @@ impl TlsUpgrade {
     /// Loads the given certificate, or makes (once) and loads ioda's own under `data_dir/tls`.
     pub fn new(settings: &TlsSettings, data_dir: &Path) -> anyhow::Result<TlsUpgrade> {
         let (cert, key, ca_file) = match (&settings.cert, &settings.key) {
-            (Some(cert), Some(key)) => (cert.clone(), key.clone(), None),
+            (Some(cert), Some(key)) => {
+                if !settings.names.is_empty() {
+                    tracing::warn!(
+                        "tls_names apply to the certificate ioda makes, not a given one"
+                    );
+                }
+                (cert.clone(), key.clone(), None)
+            }
             (None, None) => {
                 let dir = data_dir.join(TLS_DIR);
                 ensure_own_certificate(&dir, &settings.names)?;
@@ -106,6 +113,8 @@ fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<SslAcceptor> {
     builder.set_cipher_list(CIPHERS)?;
     // An idle connection gives its 16 KB read and write buffers back.
     builder.set_mode(SslMode::RELEASE_BUFFERS);
+    // A client must not make the server run handshake after handshake on one connection.
+    builder.set_options(SslOptions::NO_RENEGOTIATION);
     builder
         .set_certificate_chain_file(cert)
         .with_context(|| format!("reading the TLS certificate chain {}", cert.display()))?;
@@ -128,17 +137,15 @@ fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<SslAcceptor> {
     Ok(builder.build())
 }
 
-/// Makes the CA (once) and a server certificate covering `names`, unless the one there does.
+/// Makes the CA (once) and a server certificate covering `names`, unless the one there serves:
+/// its key, issued by this CA, for these names, valid for a month more at least.
 fn ensure_own_certificate(dir: &Path, extra_names: &[String]) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let names = certificate_names(extra_names);
-    if let Ok(pem) = std::fs::read(dir.join(CERT_FILE))
-        && dir.join(KEY_FILE).exists()
-        && X509::from_pem(&pem).is_ok_and(|cert| covers(&cert, &names))
-    {
+    let (ca, ca_key) = own_ca(dir)?;
+    if still_serves(dir, &ca, &names) {
         return Ok(());
     }
-    let (ca, ca_key) = own_ca(dir)?;
     let key = new_key()?;
     let cert = server_certificate(&ca, &ca_key, &key, &names)?;
     let mut chain = cert.to_pem()?;
@@ -153,16 +160,64 @@ fn ensure_own_certificate(dir: &Path, extra_names: &[String]) -> anyhow::Result<
     Ok(())
 }
 
-/// The CA under `dir`, made if missing.
+/// Whether the server certificate and key under `dir` can be served as they are.
+fn still_serves(dir: &Path, ca: &X509, names: &[String]) -> bool {
+    let (Ok(cert), Ok(key)) = (
+        std::fs::read(dir.join(CERT_FILE)),
+        std::fs::read(dir.join(KEY_FILE)),
+    ) else {
+        return false;
+    };
+    let (Ok(cert), Ok(key)) = (X509::from_pem(&cert), PKey::private_key_from_pem(&key)) else {
+        return false;
+    };
+    let belongs = cert.public_key().is_ok_and(|public| public.public_eq(&key));
+    let issued_by_ca = ca
+        .public_key()
+        .and_then(|ca_key| cert.verify(&ca_key))
+        .unwrap_or(false);
+    let month_ahead = Asn1Time::days_from_now(30);
+    let now = Asn1Time::days_from_now(0);
+    let in_date = matches!((now, month_ahead), (Ok(now), Ok(ahead))
+        if cert.not_before() <= now && cert.not_after() >= ahead);
+    belongs && issued_by_ca && in_date && covers(&cert, names)
+}
+
+/// The CA under `dir`, made if neither its certificate nor its key is there. Devices trust it,
+/// so one that is there is never replaced: half of it, or a key that is not its own, is an error.
 fn own_ca(dir: &Path) -> anyhow::Result<(X509, PKey<Private>)> {
     let (cert_path, key_path) = (dir.join(CA_FILE), dir.join(CA_KEY_FILE));
-    if let (Ok(cert), Ok(key)) = (std::fs::read(&cert_path), std::fs::read(&key_path)) {
-        let cert =
-            X509::from_pem(&cert).with_context(|| format!("reading {}", cert_path.display()))?;
-        let key = PKey::private_key_from_pem(&key)
-            .with_context(|| format!("reading {}", key_path.display()))?;
-        return Ok((cert, key));
+    match (cert_path.exists(), key_path.exists()) {
+        (false, false) => make_ca(&cert_path, &key_path),
+        (true, true) => {
+            let cert = X509::from_pem(&std::fs::read(&cert_path)?)
+                .with_context(|| format!("reading {}", cert_path.display()))?;
+            let key = PKey::private_key_from_pem(&std::fs::read(&key_path)?)
+                .with_context(|| format!("reading {}", key_path.display()))?;
+            if !cert.public_key().is_ok_and(|public| public.public_eq(&key)) {
+                bail!(
+                    "{} is not the key of {}: put the CA's own key back (devices trust that CA)",
+                    key_path.display(),
+                    cert_path.display()
+                );
+            }
+            Ok((cert, key))
+        }
+        (true, false) => bail!(
+            "{} is there without its key {}: put the key back, or remove both to make a new CA \
+             (devices trusting the old one must then be given the new ca.pem)",
+            cert_path.display(),
+            key_path.display()
+        ),
+        (false, true) => bail!(
+            "{} is there without its certificate {}: put it back, or remove both",
+            key_path.display(),
+            cert_path.display()
+        ),
     }
+}
+
+fn make_ca(cert_path: &Path, key_path: &Path) -> anyhow::Result<(X509, PKey<Private>)> {
     let key = new_key()?;
     let name = distinguished_name("ioda device access CA")?;
     let mut builder = certificate_builder(&name, &name, &key, 20 * 365)?;
@@ -178,8 +233,8 @@ fn own_ca(dir: &Path) -> anyhow::Result<(X509, PKey<Private>)> {
     builder.append_extension(key_id)?;
     builder.sign(&key, MessageDigest::sha256())?;
     let cert = builder.build();
-    write_atomically(&key_path, &pem_text(key.private_key_to_pem_pkcs8()?)?, true)?;
-    write_atomically(&cert_path, &pem_text(cert.to_pem()?)?, false)?;
+    write_atomically(key_path, &pem_text(key.private_key_to_pem_pkcs8()?)?, true)?;
+    write_atomically(cert_path, &pem_text(cert.to_pem()?)?, false)?;
     Ok((cert, key))
 }
 

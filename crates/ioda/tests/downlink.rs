@@ -538,6 +538,37 @@ async fn a_message_sent_before_the_queue_is_delivered_goes_out_once_behind_the_c
 }
 
 #[tokio::test]
+async fn a_message_that_may_not_be_cached_goes_out_at_once_after_connect() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "msg-ttl0").await;
+    // Connected, its queue not delivered yet (no SUBSCRIBE): a ttl 0 message must not wait
+    // for it, or it times out first.
+    let (client, mut events) = connect(device_options(server.mqtt_port, &device_id, &secret, 60))
+        .await
+        .unwrap();
+    let path = format!("/devices/{device_id}/messages");
+    let r = server
+        .post(
+            &path,
+            json!({"message_id": "now", "message": "x", "ttl": 0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    drive(&mut events, 5, |e| {
+        matches!(e, Event::Incoming(Packet::Publish(_)))
+    })
+    .await
+    .expect("pushed at once");
+    eventually("DELIVERED", || async {
+        server.get(&format!("{path}/now")).await["status"] == "DELIVERED"
+    })
+    .await;
+    let _ = client.disconnect().await;
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn messages_are_cached_in_order_bounded_and_time_out() {
     let clock = Arc::new(ManualClock::new(now_ms()));
     let server = manual_server(&clock).await;

@@ -236,6 +236,62 @@ async fn the_made_ca_stays_and_the_server_certificate_follows_the_names() {
 }
 
 #[tokio::test]
+async fn a_broken_server_certificate_is_reissued_and_a_ca_without_its_key_stops_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    // A temporary file left by a crash, readable by all: the key must not inherit its mode.
+    std::fs::create_dir_all(&tls).unwrap();
+    std::fs::write(tls.join("server.key.tmp"), "stale").unwrap();
+    std::fs::set_permissions(
+        tls.join("server.key.tmp"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let first = server_on(dir, |_| {}, Arc::new(SystemClock)).await;
+    let mode = std::fs::metadata(tls.join("server.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the server key is private");
+    let ca_before = std::fs::read(tls.join("ca.pem")).unwrap();
+    let other = server().await;
+    let dir = first.stop_keep_dir().await;
+
+    // A key that is not the certificate's (a crash between the two writes): made again.
+    std::fs::copy(
+        other.dir.path().join("tls/server.key"),
+        tls.join("server.key"),
+    )
+    .unwrap();
+    let second = server_on(dir, |_| {}, Arc::new(SystemClock)).await;
+    assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca_before);
+    handshake(
+        mqtts_port(&second),
+        &tls.join("ca.pem"),
+        SslVersion::TLS1_3,
+        None,
+    )
+    .await
+    .expect("the re-issued certificate is served");
+    let dir = second.stop_keep_dir().await;
+
+    // The CA devices trust is never replaced behind their back.
+    std::fs::remove_file(tls.join("ca.key")).unwrap();
+    let mut config = ServeConfig::ephemeral(dir.path());
+    config.tls.names = vec!["new.example.com".into()];
+    let error = ioda::serve::start(config)
+        .await
+        .expect_err("a CA without its key");
+    assert!(
+        format!("{error:#}").contains("without its key"),
+        "{error:#}"
+    );
+    assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca_before);
+    other.stop().await;
+}
+
+#[tokio::test]
 async fn a_given_certificate_is_served_and_a_bad_pair_is_refused_at_start() {
     let made = server().await;
     let tls = made.dir.path().join("tls");
