@@ -328,7 +328,10 @@ impl Platform {
             }
             state.messages_in_flight.push(message.message_id.clone());
         }
-        let message_id = message.message_id.clone();
+        let in_flight = InFlight {
+            link,
+            message_id: message.message_id.clone(),
+        };
         match self.push(&message.device_id, topic, payload, custom).await {
             Ok(delivery) => {
                 let platform = self.clone();
@@ -336,16 +339,24 @@ impl Platform {
                     // Settled in the store first, so a delivery reading the pending messages
                     // meanwhile still finds it in flight.
                     platform.settle_message(message, delivery.await).await;
-                    link.state()
-                        .messages_in_flight
-                        .retain(|id| *id != message_id);
+                    drop(in_flight);
                 });
             }
-            Err(PushError::Offline | PushError::NotSubscribed) => {
-                link.state()
-                    .messages_in_flight
-                    .retain(|id| *id != message_id);
-            }
+            Err(PushError::Offline | PushError::NotSubscribed) => drop(in_flight),
         }
+    }
+}
+
+/// A message pushed on a connection and not settled yet; no longer once this is dropped, however
+/// the settling ends.
+struct InFlight {
+    link: Arc<crate::registry::Link>,
+    message_id: String,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let id = &self.message_id;
+        self.link.state().messages_in_flight.retain(|m| m != id);
     }
 }

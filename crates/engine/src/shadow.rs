@@ -181,7 +181,19 @@ impl Platform {
             if state.shadow_generation != generation && attempt < SHADOW_LOAD_ATTEMPTS {
                 continue;
             }
-            state.shadow = Some(shadow_cache(rows));
+            let mut fresh = shadow_cache(rows);
+            // A service a later load (or report) put in meanwhile is at least as new: kept.
+            if let Some(cached) = state.shadow.take() {
+                for (service_id, entry) in cached {
+                    if fresh
+                        .get(&service_id)
+                        .is_none_or(|read| entry.version >= read.version)
+                    {
+                        fresh.insert(service_id, entry);
+                    }
+                }
+            }
+            state.shadow = Some(fresh);
             state.shadow_generation += 1;
             return true;
         }
