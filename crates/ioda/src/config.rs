@@ -30,10 +30,10 @@ pub struct ServeArgs {
     /// MQTT listen address (port 0 picks a free port).
     #[arg(long, env = "IODA_MQTT_ADDR")]
     pub mqtt_addr: Option<SocketAddr>,
-    /// MQTTS (MQTT over TLS 1.2/1.3) listen address (port 0 picks a free port). Huawei's device
-    /// SDKs use TLS when the port is 8883.
+    /// MQTTS (MQTT over TLS 1.2/1.3) listen address (port 0 picks a free port), or `off`.
+    /// Huawei's device SDKs use TLS when the port is 8883.
     #[arg(long, env = "IODA_MQTTS_ADDR")]
-    pub mqtts_addr: Option<SocketAddr>,
+    pub mqtts_addr: Option<ListenAddr>,
     /// MQTTS certificate chain (PEM, server certificate first); with `--tls-key`. Without both,
     /// ioda makes a CA and a server certificate under `<data-dir>/tls` on first start, and
     /// devices verify the server with `<data-dir>/tls/ca.pem`.
@@ -108,7 +108,7 @@ struct FileConfig {
     data_dir: Option<PathBuf>,
     http_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
-    mqtts_addr: Option<SocketAddr>,
+    mqtts_addr: Option<ListenAddr>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_names: Option<Vec<String>>,
@@ -135,7 +135,8 @@ pub struct ServeConfig {
     pub data_dir: PathBuf,
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
-    pub mqtts_addr: SocketAddr,
+    /// None: no MQTTS listener.
+    pub mqtts_addr: Option<SocketAddr>,
     /// The MQTTS certificate.
     pub tls: TlsSettings,
     pub coap_addr: SocketAddr,
@@ -158,7 +159,7 @@ impl ServeConfig {
             data_dir: data_dir.to_owned(),
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            mqtts_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            mqtts_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls: TlsSettings::default(),
             coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coaps_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -170,6 +171,30 @@ impl ServeConfig {
             mqtt_write_timeout: Duration::from_secs(10),
             signature_window_ms: 15 * 60 * 1000,
         }
+    }
+}
+
+/// A listen address, or `off` for none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddr(pub Option<SocketAddr>);
+
+impl std::str::FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<ListenAddr, String> {
+        if text.eq_ignore_ascii_case("off") {
+            return Ok(ListenAddr(None));
+        }
+        text.parse()
+            .map(|addr| ListenAddr(Some(addr)))
+            .map_err(|_| format!("{text:?} is neither an address such as 0.0.0.0:8883 nor off"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<ListenAddr, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -272,7 +297,7 @@ impl ServeArgs {
             mqtts_addr: self
                 .mqtts_addr
                 .or(file.mqtts_addr)
-                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8883))),
+                .map_or(Some(SocketAddr::from(([0, 0, 0, 0], 8883))), |a| a.0),
             tls: TlsSettings {
                 cert: self.tls_cert.clone().or(file.tls_cert),
                 key: self.tls_key.clone().or(file.tls_key),

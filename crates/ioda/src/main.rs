@@ -175,7 +175,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     println!(
         "ioda ready: http={} mqtt={} mqtts={}",
-        running.http_addr, running.mqtt_addr, running.mqtts_addr
+        running.http_addr,
+        running.mqtt_addr,
+        running
+            .mqtts_addr
+            .map_or_else(|| "off".to_owned(), |a| a.to_string())
     );
     if let Some(ca) = &running.tls_ca_file {
         println!("  MQTTS devices verify the server with {}", ca.display());

@@ -29,7 +29,8 @@ const DATABASE_FILE: &str = "ioda.db";
 pub struct Running {
     pub http_addr: SocketAddr,
     pub mqtt_addr: SocketAddr,
-    pub mqtts_addr: SocketAddr,
+    /// None when MQTTS is off.
+    pub mqtts_addr: Option<SocketAddr>,
     /// The CA devices verify MQTTS with, when ioda made its own certificate.
     pub tls_ca_file: Option<PathBuf>,
     pub coap_addr: SocketAddr,
@@ -41,7 +42,7 @@ pub struct Running {
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
     mqtt: JoinHandle<()>,
-    mqtts: JoinHandle<()>,
+    mqtts: Option<JoinHandle<()>>,
     coap: JoinHandle<()>,
     coaps: JoinHandle<()>,
     scheduler: JoinHandle<()>,
@@ -138,16 +139,13 @@ pub async fn start_with_clock(
                 config.mqtt_addr
             )
         })?;
-    let tls = TlsUpgrade::new(&config.tls, &config.data_dir).context("setting up MQTTS")?;
-    let tls_ca_file = tls.ca_file.clone();
-    let mqtts_listener = TcpListener::bind(config.mqtts_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding MQTTS on {} (choose another with --mqtts-addr)",
-                config.mqtts_addr
-            )
-        })?;
+    let mqtts_listener = match config.mqtts_addr {
+        Some(addr) => Some(bind_mqtts(addr, &config).await?),
+        None => None,
+    };
+    let tls_ca_file = mqtts_listener
+        .as_ref()
+        .and_then(|(_, tls)| tls.ca_file.clone());
     let lwm2m = Lwm2mAccess::new(platform.clone());
     let coap_server = CoapServer::bind(config.coap_addr, ioda_coap::Timing::default())
         .await
@@ -163,7 +161,10 @@ pub async fn start_with_clock(
     .with_context(|| format!("binding CoAPS (DTLS, UDP) on {}", config.coaps_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
     let mqtt_addr = connectable(mqtt_listener.local_addr()?);
-    let mqtts_addr = connectable(mqtts_listener.local_addr()?);
+    let mqtts_addr = match &mqtts_listener {
+        Some((listener, _)) => Some(connectable(listener.local_addr()?)),
+        None => None,
+    };
     let coap_addr = connectable(coap_server.local_addr()?);
     let coaps_addr = connectable(coaps_server.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
@@ -185,13 +186,15 @@ pub async fn start_with_clock(
         limits,
         stop.clone(),
     ));
-    let mqtts = tokio::spawn(ioda_mqtt::server::serve_upgraded(
-        mqtts_listener,
-        Arc::new(tls),
-        broker,
-        limits,
-        stop.clone(),
-    ));
+    let mqtts = mqtts_listener.map(|(listener, tls)| {
+        tokio::spawn(ioda_mqtt::server::serve_upgraded(
+            listener,
+            Arc::new(tls),
+            broker,
+            limits,
+            stop.clone(),
+        ))
+    });
 
     lwm2m.serve_on(coap_server.handle(), false);
     lwm2m.serve_on(coaps_server.handle(), true);
@@ -212,7 +215,10 @@ pub async fn start_with_clock(
             .await
     });
 
-    let listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "mqtts": mqtts_addr.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
+    let mut listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
+    if let Some(addr) = mqtts_addr {
+        listeners["mqtts"] = json!(addr.to_string());
+    }
     write_atomically(
         &config.data_dir.join(LISTENERS_FILE),
         &listeners.to_string(),
@@ -221,7 +227,7 @@ pub async fn start_with_clock(
     if let Some(ca) = &tls_ca_file {
         tracing::info!(ca = %ca.display(), "MQTTS devices verify the server with this CA");
     }
-    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, mqtts = %mqtts_addr, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
+    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, mqtts = ?mqtts_addr, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
     Ok(Running {
         http_addr,
         mqtt_addr,
@@ -242,6 +248,18 @@ pub async fn start_with_clock(
         http,
         config,
     })
+}
+
+/// The MQTTS listener and its handshake (the certificate made or loaded first).
+async fn bind_mqtts(
+    addr: SocketAddr,
+    config: &ServeConfig,
+) -> anyhow::Result<(TcpListener, TlsUpgrade)> {
+    let tls = TlsUpgrade::new(&config.tls, &config.data_dir).context("setting up MQTTS")?;
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!("binding MQTTS on {addr} (choose another with --mqtts-addr, or off)")
+    })?;
+    Ok((listener, tls))
 }
 
 /// Serves CoAP/LwM2M and ends lapsed registrations once a second.
@@ -269,7 +287,9 @@ impl Running {
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
             let _ = self.mqtt.await;
-            let _ = self.mqtts.await;
+            if let Some(mqtts) = self.mqtts {
+                let _ = mqtts.await;
+            }
             let _ = self.coap.await;
             let _ = self.coaps.await;
             let _ = self.http.await;

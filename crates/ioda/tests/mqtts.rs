@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use tokio_openssl::SslStream;
 
 fn mqtts_port(server: &TestServer) -> u16 {
-    server.running.as_ref().unwrap().mqtts_addr.port()
+    server.running.as_ref().unwrap().mqtts_addr.unwrap().port()
 }
 
 fn made_ca(server: &TestServer) -> PathBuf {
@@ -289,6 +289,26 @@ async fn a_broken_server_certificate_is_reissued_and_a_ca_without_its_key_stops_
     );
     assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca_before);
     other.stop().await;
+}
+
+#[tokio::test]
+async fn mqtts_can_be_switched_off() {
+    let off: ioda::config::ListenAddr = "off".parse().unwrap();
+    assert_eq!(off.0, None);
+    let wrong = "8883".parse::<ioda::config::ListenAddr>().unwrap_err();
+    assert!(wrong.contains("nor off"), "{wrong}");
+    let server = server_with(|c| c.mqtts_addr = off.0).await;
+    assert_eq!(server.running.as_ref().unwrap().mqtts_addr, None);
+    assert!(
+        !server.dir.path().join("tls").exists(),
+        "no certificate made"
+    );
+    let listeners: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.dir.path().join("listeners.json")).unwrap())
+            .unwrap();
+    assert!(listeners.get("mqtts").is_none(), "{listeners}");
+    assert!(listeners.get("mqtt").is_some(), "{listeners}");
+    server.stop().await;
 }
 
 #[tokio::test]
