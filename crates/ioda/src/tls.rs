@@ -115,26 +115,38 @@ fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<SslAcceptor> {
     builder.set_mode(SslMode::RELEASE_BUFFERS);
     // A client must not make the server run handshake after handshake on one connection.
     builder.set_options(SslOptions::NO_RENEGOTIATION);
-    builder
-        .set_certificate_chain_file(cert)
+    let chain = std::fs::read(cert)
+        .map_err(anyhow::Error::from)
+        .and_then(|pem| Ok(X509::stack_from_pem(&pem)?))
         .with_context(|| format!("reading the TLS certificate chain {}", cert.display()))?;
-    let key_pem = std::fs::read(key)
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        bail!(
+            "the TLS certificate chain {} holds no certificate",
+            cert.display()
+        );
+    };
+    let private_key = std::fs::read(key)
+        .map_err(anyhow::Error::from)
+        .and_then(|pem| Ok(PKey::private_key_from_pem(&pem)?))
         .with_context(|| format!("reading the TLS private key {}", key.display()))?;
-    let private_key = PKey::private_key_from_pem(&key_pem)
-        .with_context(|| format!("reading the TLS private key {}", key.display()))?;
-    let chain = std::fs::read(cert).map(|pem| X509::stack_from_pem(&pem));
-    let belongs = matches!(chain, Ok(Ok(chain)) if chain.first()
-        .and_then(|leaf| leaf.public_key().ok())
-        .is_some_and(|public| public.public_eq(&private_key)));
-    if !belongs {
+    if !is_key_of(leaf, &private_key) {
         bail!(
             "the TLS private key {} does not belong to the certificate {}",
             key.display(),
             cert.display()
         );
     }
+    builder.set_certificate(leaf)?;
+    for certificate in intermediates {
+        builder.add_extra_chain_cert(certificate.clone())?;
+    }
     builder.set_private_key(&private_key)?;
     Ok(builder.build())
+}
+
+/// Whether `key` is the private key of `cert`.
+fn is_key_of(cert: &X509, key: &PKey<Private>) -> bool {
+    cert.public_key().is_ok_and(|public| public.public_eq(key))
 }
 
 /// Makes the CA (once) and a server certificate covering `names`, unless the one there serves:
@@ -171,7 +183,7 @@ fn still_serves(dir: &Path, ca: &X509, names: &[String]) -> bool {
     let (Ok(cert), Ok(key)) = (X509::from_pem(&cert), PKey::private_key_from_pem(&key)) else {
         return false;
     };
-    let belongs = cert.public_key().is_ok_and(|public| public.public_eq(&key));
+    let belongs = is_key_of(&cert, &key);
     let issued_by_ca = ca
         .public_key()
         .and_then(|ca_key| cert.verify(&ca_key))
@@ -194,7 +206,7 @@ fn own_ca(dir: &Path) -> anyhow::Result<(X509, PKey<Private>)> {
                 .with_context(|| format!("reading {}", cert_path.display()))?;
             let key = PKey::private_key_from_pem(&std::fs::read(&key_path)?)
                 .with_context(|| format!("reading {}", key_path.display()))?;
-            if !cert.public_key().is_ok_and(|public| public.public_eq(&key)) {
+            if !is_key_of(&cert, &key) {
                 bail!(
                     "{} is not the key of {}: put the CA's own key back (devices trust that CA)",
                     key_path.display(),

@@ -145,15 +145,23 @@ fn paced_reports_keep_their_rate() {
     assert!(spread.get("write_error").is_none(), "{result}");
 }
 
+/// Runs `ioda bench` with arguments it must refuse; its standard error (nothing was printed on
+/// standard output).
+fn refused(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
+        .arg("bench")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "{args:?}");
+    assert!(output.stdout.is_empty(), "{args:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 #[test]
 fn a_latency_series_is_refused_where_no_report_is_timed() {
     for scenario in ["connect", "command"] {
-        let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
-            .args(["bench", scenario, "--latency-series", "unused.txt"])
-            .output()
-            .unwrap();
-        assert!(!output.status.success(), "{scenario}");
-        let stderr = String::from_utf8_lossy(&output.stderr);
+        let stderr = refused(&[scenario, "--latency-series", "unused.txt"]);
         assert!(stderr.contains("--latency-series applies to"), "{stderr}");
     }
     assert!(!std::path::Path::new("unused.txt").exists());
@@ -161,17 +169,11 @@ fn a_latency_series_is_refused_where_no_report_is_timed() {
 
 #[test]
 fn no_runs_at_half_the_maximum_is_refused() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
-        .args(["bench", "reference", "--latency-runs", "0"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&["reference", "--latency-runs", "0"]);
     assert!(
         stderr.contains("--latency-runs must be at least 1"),
         "{stderr}"
     );
-    assert!(output.stdout.is_empty());
 }
 
 #[test]
@@ -221,12 +223,7 @@ fn connect_scenario_connects_everyone_over_mqtts() {
 
 #[test]
 fn tls_is_refused_where_devices_do_not_just_connect() {
-    let output = Command::new(env!("CARGO_BIN_EXE_ioda"))
-        .args(["bench", "report", "--tls"])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8_lossy(&output.stderr);
+    let stderr = refused(&["report", "--tls"]);
     assert!(
         stderr.contains("--tls applies to the connect scenario"),
         "{stderr}"

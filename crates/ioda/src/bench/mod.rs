@@ -366,7 +366,11 @@ async fn connect_all_via(
         builder
             .set_ca_file(&server.tls_ca)
             .with_context(|| format!("reading {}", server.tls_ca.display()))?;
-        (server.mqtts_addr.parse(), Some(builder.build()))
+        let addr = server
+            .mqtts_addr
+            .as_deref()
+            .context("the server has MQTTS off")?;
+        (addr.parse(), Some(builder.build()))
     } else {
         (server.mqtt_addr.parse(), None)
     };
