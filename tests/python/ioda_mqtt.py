@@ -71,7 +71,7 @@ class Device:
     def __init__(self, host: str, port: int, device_id: str, secret: str, *,
                  protocol: int = mqtt.MQTTv311, keepalive: int = 60,
                  ts: str | None = None, password: str | None = None, client_id: str | None = None,
-                 tls_ca: str | None = None):
+                 tls_ca: str | None = None, websocket_path: str | None = None):
         self.host, self.port = host, port
         self.device_id = device_id
         self.protocol = protocol
@@ -94,7 +94,11 @@ class Device:
             clean_session=True if protocol != mqtt.MQTTv5 else None,
             protocol=protocol,
             reconnect_on_failure=False,  # a refused CONNACK must not trigger reconnect loops
+            transport="websockets" if websocket_path is not None else "tcp",
         )
+        if websocket_path is not None:
+            # paho offers the subprotocol "mqtt" (or "mqttv3.1") itself.
+            self.client.ws_set_options(path=websocket_path)
         self.client.username_pw_set(device_id, self.password)
         if tls_ca is not None:
             # As Huawei's Python device SDK sets up MQTTS (port 8883): the CA file it is given,

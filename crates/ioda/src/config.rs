@@ -34,12 +34,20 @@ pub struct ServeArgs {
     /// Huawei's device SDKs use TLS when the port is 8883.
     #[arg(long, env = "IODA_MQTTS_ADDR")]
     pub mqtts_addr: Option<ListenAddr>,
-    /// MQTTS certificate chain (PEM, server certificate first); with `--tls-key`. Without both,
-    /// ioda makes a CA and a server certificate under `<data-dir>/tls` on first start, and
-    /// devices verify the server with `<data-dir>/tls/ca.pem`.
+    /// MQTT over secure WebSocket listen address (`wss://{host}:{port}/mqtt`, TLS as MQTTS), or
+    /// `off`. IoTDA serves it on 443; the default port needs no privileges.
+    #[arg(long, env = "IODA_WSS_ADDR")]
+    pub wss_addr: Option<ListenAddr>,
+    /// MQTT over plain WebSocket listen address (`ws://{host}:{port}/mqtt`), for a TLS-terminating
+    /// proxy in front; `off` (the default) for none.
+    #[arg(long, env = "IODA_WS_ADDR")]
+    pub ws_addr: Option<ListenAddr>,
+    /// TLS certificate chain for MQTTS and wss (PEM, server certificate first); with `--tls-key`.
+    /// Without both, ioda makes a CA and a server certificate under `<data-dir>/tls` on first
+    /// start, and devices verify the server with `<data-dir>/tls/ca.pem`.
     #[arg(long, env = "IODA_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
-    /// MQTTS private key (PEM) of `--tls-cert`.
+    /// Private key (PEM) of `--tls-cert`.
     #[arg(long, env = "IODA_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
     /// Extra host names or IP addresses, comma-separated, for the certificate ioda makes (it
@@ -109,6 +117,8 @@ struct FileConfig {
     http_addr: Option<SocketAddr>,
     mqtt_addr: Option<SocketAddr>,
     mqtts_addr: Option<ListenAddr>,
+    wss_addr: Option<ListenAddr>,
+    ws_addr: Option<ListenAddr>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_names: Option<Vec<String>>,
@@ -137,7 +147,11 @@ pub struct ServeConfig {
     pub mqtt_addr: SocketAddr,
     /// None: no MQTTS listener.
     pub mqtts_addr: Option<SocketAddr>,
-    /// The MQTTS certificate.
+    /// None: no MQTT over secure WebSocket.
+    pub wss_addr: Option<SocketAddr>,
+    /// None: no MQTT over plain WebSocket.
+    pub ws_addr: Option<SocketAddr>,
+    /// The certificate of MQTTS and wss.
     pub tls: TlsSettings,
     pub coap_addr: SocketAddr,
     pub coaps_addr: SocketAddr,
@@ -160,6 +174,8 @@ impl ServeConfig {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             mqtt_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             mqtts_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            wss_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            ws_addr: None,
             tls: TlsSettings::default(),
             coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coaps_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -298,6 +314,11 @@ impl ServeArgs {
                 .mqtts_addr
                 .or(file.mqtts_addr)
                 .map_or(Some(SocketAddr::from(([0, 0, 0, 0], 8883))), |a| a.0),
+            wss_addr: self
+                .wss_addr
+                .or(file.wss_addr)
+                .map_or(Some(SocketAddr::from(([0, 0, 0, 0], 8443))), |a| a.0),
+            ws_addr: self.ws_addr.or(file.ws_addr).and_then(|a| a.0),
             tls: TlsSettings {
                 cert: self.tls_cert.clone().or(file.tls_cert),
                 key: self.tls_key.clone().or(file.tls_key),

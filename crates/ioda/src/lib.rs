@@ -4,5 +4,6 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+mod listeners;
 pub mod serve;
 pub mod tls;

@@ -173,16 +173,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             admin.project_id, admin.access_key, admin.secret_key
         );
     }
+    let or_off = |addr: Option<std::net::SocketAddr>| {
+        addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
+    };
     println!(
-        "ioda ready: http={} mqtt={} mqtts={}",
+        "ioda ready: http={} mqtt={} mqtts={} wss={} ws={}",
         running.http_addr,
         running.mqtt_addr,
-        running
-            .mqtts_addr
-            .map_or_else(|| "off".to_owned(), |a| a.to_string())
+        or_off(running.mqtts_addr),
+        or_off(running.wss_addr),
+        or_off(running.ws_addr),
     );
     if let Some(ca) = &running.tls_ca_file {
-        println!("  MQTTS devices verify the server with {}", ca.display());
+        println!(
+            "  MQTTS and wss devices verify the server with {}",
+            ca.display()
+        );
     }
     wait_for_signal().await?;
     tracing::info!("shutting down");

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ServeConfig;
-use crate::tls::TlsUpgrade;
+use crate::listeners::MqttListeners;
 
 /// File names inside the data directory.
 pub const LISTENERS_FILE: &str = "listeners.json";
@@ -31,7 +31,11 @@ pub struct Running {
     pub mqtt_addr: SocketAddr,
     /// None when MQTTS is off.
     pub mqtts_addr: Option<SocketAddr>,
-    /// The CA devices verify MQTTS with, when ioda made its own certificate.
+    /// MQTT over WebSocket (`ws://{addr}/mqtt`); None when off (the default).
+    pub ws_addr: Option<SocketAddr>,
+    /// MQTT over secure WebSocket (`wss://{addr}/mqtt`); None when off.
+    pub wss_addr: Option<SocketAddr>,
+    /// The CA devices verify MQTTS and wss with, when ioda made its own certificate.
     pub tls_ca_file: Option<PathBuf>,
     pub coap_addr: SocketAddr,
     pub coaps_addr: SocketAddr,
@@ -41,8 +45,8 @@ pub struct Running {
     /// Set on the very first start only: the credentials that were just created.
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
-    mqtt: JoinHandle<()>,
-    mqtts: Option<JoinHandle<()>>,
+    /// Plain MQTT, MQTTS, ws and wss: those that are on.
+    mqtt: Vec<JoinHandle<()>>,
     coap: JoinHandle<()>,
     coaps: JoinHandle<()>,
     scheduler: JoinHandle<()>,
@@ -61,7 +65,7 @@ impl std::fmt::Debug for Running {
 }
 
 /// A connectable form of a bound address: the unspecified address becomes loopback.
-fn connectable(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn connectable(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() {
         SocketAddr::from(([127, 0, 0, 1], addr.port()))
     } else {
@@ -131,21 +135,8 @@ pub async fn start_with_clock(
     let http_listener = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
-    let mqtt_listener = TcpListener::bind(config.mqtt_addr)
-        .await
-        .with_context(|| {
-            format!(
-                "binding MQTT on {} (if another broker such as Mosquitto holds the port, choose one with --mqtt-addr)",
-                config.mqtt_addr
-            )
-        })?;
-    let mqtts_listener = match config.mqtts_addr {
-        Some(addr) => Some(bind_mqtts(addr, &config).await?),
-        None => None,
-    };
-    let tls_ca_file = mqtts_listener
-        .as_ref()
-        .and_then(|(_, tls)| tls.ca_file.clone());
+    let mqtt_listeners = MqttListeners::bind(&config).await?;
+    let tls_ca_file = mqtt_listeners.ca_file();
     let lwm2m = Lwm2mAccess::new(platform.clone());
     let coap_server = CoapServer::bind(config.coap_addr, ioda_coap::Timing::default())
         .await
@@ -160,11 +151,7 @@ pub async fn start_with_clock(
     .await
     .with_context(|| format!("binding CoAPS (DTLS, UDP) on {}", config.coaps_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
-    let mqtt_addr = connectable(mqtt_listener.local_addr()?);
-    let mqtts_addr = match &mqtts_listener {
-        Some((listener, _)) => Some(connectable(listener.local_addr()?)),
-        None => None,
-    };
+    let mqtt_addrs = mqtt_listeners.addrs()?;
     let coap_addr = connectable(coap_server.local_addr()?);
     let coaps_addr = connectable(coaps_server.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
@@ -180,21 +167,7 @@ pub async fn start_with_clock(
         ..Limits::default()
     };
     let broker = Arc::new(DeviceBroker::new(platform.clone()));
-    let mqtt = tokio::spawn(ioda_mqtt::server::serve(
-        mqtt_listener,
-        broker.clone(),
-        limits,
-        stop.clone(),
-    ));
-    let mqtts = mqtts_listener.map(|(listener, tls)| {
-        tokio::spawn(ioda_mqtt::server::serve_upgraded(
-            listener,
-            Arc::new(tls),
-            broker,
-            limits,
-            stop.clone(),
-        ))
-    });
+    let mqtt = mqtt_listeners.serve(broker, limits, &stop);
 
     lwm2m.serve_on(coap_server.handle(), false);
     lwm2m.serve_on(coaps_server.handle(), true);
@@ -215,9 +188,15 @@ pub async fn start_with_clock(
             .await
     });
 
-    let mut listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addr.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
-    if let Some(addr) = mqtts_addr {
-        listeners["mqtts"] = json!(addr.to_string());
+    let mut listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addrs.plain.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
+    for (name, addr) in [
+        ("mqtts", mqtt_addrs.mqtts),
+        ("ws", mqtt_addrs.ws),
+        ("wss", mqtt_addrs.wss),
+    ] {
+        if let Some(addr) = addr {
+            listeners[name] = json!(addr.to_string());
+        }
     }
     write_atomically(
         &config.data_dir.join(LISTENERS_FILE),
@@ -225,13 +204,15 @@ pub async fn start_with_clock(
         false,
     )?;
     if let Some(ca) = &tls_ca_file {
-        tracing::info!(ca = %ca.display(), "MQTTS devices verify the server with this CA");
+        tracing::info!(ca = %ca.display(), "MQTTS and wss devices verify the server with this CA");
     }
-    tracing::info!(http = %http_addr, mqtt = %mqtt_addr, mqtts = ?mqtts_addr, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
+    tracing::info!(http = %http_addr, mqtt = %mqtt_addrs.plain, mqtts = ?mqtt_addrs.mqtts, ws = ?mqtt_addrs.ws, wss = ?mqtt_addrs.wss, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
     Ok(Running {
         http_addr,
-        mqtt_addr,
-        mqtts_addr,
+        mqtt_addr: mqtt_addrs.plain,
+        mqtts_addr: mqtt_addrs.mqtts,
+        ws_addr: mqtt_addrs.ws,
+        wss_addr: mqtt_addrs.wss,
         tls_ca_file,
         coap_addr,
         coaps_addr,
@@ -241,25 +222,12 @@ pub async fn start_with_clock(
         admin,
         shutdown,
         mqtt,
-        mqtts,
         coap,
         coaps,
         scheduler,
         http,
         config,
     })
-}
-
-/// The MQTTS listener and its handshake (the certificate made or loaded first).
-async fn bind_mqtts(
-    addr: SocketAddr,
-    config: &ServeConfig,
-) -> anyhow::Result<(TcpListener, TlsUpgrade)> {
-    let tls = TlsUpgrade::new(&config.tls, &config.data_dir).context("setting up MQTTS")?;
-    let listener = TcpListener::bind(addr).await.with_context(|| {
-        format!("binding MQTTS on {addr} (choose another with --mqtts-addr, or off)")
-    })?;
-    Ok((listener, tls))
 }
 
 /// Serves CoAP/LwM2M and ends lapsed registrations once a second.
@@ -286,9 +254,8 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         let drained = tokio::time::timeout(self.config.shutdown_timeout, async {
-            let _ = self.mqtt.await;
-            if let Some(mqtts) = self.mqtts {
-                let _ = mqtts.await;
+            for listener in self.mqtt {
+                let _ = listener.await;
             }
             let _ = self.coap.await;
             let _ = self.coaps.await;

@@ -5,22 +5,21 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
     TestServer, device_options, drive, raw_connect, report_acked, server, server_on, server_with,
+    tls_handshake,
 };
 use ioda::config::ServeConfig;
 use ioda_engine::SystemClock;
-use openssl::ssl::{SslConnector, SslMethod, SslVersion};
+use openssl::ssl::SslVersion;
 use rumqttc::{Event, Packet, QoS, TlsConfiguration, Transport};
 use rustls::pki_types::{CertificateDer, pem::PemObject};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_openssl::SslStream;
 
 fn mqtts_port(server: &TestServer) -> u16 {
     server.running.as_ref().unwrap().mqtts_addr.unwrap().port()
@@ -52,35 +51,6 @@ fn tls_device_options(port: u16, device_id: &str, secret: &str, ca: &Path) -> ru
         trusting(ca),
     )));
     options
-}
-
-/// A TLS handshake with OpenSSL as the client, limited to `max` and (for TLS 1.2) `ciphers`.
-async fn handshake(
-    port: u16,
-    ca: &Path,
-    max: SslVersion,
-    ciphers: Option<&str>,
-) -> Result<SslStream<TcpStream>, String> {
-    let mut builder = SslConnector::builder(SslMethod::tls_client()).unwrap();
-    builder.set_ca_file(ca).unwrap();
-    builder.set_min_proto_version(None).unwrap();
-    builder.set_max_proto_version(Some(max)).unwrap();
-    if let Some(ciphers) = ciphers {
-        builder.set_cipher_list(ciphers).unwrap();
-    }
-    let ssl = builder
-        .build()
-        .configure()
-        .unwrap()
-        .into_ssl("localhost")
-        .unwrap();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let mut stream = SslStream::new(ssl, tcp).unwrap();
-    Pin::new(&mut stream)
-        .connect()
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(stream)
 }
 
 #[tokio::test]
@@ -141,7 +111,7 @@ async fn tls_below_1_2_is_refused_and_iotdas_tls_1_2_suites_are_offered() {
     let server = server().await;
     let (port, ca) = (mqtts_port(&server), made_ca(&server));
     // The client allows TLS 1.1 at OpenSSL's lowest security level, so it does offer it.
-    let old = handshake(port, &ca, SslVersion::TLS1_1, Some("DEFAULT:@SECLEVEL=0")).await;
+    let old = tls_handshake(port, &ca, SslVersion::TLS1_1, Some("DEFAULT:@SECLEVEL=0")).await;
     let error = old.expect_err("a TLS 1.1 handshake must fail");
     assert!(error.contains("protocol version"), "{error}");
     for suite in [
@@ -150,12 +120,12 @@ async fn tls_below_1_2_is_refused_and_iotdas_tls_1_2_suites_are_offered() {
         "ECDHE-ECDSA-AES128-SHA",
         "ECDHE-ECDSA-AES256-SHA",
     ] {
-        let stream = handshake(port, &ca, SslVersion::TLS1_2, Some(suite))
+        let stream = tls_handshake(port, &ca, SslVersion::TLS1_2, Some(suite))
             .await
             .unwrap_or_else(|e| panic!("{suite}: {e}"));
         assert_eq!(stream.ssl().current_cipher().unwrap().name(), suite);
     }
-    let newest = handshake(port, &ca, SslVersion::TLS1_3, None)
+    let newest = tls_handshake(port, &ca, SslVersion::TLS1_3, None)
         .await
         .unwrap();
     assert_eq!(newest.ssl().version_str(), "TLSv1.3");
@@ -221,7 +191,7 @@ async fn the_made_ca_stays_and_the_server_certificate_follows_the_names() {
     );
     assert!(alt.iter().any(|n| n.dnsname() == Some("localhost")));
     let port = mqtts_port(&second);
-    handshake(port, &ca, SslVersion::TLS1_3, None)
+    tls_handshake(port, &ca, SslVersion::TLS1_3, None)
         .await
         .expect("the re-issued certificate verifies with the same CA");
     let dir = second.stop_keep_dir().await;
@@ -266,7 +236,7 @@ async fn a_broken_server_certificate_is_reissued_and_a_ca_without_its_key_stops_
     .unwrap();
     let second = server_on(dir, |_| {}, Arc::new(SystemClock)).await;
     assert_eq!(std::fs::read(tls.join("ca.pem")).unwrap(), ca_before);
-    handshake(
+    tls_handshake(
         mqtts_port(&second),
         &tls.join("ca.pem"),
         SslVersion::TLS1_3,
@@ -292,21 +262,38 @@ async fn a_broken_server_certificate_is_reissued_and_a_ca_without_its_key_stops_
 }
 
 #[tokio::test]
-async fn mqtts_can_be_switched_off() {
+async fn mqtts_and_wss_can_be_switched_off() {
     let off: ioda::config::ListenAddr = "off".parse().unwrap();
     assert_eq!(off.0, None);
     let wrong = "8883".parse::<ioda::config::ListenAddr>().unwrap_err();
     assert!(wrong.contains("nor off"), "{wrong}");
-    let server = server_with(|c| c.mqtts_addr = off.0).await;
-    assert_eq!(server.running.as_ref().unwrap().mqtts_addr, None);
+    let listeners_of = |server: &TestServer| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(server.dir.path().join("listeners.json")).unwrap())
+            .unwrap()
+    };
+
+    let wss_only = server_with(|c| c.mqtts_addr = off.0).await;
+    let running = wss_only.running.as_ref().unwrap();
+    assert_eq!(running.mqtts_addr, None);
+    assert!(running.wss_addr.is_some(), "wss keeps the certificate");
+    assert!(made_ca(&wss_only).exists());
+    let listeners = listeners_of(&wss_only);
+    assert!(listeners.get("mqtts").is_none(), "{listeners}");
+    assert!(listeners.get("wss").is_some(), "{listeners}");
+    wss_only.stop().await;
+
+    let server = server_with(|c| {
+        c.mqtts_addr = off.0;
+        c.wss_addr = off.0;
+    })
+    .await;
+    assert_eq!(server.running.as_ref().unwrap().wss_addr, None);
     assert!(
         !server.dir.path().join("tls").exists(),
         "no certificate made"
     );
-    let listeners: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(server.dir.path().join("listeners.json")).unwrap())
-            .unwrap();
-    assert!(listeners.get("mqtts").is_none(), "{listeners}");
+    let listeners = listeners_of(&server);
+    assert!(listeners.get("wss").is_none(), "{listeners}");
     assert!(listeners.get("mqtt").is_some(), "{listeners}");
     server.stop().await;
 }
@@ -331,7 +318,7 @@ async fn a_given_certificate_is_served_and_a_bad_pair_is_refused_at_start() {
     .await;
     assert!(!given.dir.path().join("tls").exists(), "nothing made");
     assert_eq!(given.running.as_ref().unwrap().tls_ca_file, None);
-    handshake(mqtts_port(&given), &ca, SslVersion::TLS1_3, None)
+    tls_handshake(mqtts_port(&given), &ca, SslVersion::TLS1_3, None)
         .await
         .expect("the given certificate is served");
 

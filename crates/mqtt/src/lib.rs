@@ -10,6 +10,7 @@ pub mod listener;
 pub mod read;
 pub mod server;
 pub mod stats;
+pub mod websocket;
 
 pub use codec::{Packet, Protocol, Publish, QoS};
 

@@ -240,7 +240,7 @@ where
         Ok(session) => session,
         Err(refusal) => {
             codec::encode_connack(&mut out, protocol, refusal.code(protocol), None);
-            let _ = stream.write_all(&out).await;
+            let _ = send(&mut stream, &out).await;
             return None;
         }
     };
@@ -281,6 +281,13 @@ fn disconnect_reason(error: &MqttError) -> u8 {
     }
 }
 
+/// Writes `bytes` and flushes them: a stream that frames what it is given (a WebSocket) may hold a
+/// write until it is flushed.
+async fn send<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
 async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
@@ -294,7 +301,7 @@ async fn read_connect<S: AsyncRead + AsyncWrite + Unpin>(
             Err(MqttError::UnsupportedProtocol(level)) => {
                 let mut out = BytesMut::new();
                 codec::encode_connack(&mut out, Protocol::V3, 1, None);
-                let _ = stream.write_all(&out).await;
+                let _ = send(stream, &out).await;
                 return Err(MqttError::UnsupportedProtocol(level));
             }
             Err(error) => return Err(error),
@@ -397,7 +404,7 @@ where
         }
         if !out.is_empty() {
             let started = std::time::Instant::now();
-            if let Ok(Ok(())) = timeout(Duration::from_secs(1), stream.write_all(&out)).await
+            if let Ok(Ok(())) = timeout(Duration::from_secs(1), send(&mut stream, &out)).await
                 && unwritten_acks > 0
             {
                 ACK_STAGES
@@ -455,7 +462,7 @@ where
     /// keepalive, takeover and shutdown): a write that cannot finish in time ends the connection.
     async fn flush(&mut self) -> std::io::Result<()> {
         let started = (self.unwritten_acks > 0).then(std::time::Instant::now);
-        match timeout(self.limits.write_timeout, self.stream.write_all(&self.out)).await {
+        match timeout(self.limits.write_timeout, send(&mut self.stream, &self.out)).await {
             Ok(written) => written?,
             Err(_) => {
                 return Err(std::io::Error::new(

@@ -99,6 +99,8 @@ impl ServerProcess {
                 "127.0.0.1:0",
                 "--mqtts-addr",
                 "127.0.0.1:0",
+                "--wss-addr",
+                "off",
                 "--coap-addr",
                 "127.0.0.1:0",
                 "--coaps-addr",

@@ -506,3 +506,35 @@ pub async fn activated_rule(server: &TestServer, body: Value) -> String {
     assert_eq!(r.status, 200, "{}", r.body);
     rule_id
 }
+
+/// A TLS handshake with OpenSSL as the client, limited to `max` and (for TLS 1.2) `ciphers`.
+pub async fn tls_handshake(
+    port: u16,
+    ca: &std::path::Path,
+    max: openssl::ssl::SslVersion,
+    ciphers: Option<&str>,
+) -> Result<tokio_openssl::SslStream<tokio::net::TcpStream>, String> {
+    let mut builder =
+        openssl::ssl::SslConnector::builder(openssl::ssl::SslMethod::tls_client()).unwrap();
+    builder.set_ca_file(ca).unwrap();
+    builder.set_min_proto_version(None).unwrap();
+    builder.set_max_proto_version(Some(max)).unwrap();
+    if let Some(ciphers) = ciphers {
+        builder.set_cipher_list(ciphers).unwrap();
+    }
+    let ssl = builder
+        .build()
+        .configure()
+        .unwrap()
+        .into_ssl("localhost")
+        .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let mut stream = tokio_openssl::SslStream::new(ssl, tcp).unwrap();
+    std::pin::Pin::new(&mut stream)
+        .connect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(stream)
+}
