@@ -1,8 +1,8 @@
 """Fixtures: one ioda server per test session, SDK clients for both signers, paho devices.
 
 Server contract (what this file relies on):
-  $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0 --coap-addr 127.0.0.1:0 --coaps-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0 --wss-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0
-  writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT", "mqtts": ..., "wss": ..., "ws": ..., "coap": ..., "coaps": ...}
+  $IODA_BIN serve --data-dir DIR --http-addr 127.0.0.1:0 --mqtt-addr 127.0.0.1:0 --coap-addr 127.0.0.1:0 --coaps-addr 127.0.0.1:0 --mqtts-addr 127.0.0.1:0 --wss-addr 127.0.0.1:0 --ws-addr 127.0.0.1:0 --https-addr 127.0.0.1:0
+  writes DIR/listeners.json         {"http": "127.0.0.1:PORT", "mqtt": "127.0.0.1:PORT", "mqtts": ..., "wss": ..., "ws": ..., "https": ..., "coap": ..., "coaps": ...}
   writes DIR/tls/ca.pem             the CA MQTTS and wss devices verify the server with
   writes DIR/admin-credentials.json {"project_id": ..., "access_key": ..., "secret_key": ...}
   exits with status 0 within 15 s of SIGTERM.
@@ -44,6 +44,7 @@ class IodaServer:
     mqtts_port: int
     wss_port: int  # MQTT over secure WebSocket, path /mqtt
     ws_port: int  # MQTT over plain WebSocket, path /mqtt
+    https_port: int  # HTTPS device access (/v5/device-auth, /v5/devices/{id}/sys/...)
     tls_ca: str  # the CA file ioda made, which MQTTS devices verify it with
     coap_addr: str  # "127.0.0.1:PORT" (UDP, CoAP/LwM2M)
     binary: str  # the ioda binary, for `ioda api` calls outside the SDK
@@ -97,7 +98,8 @@ def ioda_server(tmp_path_factory, request) -> IodaServer:
     cmd = [binary, "serve", "--data-dir", str(data_dir),
            "--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0",
            "--coap-addr", "127.0.0.1:0", "--coaps-addr", "127.0.0.1:0",
-           "--mqtts-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0"]
+           "--mqtts-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0", "--ws-addr", "127.0.0.1:0",
+           "--https-addr", "127.0.0.1:0"]
 
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -129,6 +131,7 @@ def ioda_server(tmp_path_factory, request) -> IodaServer:
         data_dir=data_dir, log_path=log_path, http_addr=listeners["http"],
         mqtt_host=mqtt_host, mqtt_port=mqtt_port, mqtts_port=_split_addr(listeners["mqtts"])[1],
         wss_port=_split_addr(listeners["wss"])[1], ws_port=_split_addr(listeners["ws"])[1],
+        https_port=_split_addr(listeners["https"])[1],
         tls_ca=str(data_dir / "tls" / "ca.pem"), coap_addr=listeners["coap"], binary=binary,
         project_id=creds["project_id"], access_key=creds["access_key"], secret_key=creds["secret_key"],
     )

@@ -4,6 +4,7 @@
 
 mod auth;
 mod commands;
+pub mod device_https;
 mod devices;
 mod error;
 mod extract;

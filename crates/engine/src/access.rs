@@ -41,6 +41,9 @@ pub struct DeviceSession {
     pub(crate) device: Arc<DeviceRef>,
     pub(crate) link: Arc<Link>,
     pub(crate) bucket: TokenBucket,
+    /// False for a device that cannot be sent to (HTTPS access): its data does not trigger the
+    /// delivery of what waits for it.
+    pub(crate) takes_downlinks: bool,
     trace_budget: TokenBucket,
     suppressed_traces: u64,
 }
@@ -136,6 +139,19 @@ impl Platform {
         if connect.username.as_deref() != Some(device.device_id.as_str()) {
             return Err((Refusal::BadCredentials, "username is not the device id"));
         }
+        let password = connect.password.as_deref().unwrap_or_default();
+        self.check_credentials(device, sign_type, timestamp, password)
+    }
+
+    /// The secret, the timestamp and the device's state, as MQTT's CONNECT and HTTPS's
+    /// device-auth present them.
+    pub(crate) fn check_credentials(
+        &self,
+        device: &Device,
+        sign_type: u8,
+        timestamp: &str,
+        password: &[u8],
+    ) -> Result<(), (Refusal, &'static str)> {
         if device.auth.auth_type != "SECRET" {
             return Err((
                 Refusal::BadCredentials,
@@ -161,7 +177,6 @@ impl Platform {
                 ));
             }
         }
-        let password = connect.password.as_deref().unwrap_or_default();
         let secrets = [
             device.auth.secret.as_deref(),
             device.auth.secondary_secret.as_deref(),
@@ -244,6 +259,7 @@ impl DeviceSession {
         let now = platform.now();
         DeviceSession {
             bucket: TokenBucket::new(platform.config.rate_limit, now),
+            takes_downlinks: true,
             trace_budget: TokenBucket::new(10, now),
             suppressed_traces: 0,
             platform,

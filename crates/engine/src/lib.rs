@@ -12,6 +12,7 @@ mod codecs;
 mod commands;
 mod devices;
 mod downlink;
+pub mod https;
 pub mod lwm2m;
 mod message_trace;
 mod messages;

@@ -75,10 +75,12 @@ impl DeviceSession {
             publish.payload.clone()
         };
         let uplink = classify_uplink(&self.device.device_id, query.path);
-        if matches!(
-            uplink,
-            Some(Uplink::PropertiesReport | Uplink::MessagesUp | Uplink::UserTopic(_))
-        ) {
+        if self.takes_downlinks
+            && matches!(
+                uplink,
+                Some(Uplink::PropertiesReport | Uplink::MessagesUp | Uplink::UserTopic(_))
+            )
+        {
             // Data from the device is the other moment IoTDA delivers what waited for it.
             self.platform.deliver_queued_later(
                 &self.device.device_id,

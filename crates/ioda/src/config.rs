@@ -38,6 +38,10 @@ pub struct ServeArgs {
     /// `off`. IoTDA serves it on 443; the default port needs no privileges.
     #[arg(long, env = "IODA_WSS_ADDR")]
     pub wss_addr: Option<ListenAddr>,
+    /// HTTPS device access listen address (IoTDA's uplink-only device API: `POST /v5/device-auth`,
+    /// then `/v5/devices/{id}/sys/...`; TLS as MQTTS), or `off`. IoTDA serves it on 443.
+    #[arg(long, env = "IODA_HTTPS_ADDR")]
+    pub https_addr: Option<ListenAddr>,
     /// MQTT over plain WebSocket listen address (`ws://{host}:{port}/mqtt`), for a TLS-terminating
     /// proxy in front; `off` (the default) for none.
     #[arg(long, env = "IODA_WS_ADDR")]
@@ -119,6 +123,7 @@ struct FileConfig {
     mqtts_addr: Option<ListenAddr>,
     wss_addr: Option<ListenAddr>,
     ws_addr: Option<ListenAddr>,
+    https_addr: Option<ListenAddr>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     tls_names: Option<Vec<String>>,
@@ -151,6 +156,8 @@ pub struct ServeConfig {
     pub wss_addr: Option<SocketAddr>,
     /// None: no MQTT over plain WebSocket.
     pub ws_addr: Option<SocketAddr>,
+    /// None: no HTTPS device access.
+    pub https_addr: Option<SocketAddr>,
     /// The certificate of MQTTS and wss.
     pub tls: TlsSettings,
     pub coap_addr: SocketAddr,
@@ -176,6 +183,7 @@ impl ServeConfig {
             mqtts_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             wss_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             ws_addr: None,
+            https_addr: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tls: TlsSettings::default(),
             coap_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             coaps_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -319,6 +327,10 @@ impl ServeArgs {
                 .or(file.wss_addr)
                 .map_or(Some(SocketAddr::from(([0, 0, 0, 0], 8443))), |a| a.0),
             ws_addr: self.ws_addr.or(file.ws_addr).and_then(|a| a.0),
+            https_addr: self
+                .https_addr
+                .or(file.https_addr)
+                .map_or(Some(SocketAddr::from(([0, 0, 0, 0], 9443))), |a| a.0),
             tls: TlsSettings {
                 cert: self.tls_cert.clone().or(file.tls_cert),
                 key: self.tls_key.clone().or(file.tls_key),

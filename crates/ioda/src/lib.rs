@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod client;
 pub mod config;
+mod https;
 mod listeners;
 pub mod serve;
 pub mod tls;

@@ -1,11 +1,13 @@
-//! The device-facing MQTT listeners: plain MQTT, MQTTS, MQTT over WebSocket (`ws`) and over
-//! secure WebSocket (`wss`). All four lead to the same broker; MQTTS and wss share one TLS setup.
+//! The device-facing listeners: plain MQTT, MQTTS, MQTT over WebSocket (`ws`) and over secure
+//! WebSocket (`wss`), all four to the same broker, and the HTTPS device API. MQTTS, wss and
+//! HTTPS share one TLS setup.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
+use axum::Router;
 use ioda_mqtt::server::{Broker, Limits, PlainTcp, Upgrade, serve_upgraded};
 use ioda_mqtt::websocket::WebSocketUpgrade;
 use tokio::net::TcpListener;
@@ -17,30 +19,33 @@ use crate::serve::connectable;
 use crate::tls::TlsUpgrade;
 
 /// Bound, not yet serving.
-pub(crate) struct MqttListeners {
+pub(crate) struct DeviceListeners {
     plain: TcpListener,
     mqtts: Option<TcpListener>,
     ws: Option<TcpListener>,
     wss: Option<TcpListener>,
-    /// The handshake MQTTS and wss share, when either is on.
+    https: Option<TcpListener>,
+    /// The handshake MQTTS, wss and HTTPS share, when any is on.
     tls: Option<Arc<TlsUpgrade>>,
 }
 
 /// Where the listeners can be reached (None: off).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct MqttAddrs {
+pub(crate) struct DeviceAddrs {
     pub plain: SocketAddr,
     pub mqtts: Option<SocketAddr>,
     pub ws: Option<SocketAddr>,
     pub wss: Option<SocketAddr>,
+    pub https: Option<SocketAddr>,
 }
 
-impl MqttListeners {
+impl DeviceListeners {
     /// Binds every listener the configuration asks for (the TLS certificate made or loaded first).
-    pub(crate) async fn bind(config: &ServeConfig) -> anyhow::Result<MqttListeners> {
-        let tls = if config.mqtts_addr.is_some() || config.wss_addr.is_some() {
+    pub(crate) async fn bind(config: &ServeConfig) -> anyhow::Result<DeviceListeners> {
+        let tls_on = [config.mqtts_addr, config.wss_addr, config.https_addr];
+        let tls = if tls_on.iter().any(Option::is_some) {
             let tls = TlsUpgrade::new(&config.tls, &config.data_dir)
-                .context("setting up TLS for MQTTS and MQTT over secure WebSocket")?;
+                .context("setting up TLS for MQTTS, MQTT over secure WebSocket and HTTPS")?;
             Some(Arc::new(tls))
         } else {
             None
@@ -53,11 +58,12 @@ impl MqttListeners {
                     config.mqtt_addr
                 )
             })?;
-        Ok(MqttListeners {
+        Ok(DeviceListeners {
             plain,
             mqtts: bind_optional(config.mqtts_addr, "MQTTS", "--mqtts-addr").await?,
             ws: bind_optional(config.ws_addr, "MQTT over WebSocket", "--ws-addr").await?,
             wss: bind_optional(config.wss_addr, "MQTT over secure WebSocket", "--wss-addr").await?,
+            https: bind_optional(config.https_addr, "HTTPS device access", "--https-addr").await?,
             tls,
         })
     }
@@ -67,18 +73,19 @@ impl MqttListeners {
         self.tls.as_ref().and_then(|tls| tls.ca_file.clone())
     }
 
-    pub(crate) fn addrs(&self) -> std::io::Result<MqttAddrs> {
+    pub(crate) fn addrs(&self) -> std::io::Result<DeviceAddrs> {
         let addr_of = |listener: &Option<TcpListener>| -> std::io::Result<Option<SocketAddr>> {
             listener
                 .as_ref()
                 .map(|l| l.local_addr().map(connectable))
                 .transpose()
         };
-        Ok(MqttAddrs {
+        Ok(DeviceAddrs {
             plain: connectable(self.plain.local_addr()?),
             mqtts: addr_of(&self.mqtts)?,
             ws: addr_of(&self.ws)?,
             wss: addr_of(&self.wss)?,
+            https: addr_of(&self.https)?,
         })
     }
 
@@ -87,6 +94,7 @@ impl MqttListeners {
         self,
         broker: Arc<B>,
         limits: Limits,
+        https_router: Router,
         stop: &watch::Receiver<bool>,
     ) -> Vec<JoinHandle<()>> {
         let plain = Arc::new(PlainTcp);
@@ -103,6 +111,10 @@ impl MqttListeners {
         if let Some(wss) = self.wss {
             let upgrade = WebSocketUpgrade::new(tls.clone(), max_packet);
             tasks.push(spawn(wss, Arc::new(upgrade), &broker, limits, stop));
+        }
+        if let Some(https) = self.https {
+            let serving = crate::https::serve(https, tls.clone(), https_router, stop.clone());
+            tasks.push(tokio::spawn(serving));
         }
         if let Some(mqtts) = self.mqtts {
             tasks.push(spawn(mqtts, tls, &broker, limits, stop));

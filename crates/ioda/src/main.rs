@@ -177,16 +177,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         addr.map_or_else(|| "off".to_owned(), |a| a.to_string())
     };
     println!(
-        "ioda ready: http={} mqtt={} mqtts={} wss={} ws={}",
+        "ioda ready: http={} mqtt={} mqtts={} wss={} ws={} https={}",
         running.http_addr,
         running.mqtt_addr,
         or_off(running.mqtts_addr),
         or_off(running.wss_addr),
         or_off(running.ws_addr),
+        or_off(running.https_addr),
     );
     if let Some(ca) = &running.tls_ca_file {
         println!(
-            "  MQTTS and wss devices verify the server with {}",
+            "  MQTTS, wss and HTTPS devices verify the server with {}",
             ca.display()
         );
     }

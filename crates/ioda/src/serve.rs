@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use ioda_coap::CoapServer;
 use ioda_engine::access::DeviceBroker;
+use ioda_engine::https::HttpsAccess;
 use ioda_engine::lwm2m::Lwm2mAccess;
 use ioda_engine::{AdminCredentials, Clock, Platform, SystemClock};
 use ioda_mqtt::server::Limits;
@@ -18,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::ServeConfig;
-use crate::listeners::MqttListeners;
+use crate::listeners::DeviceListeners;
 
 /// File names inside the data directory.
 pub const LISTENERS_FILE: &str = "listeners.json";
@@ -35,6 +36,8 @@ pub struct Running {
     pub ws_addr: Option<SocketAddr>,
     /// MQTT over secure WebSocket (`wss://{addr}/mqtt`); None when off.
     pub wss_addr: Option<SocketAddr>,
+    /// HTTPS device access (`https://{addr}/v5/device-auth`); None when off.
+    pub https_addr: Option<SocketAddr>,
     /// The CA devices verify MQTTS and wss with, when ioda made its own certificate.
     pub tls_ca_file: Option<PathBuf>,
     pub coap_addr: SocketAddr,
@@ -45,7 +48,7 @@ pub struct Running {
     /// Set on the very first start only: the credentials that were just created.
     pub admin: Option<AdminCredentials>,
     shutdown: watch::Sender<bool>,
-    /// Plain MQTT, MQTTS, ws and wss: those that are on.
+    /// Plain MQTT, MQTTS, ws, wss and HTTPS: those that are on.
     mqtt: Vec<JoinHandle<()>>,
     coap: JoinHandle<()>,
     coaps: JoinHandle<()>,
@@ -135,8 +138,8 @@ pub async fn start_with_clock(
     let http_listener = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding HTTP on {}", config.http_addr))?;
-    let mqtt_listeners = MqttListeners::bind(&config).await?;
-    let tls_ca_file = mqtt_listeners.ca_file();
+    let device_listeners = DeviceListeners::bind(&config).await?;
+    let tls_ca_file = device_listeners.ca_file();
     let lwm2m = Lwm2mAccess::new(platform.clone());
     let coap_server = CoapServer::bind(config.coap_addr, ioda_coap::Timing::default())
         .await
@@ -151,7 +154,7 @@ pub async fn start_with_clock(
     .await
     .with_context(|| format!("binding CoAPS (DTLS, UDP) on {}", config.coaps_addr))?;
     let http_addr = connectable(http_listener.local_addr()?);
-    let mqtt_addrs = mqtt_listeners.addrs()?;
+    let device_addrs = device_listeners.addrs()?;
     let coap_addr = connectable(coap_server.local_addr()?);
     let coaps_addr = connectable(coaps_server.local_addr()?);
     let (shutdown, stop) = watch::channel(false);
@@ -167,7 +170,11 @@ pub async fn start_with_clock(
         ..Limits::default()
     };
     let broker = Arc::new(DeviceBroker::new(platform.clone()));
-    let mqtt = mqtt_listeners.serve(broker, limits, &stop);
+    let https_router = ioda_api::device_https::device_router(
+        HttpsAccess::new(platform.clone()),
+        config.engine.max_payload,
+    );
+    let mqtt = device_listeners.serve(broker, limits, https_router, &stop);
 
     lwm2m.serve_on(coap_server.handle(), false);
     lwm2m.serve_on(coaps_server.handle(), true);
@@ -188,11 +195,12 @@ pub async fn start_with_clock(
             .await
     });
 
-    let mut listeners = json!({ "http": http_addr.to_string(), "mqtt": mqtt_addrs.plain.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
+    let mut listeners = json!({ "http": http_addr.to_string(), "mqtt": device_addrs.plain.to_string(), "coap": coap_addr.to_string(), "coaps": coaps_addr.to_string() });
     for (name, addr) in [
-        ("mqtts", mqtt_addrs.mqtts),
-        ("ws", mqtt_addrs.ws),
-        ("wss", mqtt_addrs.wss),
+        ("mqtts", device_addrs.mqtts),
+        ("ws", device_addrs.ws),
+        ("wss", device_addrs.wss),
+        ("https", device_addrs.https),
     ] {
         if let Some(addr) = addr {
             listeners[name] = json!(addr.to_string());
@@ -206,13 +214,14 @@ pub async fn start_with_clock(
     if let Some(ca) = &tls_ca_file {
         tracing::info!(ca = %ca.display(), "MQTTS and wss devices verify the server with this CA");
     }
-    tracing::info!(http = %http_addr, mqtt = %mqtt_addrs.plain, mqtts = ?mqtt_addrs.mqtts, ws = ?mqtt_addrs.ws, wss = ?mqtt_addrs.wss, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
+    tracing::info!(http = %http_addr, mqtt = %device_addrs.plain, mqtts = ?device_addrs.mqtts, ws = ?device_addrs.ws, wss = ?device_addrs.wss, https = ?device_addrs.https, coap = %coap_addr, coaps = %coaps_addr, data_dir = %config.data_dir.display(), "ioda is ready");
     Ok(Running {
         http_addr,
-        mqtt_addr: mqtt_addrs.plain,
-        mqtts_addr: mqtt_addrs.mqtts,
-        ws_addr: mqtt_addrs.ws,
-        wss_addr: mqtt_addrs.wss,
+        mqtt_addr: device_addrs.plain,
+        mqtts_addr: device_addrs.mqtts,
+        ws_addr: device_addrs.ws,
+        wss_addr: device_addrs.wss,
+        https_addr: device_addrs.https,
         tls_ca_file,
         coap_addr,
         coaps_addr,

@@ -262,7 +262,7 @@ async fn a_broken_server_certificate_is_reissued_and_a_ca_without_its_key_stops_
 }
 
 #[tokio::test]
-async fn mqtts_and_wss_can_be_switched_off() {
+async fn the_tls_listeners_can_be_switched_off() {
     let off: ioda::config::ListenAddr = "off".parse().unwrap();
     assert_eq!(off.0, None);
     let wrong = "8883".parse::<ioda::config::ListenAddr>().unwrap_err();
@@ -285,6 +285,7 @@ async fn mqtts_and_wss_can_be_switched_off() {
     let server = server_with(|c| {
         c.mqtts_addr = off.0;
         c.wss_addr = off.0;
+        c.https_addr = off.0;
     })
     .await;
     assert_eq!(server.running.as_ref().unwrap().wss_addr, None);
@@ -294,6 +295,7 @@ async fn mqtts_and_wss_can_be_switched_off() {
     );
     let listeners = listeners_of(&server);
     assert!(listeners.get("wss").is_none(), "{listeners}");
+    assert!(listeners.get("https").is_none(), "{listeners}");
     assert!(listeners.get("mqtt").is_some(), "{listeners}");
     server.stop().await;
 }

@@ -20,6 +20,7 @@ fn spawn(data_dir: &Path, extra: &[&str]) -> Child {
         .args(["--http-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"])
         .args(["--coap-addr", "127.0.0.1:0", "--coaps-addr", "127.0.0.1:0"])
         .args(["--mqtts-addr", "127.0.0.1:0", "--wss-addr", "127.0.0.1:0"])
+        .args(["--https-addr", "127.0.0.1:0"])
         .args(extra)
         .env("IODA_LOG", "warn")
         .stdout(Stdio::piped())

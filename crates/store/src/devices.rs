@@ -334,7 +334,14 @@ impl Store {
                     status,
                     at,
                 },
-            )
+            )?;
+            // A connection decides the status from now on, not the data timers of an earlier
+            // short-connection (HTTPS, LwM2M) spell: no ABNORMAL for a connected device.
+            c.prepare_cached(
+                "UPDATE devices SET data_seen_at = NULL WHERE device_id = ?1 AND data_seen_at IS NOT NULL",
+            )?
+            .execute([&device_id])?;
+            Ok(())
         })
         .await
     }

@@ -101,6 +101,8 @@ impl ServerProcess {
                 "127.0.0.1:0",
                 "--wss-addr",
                 "off",
+                "--https-addr",
+                "off",
                 "--coap-addr",
                 "127.0.0.1:0",
                 "--coaps-addr",

@@ -1,0 +1,230 @@
+//! HTTPS device access (IoTDA's device API over HTTPS, uplink only): `POST /v5/device-auth` trades
+//! the MQTT password for an access token, and each publish carrying the token takes the same path
+//! as the MQTT publish on the matching topic (validation, shadow, history, forwarding, trace).
+//!
+//! Such a device keeps no connection, so its status follows its data as an NB-IoT device's does:
+//! ONLINE on data, ABNORMAL after 25 h without any, OFFLINE after 49 h. Tokens live in memory (a
+//! restart asks devices to authenticate again, which they do on IOTDA.000004).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use ioda_mqtt::codec::{Publish, PublishProperties, QoS, reason};
+use ioda_mqtt::server::{PublishVerdict, Refusal};
+use ioda_types::Device;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::Platform;
+use crate::access::DeviceSession;
+use crate::registry::Link;
+
+/// What IoTDA answers in `expires_in`: a token lasts a day.
+pub const TOKEN_LIFETIME_S: u64 = 86_399;
+/// A device that authenticates again may go on using its previous token this long.
+const PREVIOUS_TOKEN_GRACE_MS: i64 = 30_000;
+
+/// What a device publishes over HTTPS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpsUplink {
+    MessagesUp,
+    PropertiesReport,
+}
+
+impl HttpsUplink {
+    fn topic(self, device_id: &str) -> String {
+        let tail = match self {
+            HttpsUplink::MessagesUp => "messages/up",
+            HttpsUplink::PropertiesReport => "properties/report",
+        };
+        format!("$oc/devices/{device_id}/sys/{tail}")
+    }
+}
+
+/// Why an HTTPS device request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpsRefusal {
+    /// Unknown device, wrong password, stale timestamp, certificate device (IOTDA.000002, 401).
+    AuthenticationFailed(&'static str),
+    /// No token, an expired or unknown one, or one of another device (IOTDA.000004, 403).
+    InvalidToken,
+    /// The device is frozen (403).
+    Frozen,
+    /// The body is not what the resource takes (IOTDA.000006, 400).
+    InvalidInput(String),
+    /// More than the device's messages per second (IOTDA.021101, 429).
+    RateLimited,
+    /// The body is larger than the largest payload (413).
+    TooLarge,
+    /// The store could not take it (503).
+    Unavailable,
+}
+
+struct Token {
+    device_id: String,
+    expires_at: i64,
+}
+
+/// The HTTPS device side of the platform: tokens, and one uplink-only session per device (its
+/// rate limit and its trace budget carry over from request to request).
+pub struct HttpsAccess {
+    platform: Arc<Platform>,
+    tokens: Mutex<HashMap<String, Token>>,
+    sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<DeviceSession>>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl HttpsAccess {
+    pub fn new(platform: Arc<Platform>) -> Arc<HttpsAccess> {
+        Arc::new(HttpsAccess {
+            platform,
+            tokens: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// `POST /v5/device-auth`: the device's credentials as in an MQTT CONNECT; a new access token.
+    pub async fn authenticate(
+        &self,
+        device_id: &str,
+        sign_type: u8,
+        timestamp: &str,
+        password: &str,
+    ) -> Result<String, HttpsRefusal> {
+        let device = self.device(device_id).await?;
+        let Some(device) = device else {
+            return Err(HttpsRefusal::AuthenticationFailed("no such device"));
+        };
+        let checked =
+            self.platform
+                .check_credentials(&device, sign_type, timestamp, password.as_bytes());
+        if let Err((refusal, why)) = checked {
+            let detail = json!({ "reason": why, "access": "https" });
+            self.platform
+                .trace_now(device_id, "connect_refused", detail)
+                .await;
+            return Err(match refusal {
+                Refusal::NotAuthorized => HttpsRefusal::Frozen,
+                _ => HttpsRefusal::AuthenticationFailed(why),
+            });
+        }
+        let now = self.platform.now();
+        let token = hex::encode(crate::random_bytes::<24>());
+        let mut tokens = lock(&self.tokens);
+        tokens.retain(|_, t| t.expires_at > now);
+        for earlier in tokens.values_mut().filter(|t| t.device_id == device_id) {
+            earlier.expires_at = earlier.expires_at.min(now + PREVIOUS_TOKEN_GRACE_MS);
+        }
+        let expires_at = now + TOKEN_LIFETIME_S as i64 * 1000;
+        let device_id = device.device_id;
+        tokens.insert(
+            token.clone(),
+            Token {
+                device_id,
+                expires_at,
+            },
+        );
+        let live: std::collections::HashSet<&str> =
+            tokens.values().map(|t| t.device_id.as_str()).collect();
+        lock(&self.sessions).retain(|device_id, _| live.contains(device_id.as_str()));
+        Ok(token)
+    }
+
+    /// A publish with `token` on `device_id`'s resource `uplink`; resolves once it is committed.
+    pub async fn publish(
+        &self,
+        token: &str,
+        device_id: &str,
+        uplink: HttpsUplink,
+        body: Bytes,
+    ) -> Result<(), HttpsRefusal> {
+        let now = self.platform.now();
+        let owner = lock(&self.tokens)
+            .get(token)
+            .filter(|t| t.expires_at > now)
+            .map(|t| t.device_id.clone());
+        if owner.as_deref() != Some(device_id) {
+            return Err(HttpsRefusal::InvalidToken);
+        }
+        if body.len() > self.platform.config.max_payload {
+            return Err(HttpsRefusal::TooLarge);
+        }
+        if uplink == HttpsUplink::PropertiesReport
+            && let Err(error) = crate::report_parse::parse_report(&body)
+        {
+            return Err(HttpsRefusal::InvalidInput(error));
+        }
+        let session = self.session(device_id).await?;
+        let mut session = session.lock().await;
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: uplink.topic(device_id),
+            pkid: 1,
+            payload: body,
+            properties: PublishProperties::default(),
+        };
+        let verdict = session.handle_uplink(publish).await;
+        let outcome = match verdict {
+            PublishVerdict::Accept => Ok(()),
+            PublishVerdict::AcceptAfter(commit) => match commit.await {
+                reason::SUCCESS => Ok(()),
+                _ => Err(HttpsRefusal::Unavailable),
+            },
+            PublishVerdict::Refuse(reason::QUOTA_EXCEEDED) => Err(HttpsRefusal::RateLimited),
+            PublishVerdict::Disconnect(reason::PACKET_TOO_LARGE) => Err(HttpsRefusal::TooLarge),
+            PublishVerdict::Discard(_)
+            | PublishVerdict::Refuse(_)
+            | PublishVerdict::Disconnect(_) => Err(HttpsRefusal::InvalidInput(
+                "the platform did not take the payload; the device's message trace says why"
+                    .to_owned(),
+            )),
+        };
+        if outcome.is_ok() {
+            self.platform.data_seen(&session.device).await;
+        }
+        outcome
+    }
+
+    async fn device(&self, device_id: &str) -> Result<Option<Device>, HttpsRefusal> {
+        self.platform
+            .store
+            .device(device_id.to_owned())
+            .await
+            .map_err(|_| HttpsRefusal::Unavailable)
+    }
+
+    /// The device's uplink-only session: made on its first publish after authenticating, and
+    /// made again when the device was frozen or deleted meanwhile (which this refuses).
+    async fn session(
+        &self,
+        device_id: &str,
+    ) -> Result<Arc<tokio::sync::Mutex<DeviceSession>>, HttpsRefusal> {
+        let device = match self.device(device_id).await? {
+            Some(device) if device.frozen => return Err(HttpsRefusal::Frozen),
+            Some(device) => device,
+            None => return Err(HttpsRefusal::InvalidToken),
+        };
+        let mut sessions = lock(&self.sessions);
+        let session = sessions
+            .entry(device_id.to_owned())
+            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(self.uplink_only(&device))));
+        Ok(session.clone())
+    }
+
+    /// A session on a link of its own, never registered: nothing is pushed to an HTTPS device
+    /// (IoTDA's HTTPS access is uplink only), so messages and commands for it wait as for an
+    /// offline device.
+    fn uplink_only(&self, device: &Device) -> DeviceSession {
+        let (outbox, _) = mpsc::channel(1);
+        let link = Arc::new(Link::new(0, self.platform.now(), outbox));
+        let mut session = DeviceSession::new(self.platform.clone(), device, link);
+        session.takes_downlinks = false;
+        session
+    }
+}
