@@ -211,23 +211,32 @@ fn connect_scenario_connects_everyone_and_measures_memory() {
 }
 
 #[test]
-fn connect_scenario_connects_everyone_over_mqtts() {
-    let result = bench(&["connect", "--devices", "100", "--duration", "5", "--tls"]);
-    assert_eq!(
-        (&result["devices"], &result["transport"]),
-        (&json!(100), &json!("mqtts")),
-        "{result}"
-    );
-    assert!(result["bytes_per_connection"].as_f64().is_some());
+fn connect_scenario_connects_everyone_over_mqtts_and_wss() {
+    for (flags, transport) in [
+        (&["--tls"][..], "mqtts"),
+        (&["--tls", "--websocket"], "wss"),
+    ] {
+        let mut args = vec!["connect", "--devices", "100", "--duration", "5"];
+        args.extend_from_slice(flags);
+        let result = bench(&args);
+        assert_eq!(
+            (&result["devices"], &result["transport"]),
+            (&json!(100), &json!(transport)),
+            "{result}"
+        );
+        assert!(result["bytes_per_connection"].as_f64().is_some());
+    }
 }
 
 #[test]
-fn tls_is_refused_where_devices_do_not_just_connect() {
-    let stderr = refused(&["report", "--tls"]);
-    assert!(
-        stderr.contains("--tls applies to the connect scenario"),
-        "{stderr}"
-    );
+fn tls_and_websocket_are_refused_where_devices_do_not_just_connect() {
+    for flag in ["--tls", "--websocket"] {
+        let stderr = refused(&["report", flag]);
+        assert!(
+            stderr.contains(&format!("{flag} applies to the connect scenario")),
+            "{stderr}"
+        );
+    }
 }
 
 #[test]

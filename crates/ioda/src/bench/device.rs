@@ -10,10 +10,14 @@ use ioda_mqtt::client::{
     ServerPacket, decode_server, encode_client_puback, encode_connect, encode_subscribe,
 };
 use ioda_mqtt::codec::{Protocol, QoS, encode_publish};
+use ioda_mqtt::websocket::WebSocketBytes;
 use openssl::ssl::SslConnector;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_openssl::SslStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::either::Either;
 
 /// Connections per source address: few enough that the runs of the last minute, whose ports sit in
@@ -24,11 +28,21 @@ const PER_SOURCE: usize = 1_000;
 /// Devices the source addresses 127.0.0.2–127.0.0.255 hold.
 pub const MAX_DEVICES: usize = 254 * PER_SOURCE;
 
+/// TCP, or TLS over it.
+type Plain = Either<TcpStream, SslStream<TcpStream>>;
+
+/// How devices reach the server: TLS or not, and WebSocket or not.
+#[derive(Clone, Default)]
+pub struct Transport {
+    pub tls: Option<SslConnector>,
+    pub websocket: bool,
+}
+
 /// A connected device.
 pub struct Device {
     pub device_id: String,
-    /// Plain MQTT, or MQTTS.
-    stream: Either<TcpStream, SslStream<TcpStream>>,
+    /// MQTT, MQTTS, or either inside a WebSocket.
+    stream: Either<Plain, WebSocketBytes<Plain>>,
     buf: BytesMut,
     out: BytesMut,
     next_pkid: u16,
@@ -50,14 +64,16 @@ impl Device {
         secret: &str,
         keep_alive: u16,
     ) -> anyhow::Result<Device> {
-        Device::connect_via(n, server, None, device_id, secret, keep_alive).await
+        let plain = Transport::default();
+        Device::connect_via(n, server, &plain, device_id, secret, keep_alive).await
     }
 
-    /// Like `connect`, over TLS when `tls` is given (the server checked as `localhost`).
+    /// Like `connect`, over TLS (the server checked as `localhost`) and WebSocket as `transport`
+    /// says.
     pub async fn connect_via(
         n: usize,
         server: SocketAddr,
-        tls: Option<&SslConnector>,
+        transport: &Transport,
         device_id: &str,
         secret: &str,
         keep_alive: u16,
@@ -68,7 +84,7 @@ impl Device {
             .with_context(|| format!("binding {}", source(n)))?;
         let tcp = socket.connect(server).await.context("connecting")?;
         tcp.set_nodelay(true)?;
-        let stream = match tls {
+        let plain = match &transport.tls {
             None => Either::Left(tcp),
             Some(connector) => {
                 let ssl = connector.configure()?.into_ssl("localhost")?;
@@ -79,6 +95,11 @@ impl Device {
                     .context("TLS handshake")?;
                 Either::Right(stream)
             }
+        };
+        let stream = if transport.websocket {
+            Either::Right(upgrade(plain).await?)
+        } else {
+            Either::Left(plain)
         };
         let mut device = Device {
             device_id: device_id.to_owned(),
@@ -110,6 +131,8 @@ impl Device {
 
     async fn flush(&mut self) -> anyhow::Result<()> {
         self.stream.write_all(&self.out).await?;
+        // A WebSocket sends a frame when flushed.
+        self.stream.flush().await?;
         self.out.clear();
         Ok(())
     }
@@ -164,4 +187,20 @@ impl Device {
     pub async fn send(&mut self) -> anyhow::Result<()> {
         self.flush().await
     }
+}
+
+/// The WebSocket upgrade on `/mqtt` with the `mqtt` subprotocol, holding as little per connection
+/// as the server does (a 4 KiB read buffer; each write sent at once).
+async fn upgrade(plain: Plain) -> anyhow::Result<WebSocketBytes<Plain>> {
+    let mut request = "ws://localhost/mqtt".into_client_request()?;
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (socket, _) = tokio_tungstenite::client_async_with_config(request, plain, Some(config))
+        .await
+        .context("WebSocket upgrade")?;
+    Ok(WebSocketBytes::new(socket))
 }

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use crate::client::ApiClient;
-use device::Device;
+use device::{Device, Transport};
 use server::ServerProcess;
 
 /// What to measure.
@@ -101,6 +101,10 @@ pub struct BenchArgs {
     /// `connect`: the devices connect over MQTTS (TLS, verified with the CA the server made).
     #[arg(long)]
     pub tls: bool,
+    /// `connect`: the devices connect over MQTT over WebSocket (`ws://…/mqtt`; with `--tls`,
+    /// `wss://…/mqtt`).
+    #[arg(long)]
+    pub websocket: bool,
 }
 
 const SECRET: &str = "bench-secret-1";
@@ -118,6 +122,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.tls && args.scenario != Scenario::Connect {
         bail!("--tls applies to the connect scenario");
+    }
+    if args.websocket && args.scenario != Scenario::Connect {
+        bail!("--websocket applies to the connect scenario");
     }
     // A file that cannot be written is said before the load (minutes, for the reference), not
     // after; what the file holds is left alone until the series replaces it.
@@ -350,38 +357,46 @@ async fn connect_all(
     deadline: Instant,
     quiet: bool,
 ) -> anyhow::Result<Vec<Device>> {
-    connect_all_via(server, ids, deadline, quiet, false).await
+    connect_all_via(server, ids, deadline, quiet, (false, false)).await
 }
 
-/// Like `connect_all`, over MQTTS when `tls` (verifying the server with the CA it made).
+/// Like `connect_all`, over MQTTS when `tls` (verifying the server with the CA it made), and
+/// over MQTT over WebSocket when `websocket`.
 async fn connect_all_via(
     server: &ServerProcess,
     ids: &[String],
     deadline: Instant,
     quiet: bool,
-    tls: bool,
+    (tls, websocket): (bool, bool),
 ) -> anyhow::Result<Vec<Device>> {
-    let (addr, connector) = if tls {
+    let listener = match (tls, websocket) {
+        (false, false) => Some(&server.mqtt_addr),
+        (true, false) => server.mqtts_addr.as_ref(),
+        (false, true) => server.ws_addr.as_ref(),
+        (true, true) => server.wss_addr.as_ref(),
+    };
+    let addr = listener
+        .context("the server has that listener off")?
+        .parse();
+    let mut transport = Transport {
+        tls: None,
+        websocket,
+    };
+    if tls {
         let mut builder = SslConnector::builder(SslMethod::tls_client())?;
         builder
             .set_ca_file(&server.tls_ca)
             .with_context(|| format!("reading {}", server.tls_ca.display()))?;
-        let addr = server
-            .mqtts_addr
-            .as_deref()
-            .context("the server has MQTTS off")?;
-        (addr.parse(), Some(builder.build()))
-    } else {
-        (server.mqtt_addr.parse(), None)
-    };
+        transport.tls = Some(builder.build());
+    }
     let addr: std::net::SocketAddr = addr.context("server address")?;
     let limit = Arc::new(Semaphore::new(256));
     let mut tasks = tokio::task::JoinSet::new();
     for (n, id) in ids.iter().enumerate() {
-        let (id, limit, connector) = (id.clone(), limit.clone(), connector.clone());
+        let (id, limit, transport) = (id.clone(), limit.clone(), transport.clone());
         tasks.spawn(async move {
             let _permit = limit.acquire().await;
-            Device::connect_via(n, addr, connector.as_ref(), &id, SECRET, 1200)
+            Device::connect_via(n, addr, &transport, &id, SECRET, 1200)
                 .await
                 .map(|d| (n, d))
         });
@@ -410,7 +425,8 @@ async fn connect_scenario(server: &ServerProcess, args: &BenchArgs) -> anyhow::R
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = server.usage();
     let started = Instant::now();
-    let mut devices = connect_all_via(server, &ids, deadline, args.json, args.tls).await?;
+    let transport = (args.tls, args.websocket);
+    let mut devices = connect_all_via(server, &ids, deadline, args.json, transport).await?;
     let connect_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let connected = server.usage();
@@ -425,7 +441,12 @@ async fn connect_scenario(server: &ServerProcess, args: &BenchArgs) -> anyhow::R
     let n = devices.len().max(1) as f64;
     Ok(json!({
         "scenario": "connect",
-        "transport": if args.tls { "mqtts" } else { "mqtt" },
+        "transport": match (args.tls, args.websocket) {
+            (false, false) => "mqtt",
+            (true, false) => "mqtts",
+            (false, true) => "ws",
+            (true, true) => "wss",
+        },
         "devices": devices.len(),
         "connect_seconds": round(connect_seconds),
         "connections_per_second": round(n / connect_seconds),

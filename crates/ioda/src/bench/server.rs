@@ -16,6 +16,9 @@ pub struct ServerProcess {
     pub mqtt_addr: String,
     /// None when the server was started with MQTTS off (`--server-args`).
     pub mqtts_addr: Option<String>,
+    /// MQTT over WebSocket, plain and secure (None when switched off by `--server-args`).
+    pub ws_addr: Option<String>,
+    pub wss_addr: Option<String>,
     /// The CA the server made for MQTTS.
     pub tls_ca: std::path::PathBuf,
     _dir: tempfile_dir::TempDir,
@@ -100,7 +103,9 @@ impl ServerProcess {
                 "--mqtts-addr",
                 "127.0.0.1:0",
                 "--wss-addr",
-                "off",
+                "127.0.0.1:0",
+                "--ws-addr",
+                "127.0.0.1:0",
                 "--https-addr",
                 "off",
                 "--coap-addr",
@@ -125,12 +130,15 @@ impl ServerProcess {
             .as_str()
             .context("no mqtt listener")?
             .to_owned();
-        let mqtts_addr = listeners["mqtts"].as_str().map(str::to_owned);
+        let listener = |name: &str| listeners[name].as_str().map(str::to_owned);
+        let (mqtts_addr, ws_addr, wss_addr) = (listener("mqtts"), listener("ws"), listener("wss"));
         Ok(ServerProcess {
             child,
             api,
             mqtt_addr,
             mqtts_addr,
+            ws_addr,
+            wss_addr,
             tls_ca: dir.path().join("tls").join("ca.pem"),
             _dir: dir,
         })
