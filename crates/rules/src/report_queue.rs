@@ -320,7 +320,12 @@ impl Forwarder {
                 }
                 Err(error) => {
                     tracing::warn!(action_id, %error, "could not read the forwarding cursor");
-                    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    // A store failing at a stop must not hold the stop for its whole timeout.
+                    let mut shutdown = self.shutdown.clone();
+                    tokio::select! {
+                        _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                        _ = shutdown.wait_for(|stop| *stop) => return,
+                    }
                 }
             }
         };
