@@ -61,17 +61,53 @@ pub enum HttpsRefusal {
     Unavailable,
 }
 
+/// Which registration of a device, with which secrets: a device deleted and registered again
+/// under the same id, or given a new secret, is another incarnation, and the tokens and the
+/// session of the last one do not serve it.
+#[derive(Clone, PartialEq, Eq)]
+struct Incarnation {
+    seq: i64,
+    secrets: String,
+}
+
+impl Incarnation {
+    fn of(device: &Device) -> Incarnation {
+        let secrets = [&device.auth.secret, &device.auth.secondary_secret]
+            .map(|s| s.as_deref().unwrap_or_default())
+            .join("\n");
+        Incarnation {
+            seq: device.seq,
+            // A digest, so the secrets themselves are not kept beside the tokens.
+            secrets: crate::auth::device_password(&secrets, "https-token"),
+        }
+    }
+}
+
 struct Token {
     device_id: String,
+    incarnation: Incarnation,
     expires_at: i64,
+}
+
+/// A device's tokens: IoTDA keeps the current one and, for 30 s after a new one, the previous.
+#[derive(Default)]
+struct Tokens {
+    by_token: HashMap<String, Token>,
+    current: HashMap<String, String>,
+    previous: HashMap<String, String>,
+}
+
+struct CachedSession {
+    incarnation: Incarnation,
+    session: Arc<tokio::sync::Mutex<DeviceSession>>,
 }
 
 /// The HTTPS device side of the platform: tokens, and one uplink-only session per device (its
 /// rate limit and its trace budget carry over from request to request).
 pub struct HttpsAccess {
     platform: Arc<Platform>,
-    tokens: Mutex<HashMap<String, Token>>,
-    sessions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<DeviceSession>>>>,
+    tokens: Mutex<Tokens>,
+    sessions: Mutex<HashMap<String, CachedSession>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -82,7 +118,7 @@ impl HttpsAccess {
     pub fn new(platform: Arc<Platform>) -> Arc<HttpsAccess> {
         Arc::new(HttpsAccess {
             platform,
-            tokens: Mutex::new(HashMap::new()),
+            tokens: Mutex::new(Tokens::default()),
             sessions: Mutex::new(HashMap::new()),
         })
     }
@@ -114,23 +150,12 @@ impl HttpsAccess {
         }
         let now = self.platform.now();
         let token = hex::encode(crate::random_bytes::<24>());
-        let mut tokens = lock(&self.tokens);
-        tokens.retain(|_, t| t.expires_at > now);
-        for earlier in tokens.values_mut().filter(|t| t.device_id == device_id) {
-            earlier.expires_at = earlier.expires_at.min(now + PREVIOUS_TOKEN_GRACE_MS);
-        }
-        let expires_at = now + TOKEN_LIFETIME_S as i64 * 1000;
-        let device_id = device.device_id;
-        tokens.insert(
-            token.clone(),
-            Token {
-                device_id,
-                expires_at,
-            },
-        );
-        let live: std::collections::HashSet<&str> =
-            tokens.values().map(|t| t.device_id.as_str()).collect();
-        lock(&self.sessions).retain(|device_id, _| live.contains(device_id.as_str()));
+        let new = Token {
+            device_id: device.device_id.clone(),
+            incarnation: Incarnation::of(&device),
+            expires_at: now + TOKEN_LIFETIME_S as i64 * 1000,
+        };
+        lock(&self.tokens).issue(token.clone(), new, now);
         Ok(token)
     }
 
@@ -143,13 +168,14 @@ impl HttpsAccess {
         body: Bytes,
     ) -> Result<(), HttpsRefusal> {
         let now = self.platform.now();
-        let owner = lock(&self.tokens)
+        let incarnation = lock(&self.tokens)
+            .by_token
             .get(token)
-            .filter(|t| t.expires_at > now)
-            .map(|t| t.device_id.clone());
-        if owner.as_deref() != Some(device_id) {
+            .filter(|t| t.expires_at > now && t.device_id == device_id)
+            .map(|t| t.incarnation.clone());
+        let Some(incarnation) = incarnation else {
             return Err(HttpsRefusal::InvalidToken);
-        }
+        };
         if body.len() > self.platform.config.max_payload {
             return Err(HttpsRefusal::TooLarge);
         }
@@ -158,8 +184,7 @@ impl HttpsAccess {
         {
             return Err(HttpsRefusal::InvalidInput(error));
         }
-        let session = self.session(device_id).await?;
-        let mut session = session.lock().await;
+        let session = self.session(device_id, &incarnation).await?;
         let publish = Publish {
             dup: false,
             qos: QoS::AtLeastOnce,
@@ -169,26 +194,21 @@ impl HttpsAccess {
             payload: body,
             properties: PublishProperties::default(),
         };
-        let verdict = session.handle_uplink(publish).await;
-        let outcome = match verdict {
-            PublishVerdict::Accept => Ok(()),
-            PublishVerdict::AcceptAfter(commit) => match commit.await {
-                reason::SUCCESS => Ok(()),
-                _ => Err(HttpsRefusal::Unavailable),
-            },
-            PublishVerdict::Refuse(reason::QUOTA_EXCEEDED) => Err(HttpsRefusal::RateLimited),
-            PublishVerdict::Disconnect(reason::PACKET_TOO_LARGE) => Err(HttpsRefusal::TooLarge),
-            PublishVerdict::Discard(_)
-            | PublishVerdict::Refuse(_)
-            | PublishVerdict::Disconnect(_) => Err(HttpsRefusal::InvalidInput(
-                "the platform did not take the payload; the device's message trace says why"
-                    .to_owned(),
-            )),
-        };
-        if outcome.is_ok() {
-            self.platform.data_seen(&session.device).await;
-        }
-        outcome
+        // A task of its own: a client that hangs up must not cancel what follows the commit
+        // (forwarding's wake-up, the bus event, the shadow comparison, the data time).
+        let platform = self.platform.clone();
+        let handled = tokio::spawn(async move {
+            let mut session = session.lock().await;
+            let outcome = settle(session.handle_uplink(publish).await).await;
+            let device = session.device.clone();
+            drop(session);
+            // A device connected over MQTT meanwhile keeps its status by its connection.
+            if outcome.is_ok() && !platform.registry.is_connected(&device.device_id) {
+                platform.data_seen(&device).await;
+            }
+            outcome
+        });
+        handled.await.unwrap_or(Err(HttpsRefusal::Unavailable))
     }
 
     async fn device(&self, device_id: &str) -> Result<Option<Device>, HttpsRefusal> {
@@ -204,17 +224,29 @@ impl HttpsAccess {
     async fn session(
         &self,
         device_id: &str,
+        incarnation: &Incarnation,
     ) -> Result<Arc<tokio::sync::Mutex<DeviceSession>>, HttpsRefusal> {
         let device = match self.device(device_id).await? {
             Some(device) if device.frozen => return Err(HttpsRefusal::Frozen),
-            Some(device) => device,
-            None => return Err(HttpsRefusal::InvalidToken),
+            Some(device) if Incarnation::of(&device) == *incarnation => device,
+            // Deleted, registered again, or given another secret since the token was issued.
+            _ => return Err(HttpsRefusal::InvalidToken),
         };
         let mut sessions = lock(&self.sessions);
-        let session = sessions
-            .entry(device_id.to_owned())
-            .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(self.uplink_only(&device))));
-        Ok(session.clone())
+        let stale = sessions
+            .get(device_id)
+            .is_none_or(|cached| cached.incarnation != *incarnation);
+        if stale {
+            let session = Arc::new(tokio::sync::Mutex::new(self.uplink_only(&device)));
+            let incarnation = incarnation.clone();
+            let cached = CachedSession {
+                incarnation,
+                session,
+            };
+            sessions.insert(device_id.to_owned(), cached);
+        }
+        let session = sessions.get(device_id).map(|c| c.session.clone());
+        session.ok_or(HttpsRefusal::Unavailable)
     }
 
     /// A session on a link of its own, never registered: nothing is pushed to an HTTPS device
@@ -226,5 +258,43 @@ impl HttpsAccess {
         let mut session = DeviceSession::new(self.platform.clone(), device, link);
         session.takes_downlinks = false;
         session
+    }
+}
+
+impl Tokens {
+    /// Makes `token` the device's current one; the current becomes the previous (usable 30 s
+    /// more) and the one before that is dropped, so a device holds two tokens at most.
+    fn issue(&mut self, token: String, new: Token, now: i64) {
+        let device_id = new.device_id.clone();
+        if let Some(dropped) = self.previous.remove(&device_id) {
+            self.by_token.remove(&dropped);
+        }
+        if let Some(current) = self.current.remove(&device_id) {
+            if let Some(entry) = self.by_token.get_mut(&current) {
+                entry.expires_at = entry.expires_at.min(now + PREVIOUS_TOKEN_GRACE_MS);
+            }
+            self.previous.insert(device_id.clone(), current);
+        }
+        self.current.insert(device_id, token.clone());
+        self.by_token.insert(token, new);
+    }
+}
+
+/// What a publish's verdict means for the HTTP answer, once its commit (if any) is done.
+async fn settle(verdict: PublishVerdict) -> Result<(), HttpsRefusal> {
+    match verdict {
+        PublishVerdict::Accept => Ok(()),
+        PublishVerdict::AcceptAfter(commit) => match commit.await {
+            reason::SUCCESS => Ok(()),
+            _ => Err(HttpsRefusal::Unavailable),
+        },
+        PublishVerdict::Refuse(reason::QUOTA_EXCEEDED) => Err(HttpsRefusal::RateLimited),
+        PublishVerdict::Disconnect(reason::PACKET_TOO_LARGE) => Err(HttpsRefusal::TooLarge),
+        PublishVerdict::Discard(_) | PublishVerdict::Refuse(_) | PublishVerdict::Disconnect(_) => {
+            Err(HttpsRefusal::InvalidInput(
+                "the platform did not take the payload; the device's message trace says why"
+                    .to_owned(),
+            ))
+        }
     }
 }

@@ -65,7 +65,8 @@ where
         _ = connection.as_mut() => {}
         _ = stopped(&mut stop) => {
             connection.as_mut().graceful_shutdown();
-            let _ = connection.await;
+            // A client sending its body slowly does not hold the stop for long.
+            let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, connection).await;
         }
     }
 }

@@ -305,12 +305,70 @@ async fn tokens_expire_and_the_rate_limit_answers_429() {
     clock.advance(3_600_000);
     platform.tick().await.unwrap();
     assert_eq!(server.status(&device_id).await, "ABNORMAL");
-    // ...until the device connects over MQTT: then the connection decides, not the data timers.
+    // ...until the device connects over MQTT: then the connection decides, not the data timers,
+    // even when it also reports over HTTPS meanwhile.
     let options = common::device_options(server.mqtt_port, &device_id, &secret, 60);
     let (_client, _events) = common::connect(options).await.expect("CONNACK");
     server.wait_status(&device_id, "ONLINE").await;
+    let third = authenticate(&server, &device_id, &secret).await;
+    let sent = post(&server, &path, Some(&third), report(json!({"temp": 8.0}))).await;
+    assert_eq!(sent.0, 200, "{}", sent.1);
     clock.advance(50 * 3_600_000);
     platform.tick().await.unwrap();
     assert_eq!(server.status(&device_id).await, "ONLINE");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_does_not_outlive_its_device_or_its_secret() {
+    let server = server().await;
+    let product = server.product().await;
+    let (device_id, secret) = server.device(&product, "https-again").await;
+    let path = report_path(&device_id);
+    let token = authenticate(&server, &device_id, &secret).await;
+    assert_eq!(
+        post(&server, &path, Some(&token), report(json!({"temp": 1.0})))
+            .await
+            .0,
+        200
+    );
+
+    // A new secret: the token of the old one is refused; the new secret's works.
+    let reset = server
+        .post(
+            &format!("/devices/{device_id}/action?action_id=resetSecret"),
+            json!({"secret": "the-new-secret-1"}),
+        )
+        .await;
+    assert!(reset.status < 300, "{}", reset.body);
+    let refused = post(&server, &path, Some(&token), report(json!({"temp": 2.0}))).await;
+    assert_error(refused, 403, "IOTDA.000004");
+    let token = authenticate(&server, &device_id, "the-new-secret-1").await;
+    assert_eq!(
+        post(&server, &path, Some(&token), report(json!({"temp": 3.0})))
+            .await
+            .0,
+        200
+    );
+
+    // Deleted and registered again under the same id: the old registration's token is refused.
+    let deleted = server
+        .api
+        .call("DELETE", &format!("/devices/{device_id}"), None)
+        .await
+        .unwrap();
+    assert!(deleted.status < 300, "{}", deleted.body);
+    let (again, secret) = server.device(&product, "https-again").await;
+    assert_eq!(again, device_id);
+    let refused = post(&server, &path, Some(&token), report(json!({"temp": 4.0}))).await;
+    assert_error(refused, 403, "IOTDA.000004");
+    let token = authenticate(&server, &device_id, &secret).await;
+    assert_eq!(
+        post(&server, &path, Some(&token), report(json!({"temp": 5.0})))
+            .await
+            .0,
+        200
+    );
+    server.wait_reported(&device_id, json!({"temp": 5.0})).await;
     server.stop().await;
 }

@@ -299,10 +299,9 @@ async fn bad_upgrades_and_frames_are_refused_and_the_listener_keeps_serving() {
         let read = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
             .await
             .expect("closed in time");
-        assert!(
-            read.is_err() || !answer.starts_with(b"HTTP/1.1 101"),
-            "{answer:?}"
-        );
+        // Closed (or reset) without an upgrade, whichever way the read ended.
+        drop(read);
+        assert!(!answer.starts_with(b"HTTP/1.1 101"), "{answer:?}");
     }
 
     // MQTT in a text frame: the connection is closed (MQTT 5.0 §6.0).
