@@ -106,9 +106,7 @@ async fn authenticate(
     let body = body_of(body)?;
     let request: AuthRequest = serde_json::from_slice(&body)
         .map_err(|e| invalid(format!("The body is not a device-auth request: {e}.")))?;
-    let stamp_ok =
-        request.timestamp.len() == 10 && request.timestamp.bytes().all(|b| b.is_ascii_digit());
-    if !stamp_ok {
+    if !ioda_engine::auth::is_hour_stamp(&request.timestamp) {
         return Err(invalid("timestamp must be YYYYMMDDHH (10 digits)."));
     }
     if request.sign_type > 1 {

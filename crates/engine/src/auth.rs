@@ -24,15 +24,17 @@ pub fn parse_client_id(client_id: &str) -> Option<ClientId<'_>> {
         "2" => 2,
         _ => return None,
     };
-    let well_formed = id_type == "0"
-        && !device_id.is_empty()
-        && timestamp.len() == 10
-        && timestamp.bytes().all(|b| b.is_ascii_digit());
+    let well_formed = id_type == "0" && !device_id.is_empty() && is_hour_stamp(timestamp);
     well_formed.then_some(ClientId {
         device_id,
         sign_type,
         timestamp,
     })
+}
+
+/// Whether `timestamp` has the shape of IoTDA's `YYYYMMDDHH` (ten digits).
+pub fn is_hour_stamp(timestamp: &str) -> bool {
+    timestamp.len() == 10 && timestamp.bytes().all(|b| b.is_ascii_digit())
 }
 
 /// `hex(HMAC-SHA256(key = timestamp, message = secret))`: note the timestamp is the key.

@@ -7,7 +7,7 @@
 //! restart asks devices to authenticate again, which they do on IOTDA.000004).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use ioda_mqtt::codec::{Publish, PublishProperties, QoS, reason};
@@ -16,9 +16,9 @@ use ioda_types::Device;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::Platform;
 use crate::access::DeviceSession;
 use crate::registry::Link;
+use crate::{Platform, lock};
 
 /// What IoTDA answers in `expires_in`: a token lasts a day.
 pub const TOKEN_LIFETIME_S: u64 = 86_399;
@@ -108,10 +108,6 @@ pub struct HttpsAccess {
     platform: Arc<Platform>,
     tokens: Mutex<Tokens>,
     sessions: Mutex<HashMap<String, CachedSession>>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl HttpsAccess {

@@ -217,6 +217,11 @@ pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
     bytes
 }
 
+/// Locks a mutex whose holder may have panicked: the state it guards stays usable.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The random part of an object id (a report's request id, a forwarded message's id): unique
 /// within the process and unpredictable across restarts, without a system call per id (one per
 /// id was 2 % of the server's CPU under load). A counter goes through splitmix64, a bijection,

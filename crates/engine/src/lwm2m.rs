@@ -16,8 +16,8 @@ use ioda_types::Device;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::Platform;
 use crate::access::DeviceSession;
+use crate::{Platform, lock};
 
 /// After a queue-mode device talks, how long it stays reachable (its PSM receive window).
 const AWAKE_MS: i64 = 20_000;
@@ -57,10 +57,6 @@ enum Uplink {
     Awake,
     /// The registration ended.
     Closed(CloseCause),
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Lwm2mAccess {
