@@ -27,6 +27,11 @@ pub fn device_router(access: Arc<HttpsAccess>, max_payload: usize) -> Router {
             "/v5/devices/{device_id}/sys/properties/report",
             uplink_route(HttpsUplink::PropertiesReport),
         )
+        // IoTDA spells it with a hyphen over HTTPS.
+        .route(
+            "/v5/devices/{device_id}/sys/gateway/sub-devices/properties/report",
+            uplink_route(HttpsUplink::SubDevicesReport),
+        )
         .fallback(no_such_api)
         // One byte more than allowed reaches the handler, which answers in IoTDA's shape.
         .layer(DefaultBodyLimit::max(max_payload + 1))

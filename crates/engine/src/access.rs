@@ -48,7 +48,7 @@ pub struct DeviceSession {
     suppressed_traces: u64,
 }
 
-fn trace_entry(
+pub(crate) fn trace_entry(
     device_id: &str,
     at: i64,
     kind: &'static str,
@@ -287,6 +287,18 @@ impl DeviceSession {
         kind: &'static str,
         detail: impl Into<TraceDetail>,
     ) -> Option<TraceEntry> {
+        let device = self.device.clone();
+        self.trace_on(&device.device_id, kind, detail)
+    }
+
+    /// As `trace`, for an entry in another device's trace: a gateway's child, whose data
+    /// comes over this connection and counts against its budget.
+    pub(crate) fn trace_on(
+        &mut self,
+        device_id: &str,
+        kind: &'static str,
+        detail: impl Into<TraceDetail>,
+    ) -> Option<TraceEntry> {
         let now = self.platform.now();
         if !self.trace_budget.try_take(now) {
             self.suppressed_traces += 1;
@@ -297,7 +309,7 @@ impl DeviceSession {
             detail = detail.with_first("suppressed_before", self.suppressed_traces as i64);
             self.suppressed_traces = 0;
         }
-        Some(trace_entry(&self.device.device_id, now, kind, detail))
+        Some(trace_entry(device_id, now, kind, detail))
     }
 
     /// A stage record of a message's way through the platform; never throttled.
@@ -316,7 +328,18 @@ impl DeviceSession {
     }
 
     pub(crate) async fn record(&mut self, kind: &'static str, detail: impl Into<TraceDetail>) {
-        if let Some(entry) = self.trace(kind, detail) {
+        let device = self.device.clone();
+        self.record_on(&device.device_id, kind, detail).await;
+    }
+
+    /// Records a trace entry in `device_id`'s trace (this device's or a child's).
+    pub(crate) async fn record_on(
+        &mut self,
+        device_id: &str,
+        kind: &'static str,
+        detail: impl Into<TraceDetail>,
+    ) {
+        if let Some(entry) = self.trace_on(device_id, kind, detail) {
             let _ = self.platform.store.record_trace(vec![entry]).await;
         }
     }

@@ -153,13 +153,7 @@ impl Platform {
         check_command(&product, &request)?;
         let payload = self.command_payload(&product, device_id, &request, None)?;
         let (command_id, response) = self
-            .request(
-                device_id,
-                ReplyKind::Command,
-                command_topic,
-                payload,
-                timeout,
-            )
+            .request(&device, ReplyKind::Command, command_topic, payload, timeout)
             .await?;
         self.bus.publish(PlatformEvent::CommandResponded {
             device: device.reference(),
@@ -178,7 +172,7 @@ impl Platform {
         services: Value,
         timeout: Duration,
     ) -> Result<(String, Value), EngineError> {
-        let (_, product) = self.device_and_product(project_id, device_id).await?;
+        let (device, product) = self.device_and_product(project_id, device_id).await?;
         let Value::Array(list) = &services else {
             return Err(invalid("services must be an array"));
         };
@@ -198,7 +192,7 @@ impl Platform {
         }
         let body = json!({ "object_device_id": device_id, "services": services });
         self.request(
-            device_id,
+            &device,
             ReplyKind::PropertiesSet,
             properties_set_topic,
             body.to_string().into_bytes(),
@@ -215,7 +209,7 @@ impl Platform {
         service_id: Option<String>,
         timeout: Duration,
     ) -> Result<(String, Value), EngineError> {
-        let (_, product) = self.device_and_product(project_id, device_id).await?;
+        let (device, product) = self.device_and_product(project_id, device_id).await?;
         if let Some(id) = &service_id
             && product.service(id).is_none()
         {
@@ -225,7 +219,7 @@ impl Platform {
         }
         let body = json!({ "object_device_id": device_id, "service_id": service_id });
         self.request(
-            device_id,
+            &device,
             ReplyKind::PropertiesGet,
             properties_get_topic,
             body.to_string().into_bytes(),

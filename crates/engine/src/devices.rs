@@ -148,7 +148,19 @@ pub(crate) fn check_desired(
 
 impl Platform {
     /// Registers a device; the returned device carries its secret (shown to the caller once).
+    /// A child's gateway, when connected, is told.
     pub async fn add_device(
+        &self,
+        project_id: &str,
+        new: NewDevice,
+    ) -> Result<Device, EngineError> {
+        let device = self.register_device(project_id, new).await?;
+        self.notify_gateway(&device, true).await;
+        Ok(device)
+    }
+
+    /// Registers a device without telling its gateway (which asked for it itself).
+    pub(crate) async fn register_device(
         &self,
         project_id: &str,
         new: NewDevice,
@@ -269,12 +281,25 @@ impl Platform {
         Ok(device)
     }
 
-    /// Deletes a device (its children first), disconnecting it.
+    /// Deletes a device (its children first), disconnecting it. A child's gateway, when
+    /// connected, is told.
     pub async fn delete_device(
         &self,
         project_id: &str,
         device_id: &str,
     ) -> Result<(), EngineError> {
+        let device = self.remove_device(project_id, device_id).await?;
+        self.notify_gateway(&device, false).await;
+        Ok(())
+    }
+
+    /// Deletes a device without telling its gateway (which asked for it itself); the device as
+    /// it was.
+    pub(crate) async fn remove_device(
+        &self,
+        project_id: &str,
+        device_id: &str,
+    ) -> Result<Device, EngineError> {
         self.device(project_id, device_id).await?;
         let children = DeviceFilter {
             project_id: project_id.to_owned(),
@@ -300,7 +325,7 @@ impl Platform {
             device: device.reference(),
             at: self.now(),
         });
-        Ok(())
+        Ok(device)
     }
 
     /// Replaces a device secret; returns the new secret and its type.

@@ -13,6 +13,7 @@ use tokio::sync::oneshot;
 use crate::registry::Link;
 use crate::topic::filter_matches;
 use crate::{EngineError, Platform};
+use ioda_types::Device;
 
 /// How long a push waits for room in a connection's outbox.
 const PUSH_TIMEOUT: Duration = Duration::from_secs(2);
@@ -34,6 +35,7 @@ pub(crate) enum ReplyKind {
 }
 
 struct Waiter {
+    /// The connected device that answers: the device itself, or the gateway of a child.
     device_id: String,
     kind: ReplyKind,
     reply: oneshot::Sender<Value>,
@@ -130,15 +132,32 @@ impl Platform {
         Ok(receiver)
     }
 
-    /// Sends a request on `topic_of(device_id, request_id)` and waits for the device's reply.
+    /// The connected device a request to `device` goes through: the device itself, or the
+    /// gateway of a child that is not connected itself (the payload names the child in
+    /// `object_device_id`, and the gateway answers on its own topics).
+    pub(crate) fn route<'a>(&self, device: &'a Device) -> &'a str {
+        let child = device.gateway_id != device.device_id;
+        if child
+            && !self.registry.is_connected(&device.device_id)
+            && self.registry.is_connected(&device.gateway_id)
+        {
+            &device.gateway_id
+        } else {
+            &device.device_id
+        }
+    }
+
+    /// Sends a request on `topic_of(device_id, request_id)` (through the gateway, for a child)
+    /// and waits for the reply.
     pub(crate) async fn request(
         &self,
-        device_id: &str,
+        device: &Device,
         kind: ReplyKind,
         topic_of: fn(&str, &str) -> String,
         payload: Vec<u8>,
         timeout: Duration,
     ) -> Result<(String, Value), EngineError> {
+        let device_id = self.route(device);
         let request_id = new_request_id(self.now());
         let (reply, replied) = oneshot::channel();
         let waiter = Waiter {

@@ -30,13 +30,19 @@ const PREVIOUS_TOKEN_GRACE_MS: i64 = 30_000;
 pub enum HttpsUplink {
     MessagesUp,
     PropertiesReport,
+    /// A gateway's report of its children's properties (at most 50 children over HTTPS).
+    SubDevicesReport,
 }
+
+/// Children in one HTTPS batch report, at most (IoTDA's limit; MQTT takes 100).
+const MAX_HTTPS_CHILDREN: usize = 50;
 
 impl HttpsUplink {
     fn topic(self, device_id: &str) -> String {
         let tail = match self {
             HttpsUplink::MessagesUp => "messages/up",
             HttpsUplink::PropertiesReport => "properties/report",
+            HttpsUplink::SubDevicesReport => "gateway/sub_devices/properties/report",
         };
         format!("$oc/devices/{device_id}/sys/{tail}")
     }
@@ -175,11 +181,7 @@ impl HttpsAccess {
         if body.len() > self.platform.config.max_payload {
             return Err(HttpsRefusal::TooLarge);
         }
-        if uplink == HttpsUplink::PropertiesReport
-            && let Err(error) = crate::report_parse::parse_report(&body)
-        {
-            return Err(HttpsRefusal::InvalidInput(error));
-        }
+        check_body(uplink, &body).map_err(HttpsRefusal::InvalidInput)?;
         let session = self.session(device_id, &incarnation).await?;
         let publish = Publish {
             dup: false,
@@ -254,6 +256,25 @@ impl HttpsAccess {
         let mut session = DeviceSession::new(self.platform.clone(), device, link);
         session.takes_downlinks = false;
         session
+    }
+}
+
+/// Refuses a report body that could not be stored, so the device hears why (a message takes
+/// any bytes, as in IoTDA).
+fn check_body(uplink: HttpsUplink, body: &[u8]) -> Result<(), String> {
+    match uplink {
+        HttpsUplink::MessagesUp => Ok(()),
+        HttpsUplink::PropertiesReport => crate::report_parse::parse_report(body).map(|_| ()),
+        HttpsUplink::SubDevicesReport => {
+            let children = crate::report_parse::parse_sub_device_report(body)?;
+            if children.len() > MAX_HTTPS_CHILDREN {
+                return Err(format!(
+                    "{} devices in one report; at most {MAX_HTTPS_CHILDREN}",
+                    children.len()
+                ));
+            }
+            Ok(())
+        }
     }
 }
 

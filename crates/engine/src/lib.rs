@@ -12,6 +12,8 @@ mod codecs;
 mod commands;
 mod devices;
 mod downlink;
+mod events;
+mod gateway;
 pub mod https;
 pub mod lwm2m;
 mod message_trace;
@@ -191,6 +193,8 @@ pub struct Platform {
     keys: RwLock<HashMap<String, AccessKey>>,
     projects: RwLock<HashMap<String, Project>>,
     traced: message_trace::TracedDevices,
+    /// The last version handed to a gateway with its child list (`gateway`).
+    children_version: std::sync::atomic::AtomicI64,
 }
 
 impl std::fmt::Debug for Platform {
@@ -259,6 +263,7 @@ impl Platform {
     ) -> Result<Arc<Platform>, EngineError> {
         let platform = Platform {
             traced: message_trace::TracedDevices::new(config.trace_all),
+            children_version: std::sync::atomic::AtomicI64::new(0),
             store,
             clock,
             config,

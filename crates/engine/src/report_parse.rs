@@ -51,6 +51,48 @@ pub(crate) fn parse_report(payload: &[u8]) -> Result<Vec<RawService>, String> {
 
 fn parse_report_tree(payload: &[u8]) -> Result<Vec<RawService>, String> {
     let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    services_of(value)
+}
+
+/// One child's part of a gateway's batch report (`devices[]`): its id, and its services or why
+/// they cannot be read.
+#[derive(Debug, PartialEq)]
+pub(crate) struct ChildReport {
+    pub(crate) device_id: String,
+    pub(crate) services: Result<Vec<RawService>, String>,
+}
+
+/// A gateway's batch report, `{"devices":[{"device_id":..., "services":[...]}]}`. A child whose
+/// services cannot be read does not sink the others; a document without a readable list of
+/// children is refused whole.
+pub(crate) fn parse_sub_device_report(payload: &[u8]) -> Result<Vec<ChildReport>, String> {
+    let value: Value = serde_json::from_slice(payload).map_err(|e| format!("not JSON: {e}"))?;
+    let Value::Object(mut document) = value else {
+        return Err("`devices` must be an array".to_owned());
+    };
+    let Some(Value::Array(devices)) = document.remove("devices") else {
+        return Err("`devices` must be an array".to_owned());
+    };
+    devices
+        .into_iter()
+        .enumerate()
+        .map(|(i, child)| {
+            let Value::Object(mut child) = child else {
+                return Err(format!("devices[{i}].device_id must be a string"));
+            };
+            let Some(Value::String(device_id)) = child.remove("device_id") else {
+                return Err(format!("devices[{i}].device_id must be a string"));
+            };
+            Ok(ChildReport {
+                device_id,
+                services: services_of(Value::Object(child)),
+            })
+        })
+        .collect()
+}
+
+/// The `services` of a report document, read from its value tree.
+fn services_of(value: Value) -> Result<Vec<RawService>, String> {
     // The parsed document is taken apart rather than copied: a report's properties are moved,
     // not cloned, into the services that are validated and stored.
     let Value::Object(mut document) = value else {
@@ -169,5 +211,73 @@ mod tests {
         assert_eq!(services[0].service_id, "T");
         assert_eq!(services[0].properties["a"], 2);
         assert_eq!(services[0].event_time.as_deref(), Some("t"));
+    }
+
+    /// A gateway's batch report: the children found and, per child, its services or its error.
+    #[test]
+    fn sub_device_reports() {
+        type Expected = Result<Vec<(&'static str, Result<usize, &'static str>)>, &'static str>;
+        let cases: Vec<(&str, Expected)> = vec![
+            (
+                r#"{"devices":[{"device_id":"c1","services":[{"service_id":"S","properties":{"a":1}}]},{"device_id":"c2","services":[]}]}"#,
+                Ok(vec![("c1", Ok(1)), ("c2", Ok(0))]),
+            ),
+            (r#"{"devices":[]}"#, Ok(vec![])),
+            // One child's bad services leave the other's.
+            (
+                r#"{"devices":[{"device_id":"c1","services":{}},{"device_id":"c2","services":[{"service_id":"S","properties":{}}]}]}"#,
+                Ok(vec![
+                    ("c1", Err("`services` must be an array")),
+                    ("c2", Ok(1)),
+                ]),
+            ),
+            (
+                r#"{"devices":[{"device_id":"c1","services":[{"service_id":"S"}]}]}"#,
+                Ok(vec![(
+                    "c1",
+                    Err("services[0].properties must be an object"),
+                )]),
+            ),
+            (
+                r#"{"devices":[{"device_id":"c1"}]}"#,
+                Ok(vec![("c1", Err("`services` must be an array"))]),
+            ),
+            (
+                r#"{"devices":[{"services":[]}]}"#,
+                Err("devices[0].device_id must be a string"),
+            ),
+            (
+                r#"{"devices":[{"device_id":7,"services":[]}]}"#,
+                Err("devices[0].device_id must be a string"),
+            ),
+            (
+                r#"{"devices":[1]}"#,
+                Err("devices[0].device_id must be a string"),
+            ),
+            (r#"{"devices":{}}"#, Err("`devices` must be an array")),
+            (r#"{"services":[]}"#, Err("`devices` must be an array")),
+            (r#"[]"#, Err("`devices` must be an array")),
+            (r#"{"devices":["#, Err("not JSON")),
+        ];
+        for (payload, expected) in cases {
+            let parsed = parse_sub_device_report(payload.as_bytes());
+            match (expected, &parsed) {
+                (Ok(children), Ok(found)) => {
+                    assert_eq!(found.len(), children.len(), "{payload}");
+                    for ((id, services), child) in children.iter().zip(found) {
+                        assert_eq!(child.device_id, *id, "{payload}");
+                        match (services, &child.services) {
+                            (Ok(n), Ok(s)) => assert_eq!(s.len(), *n, "{payload}"),
+                            (Err(start), Err(e)) => {
+                                assert!(e.starts_with(start), "{payload}: {e}")
+                            }
+                            _ => panic!("{payload}: {:?}", child.services),
+                        }
+                    }
+                }
+                (Err(start), Err(error)) => assert!(error.starts_with(start), "{payload}: {error}"),
+                _ => panic!("{payload}: {parsed:?}"),
+            }
+        }
     }
 }

@@ -5,19 +5,20 @@ use bytes::Bytes;
 use ioda_mqtt::codec::{Publish, reason};
 use ioda_mqtt::server::PublishVerdict;
 use ioda_store::{DetailWriter, MessageRecord, ReportRecord, TraceDetail};
-use ioda_types::event::ReportedService;
+use ioda_types::event::{DeviceRef, ReportedService};
 use ioda_types::validate::filter_properties;
 use ioda_types::{PlatformEvent, ids, time};
 use serde_json::{Value, json};
+use std::sync::Arc;
 
+use crate::Platform;
 use crate::access::DeviceSession;
+use crate::access::trace_entry;
 use crate::downlink::ReplyKind;
-use crate::report_parse::parse_report;
+use crate::events::PAYLOAD_FORMAT_INVALID;
+use crate::report_parse::{RawService, parse_report};
 use crate::topic::{Uplink, classify_uplink, split_query};
 use crate::{StageTrace, StagedForwarding};
-
-/// MQTT 5 "payload format invalid".
-const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
 
 /// Inflates a gzip payload, refusing one that would grow past `limit` (a zip bomb costs nothing).
 fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
@@ -128,11 +129,10 @@ impl DeviceSession {
             Some(Uplink::ShadowGet { request_id }) => {
                 self.on_shadow_get(request_id, &publish.payload).await
             }
-            Some(Uplink::GatewayPropertiesReport | Uplink::EventsUp) => {
-                self.record("uplink_not_supported", json!({ "topic": publish.topic }))
-                    .await;
-                PublishVerdict::Discard(reason::UNSPECIFIED)
+            Some(Uplink::GatewayPropertiesReport) => {
+                self.report_sub_devices(&payload, request_id, now).await
             }
+            Some(Uplink::EventsUp) => self.handle_events(&payload, now).await,
         }
     }
 
@@ -321,9 +321,48 @@ impl DeviceSession {
                 return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
             }
         };
-        let Some(product) = self.platform.cached_product(&self.device.product_id) else {
-            self.record("report_malformed", json!({ "request_id": request_id, "error": "the device's product no longer exists" })).await;
-            return PublishVerdict::Discard(reason::UNSPECIFIED);
+        let device = self.device.clone();
+        let submitted = match self.submit_report(&device, raw, request_id, now).await {
+            Ok(submitted) => submitted,
+            Err(refusal) => return refusal,
+        };
+        let platform = self.platform.clone();
+        let link = self.link.clone();
+        PublishVerdict::AcceptAfter(Box::pin(async move {
+            // The writer has let go of its copy once this resolves: the report is freed here,
+            // where it was built, unless desired state waits to be compared with it.
+            let Some(record) = submitted.committed(&platform).await else {
+                return reason::UNSPECIFIED;
+            };
+            // Decided at commit, not on receipt: a shadow loaded in between has to learn of
+            // this report (see `report_committed`).
+            if platform.report_committed(&link) && !record.services.is_empty() {
+                // Another task: a push may wait on this connection's own outbox.
+                tokio::spawn(async move {
+                    platform
+                        .after_report(&record.device_id, &link, &record.services)
+                        .await
+                });
+            }
+            reason::SUCCESS
+        }))
+    }
+
+    /// Validates a report's services against `device`'s model and hands the report to the
+    /// store with its forwarding; `device` is this session's device or, for a gateway, one of
+    /// its children. Properties the model refuses are traced on `device`.
+    pub(crate) async fn submit_report(
+        &mut self,
+        device: &Arc<DeviceRef>,
+        raw: Vec<RawService>,
+        request_id: String,
+        now: i64,
+    ) -> Result<SubmittedReport, PublishVerdict> {
+        let Some(product) = self.platform.cached_product(&device.product_id) else {
+            let detail = json!({ "request_id": request_id, "error": "the device's product no longer exists" });
+            self.record_on(&device.device_id, "report_malformed", detail)
+                .await;
+            return Err(PublishVerdict::Discard(reason::UNSPECIFIED));
         };
         let mut rejected = Vec::new();
         let mut services = Vec::with_capacity(raw.len());
@@ -352,7 +391,7 @@ impl DeviceSession {
             .iter()
             .filter_map(|r| {
                 let detail = json!({ "request_id": request_id, "service_id": r.service_id, "property": r.property, "reason": r.reason.to_string() });
-                self.trace("property_rejected", detail)
+                self.trace_on(&device.device_id, "property_rejected", detail)
             })
             .collect();
         let applied = !services.is_empty();
@@ -361,7 +400,7 @@ impl DeviceSession {
         // the device's message trace runs, and for a report that lost properties or kept none
         // (what an operator looks for; then throttled as refusals are, unless traced):
         // `message_trace`.
-        let traced = self.platform.traces_success(&self.device.device_id);
+        let traced = self.platform.traces_success(&device.device_id);
         let stage = (traced || !applied || !rejected.is_empty()).then(|| {
             TraceDetail::object()
                 .str("request_id", &request_id)
@@ -372,7 +411,7 @@ impl DeviceSession {
                 .int("rejected_properties", rejected.len() as i64)
         });
         let event = PlatformEvent::PropertiesReported {
-            device: self.device.clone(),
+            device: device.clone(),
             request_id: request_id.clone(),
             services,
             at: now,
@@ -391,8 +430,8 @@ impl DeviceSession {
         } else {
             (services_of(event), None)
         };
-        let record = std::sync::Arc::new(ReportRecord {
-            device_id: self.device.device_id.clone(),
+        let record = Arc::new(ReportRecord {
+            device_id: device.device_id.clone(),
             request_id,
             received_at: now,
             services,
@@ -400,9 +439,9 @@ impl DeviceSession {
         if let Some(stage) = stage {
             let detail = with_routing(stage, &staged);
             if traced {
-                traces.push(self.stage("report_stored", detail));
+                traces.push(trace_entry(&device.device_id, now, "report_stored", detail));
             } else {
-                traces.extend(self.trace("report_stored", detail));
+                traces.extend(self.trace_on(&device.device_id, "report_stored", detail));
             }
         }
         let woken: Vec<String> = staged.rows.iter().map(|f| f.action_id.clone()).collect();
@@ -412,38 +451,14 @@ impl DeviceSession {
             .submit_report(record.clone(), traces, staged.rows, staged.after_commit)
             .await
         else {
-            return PublishVerdict::Refuse(reason::UNSPECIFIED);
+            return Err(PublishVerdict::Refuse(reason::UNSPECIFIED));
         };
-        let platform = self.platform.clone();
-        let link = self.link.clone();
-        let device_id = self.device.device_id.clone();
-        PublishVerdict::AcceptAfter(Box::pin(async move {
-            // The writer has let go of its copy once this resolves: the report is freed here,
-            // where it was built, unless desired state waits to be compared with it.
-            let committed = commit.await;
-            match committed {
-                Ok(Ok(())) => {
-                    if !woken.is_empty() {
-                        platform.wake_forwarding(&woken);
-                    }
-                    if let Some(event) = event {
-                        platform.bus().publish(event);
-                    }
-                    // Decided at commit, not on receipt: a shadow loaded in between has to
-                    // learn of this report (see `report_committed`).
-                    if platform.report_committed(&link) && !record.services.is_empty() {
-                        // Another task: a push may wait on this connection's own outbox.
-                        tokio::spawn(async move {
-                            platform
-                                .after_report(&device_id, &link, &record.services)
-                                .await
-                        });
-                    }
-                    reason::SUCCESS
-                }
-                _ => reason::UNSPECIFIED,
-            }
-        }))
+        Ok(SubmittedReport {
+            commit,
+            woken,
+            event,
+            record,
+        })
     }
 
     async fn report_message(
@@ -509,6 +524,35 @@ impl DeviceSession {
                 _ => reason::UNSPECIFIED,
             }
         }))
+    }
+}
+
+/// A report handed to the store, waiting for its commit.
+pub(crate) struct SubmittedReport {
+    commit: tokio::sync::oneshot::Receiver<Result<(), ioda_store::StoreError>>,
+    /// The forwarding actions that have work once it commits.
+    woken: Vec<String>,
+    /// For the bus, when someone listens for device data.
+    event: Option<PlatformEvent>,
+    record: Arc<ReportRecord>,
+}
+
+impl SubmittedReport {
+    /// Waits for the commit, then wakes forwarding and tells the bus; the report when it was
+    /// committed, `None` when it was not.
+    pub(crate) async fn committed(self, platform: &Platform) -> Option<Arc<ReportRecord>> {
+        match self.commit.await {
+            Ok(Ok(())) => {
+                if !self.woken.is_empty() {
+                    platform.wake_forwarding(&self.woken);
+                }
+                if let Some(event) = self.event {
+                    platform.bus().publish(event);
+                }
+                Some(self.record)
+            }
+            _ => None,
+        }
     }
 }
 

@@ -372,3 +372,32 @@ async fn a_token_does_not_outlive_its_device_or_its_secret() {
     server.wait_reported(&device_id, json!({"temp": 5.0})).await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_gateway_reports_its_children_over_https() {
+    let server = server().await;
+    let product = server.product().await;
+    let (gateway_id, secret) = server.device(&product, "https-gw").await;
+    let body = json!({"node_id": "https-child", "product_id": product, "gateway_id": gateway_id});
+    let created = server.post("/devices", body).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    let child_id = created.body["device_id"].as_str().unwrap().to_owned();
+    let token = authenticate(&server, &gateway_id, &secret).await;
+    // IoTDA spells the HTTPS resource with a hyphen.
+    let path = format!("/v5/devices/{gateway_id}/sys/gateway/sub-devices/properties/report");
+
+    let children = json!({"devices": [{"device_id": child_id, "services": [{"service_id": "Temperature", "properties": {"temp": 4.5}}]}]});
+    let sent = post(&server, &path, Some(&token), children).await;
+    assert_eq!(sent.0, 200, "{}", sent.1);
+    server.wait_reported(&child_id, json!({"temp": 4.5})).await;
+
+    // Fifty children at most over HTTPS, and a body that is no batch report, are refused.
+    let many: Vec<Value> = (0..51)
+        .map(|i| json!({"device_id": format!("c{i}"), "services": []}))
+        .collect();
+    let refused = post(&server, &path, Some(&token), json!({ "devices": many })).await;
+    assert_error(refused, 400, "IOTDA.000006");
+    let refused = post(&server, &path, Some(&token), report(json!({"temp": 1}))).await;
+    assert_error(refused, 400, "IOTDA.000006");
+    server.stop().await;
+}

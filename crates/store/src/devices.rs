@@ -84,6 +84,14 @@ pub struct DevicePage {
     pub count: i64,
 }
 
+/// Versions a device reports of itself; `None` leaves the stored one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceVersions {
+    pub fw: Option<String>,
+    pub sw: Option<String>,
+    pub sdk: Option<String>,
+}
+
 /// The fields an update may change; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceUpdate {
@@ -263,6 +271,25 @@ impl Store {
     }
 
     /// Replaces the primary or secondary secret.
+    /// Records the versions a device reported (`$sdk_info`, `$ota` version reports); a version
+    /// it did not report stays as it was. `Ok(false)`: no such device.
+    pub async fn set_versions(
+        &self,
+        device_id: String,
+        versions: DeviceVersions,
+    ) -> Result<bool, StoreError> {
+        self.write(move |c| {
+            let changed = c.execute(
+                "UPDATE devices SET fw_version = COALESCE(?2, fw_version), \
+                 sw_version = COALESCE(?3, sw_version), sdk_version = COALESCE(?4, sdk_version) \
+                 WHERE device_id = ?1",
+                params![device_id, versions.fw, versions.sw, versions.sdk],
+            )?;
+            Ok(changed > 0)
+        })
+        .await
+    }
+
     pub async fn set_secret(
         &self,
         device_id: String,

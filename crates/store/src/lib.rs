@@ -26,7 +26,9 @@ mod trace_log;
 mod writer;
 
 pub use commands::{AsyncCommand, CommandFilter};
-pub use devices::{DeviceFilter, DevicePage, DeviceUpdate, InitialDesired, StatusChange};
+pub use devices::{
+    DeviceFilter, DevicePage, DeviceUpdate, DeviceVersions, InitialDesired, StatusChange,
+};
 pub use messages::DeviceMessage;
 pub use products::ProductPage;
 pub use projects::{AccessKey, Project};

@@ -58,6 +58,8 @@ pub enum StatusCause {
     NoData,
     /// A short-connection device sent data again.
     DataReceived,
+    /// A gateway reported its child's status (`sub_device_update_status`).
+    GatewayReported,
 }
 
 /// How a device authenticates and what the platform keeps of it.
