@@ -254,7 +254,9 @@ impl Platform {
             _ => return Err(invalid("send_strategy must be immediately or delay")),
         };
         let now = self.now();
-        let online = self.is_online(device_id);
+        // A child without a connection of its own is reached through its gateway's.
+        let link = self.link_to(&device).map(|(_, link)| link);
+        let online = link.is_some();
         let (status, result, next_at) = match (online, immediate, expire_time) {
             // If the send fails after all (the device just left), the command expires on time.
             (true, _, secs) => (CommandStatus::Pending, None, Some(now + secs.max(1) * 1000)),
@@ -287,7 +289,6 @@ impl Platform {
             callback_url: request.callback_url,
         };
         // Taking the delivery turn keeps this command and a reconnect's queue delivery apart.
-        let link = self.registry.link(device_id).filter(|_| online);
         let _turn = match &link {
             Some(link) => Some(link.delivery.lock().await),
             None => None,
@@ -381,10 +382,18 @@ impl Platform {
     /// and schedules the next resend or the timeout.
     pub(crate) async fn send_async_command(self: &Arc<Self>, command: AsyncCommand) {
         let request = ioda_command_request(&command);
-        let product = match self.store.device(command.device_id.clone()).await {
-            Ok(Some(device)) => self.product_of(&device),
-            _ => None,
-        };
+        let device = self
+            .store
+            .device(command.device_id.clone())
+            .await
+            .ok()
+            .flatten();
+        let product = device.as_ref().and_then(|d| self.product_of(d));
+        // A child's command goes to its gateway, `object_device_id` naming the child.
+        let via = device
+            .as_ref()
+            .map_or(command.device_id.as_str(), |d| self.route(d))
+            .to_owned();
         let payload = match product {
             Some(product) => self.command_payload(
                 &product,
@@ -403,8 +412,8 @@ impl Platform {
                 return;
             }
         };
-        let topic = command_topic(&command.device_id, &command.command_id);
-        let Ok(acked) = self.push(&command.device_id, topic, payload, false).await else {
+        let topic = command_topic(&via, &command.command_id);
+        let Ok(acked) = self.push(&via, topic, payload, false).await else {
             if command.status == CommandStatus::Sent {
                 self.spend_attempt(command).await;
             }
@@ -459,8 +468,9 @@ impl Platform {
         self.transition(CommandStatus::Sent, next).await;
     }
 
-    /// A device's answer to an asynchronous command. Returns `false` when it matched none (unknown,
-    /// or already final: a repeated answer is never applied twice).
+    /// A device's answer to an asynchronous command (its own, or for a gateway its child's).
+    /// Returns `false` when it matched none (unknown, or already final: a repeated answer is
+    /// never applied twice).
     pub(crate) async fn complete_async_command(
         &self,
         device_id: &str,
@@ -469,14 +479,14 @@ impl Platform {
     ) -> Result<bool, EngineError> {
         // The acknowledgement (SENT -> DELIVERED) may race with the answer; retry on a lost race.
         for _ in 0..3 {
-            let Some(command) = self
-                .store
-                .command(command_id.to_owned())
-                .await?
-                .filter(|c| c.device_id == device_id)
-            else {
+            let Some(command) = self.store.command(command_id.to_owned()).await? else {
                 return Ok(false);
             };
+            if command.device_id != device_id
+                && !self.is_child_of(&command.device_id, device_id).await
+            {
+                return Ok(false);
+            }
             if command.status.is_final() {
                 return Ok(false);
             }
@@ -520,7 +530,9 @@ impl Platform {
                 self.transition(CommandStatus::Sent, finished(CommandStatus::Timeout))
                     .await;
             }
-            CommandStatus::Sent if self.is_online(&command.device_id) => {
+            // Sent again if the device (or a child's gateway) is connected; otherwise the
+            // attempt is spent.
+            CommandStatus::Sent if self.link_to_id(&command.device_id).await.is_some() => {
                 self.send_async_command(command).await
             }
             CommandStatus::Sent => self.spend_attempt(command).await,

@@ -147,6 +147,28 @@ impl Platform {
         }
     }
 
+    /// The live connection a downlink to `device` goes out on, with the device id it is
+    /// addressed to there (the device's own, or its gateway's).
+    pub(crate) fn link_to(&self, device: &Device) -> Option<(String, Arc<Link>)> {
+        let via = self.route(device);
+        self.registry.link(via).map(|link| (via.to_owned(), link))
+    }
+
+    /// As `link_to`, for a device known by id: its record is read only when it is not
+    /// connected itself.
+    pub(crate) async fn link_to_id(&self, device_id: &str) -> Option<(String, Arc<Link>)> {
+        if let Some(link) = self.registry.link(device_id) {
+            return Some((device_id.to_owned(), link));
+        }
+        let device = self
+            .store
+            .device(device_id.to_owned())
+            .await
+            .ok()
+            .flatten()?;
+        self.link_to(&device)
+    }
+
     /// Sends a request on `topic_of(device_id, request_id)` (through the gateway, for a child)
     /// and waits for the reply.
     pub(crate) async fn request(
@@ -230,8 +252,9 @@ impl Platform {
         });
     }
 
-    /// Sends what waited for the device: pending and unacknowledged commands, cached messages,
-    /// and the desired shadow state where it differs from the reported one.
+    /// Sends what waited for the device (and, for a gateway, for its children): pending and
+    /// unacknowledged commands, cached messages, and the desired shadow state where it differs
+    /// from the reported one.
     async fn deliver_queued(self: &Arc<Self>, device_id: &str, link: Arc<Link>) {
         let _turn = link.delivery.lock().await;
         let current = self
@@ -242,7 +265,11 @@ impl Platform {
             return;
         }
         link.state().queue_delivered = true;
-        match self.store.undelivered_commands(device_id.to_owned()).await {
+        match self
+            .store
+            .undelivered_commands_via(device_id.to_owned())
+            .await
+        {
             Ok(commands) => {
                 // A command sent on this very connection is the resend schedule's business.
                 let earlier = |c: &ioda_store::AsyncCommand| {
@@ -254,7 +281,7 @@ impl Platform {
             }
             Err(error) => tracing::warn!(%error, device_id, "could not load queued commands"),
         }
-        match self.store.pending_messages(device_id.to_owned()).await {
+        match self.store.pending_messages_via(device_id.to_owned()).await {
             Ok(messages) => {
                 for message in messages {
                     self.deliver_message(message).await;

@@ -224,7 +224,7 @@ impl DeviceSession {
 
 impl Platform {
     /// Whether `device_id` is a child of `gateway_id`.
-    async fn is_child_of(&self, device_id: &str, gateway_id: &str) -> bool {
+    pub(crate) async fn is_child_of(&self, device_id: &str, gateway_id: &str) -> bool {
         matches!(
             self.store.device(device_id.to_owned()).await,
             Ok(Some(d)) if d.gateway_id == gateway_id && d.device_id != gateway_id

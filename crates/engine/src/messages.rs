@@ -83,7 +83,7 @@ impl Platform {
         device_id: &str,
         request: MessageRequest,
     ) -> Result<DeviceMessage, EngineError> {
-        self.device(project_id, device_id).await?;
+        let device = self.device(project_id, device_id).await?;
         if request.message.is_null() {
             return Err(invalid("message is required"));
         }
@@ -138,9 +138,10 @@ impl Platform {
                 "the message is {size} bytes; the limit is {MAX_MESSAGE_BYTES}"
             )));
         }
-        if let Some(suffix) = &message.topic
-            && self.is_online(device_id)
-            && !self.is_subscribed(device_id, &user_topic(device_id, suffix))
+        // A child without a connection of its own is reached through its gateway's.
+        let reach = self.link_to(&device);
+        if let (Some(suffix), Some((via, link))) = (&message.topic, &reach)
+            && !is_subscribed(link, &user_topic(via, suffix))
         {
             return Err(EngineError::NotSubscribed);
         }
@@ -159,7 +160,7 @@ impl Platform {
             self.message_event(&evicted).await;
         }
         self.message_event(&message).await;
-        if message.ttl_minutes == 0 && !self.is_online(device_id) {
+        if message.ttl_minutes == 0 && reach.is_none() {
             let error = (
                 "IOTDA.014016".to_owned(),
                 "The device is offline and the message may not be cached (ttl 0).".to_owned(),
@@ -172,7 +173,7 @@ impl Platform {
                 .await?
                 .unwrap_or(message));
         }
-        if let Some(link) = self.registry.link(device_id) {
+        if let Some((_, link)) = reach {
             let _turn = link.delivery.lock().await;
             // Until the connection's queue is delivered, the message waits for it, behind the
             // messages cached before it (one that may not be cached, ttl 0, goes now).
@@ -194,16 +195,6 @@ impl Platform {
                 .unwrap_or(current));
         }
         Ok(message)
-    }
-
-    /// Whether the device's connection holds a subscription matching `topic`.
-    fn is_subscribed(&self, device_id: &str, topic: &str) -> bool {
-        self.registry.link(device_id).is_some_and(|link| {
-            link.state()
-                .subscriptions
-                .iter()
-                .any(|(f, _)| crate::topic::filter_matches(f, topic))
-        })
     }
 
     /// One message of a device.
@@ -302,9 +293,14 @@ impl Platform {
     /// Sends a pending message if the device is connected; it is DELIVERED once written (QoS 0) or
     /// acknowledged (QoS 1), and stays PENDING otherwise.
     pub(crate) async fn deliver_message(self: &Arc<Self>, message: DeviceMessage) {
+        let Some((via, link)) = self.link_to_id(&message.device_id).await else {
+            return;
+        };
+        // To a child through its gateway: on the gateway's topics, `object_device_id` naming
+        // the child.
         let (topic, custom) = match &message.topic {
-            Some(suffix) => (user_topic(&message.device_id, suffix), true),
-            None => (messages_down_topic(&message.device_id), false),
+            Some(suffix) => (user_topic(&via, suffix), true),
+            None => (messages_down_topic(&via), false),
         };
         let payload = match payload_of(&message) {
             Ok(payload) => payload,
@@ -318,9 +314,6 @@ impl Platform {
                 return;
             }
         };
-        let Some(link) = self.registry.link(&message.device_id) else {
-            return;
-        };
         {
             let mut state = link.state();
             if state.messages_in_flight.contains(&message.message_id) {
@@ -332,7 +325,7 @@ impl Platform {
             link,
             message_id: message.message_id.clone(),
         };
-        match self.push(&message.device_id, topic, payload, custom).await {
+        match self.push(&via, topic, payload, custom).await {
             Ok(delivery) => {
                 let platform = self.clone();
                 tokio::spawn(async move {
@@ -345,6 +338,14 @@ impl Platform {
             Err(PushError::Offline | PushError::NotSubscribed) => drop(in_flight),
         }
     }
+}
+
+/// Whether a connection holds a subscription matching `topic`.
+fn is_subscribed(link: &crate::registry::Link, topic: &str) -> bool {
+    link.state()
+        .subscriptions
+        .iter()
+        .any(|(f, _)| crate::topic::filter_matches(f, topic))
 }
 
 /// A message pushed on a connection and not settled yet; no longer once this is dropped, however

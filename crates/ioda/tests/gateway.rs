@@ -425,3 +425,105 @@ async fn commands_and_property_requests_reach_a_child_through_its_gateway() {
     gateway.close().await;
     server.stop().await;
 }
+
+async fn async_status(server: &TestServer, device_id: &str, command_id: &str) -> String {
+    let path = format!("/devices/{device_id}/async-commands/{command_id}");
+    server.get(&path).await["status"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test]
+async fn what_waits_for_a_child_goes_out_when_its_gateway_connects() {
+    let server = server().await;
+    let product = server.product().await;
+    let (gw, secret) = server.device(&product, "gw-5").await;
+    let (stranger, _) = server.device(&product, "not-a-child").await;
+    let first = child(&server, &product, &gw, "child-q").await;
+    // The gateway is away: an immediate command fails, a delayed one and a message wait.
+    let command = |strategy: &str| json!({"service_id": "Temperature", "command_name": "SET_MODE", "paras": {"mode": "manual"}, "send_strategy": strategy});
+    let path = format!("/devices/{first}/async-commands");
+    let failed = server.post(&path, command("immediately")).await;
+    assert_eq!(failed.body["status"], "FAILED", "{}", failed.body);
+    let waiting = server.post(&path, command("delay")).await;
+    assert_eq!(waiting.body["status"], "PENDING", "{}", waiting.body);
+    let command_id = waiting.body["command_id"].as_str().unwrap().to_owned();
+    let cached = server
+        .post(
+            &format!("/devices/{first}/messages"),
+            json!({"message": {"waited": true}}),
+        )
+        .await;
+    assert_eq!(cached.status, 201, "{}", cached.body);
+    assert_eq!(cached.body["result"]["status"], "PENDING");
+    let message_id = cached.body["message_id"].as_str().unwrap().to_owned();
+
+    let mut gateway = SimDevice::connect(server.mqtt_port, &gw, &secret, QoS::AtLeastOnce).await;
+    let mut got = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let (topic, body) = gateway.next().await;
+        assert_eq!(body["object_device_id"], first.as_str(), "{topic}: {body}");
+        let kind = if topic.contains("/sys/commands/") {
+            "command"
+        } else {
+            "message"
+        };
+        got.insert(kind, (topic, body));
+    }
+    let (topic, body) = &got["command"];
+    assert_eq!(
+        *topic,
+        format!("$oc/devices/{gw}/sys/commands/request_id={command_id}")
+    );
+    assert_eq!(body["command_name"], "SET_MODE");
+    let (topic, body) = &got["message"];
+    assert_eq!(*topic, format!("$oc/devices/{gw}/sys/messages/down"));
+    assert_eq!(body["id"], message_id.as_str());
+    eventually("the message DELIVERED", || async {
+        let message = server
+            .get(&format!("/devices/{first}/messages/{message_id}"))
+            .await;
+        message["status"] == "DELIVERED"
+    })
+    .await;
+
+    // The gateway answers for its child on its own topic; an answer for a device that is not
+    // its child is ignored.
+    let response = format!("$oc/devices/{gw}/sys/commands/response/request_id={command_id}");
+    gateway
+        .reply(
+            response,
+            json!({"result_code": 0, "paras": {"mode": "manual"}}),
+        )
+        .await;
+    eventually("SUCCESSFUL", || async {
+        async_status(&server, &first, &command_id).await == "SUCCESSFUL"
+    })
+    .await;
+    let other = server
+        .post(
+            &format!("/devices/{stranger}/async-commands"),
+            command("delay"),
+        )
+        .await;
+    let other_id = other.body["command_id"].as_str().unwrap().to_owned();
+    let response = format!("$oc/devices/{gw}/sys/commands/response/request_id={other_id}");
+    gateway.reply(response, json!({"result_code": 0})).await;
+    server.wait_trace(&gw, "response_ignored").await;
+    assert_eq!(async_status(&server, &stranger, &other_id).await, "PENDING");
+
+    // While the gateway is connected, a message to its child goes out at once.
+    let sent = server
+        .post(
+            &format!("/devices/{first}/messages"),
+            json!({"message": "now"}),
+        )
+        .await;
+    let (topic, body) = gateway.next().await;
+    assert_eq!(topic, format!("$oc/devices/{gw}/sys/messages/down"));
+    assert_eq!(body["object_device_id"], first.as_str());
+    assert_eq!(body["id"], sent.body["message_id"]);
+    gateway.close().await;
+    server.stop().await;
+}

@@ -4,6 +4,7 @@ use ioda_types::CommandStatus;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 
+use crate::devices::REACHED_VIA;
 use crate::{Store, StoreError, conflict};
 
 /// An asynchronous command and where it is in its life.
@@ -186,13 +187,14 @@ impl Store {
         .await
     }
 
-    /// A device's commands that wait for delivery (PENDING) or for an acknowledgement (SENT), oldest first.
-    pub async fn undelivered_commands(
+    /// The commands that wait for delivery (PENDING) or for an acknowledgement (SENT) on a
+    /// device's connection: its own and, for a gateway, its children's; oldest first.
+    pub async fn undelivered_commands_via(
         &self,
         device_id: String,
     ) -> Result<Vec<AsyncCommand>, StoreError> {
         self.read(move |c| {
-            let sql = format!("SELECT {COLUMNS} FROM async_commands WHERE device_id = ?1 AND status IN ('PENDING', 'SENT') ORDER BY seq");
+            let sql = format!("SELECT {COLUMNS} FROM async_commands WHERE device_id IN ({REACHED_VIA}) AND status IN ('PENDING', 'SENT') ORDER BY seq");
             query(c, &sql, [device_id])
         })
         .await

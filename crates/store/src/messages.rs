@@ -4,6 +4,7 @@ use ioda_types::MessageStatus;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 
+use crate::devices::REACHED_VIA;
 use crate::{Store, StoreError, conflict};
 
 /// A message for a device.
@@ -161,12 +162,13 @@ impl Store {
             .await
     }
 
-    /// A device's pending messages, oldest first.
-    pub async fn pending_messages(
+    /// The pending messages for a device's connection: its own and, for a gateway, its
+    /// children's; oldest first.
+    pub async fn pending_messages_via(
         &self,
         device_id: String,
     ) -> Result<Vec<DeviceMessage>, StoreError> {
-        self.read(move |c| query(c, &format!("SELECT {COLUMNS} FROM device_messages WHERE device_id = ?1 AND status = 'PENDING' ORDER BY seq"), [device_id]))
+        self.read(move |c| query(c, &format!("SELECT {COLUMNS} FROM device_messages WHERE device_id IN ({REACHED_VIA}) AND status = 'PENDING' ORDER BY seq"), [device_id]))
             .await
     }
 

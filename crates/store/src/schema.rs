@@ -233,6 +233,11 @@ CREATE TABLE device_tracing (
     until INTEGER NOT NULL
 ) WITHOUT ROWID;
 "#,
+    // A gateway's children, for what waits for them when the gateway connects; direct devices
+    // (their own gateway) stay out of it.
+    r#"
+CREATE INDEX devices_by_gateway ON devices(gateway_id) WHERE gateway_id != device_id;
+"#,
 ];
 
 /// Brings the database up to the newest schema.

@@ -711,7 +711,7 @@ async fn history_stored_before_the_chains_is_chained_by_the_migration() {
         "CREATE INDEX property_history_by_device ON property_history(device_id, id); \
          ALTER TABLE property_history DROP COLUMN prev_id; \
          ALTER TABLE shadows DROP COLUMN last_history_id; DROP TABLE shadow_mark; \
-         DROP TABLE device_tracing; PRAGMA user_version = 7;",
+         DROP TABLE device_tracing; DROP INDEX devices_by_gateway; PRAGMA user_version = 7;",
     )
     .unwrap();
     drop(c);
@@ -802,5 +802,49 @@ async fn device_tracing_is_kept_until_it_ends_and_goes_with_its_device() {
     store.close().await;
     let store = open(dir.path()).await;
     assert!(store.traced_devices(0).await.unwrap().is_empty());
+    store.close().await;
+}
+
+#[tokio::test]
+async fn a_gateways_connection_finds_what_waits_for_its_children() {
+    use ioda_types::MessageStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path()).await;
+    let mut child = device("c1", "nc1");
+    child.gateway_id = "gw".into();
+    for device in [device("gw", "ngw"), child, device("other", "nother")] {
+        store.insert_device(device, vec![]).await.unwrap();
+    }
+    for (i, device_id) in ["gw", "c1", "other"].into_iter().enumerate() {
+        let message = ioda_store::DeviceMessage {
+            seq: 0,
+            message_id: format!("m{i}"),
+            project_id: "p".into(),
+            device_id: device_id.into(),
+            name: None,
+            message: serde_json::json!("x"),
+            encoding: None,
+            payload_format: "standard".into(),
+            topic: None,
+            properties: None,
+            ttl_minutes: 60,
+            status: MessageStatus::Pending,
+            error: None,
+            created_at: i as i64,
+            finished_at: None,
+        };
+        let overflow = ("E".to_owned(), "full".to_owned());
+        store.insert_message(message, 20, overflow).await.unwrap();
+    }
+    let ids = |messages: Vec<ioda_store::DeviceMessage>| -> Vec<String> {
+        messages.into_iter().map(|m| m.device_id).collect()
+    };
+    let via_gateway = store.pending_messages_via("gw".into()).await.unwrap();
+    assert_eq!(ids(via_gateway), ["gw", "c1"]);
+    let direct = store.pending_messages_via("other".into()).await.unwrap();
+    assert_eq!(ids(direct), ["other"]);
+    // A child's own connection finds its own only.
+    let child = store.pending_messages_via("c1".into()).await.unwrap();
+    assert_eq!(ids(child), ["c1"]);
     store.close().await;
 }
