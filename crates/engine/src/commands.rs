@@ -132,6 +132,16 @@ impl Platform {
         let product = self
             .product_of(&device)
             .ok_or(EngineError::NotFound("product"))?;
+        // Through its gateway a child is named by `object_device_id` in the JSON: a codec's
+        // bytes would reach the gateway as if meant for itself.
+        if device.gateway_id != device.device_id
+            && product.data_format == "binary"
+            && self.product_codec(&product).is_some()
+        {
+            return Err(invalid(
+                "a child device of a binary product cannot be named to its gateway: commands and properties go to children as JSON",
+            ));
+        }
         Ok((device, product))
     }
 

@@ -155,7 +155,7 @@ impl Platform {
         new: NewDevice,
     ) -> Result<Device, EngineError> {
         let device = self.register_device(project_id, new).await?;
-        self.notify_gateway(&device, true).await;
+        self.notify_child_added(&device).await;
         Ok(device)
     }
 
@@ -289,12 +289,12 @@ impl Platform {
         device_id: &str,
     ) -> Result<(), EngineError> {
         let device = self.remove_device(project_id, device_id).await?;
-        self.notify_gateway(&device, false).await;
+        self.child_deleted(&device, true).await;
         Ok(())
     }
 
-    /// Deletes a device without telling its gateway (which asked for it itself); the device as
-    /// it was.
+    /// Deletes a device, leaving its gateway to the caller (`child_deleted`); the device as it
+    /// was.
     pub(crate) async fn remove_device(
         &self,
         project_id: &str,

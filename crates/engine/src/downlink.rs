@@ -169,6 +169,12 @@ impl Platform {
         self.link_to(&device)
     }
 
+    /// Whether what waits for `device_id` goes out on `via`'s connection: its own, or its
+    /// gateway's while it has none of its own (a child connected itself delivers its own).
+    fn goes_via(&self, device_id: &str, via: &str) -> bool {
+        device_id == via || !self.registry.is_connected(device_id)
+    }
+
     /// Sends a request on `topic_of(device_id, request_id)` (through the gateway, for a child)
     /// and waits for the reply.
     pub(crate) async fn request(
@@ -275,7 +281,8 @@ impl Platform {
                 let earlier = |c: &ioda_store::AsyncCommand| {
                     c.sent_at.is_none_or(|at| at < link.connected_at)
                 };
-                for command in commands.into_iter().filter(earlier) {
+                let ours = |c: &ioda_store::AsyncCommand| self.goes_via(&c.device_id, device_id);
+                for command in commands.into_iter().filter(earlier).filter(ours) {
                     self.send_async_command(command).await;
                 }
             }
@@ -283,7 +290,8 @@ impl Platform {
         }
         match self.store.pending_messages_via(device_id.to_owned()).await {
             Ok(messages) => {
-                for message in messages {
+                let ours = |m: &ioda_store::DeviceMessage| self.goes_via(&m.device_id, device_id);
+                for message in messages.into_iter().filter(ours) {
                     self.deliver_message(message).await;
                 }
             }

@@ -14,6 +14,9 @@ use crate::gateway::SUB_DEVICE_MANAGER;
 
 /// MQTT 5 "payload format invalid".
 pub(crate) const PAYLOAD_FORMAT_INVALID: u8 = 0x99;
+/// Events handled from one publish, at most; the rest are traced and dropped (each may cost
+/// the platform store work and an answer).
+const MAX_EVENTS_PER_PUBLISH: usize = 10;
 
 #[derive(Deserialize)]
 struct Events {
@@ -31,6 +34,11 @@ struct Event {
     event_id: Option<String>,
     #[serde(default)]
     paras: Value,
+}
+
+/// An id for an event the platform sends (IoTDA's responses always carry one).
+pub(crate) fn new_event_id(now: i64) -> String {
+    ioda_types::ids::object_id(now, crate::id_bytes())
 }
 
 /// The topic of events to a device.
@@ -99,14 +107,23 @@ impl DeviceSession {
         let child = events
             .object_device_id
             .filter(|id| !id.is_empty() && *id != self.device.device_id);
-        for event in events.services {
+        let count = events.services.len();
+        if count > MAX_EVENTS_PER_PUBLISH {
+            let detail = json!({ "events": count, "handled": MAX_EVENTS_PER_PUBLISH, "why": "too many events in one publish" });
+            self.record("event_refused", detail).await;
+        }
+        for event in events.services.into_iter().take(MAX_EVENTS_PER_PUBLISH) {
             self.handle_event(child.as_deref(), event, now).await;
         }
         PublishVerdict::Accept
     }
 
     async fn handle_event(&mut self, child: Option<&str>, event: Event, now: i64) {
-        let event_id = event.event_id.filter(|id| !id.is_empty());
+        // An answer echoes its request's id, or carries one of its own.
+        let event_id = event
+            .event_id
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| new_event_id(now));
         let kind = (event.service_id.as_str(), event.event_type.as_str());
         let answer = match (child, kind) {
             (None, (SUB_DEVICE_MANAGER, "sub_device_update_status")) => {
@@ -122,29 +139,13 @@ impl DeviceSession {
                 Some(("delete_sub_device_response", paras))
             }
             (None, (SUB_DEVICE_MANAGER, "sub_device_sync_request")) => {
-                for paras in self.sync_children().await {
-                    let own = self.device.device_id.clone();
-                    self.send_event(
-                        &own,
-                        SUB_DEVICE_MANAGER,
-                        "add_sub_device_notify",
-                        None,
-                        paras,
-                    );
-                }
+                let since = event.paras.get("version").and_then(millis);
+                self.start_child_sync(since).await;
                 None
             }
             (_, ("$time_sync", "time_sync_request")) => {
-                let subject = child.unwrap_or(&self.device.device_id).to_owned();
-                let device_send_time = event.paras.get("device_send_time").and_then(millis);
-                let paras = json!({ "device_send_time": device_send_time, "server_recv_time": now, "server_send_time": self.platform.now() });
-                self.send_event(
-                    &subject,
-                    "$time_sync",
-                    "time_sync_response",
-                    event_id.clone(),
-                    paras,
-                );
+                self.answer_time_sync(child, &event.paras, event_id.clone(), now)
+                    .await;
                 None
             }
             (_, ("$ota", "version_report") | ("$sdk_info", "sdk_info_report")) => {
@@ -163,6 +164,54 @@ impl DeviceSession {
         }
     }
 
+    /// `time_sync_response`, to the device or the child the request named; a request
+    /// without a readable `device_send_time` is traced, not answered (SDKs would fail on it).
+    async fn answer_time_sync(
+        &mut self,
+        child: Option<&str>,
+        paras: &Value,
+        event_id: String,
+        now: i64,
+    ) {
+        let Some(device_send_time) = paras.get("device_send_time").and_then(millis) else {
+            let detail = json!({ "event_type": "time_sync_request", "error": "paras.device_send_time must be milliseconds" });
+            self.record("event_malformed", detail).await;
+            return;
+        };
+        let subject = child.unwrap_or(&self.device.device_id).to_owned();
+        let paras = json!({ "device_send_time": device_send_time, "server_recv_time": now, "server_send_time": self.platform.now() });
+        self.send_event(
+            &subject,
+            "$time_sync",
+            "time_sync_response",
+            event_id,
+            paras,
+        );
+    }
+
+    /// Answers `sub_device_sync_request` from a task of its own, one at a time per connection:
+    /// a request while one is answered is traced and dropped.
+    async fn start_child_sync(&mut self, since: Option<i64>) {
+        let running = std::mem::replace(&mut self.link.state().child_sync_running, true);
+        if running {
+            let detail = json!({ "event_type": "sub_device_sync_request", "why": "a sync is being answered" });
+            self.record("event_refused", detail).await;
+            return;
+        }
+        let (platform, link) = (self.platform.clone(), self.link.clone());
+        let gateway = self
+            .platform
+            .store
+            .device(self.device.device_id.clone())
+            .await;
+        tokio::spawn(async move {
+            if let Ok(Some(gateway)) = gateway {
+                platform.sync_children(&gateway, since).await;
+            }
+            link.state().child_sync_running = false;
+        });
+    }
+
     /// Sends an event to this connection's device (about itself or a child) from another
     /// task: this connection's task is the only reader of its own outbox.
     fn send_event(
@@ -170,7 +219,7 @@ impl DeviceSession {
         object_device_id: &str,
         service_id: &'static str,
         event_type: &'static str,
-        event_id: Option<String>,
+        event_id: String,
         paras: Value,
     ) {
         let platform = self.platform.clone();
@@ -179,7 +228,7 @@ impl DeviceSession {
             object_device_id,
             service_id,
             event_type,
-            event_id,
+            Some(event_id),
             paras,
             platform.now(),
         );

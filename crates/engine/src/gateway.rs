@@ -4,7 +4,6 @@
 //! through the API (`add_sub_device_notify`, `delete_sub_device_notify`).
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
 
 use ioda_mqtt::codec::reason;
 use ioda_mqtt::server::PublishVerdict;
@@ -19,8 +18,9 @@ use crate::{EngineError, Platform};
 
 /// The event service of child management.
 pub(crate) const SUB_DEVICE_MANAGER: &str = "$sub_device_manager";
-/// Children in one batch report over MQTT, at most (IoTDA's limit).
-const MAX_CHILDREN_PER_REPORT: usize = 100;
+/// Children in one batch report over MQTT, at most (IoTDA's limit); also the children named in
+/// one notification.
+pub(crate) const MAX_CHILDREN_PER_REPORT: usize = 100;
 /// Children one add or delete request may name, at most.
 const MAX_CHILDREN_PER_REQUEST: usize = 50;
 /// Entries in one status update, at most.
@@ -46,6 +46,19 @@ pub(crate) fn child_info(platform: &Platform, child: &Device) -> Value {
         "status": child.shown_status().as_str(),
         "extension_info": child.extension_info,
     })
+}
+
+/// The answer when the store cannot say which devices are the gateway's children: every entry
+/// failed, with IoTDA's internal error (not "not a child", which would mislead the gateway).
+fn store_failure(list: &[Value]) -> Value {
+    let failed: Vec<Value> = list
+        .iter()
+        .map(|entry| {
+            let device_id = entry.get("device_id").unwrap_or(entry);
+            json!({ "device_id": device_id, "error_code": "IOTDA.000000", "error_msg": "the platform could not read its devices" })
+        })
+        .collect();
+    json!({ "successful_devices": [], "failed_devices": failed })
 }
 
 /// An IoTDA error code for a child a request could not add or delete.
@@ -79,26 +92,6 @@ fn string_field(entry: &Value, key: &str) -> Option<String> {
 }
 
 impl Platform {
-    /// A fresh version of a gateway's child list: strictly greater than every one handed out
-    /// before, across restarts too (it starts from the clock), since device SDKs ignore a
-    /// notification whose version is not above the last one they kept.
-    pub(crate) fn next_children_version(&self) -> i64 {
-        let now = self.now();
-        let next = |last: i64| last.max(now - 1) + 1;
-        let mut last = self.children_version.load(Ordering::SeqCst);
-        loop {
-            match self.children_version.compare_exchange(
-                last,
-                next(last),
-                Ordering::SeqCst,
-                Ordering::SeqCst,
-            ) {
-                Ok(_) => return next(last),
-                Err(current) => last = current,
-            }
-        }
-    }
-
     /// The children of `gateway` among `device_ids`, by id, in one read.
     async fn children_among(
         &self,
@@ -113,41 +106,18 @@ impl Platform {
             .map(|d| (d.device_id.clone(), d))
             .collect())
     }
-
-    /// Tells a connected gateway that the API added (or deleted) one of its children; nothing
-    /// when the device is not a child or its gateway is not connected (it asks with
-    /// `sub_device_sync_request` when it comes back).
-    pub(crate) async fn notify_gateway(&self, child: &Device, added: bool) {
-        if child.gateway_id == child.device_id || !self.registry.is_connected(&child.gateway_id) {
-            return;
-        }
-        let (event_type, entry) = if added {
-            ("add_sub_device_notify", child_info(self, child))
-        } else {
-            let entry = json!({ "parent_device_id": child.gateway_id, "node_id": child.node_id, "device_id": child.device_id });
-            ("delete_sub_device_notify", entry)
-        };
-        let paras = json!({ "devices": [entry], "version": self.next_children_version() });
-        let body = crate::events::event_body(
-            &child.gateway_id,
-            SUB_DEVICE_MANAGER,
-            event_type,
-            None,
-            paras,
-            self.now(),
-        );
-        let topic = crate::events::events_down_topic(&child.gateway_id);
-        if self
-            .push(&child.gateway_id, topic, body, false)
-            .await
-            .is_err()
-        {
-            tracing::debug!(gateway_id = %child.gateway_id, event_type, "gateway went away before it was told");
-        }
-    }
 }
 
 impl DeviceSession {
+    /// This gateway's children among `device_ids`; `None` when the store cannot tell.
+    async fn children_of_mine(&self, device_ids: Vec<String>) -> Option<HashMap<String, Device>> {
+        let gateway = self.gateway_record().await?;
+        self.platform
+            .children_among(&gateway, device_ids)
+            .await
+            .ok()
+    }
+
     /// The gateway's device record, as the store has it now.
     async fn gateway_record(&self) -> Option<Device> {
         self.platform
@@ -247,13 +217,8 @@ impl DeviceSession {
             Err(refusal) => return refusal,
         };
         let ids = list.iter().filter_map(|e| string_field(e, "device_id"));
-        let children = match self.gateway_record().await {
-            Some(gateway) => self
-                .platform
-                .children_among(&gateway, ids.collect())
-                .await
-                .unwrap_or_default(),
-            None => HashMap::new(),
+        let Some(children) = self.children_of_mine(ids.collect()).await else {
+            return store_failure(list);
         };
         let (mut successful, mut failed) = (Vec::new(), Vec::new());
         for entry in list {
@@ -328,11 +293,7 @@ impl DeviceSession {
                 .register_device(&gateway.project_id, new)
                 .await
             {
-                Ok(child) => {
-                    let mut info = child_info(&self.platform, &child);
-                    info["extension_info"] = child.extension_info.clone().unwrap_or(Value::Null);
-                    successful.push(info);
-                }
+                Ok(child) => successful.push(child_info(&self.platform, &child)),
                 Err(error) => failed.push(fail(error_code(&error), error.to_string())),
             }
         }
@@ -349,13 +310,8 @@ impl DeviceSession {
             .iter()
             .filter_map(|e| e.as_str().map(str::to_owned))
             .collect();
-        let children = match self.gateway_record().await {
-            Some(gateway) => self
-                .platform
-                .children_among(&gateway, ids)
-                .await
-                .unwrap_or_default(),
-            None => HashMap::new(),
+        let Some(children) = self.children_of_mine(ids).await else {
+            return store_failure(list);
         };
         let project_id = self.device.project_id.clone();
         let (mut successful, mut failed) = (Vec::new(), Vec::new());
@@ -370,45 +326,15 @@ impl DeviceSession {
                 .remove_device(&project_id, &child.device_id)
                 .await
             {
-                Ok(_) => successful.push(json!(child.device_id)),
+                Ok(removed) => {
+                    // Kept for the gateway's next sync; the answer tells it now.
+                    self.platform.child_deleted(&removed, false).await;
+                    successful.push(json!(child.device_id));
+                }
                 Err(error) => failed.push(fail(error_code(&error), error.to_string())),
             }
         }
         json!({ "successful_devices": successful, "failed_devices": failed })
-    }
-
-    /// `sub_device_sync_request`: the gateway's whole child list, as one `add_sub_device_notify`
-    /// per hundred children. The platform keeps no history of deletions, so a gateway that
-    /// missed a `delete_sub_device_notify` learns of it only by what the list no longer holds.
-    pub(crate) async fn sync_children(&mut self) -> Vec<Value> {
-        let filter = ioda_store::DeviceFilter {
-            project_id: self.device.project_id.clone(),
-            gateway_id: Some(self.device.device_id.clone()),
-            ..Default::default()
-        };
-        let Ok(page) = self
-            .platform
-            .store
-            .list_devices(filter, i64::MAX, 0, i64::MAX)
-            .await
-        else {
-            return Vec::new();
-        };
-        let children: Vec<Value> = page
-            .items
-            .iter()
-            .filter(|d| d.device_id != self.device.device_id)
-            .map(|d| child_info(&self.platform, d))
-            .collect();
-        // Each notification its own version: an SDK drops one not above the last it kept.
-        if children.is_empty() {
-            let version = self.platform.next_children_version();
-            return vec![json!({ "devices": [], "version": version })];
-        }
-        children
-            .chunks(MAX_CHILDREN_PER_REPORT)
-            .map(|chunk| json!({ "devices": chunk, "version": self.platform.next_children_version() }))
-            .collect()
     }
 }
 

@@ -14,6 +14,7 @@ mod devices;
 mod downlink;
 mod events;
 mod gateway;
+mod gateway_sync;
 pub mod https;
 pub mod lwm2m;
 mod message_trace;

@@ -100,6 +100,13 @@ impl Platform {
         if !matches!(payload_format.as_str(), "standard" | "raw") {
             return Err(invalid("payload_format must be standard or raw"));
         }
+        // Through its gateway a child is named only by the standard envelope's
+        // `object_device_id`: raw bytes would reach the gateway as if meant for itself.
+        if payload_format == "raw" && device.gateway_id != device.device_id {
+            return Err(invalid(
+                "a child device's messages go through its gateway, which only the standard payload_format can name it to",
+            ));
+        }
         let ttl_minutes = request.ttl.unwrap_or(MAX_TTL_MINUTES);
         // ttl 0 means "do not cache": delivered now or not at all.
         if !(0..=MAX_TTL_MINUTES).contains(&ttl_minutes) {
@@ -316,14 +323,15 @@ impl Platform {
         };
         {
             let mut state = link.state();
-            if state.messages_in_flight.contains(&message.message_id) {
+            let key = (message.device_id.clone(), message.message_id.clone());
+            if state.messages_in_flight.contains(&key) {
                 return;
             }
-            state.messages_in_flight.push(message.message_id.clone());
+            state.messages_in_flight.push(key);
         }
         let in_flight = InFlight {
             link,
-            message_id: message.message_id.clone(),
+            key: (message.device_id.clone(), message.message_id.clone()),
         };
         match self.push(&via, topic, payload, custom).await {
             Ok(delivery) => {
@@ -352,12 +360,13 @@ fn is_subscribed(link: &crate::registry::Link, topic: &str) -> bool {
 /// the settling ends.
 struct InFlight {
     link: Arc<crate::registry::Link>,
-    message_id: String,
+    /// Device and message id.
+    key: (String, String),
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let id = &self.message_id;
-        self.link.state().messages_in_flight.retain(|m| m != id);
+        let key = &self.key;
+        self.link.state().messages_in_flight.retain(|m| m != key);
     }
 }

@@ -27,9 +27,13 @@ pub(crate) struct LinkState {
     pub subscriptions: Vec<(String, u8)>,
     /// Whether the queued downlinks have been delivered on this connection.
     pub queue_delivered: bool,
-    /// Ids of messages pushed on this connection and not settled yet: a message created while
-    /// the queue is delivered is read by both, and must go out once.
-    pub messages_in_flight: Vec<String>,
+    /// Messages pushed on this connection and not settled yet, by device and message id (a
+    /// gateway's connection carries its children's): a message created while the queue is
+    /// delivered is read by both, and must go out once.
+    pub messages_in_flight: Vec<(String, String)>,
+    /// A gateway's `sub_device_sync_request` is being answered on this connection; another
+    /// meanwhile is traced and dropped, so a device cannot queue up work.
+    pub child_sync_running: bool,
     /// Desired and reported shadow per service, loaded when queued downlinks are delivered.
     pub shadow: Option<HashMap<String, ShadowCache>>,
     /// Counts committed reports and shadow loads: a load that saw it change while reading the

@@ -30,10 +30,10 @@ impl Platform {
                 .await;
         }
         if self.config.history_retention_ms > 0 {
-            handled += self
-                .store
-                .trim_history(now - self.config.history_retention_ms, BATCH)
-                .await?;
+            let cutoff = now - self.config.history_retention_ms;
+            handled += self.store.trim_history(cutoff, BATCH).await?;
+            // Children deleted as long ago as the oldest history are forgotten with it.
+            handled += self.store.trim_child_deletions(cutoff).await?;
         }
         handled += self.silence_statuses(now).await?;
         let lapsed = self.store.lapsed_registrations(now, BATCH).await?;
@@ -47,6 +47,7 @@ impl Platform {
                 .is_ok()
             {
                 tracing::info!(device_id = %device.device_id, "registration lapsed: the device never connected");
+                self.child_deleted(&device, true).await;
                 self.bus.publish(PlatformEvent::DeviceDeleted {
                     device: device.reference(),
                     at: now,

@@ -239,7 +239,8 @@ async fn a_gateway_adds_and_deletes_children_and_hears_of_the_apis() {
     let second_version = notify["paras"]["version"].as_i64().unwrap();
     assert!(second_version > first_version);
 
-    // A gateway back from away asks for the list and gets it whole, under a newer version.
+    // A gateway that asks what changed since a version hears of the deletions after it (`a`,
+    // which it asked for itself, and `c`), then gets the whole list, each under a newer version.
     event(
         &gateway,
         &gw,
@@ -248,6 +249,16 @@ async fn a_gateway_adds_and_deletes_children_and_hears_of_the_apis() {
         json!({"version": first_version}),
     )
     .await;
+    let deleted = next_event(&mut gateway, &gw, "delete_sub_device_notify").await;
+    assert_eq!(
+        deleted["paras"]["devices"],
+        json!([
+            {"parent_device_id": gw, "node_id": "a", "device_id": child_a},
+            {"parent_device_id": gw, "node_id": "c", "device_id": child_c}
+        ])
+    );
+    let deleted_version = deleted["paras"]["version"].as_i64().unwrap();
+    assert!(deleted_version > second_version);
     let notify = next_event(&mut gateway, &gw, "add_sub_device_notify").await;
     assert_eq!(
         notify["paras"]["devices"].as_array().unwrap().len(),
@@ -255,7 +266,9 @@ async fn a_gateway_adds_and_deletes_children_and_hears_of_the_apis() {
         "{notify}"
     );
     assert_eq!(notify["paras"]["devices"][0]["device_id"], "chosen-id-b");
-    assert!(notify["paras"]["version"].as_i64().unwrap() > second_version);
+    assert!(notify["paras"]["version"].as_i64().unwrap() > deleted_version);
+    assert!(!notify["event_id"].as_str().unwrap().is_empty(), "{notify}");
+    gateway.quiet(200).await;
     server.stop().await;
 }
 
@@ -282,6 +295,28 @@ async fn time_sync_versions_and_other_events() {
     let received = paras["server_recv_time"].as_i64().unwrap();
     let sent = paras["server_send_time"].as_i64().unwrap();
     assert!(received > 1_700_000_000_000 && received <= sent, "{answer}");
+    // A request without a readable time is traced, not answered, and another without an
+    // event id gets an answer with one.
+    event(
+        &gateway,
+        &gw,
+        "$time_sync",
+        "time_sync_request",
+        json!({"device_send_time": "soon"}),
+    )
+    .await;
+    server.wait_trace(&gw, "event_malformed").await;
+    gateway.quiet(200).await;
+    let body = json!({"services": [{"service_id": "$time_sync", "event_type": "time_sync_request", "event_id": null, "paras": {"device_send_time": 5}}]});
+    gateway
+        .reply(format!("$oc/devices/{gw}/sys/events/up"), body)
+        .await;
+    let answer = next_event(&mut gateway, &gw, "time_sync_response").await;
+    assert_eq!(answer["paras"]["device_send_time"], 5);
+    assert!(
+        answer["event_id"].as_str().is_some_and(|id| !id.is_empty()),
+        "{answer}"
+    );
 
     event(
         &gateway,
@@ -326,7 +361,26 @@ async fn time_sync_versions_and_other_events() {
         )
         .await
         .unwrap();
-    server.wait_trace(&gw, "event_malformed").await;
+    eventually("an unreadable event document refused", || async {
+        let trace = server.get(&format!("/devices/{gw}/trace")).await;
+        trace["entries"].as_array().unwrap().iter().any(|e| {
+            e["kind"] == "event_malformed"
+                && e["detail"]["error"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("not an event document")
+        })
+    })
+    .await;
+    // Ten events of one publish are handled, the rest traced.
+    let many: Vec<Value> = (0..11).map(|i| json!({"service_id": "$sdk_info", "event_type": "sdk_info_report", "paras": {"sw_version": format!("v{i}")}})).collect();
+    gateway
+        .reply(
+            format!("$oc/devices/{gw}/sys/events/up"),
+            json!({"services": many}),
+        )
+        .await;
+    server.wait_trace(&gw, "event_refused").await;
     // So is a status update without its list, and a batch report that is not one.
     event(
         &gateway,
@@ -525,5 +579,108 @@ async fn what_waits_for_a_child_goes_out_when_its_gateway_connects() {
     assert_eq!(body["object_device_id"], first.as_str());
     assert_eq!(body["id"], sent.body["message_id"]);
     gateway.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_long_child_list_arrives_in_order_and_child_status_survives_a_restart() {
+    let clock: std::sync::Arc<dyn ioda_engine::Clock> =
+        std::sync::Arc::new(ioda_engine::SystemClock);
+    let server = common::server_on(tempfile::tempdir().unwrap(), |_| {}, clock.clone()).await;
+    let product = server.product().await;
+    let (gw, secret) = server.device(&product, "gw-6").await;
+    let mut gateway = SimDevice::connect(server.mqtt_port, &gw, &secret, QoS::AtLeastOnce).await;
+    for batch in 0..5 {
+        let devices: Vec<Value> = (0..50)
+            .map(|i| json!({"node_id": format!("n{batch}-{i}"), "product_id": product}))
+            .collect();
+        event(
+            &gateway,
+            &gw,
+            "$sub_device_manager",
+            "add_sub_device_request",
+            json!({ "devices": devices }),
+        )
+        .await;
+        let answer = next_event(&mut gateway, &gw, "add_sub_device_response").await;
+        assert_eq!(
+            answer["paras"]["successful_devices"]
+                .as_array()
+                .unwrap()
+                .len(),
+            50
+        );
+    }
+
+    // Three notifications of at most a hundred, in the order of their versions (SDKs drop one
+    // whose version is not above the last they kept).
+    event(
+        &gateway,
+        &gw,
+        "$sub_device_manager",
+        "sub_device_sync_request",
+        json!({}),
+    )
+    .await;
+    let (mut listed, mut versions) = (std::collections::BTreeSet::new(), Vec::new());
+    for expected in [100, 100, 50] {
+        let notify = next_event(&mut gateway, &gw, "add_sub_device_notify").await;
+        let devices = notify["paras"]["devices"].as_array().unwrap();
+        assert_eq!(devices.len(), expected);
+        listed.extend(
+            devices
+                .iter()
+                .map(|d| d["device_id"].as_str().unwrap().to_owned()),
+        );
+        versions.push(notify["paras"]["version"].as_i64().unwrap());
+    }
+    assert_eq!(listed.len(), 250);
+    assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+    gateway.quiet(200).await;
+
+    // Two children's messages may carry the same id: both go out on the gateway's connection.
+    let (first, second) = (format!("{product}_n0-0"), format!("{product}_n0-1"));
+    for child_id in [&first, &second] {
+        let r = server
+            .post(
+                &format!("/devices/{child_id}/messages"),
+                json!({"message_id": "same-id", "message": "hi"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    let mut named = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let (_, body) = gateway.next().await;
+        assert_eq!(body["id"], "same-id");
+        named.insert(body["object_device_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(named, [first.clone(), second.clone()].into());
+    // Raw bytes could not name the child to its gateway.
+    let raw = server
+        .post(
+            &format!("/devices/{first}/messages"),
+            json!({"message": "hi", "payload_format": "raw"}),
+        )
+        .await;
+    assert_eq!(raw.status, 400, "{}", raw.body);
+    assert_eq!(raw.body["error_code"], "IOTDA.000006");
+
+    // The status a gateway gave its child is kept across a restart of the platform.
+    let statuses = json!({"device_statuses": [{"device_id": first, "status": "ONLINE"}]});
+    event(
+        &gateway,
+        &gw,
+        "$sub_device_manager",
+        "sub_device_update_status",
+        statuses,
+    )
+    .await;
+    next_event(&mut gateway, &gw, "sub_device_update_status_response").await;
+    gateway.close().await;
+    let dir = server.stop_keep_dir().await;
+    let server = common::server_on(dir, |_| {}, clock).await;
+    assert_eq!(server.status(&first).await, "ONLINE");
+    assert_eq!(server.status(&gw).await, "OFFLINE");
     server.stop().await;
 }

@@ -5,12 +5,12 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{Store, StoreError, conflict};
 
-const COLUMNS: &str = "seq, project_id, app_id, device_id, node_id, product_id, gateway_id, device_name, description, \
+pub(crate) const COLUMNS: &str = "seq, project_id, app_id, device_id, node_id, product_id, gateway_id, device_name, description, \
     auth_type, secret, secondary_secret, fingerprint, secondary_fingerprint, secure_access, auth_timeout, \
     extension_info, status, frozen, fw_version, sw_version, sdk_version, created_at, first_online_at, \
     last_online_at, last_offline_at, status_updated_at";
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
+pub(crate) fn from_row(r: &Row<'_>) -> rusqlite::Result<Device> {
     let extension: Option<String> = r.get(16)?;
     let status: String = r.get(17)?;
     Ok(Device {
@@ -150,6 +150,9 @@ impl Store {
             )
             .map_err(|e| conflict(e, "device_id or node_id"))?;
             let seq = c.last_insert_rowid();
+            // Registered again: no longer a deletion to tell a gateway of.
+            c.prepare_cached("DELETE FROM child_deletions WHERE device_id = ?1")?
+                .execute([&device.device_id])?;
             for (service_id, properties) in desired {
                 c.execute(
                     "INSERT INTO shadows (device_id, service_id, desired, desired_at, version) VALUES (?1, ?2, ?3, ?4, 1)",
@@ -274,7 +277,6 @@ impl Store {
         Ok(device)
     }
 
-    /// Replaces the primary or secondary secret.
     /// Records the versions a device reported (`$sdk_info`, `$ota` version reports); a version
     /// it did not report stays as it was. `Ok(false)`: no such device.
     pub async fn set_versions(
@@ -294,6 +296,7 @@ impl Store {
         .await
     }
 
+    /// Replaces the primary or secondary secret.
     pub async fn set_secret(
         &self,
         device_id: String,
@@ -491,7 +494,10 @@ impl Store {
     /// After an unclean stop, devices recorded ONLINE have no connection any more: mark them OFFLINE.
     pub async fn reset_online(&self, at: i64) -> Result<Vec<String>, StoreError> {
         self.write(move |c| {
-            let mut stmt = c.prepare("SELECT device_id FROM devices WHERE status = 'ONLINE'")?;
+            // A child's status is its gateway's to say (IoTDA's rule), across a restart too.
+            let mut stmt = c.prepare(
+                "SELECT device_id FROM devices WHERE status = 'ONLINE' AND gateway_id = device_id",
+            )?;
             let ids = stmt
                 .query_map([], |r| r.get::<_, String>(0))?
                 .collect::<Result<Vec<_>, _>>()?;

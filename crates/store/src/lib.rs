@@ -7,6 +7,7 @@
 //! Reads use a separate connection; WAL mode lets them run beside the writer.
 
 mod batch;
+mod children;
 mod commands;
 mod devices;
 mod messages;
@@ -25,6 +26,7 @@ mod trace_file;
 mod trace_log;
 mod writer;
 
+pub use children::ChildDeletion;
 pub use commands::{AsyncCommand, CommandFilter};
 pub use devices::{
     DeviceFilter, DevicePage, DeviceUpdate, DeviceVersions, InitialDesired, StatusChange,

@@ -238,6 +238,19 @@ CREATE TABLE device_tracing (
     r#"
 CREATE INDEX devices_by_gateway ON devices(gateway_id) WHERE gateway_id != device_id;
 "#,
+    // Children deleted, kept a while so a gateway that asks what changed since its version
+    // hears of them (`children.rs`).
+    r#"
+CREATE TABLE child_deletions (
+    gateway_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    deleted_at INTEGER NOT NULL,
+    PRIMARY KEY (gateway_id, device_id)
+) WITHOUT ROWID;
+CREATE INDEX child_deletions_by_age ON child_deletions(deleted_at);
+"#,
 ];
 
 /// Brings the database up to the newest schema.

@@ -711,7 +711,8 @@ async fn history_stored_before_the_chains_is_chained_by_the_migration() {
         "CREATE INDEX property_history_by_device ON property_history(device_id, id); \
          ALTER TABLE property_history DROP COLUMN prev_id; \
          ALTER TABLE shadows DROP COLUMN last_history_id; DROP TABLE shadow_mark; \
-         DROP TABLE device_tracing; DROP INDEX devices_by_gateway; PRAGMA user_version = 7;",
+         DROP TABLE device_tracing; DROP INDEX devices_by_gateway; \
+         DROP TABLE child_deletions; PRAGMA user_version = 7;",
     )
     .unwrap();
     drop(c);

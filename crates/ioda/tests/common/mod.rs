@@ -169,6 +169,9 @@ pub fn device_options(
     options.set_credentials(device_id, ioda_engine::auth::device_password(secret, &ts));
     options.set_keep_alive(Duration::from_secs(keep_alive_secs));
     options.set_clean_session(true);
+    // A gateway's answers and notifications name up to a hundred children; what the device
+    // sends keeps rumqttc's default limit (10 KiB).
+    options.set_max_packet_size(1 << 20, 10 * 1024);
     options
 }
 
