@@ -254,7 +254,9 @@ impl Platform {
         let device_id = device_id.to_owned();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            platform.deliver_queued(&device_id, link).await;
+            // Boxed: every connection's task waits here first, and should hold a small future
+            // while it waits, not the whole delivery's (which is only built if it runs).
+            Box::pin(platform.deliver_queued(&device_id, link)).await;
         });
     }
 
@@ -283,7 +285,7 @@ impl Platform {
                 };
                 let ours = |c: &ioda_store::AsyncCommand| self.goes_via(&c.device_id, device_id);
                 for command in commands.into_iter().filter(earlier).filter(ours) {
-                    self.send_async_command(command).await;
+                    Box::pin(self.send_async_command(command)).await;
                 }
             }
             Err(error) => tracing::warn!(%error, device_id, "could not load queued commands"),
@@ -292,7 +294,7 @@ impl Platform {
             Ok(messages) => {
                 let ours = |m: &ioda_store::DeviceMessage| self.goes_via(&m.device_id, device_id);
                 for message in messages.into_iter().filter(ours) {
-                    self.deliver_message(message).await;
+                    Box::pin(self.deliver_message(message)).await;
                 }
             }
             Err(error) => tracing::warn!(%error, device_id, "could not load cached messages"),

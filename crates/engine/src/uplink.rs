@@ -129,10 +129,12 @@ impl DeviceSession {
             Some(Uplink::ShadowGet { request_id }) => {
                 self.on_shadow_get(request_id, &publish.payload).await
             }
+            // Boxed: each publish's future is allocated as large as the largest it may await,
+            // and these rare ones are large; a report's stays the size it was.
             Some(Uplink::GatewayPropertiesReport) => {
-                self.report_sub_devices(&payload, request_id, now).await
+                Box::pin(self.report_sub_devices(&payload, request_id, now)).await
             }
-            Some(Uplink::EventsUp) => self.handle_events(&payload, now).await,
+            Some(Uplink::EventsUp) => Box::pin(self.handle_events(&payload, now)).await,
         }
     }
 

@@ -4,7 +4,7 @@ use ioda_types::CommandStatus;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 
-use crate::devices::REACHED_VIA;
+use crate::devices::CHILDREN_OF;
 use crate::{Store, StoreError, conflict};
 
 /// An asynchronous command and where it is in its life.
@@ -188,14 +188,19 @@ impl Store {
     }
 
     /// The commands that wait for delivery (PENDING) or for an acknowledgement (SENT) on a
-    /// device's connection: its own and, for a gateway, its children's; oldest first.
+    /// device's connection: its own, oldest first, then (for a gateway) its children's.
     pub async fn undelivered_commands_via(
         &self,
         device_id: String,
     ) -> Result<Vec<AsyncCommand>, StoreError> {
         self.read(move |c| {
-            let sql = format!("SELECT {COLUMNS} FROM async_commands WHERE device_id IN ({REACHED_VIA}) AND status IN ('PENDING', 'SENT') ORDER BY seq");
-            query(c, &sql, [device_id])
+            // Two statements: the device's own in index order (no sort, as every connection
+            // runs it), then its children's, which for a device without any costs one probe.
+            let own = format!("SELECT {COLUMNS} FROM async_commands WHERE device_id = ?1 AND status IN ('PENDING', 'SENT') ORDER BY seq");
+            let children = format!("SELECT {COLUMNS} FROM async_commands WHERE device_id IN ({CHILDREN_OF}) AND status IN ('PENDING', 'SENT') ORDER BY seq");
+            let mut commands = query(c, &own, [&device_id])?;
+            commands.extend(query(c, &children, [&device_id])?);
+            Ok(commands)
         })
         .await
     }

@@ -84,9 +84,9 @@ pub struct DevicePage {
     pub count: i64,
 }
 
-/// The devices whose downlinks go out on `?1`'s connection: the device itself and the children
-/// it is gateway for (through the partial index `devices_by_gateway`).
-pub(crate) const REACHED_VIA: &str = "SELECT ?1 UNION ALL SELECT device_id FROM devices WHERE gateway_id = ?1 AND gateway_id != device_id";
+/// The children `?1` is gateway for (through the partial index `devices_by_gateway`).
+pub(crate) const CHILDREN_OF: &str =
+    "SELECT device_id FROM devices WHERE gateway_id = ?1 AND gateway_id != device_id";
 
 /// Versions a device reports of itself; `None` leaves the stored one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

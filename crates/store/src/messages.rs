@@ -4,7 +4,7 @@ use ioda_types::MessageStatus;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde_json::Value;
 
-use crate::devices::REACHED_VIA;
+use crate::devices::CHILDREN_OF;
 use crate::{Store, StoreError, conflict};
 
 /// A message for a device.
@@ -162,13 +162,20 @@ impl Store {
             .await
     }
 
-    /// The pending messages for a device's connection: its own and, for a gateway, its
-    /// children's; oldest first.
+    /// The pending messages for a device's connection: its own, oldest first, then (for a
+    /// gateway) its children's.
     pub async fn pending_messages_via(
         &self,
         device_id: String,
     ) -> Result<Vec<DeviceMessage>, StoreError> {
-        self.read(move |c| query(c, &format!("SELECT {COLUMNS} FROM device_messages WHERE device_id IN ({REACHED_VIA}) AND status = 'PENDING' ORDER BY seq"), [device_id]))
+        self.read(move |c| {
+            // As for commands: the device's own without a sort, then its children's.
+            let own = format!("SELECT {COLUMNS} FROM device_messages WHERE device_id = ?1 AND status = 'PENDING' ORDER BY seq");
+            let children = format!("SELECT {COLUMNS} FROM device_messages WHERE device_id IN ({CHILDREN_OF}) AND status = 'PENDING' ORDER BY seq");
+            let mut messages = query(c, &own, [&device_id])?;
+            messages.extend(query(c, &children, [&device_id])?);
+            Ok(messages)
+        })
             .await
     }
 
