@@ -8,8 +8,8 @@ use ioda_types::time;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::Platform;
 use crate::access::DeviceSession;
+use crate::downlink::new_request_id;
 use crate::gateway::SUB_DEVICE_MANAGER;
 
 /// MQTT 5 "payload format invalid".
@@ -34,11 +34,6 @@ struct Event {
     event_id: Option<String>,
     #[serde(default)]
     paras: Value,
-}
-
-/// An id for an event the platform sends (IoTDA's responses always carry one).
-pub(crate) fn new_event_id(now: i64) -> String {
-    ioda_types::ids::object_id(now, crate::id_bytes())
 }
 
 /// The topic of events to a device.
@@ -123,7 +118,7 @@ impl DeviceSession {
         let event_id = event
             .event_id
             .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| new_event_id(now));
+            .unwrap_or_else(|| new_request_id(now));
         let kind = (event.service_id.as_str(), event.event_type.as_str());
         let answer = match (child, kind) {
             (None, (SUB_DEVICE_MANAGER, "sub_device_update_status")) => {
@@ -199,15 +194,9 @@ impl DeviceSession {
             return;
         }
         let (platform, link) = (self.platform.clone(), self.link.clone());
-        let gateway = self
-            .platform
-            .store
-            .device(self.device.device_id.clone())
-            .await;
+        let gateway_id = self.device.device_id.clone();
         tokio::spawn(async move {
-            if let Ok(Some(gateway)) = gateway {
-                platform.sync_children(&gateway, since).await;
-            }
+            platform.sync_children(&gateway_id, since).await;
             link.state().child_sync_running = false;
         });
     }
@@ -268,16 +257,6 @@ impl DeviceSession {
         if let Err(error) = self.platform.store.set_versions(subject, versions).await {
             tracing::warn!(%error, "could not keep a device's versions");
         }
-    }
-}
-
-impl Platform {
-    /// Whether `device_id` is a child of `gateway_id`.
-    pub(crate) async fn is_child_of(&self, device_id: &str, gateway_id: &str) -> bool {
-        matches!(
-            self.store.device(device_id.to_owned()).await,
-            Ok(Some(d)) if d.gateway_id == gateway_id && d.device_id != gateway_id
-        )
     }
 }
 

@@ -91,41 +91,20 @@ fn string_field(entry: &Value, key: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
-impl Platform {
-    /// The children of `gateway` among `device_ids`, by id, in one read.
-    async fn children_among(
-        &self,
-        gateway: &Device,
-        device_ids: Vec<String>,
-    ) -> Result<HashMap<String, Device>, EngineError> {
-        let found = self.store.devices(device_ids).await?;
-        Ok(found
-            .into_iter()
-            .filter(|d| d.gateway_id == gateway.device_id && d.device_id != gateway.device_id)
-            .filter(|d| d.project_id == gateway.project_id)
-            .map(|d| (d.device_id.clone(), d))
-            .collect())
-    }
-}
-
 impl DeviceSession {
-    /// This gateway's children among `device_ids`; `None` when the store cannot tell.
+    /// This gateway's children among `device_ids`, by id, in one read; `None` when the store
+    /// cannot tell.
     async fn children_of_mine(&self, device_ids: Vec<String>) -> Option<HashMap<String, Device>> {
-        let gateway = self.gateway_record().await?;
-        self.platform
-            .children_among(&gateway, device_ids)
-            .await
-            .ok()
-    }
-
-    /// The gateway's device record, as the store has it now.
-    async fn gateway_record(&self) -> Option<Device> {
-        self.platform
-            .store
-            .device(self.device.device_id.clone())
-            .await
-            .ok()
-            .flatten()
+        let found = self.platform.store.devices(device_ids).await.ok()?;
+        let gateway = &self.device;
+        Some(
+            found
+                .into_iter()
+                .filter(|d| d.gateway_id == gateway.device_id && d.device_id != gateway.device_id)
+                .filter(|d| d.project_id == gateway.project_id)
+                .map(|d| (d.device_id.clone(), d))
+                .collect(),
+        )
     }
 
     /// `sys/gateway/sub_devices/properties/report`: each child's report goes the way a directly
@@ -155,11 +134,8 @@ impl DeviceSession {
                 return PublishVerdict::Discard(PAYLOAD_FORMAT_INVALID);
             }
         };
-        let Some(gateway) = self.gateway_record().await else {
-            return PublishVerdict::Refuse(reason::UNSPECIFIED);
-        };
         let ids = children.iter().map(|c| c.device_id.clone()).collect();
-        let Ok(known) = self.platform.children_among(&gateway, ids).await else {
+        let Some(known) = self.children_of_mine(ids).await else {
             return PublishVerdict::Refuse(reason::UNSPECIFIED);
         };
         let mut submitted = Vec::with_capacity(children.len());
@@ -172,7 +148,7 @@ impl DeviceSession {
             let raw = match child.services {
                 Ok(raw) => raw,
                 Err(error) => {
-                    let detail = json!({ "request_id": request_id, "gateway_id": gateway.device_id, "error": error });
+                    let detail = json!({ "request_id": request_id, "gateway_id": self.device.device_id, "error": error });
                     self.record_on(&child.device_id, "report_malformed", detail)
                         .await;
                     continue;
@@ -339,6 +315,14 @@ impl DeviceSession {
 }
 
 impl Platform {
+    /// Whether `device_id` is a child of `gateway_id`.
+    pub(crate) async fn is_child_of(&self, device_id: &str, gateway_id: &str) -> bool {
+        matches!(
+            self.store.device(device_id.to_owned()).await,
+            Ok(Some(d)) if d.gateway_id == gateway_id && d.device_id != gateway_id
+        )
+    }
+
     /// A child's status as its gateway reports it; an unchanged one is left as it is (no event).
     async fn set_child_status(
         &self,

@@ -14,7 +14,8 @@ use ioda_types::Device;
 use serde_json::{Value, json};
 
 use crate::Platform;
-use crate::events::{event_body, events_down_topic, new_event_id};
+use crate::downlink::new_request_id;
+use crate::events::{event_body, events_down_topic};
 use crate::gateway::{MAX_CHILDREN_PER_REPORT, SUB_DEVICE_MANAGER, child_info};
 
 /// Deletions a sync answer names, at most (older ones are beyond what a gateway away that long
@@ -59,7 +60,8 @@ impl Platform {
         let _turn = link.delivery.lock().await;
         for (event_type, devices) in notifications {
             let paras = json!({ "devices": devices, "version": self.next_children_version() });
-            let event_id = Some(new_event_id(self.now()));
+            // IoTDA's platform events always carry an id.
+            let event_id = Some(new_request_id(self.now()));
             let body = event_body(
                 gateway_id,
                 SUB_DEVICE_MANAGER,
@@ -119,13 +121,12 @@ impl Platform {
     /// The answer to a gateway's `sub_device_sync_request` with the version it holds: the
     /// children deleted since, then every child. Read a page at a time, so a large list costs
     /// no more memory than a page.
-    pub(crate) async fn sync_children(&self, gateway: &Device, since: Option<i64>) {
-        let gateway_id = &gateway.device_id;
+    pub(crate) async fn sync_children(&self, gateway_id: &str, since: Option<i64>) {
         let mut deletions = Vec::new();
         if let Some(since) = since.filter(|v| *v > 0) {
             match self
                 .store
-                .child_deletions_since(gateway_id.clone(), since, MAX_DELETIONS_PER_SYNC)
+                .child_deletions_since(gateway_id.to_owned(), since, MAX_DELETIONS_PER_SYNC)
                 .await
             {
                 Ok(found) => deletions = found,
@@ -149,7 +150,7 @@ impl Platform {
         for page_number in 0.. {
             let page = self
                 .store
-                .children_page(gateway_id.clone(), after, MAX_CHILDREN_PER_REPORT as i64)
+                .children_page(gateway_id.to_owned(), after, MAX_CHILDREN_PER_REPORT as i64)
                 .await;
             let page = match page {
                 Ok(page) => page,

@@ -7,14 +7,14 @@ use ioda_mqtt::server::PublishVerdict;
 use ioda_store::{DetailWriter, MessageRecord, ReportRecord, TraceDetail};
 use ioda_types::event::{DeviceRef, ReportedService};
 use ioda_types::validate::filter_properties;
-use ioda_types::{PlatformEvent, ids, time};
+use ioda_types::{PlatformEvent, time};
 use serde_json::{Value, json};
 use std::sync::Arc;
 
 use crate::Platform;
 use crate::access::DeviceSession;
 use crate::access::trace_entry;
-use crate::downlink::ReplyKind;
+use crate::downlink::{ReplyKind, new_request_id};
 use crate::events::PAYLOAD_FORMAT_INVALID;
 use crate::report_parse::{RawService, parse_report};
 use crate::topic::{Uplink, classify_uplink, split_query};
@@ -34,10 +34,6 @@ fn gunzip(data: &[u8], limit: usize) -> Result<Vec<u8>, String> {
         ));
     }
     Ok(plain)
-}
-
-fn new_request_id(now: i64) -> String {
-    ids::object_id(now, crate::id_bytes())
 }
 
 impl DeviceSession {

@@ -150,9 +150,14 @@ impl Store {
             )
             .map_err(|e| conflict(e, "device_id or node_id"))?;
             let seq = c.last_insert_rowid();
-            // Registered again: no longer a deletion to tell a gateway of.
-            c.prepare_cached("DELETE FROM child_deletions WHERE device_id = ?1")?
-                .execute([&device.device_id])?;
+            // A child registered again under the gateway it was deleted from: no longer a
+            // deletion to tell that gateway of (a lookup by key; direct devices skip it).
+            if device.gateway_id != device.device_id {
+                c.prepare_cached(
+                    "DELETE FROM child_deletions WHERE gateway_id = ?1 AND device_id = ?2",
+                )?
+                .execute([&device.gateway_id, &device.device_id])?;
+            }
             for (service_id, properties) in desired {
                 c.execute(
                     "INSERT INTO shadows (device_id, service_id, desired, desired_at, version) VALUES (?1, ?2, ?3, ?4, 1)",
